@@ -1,0 +1,150 @@
+//! Global average pooling, the baseline every other layer here generalises.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::tensor::{Bool, Tensor};
+
+use super::positions::PositionSet;
+
+/// Configuration of [`Gap`]. GAP has no hyper-parameter; the config exists so that every layer
+/// of the crate is built the same way (`Config::init`) and serialises to JSON.
+#[derive(Config, Debug)]
+pub struct GapConfig {}
+
+impl GapConfig {
+    /// Creates the [`Gap`] layer.
+    pub fn init(&self) -> Gap {
+        Gap {}
+    }
+}
+
+/// Global average pooling: `y_c = (1/N) Σ_n x_{n,c}`.
+///
+/// The mean over the N = H·W positions of a map or the N tokens of a set (over the valid ones
+/// only, when masked). [`Gem`](super::Gem) with p = 1 and [`Gsp`](super::Gsp) with
+/// `transport_ratio = 1` reduce to it.
+#[derive(Module, Debug, Default)]
+pub struct Gap {}
+
+impl Gap {
+    /// Pools a batch of feature maps.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[B, C, H, W]`
+    /// - output: `[B, C]`
+    ///
+    /// # Panics
+    ///
+    /// If `H·W == 0`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        PositionSet::from_maps("Gap", x).mean()
+    }
+
+    /// Pools a batch of token sets.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[B, N, C]`
+    /// - output: `[B, C]`
+    ///
+    /// # Panics
+    ///
+    /// If `N == 0`.
+    pub fn forward_tokens(&self, x: Tensor<3>) -> Tensor<2> {
+        PositionSet::from_tokens("Gap", x, 0, None).mean()
+    }
+
+    /// Pools the valid tokens of each set: `y_c = Σ_n m_n x_{n,c} / Σ_n m_n`.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[B, N, C]`
+    /// - mask: `[B, N]`, `true` = valid position
+    /// - output: `[B, C]`
+    ///
+    /// # Panics
+    ///
+    /// If the mask is not `[B, N]` or a mask row has no valid position.
+    pub fn forward_tokens_masked(&self, x: Tensor<3>, mask: Tensor<2, Bool>) -> Tensor<2> {
+        PositionSet::from_tokens("Gap", x, 0, Some(mask)).mean()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData, Tolerance};
+
+    #[test]
+    fn maps_and_tokens_average_positions() {
+        let device = Device::flex();
+        let gap = GapConfig::new().init();
+        // [B=1, C=2, H=1, W=3]
+        let maps = Tensor::<4>::from_floats([[[[1.0, 2.0, 6.0]], [[0.0, -3.0, 3.0]]]], &device);
+        let expected = TensorData::from([[3.0f32, 0.0]]);
+        gap.forward(maps.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&expected, Tolerance::default());
+        let tokens = maps.reshape([1, 2, 3]).swap_dims(1, 2);
+        gap.forward_tokens(tokens)
+            .into_data()
+            .assert_approx_eq::<f32>(&expected, Tolerance::default());
+    }
+
+    #[test]
+    fn masked_tokens_average_valid_positions_only() {
+        let device = Device::flex();
+        let tokens =
+            Tensor::<3>::from_floats([[[1.0, 10.0], [3.0, 20.0], [100.0, 100.0]]], &device);
+        let mask = Tensor::<2, Bool>::from_bool(TensorData::from([[true, true, false]]), &device);
+        GapConfig::new()
+            .init()
+            .forward_tokens_masked(tokens, mask)
+            .into_data()
+            .assert_approx_eq::<f32>(&TensorData::from([[2.0f32, 15.0]]), Tolerance::default());
+    }
+
+    #[test]
+    #[should_panic(expected = "Gap: mask shape mismatch: expected [B, N] = [1, 3], got [1, 2]")]
+    fn mask_of_wrong_shape_panics() {
+        let device = Device::flex();
+        let tokens = Tensor::<3>::ones([1, 3, 2], &device);
+        let mask = Tensor::<2, Bool>::from_bool(TensorData::from([[true, true]]), &device);
+        GapConfig::new().init().forward_tokens_masked(tokens, mask);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "Gap: every mask row needs at least one valid position (true), got rows [1] with none"
+    )]
+    fn empty_mask_row_panics() {
+        let device = Device::flex();
+        let tokens = Tensor::<3>::ones([2, 2, 2], &device);
+        let mask = Tensor::<2, Bool>::from_bool(
+            TensorData::from([[true, false], [false, false]]),
+            &device,
+        );
+        GapConfig::new().init().forward_tokens_masked(tokens, mask);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "Gap: the input map has no positions to pool: expected H·W > 0, got H = 0, W = 4"
+    )]
+    fn empty_map_panics() {
+        let device = Device::flex();
+        GapConfig::new()
+            .init()
+            .forward(Tensor::<4>::zeros([1, 2, 0, 4], &device));
+    }
+
+    #[test]
+    fn display_and_json() {
+        let gap = GapConfig::new().init();
+        assert_eq!(gap.num_params(), 0);
+        assert!(format!("{gap}").starts_with("Gap"));
+        let json = GapConfig::new().to_string();
+        assert!(GapConfig::load_binary(json.as_bytes()).is_ok());
+    }
+}

@@ -1,0 +1,292 @@
+//! Generalized mean (GeM) pooling with a learnable power.
+
+use burn::config::Config;
+use burn::module::{Content, DisplaySettings, Module, ModuleDisplay, Param};
+use burn::tensor::{Bool, Device, Tensor};
+
+use super::generalized_mean::generalized_mean;
+use super::positions::PositionSet;
+
+/// Configuration of [`Gem`]. Defaults follow Radenović et al. (TPAMI 2018).
+#[derive(Config, Debug)]
+pub struct GemConfig {
+    /// Initial power p (> 0). Default: 3.
+    #[config(default = 3.0)]
+    pub p: f64,
+    /// Clamp ε (> 0): values below it are raised to it before the power. Default: 1e-6.
+    #[config(default = 1e-6)]
+    pub eps: f64,
+    /// Whether p is trained. Default: true.
+    #[config(default = true)]
+    pub learnable: bool,
+}
+
+impl GemConfig {
+    /// Creates the [`Gem`] layer with `p` on `device`.
+    ///
+    /// # Panics
+    ///
+    /// If `p` or `eps` is not a finite positive number.
+    pub fn init(&self, device: &Device) -> Gem {
+        check_power("Gem", "p", self.p);
+        check_power("Gem", "eps", self.eps);
+        let p = Tensor::<1>::from_data([self.p], device);
+        Gem {
+            p: Param::from_tensor(p).set_require_grad(self.learnable),
+            eps: self.eps,
+        }
+    }
+}
+
+/// Panics unless `value` is finite and > 0, naming the layer and the parameter.
+pub(crate) fn check_power(layer: &str, name: &str, value: f64) {
+    assert!(
+        value.is_finite() && value > 0.0,
+        "{layer}: `{name}` must be a finite number > 0, got {value}"
+    );
+}
+
+/// Generalized mean pooling:
+///
+/// ```text
+/// y_c = ( (1/N) Σ_n max(x_{n,c}, ε)^p )^(1/p)
+/// ```
+///
+/// p = 1 is the mean (of the clamped values), p → ∞ the max; for p ≥ 1,
+/// mean ≤ GeM ≤ max, and GeM(αx) = α·GeM(x) for α > 0.
+///
+/// The clamp discards every value below ε: harmless after a ReLU (CNN maps), but significant
+/// for signed features such as ViT tokens, where negative channels all count as ε.
+///
+/// Computed in a max-normalised log form (see the crate's `generalized_mean`), so p up to
+/// 1000 and channels entirely at or below ε give finite outputs and finite gradients in f32.
+///
+/// Training hint from the paper: put `p` in its own parameter group with a 10× learning rate
+/// and no weight decay.
+#[derive(Module, Debug)]
+#[module(custom_display)]
+pub struct Gem {
+    /// The power p, shape `[1]`.
+    pub p: Param<Tensor<1>>,
+    /// Clamp ε.
+    pub eps: f64,
+}
+
+impl ModuleDisplay for Gem {
+    fn custom_settings(&self) -> Option<DisplaySettings> {
+        DisplaySettings::new()
+            .with_new_line_after_attribute(false)
+            .optional()
+    }
+
+    fn custom_content(&self, content: Content) -> Option<Content> {
+        content.add("eps", &self.eps).optional()
+    }
+}
+
+impl Gem {
+    fn pool(&self, set: PositionSet) -> Tensor<2> {
+        let p = self.p.val().reshape([1, 1, 1]);
+        generalized_mean(set, p, self.eps)
+    }
+
+    /// Pools a batch of feature maps.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[B, C, H, W]`
+    /// - output: `[B, C]`
+    ///
+    /// # Panics
+    ///
+    /// If `H·W == 0`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.pool(PositionSet::from_maps("Gem", x))
+    }
+
+    /// Pools a batch of token sets.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[B, N, C]`
+    /// - output: `[B, C]`
+    ///
+    /// # Panics
+    ///
+    /// If `N == 0`.
+    pub fn forward_tokens(&self, x: Tensor<3>) -> Tensor<2> {
+        self.pool(PositionSet::from_tokens("Gem", x, 0, None))
+    }
+
+    /// Pools the valid tokens of each set.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[B, N, C]`
+    /// - mask: `[B, N]`, `true` = valid position
+    /// - output: `[B, C]`
+    ///
+    /// # Panics
+    ///
+    /// If the mask is not `[B, N]` or a mask row has no valid position.
+    pub fn forward_tokens_masked(&self, x: Tensor<3>, mask: Tensor<2, Bool>) -> Tensor<2> {
+        self.pool(PositionSet::from_tokens("Gem", x, 0, Some(mask)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{TensorData, Tolerance};
+
+    fn one_channel(values: &[f32], device: &Device) -> Tensor<4> {
+        Tensor::<1>::from_floats(values, device).reshape([1, 1, 1, values.len()])
+    }
+
+    fn gem(p: f64, device: &Device) -> Gem {
+        GemConfig::new().with_p(p).init(device)
+    }
+
+    /// gem.md: x = [0.5, 1, 2, 4] for p in {1, 2, 3, 4, 8, 100, 1000}.
+    #[test]
+    fn reference_values() {
+        let device = Device::flex();
+        let x = one_channel(&[0.5, 1.0, 2.0, 4.0], &device);
+        for (p, expected) in [
+            (1.0, 1.875),
+            (2.0, 2.3048861143),
+            (3.0, 2.6343206076),
+            (4.0, 2.8744219306),
+            (8.0, 3.3652316555),
+            (100.0, 3.9449308180),
+            (1000.0, 3.9944586644),
+        ] {
+            gem(p, &device)
+                .forward(x.clone())
+                .into_data()
+                .assert_approx_eq::<f32>(
+                    &TensorData::from([[expected as f32]]),
+                    Tolerance::rel_abs(2e-6, 1e-6),
+                );
+        }
+    }
+
+    /// gem.md: ∂y/∂p and ∂y/∂x at p = 3, and the signed-input vector.
+    #[test]
+    fn reference_gradients() {
+        let device = Device::flex().autodiff();
+        let layer = gem(3.0, &device);
+        let x = one_channel(&[0.5, 1.0, 2.0, 4.0], &device).require_grad();
+        let grads = layer.forward(x.clone()).sum().backward();
+        x.grad(&grads)
+            .unwrap()
+            .reshape([4])
+            .into_data()
+            .assert_approx_eq::<f32>(
+                &TensorData::from([0.0090062243f32, 0.0360248972, 0.1440995888, 0.5763983552]),
+                Tolerance::rel_abs(1e-5, 1e-7),
+            );
+        layer
+            .p
+            .val()
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .assert_approx_eq::<f32>(
+                &TensorData::from([0.2804015527f32]),
+                Tolerance::rel_abs(1e-5, 1e-7),
+            );
+
+        let x = one_channel(&[-1.0, 0.5, 2.0], &device).require_grad();
+        let y = layer.forward(x.clone());
+        y.clone().into_data().assert_approx_eq::<f32>(
+            &TensorData::from([[1.3939077679f32]]),
+            Tolerance::rel_abs(1e-6, 1e-7),
+        );
+        let grads = y.sum().backward();
+        x.grad(&grads)
+            .unwrap()
+            .reshape([3])
+            .into_data()
+            .assert_approx_eq::<f32>(
+                &TensorData::from([0.0f32, 0.0428894698, 0.6862315165]),
+                Tolerance::rel_abs(1e-5, 1e-7),
+            );
+    }
+
+    /// p = 1000, and a channel entirely at or below ε, stay finite in f32 (the naive form gives
+    /// inf and NaN gradients).
+    #[test]
+    fn extreme_powers_and_clamped_channels_are_finite() {
+        let device = Device::flex().autodiff();
+        for p in [8.0, 100.0, 1000.0] {
+            let layer = gem(p, &device);
+            // channel 0: ordinary values up to 50; channel 1: all below ε.
+            let x = Tensor::<3>::from_floats([[[0.5, -2.0], [50.0, 1e-9], [3.0, 0.0]]], &device)
+                .require_grad();
+            let y = layer.forward_tokens(x.clone());
+            let values = y.clone().into_data().try_to_vec::<f32>().unwrap();
+            assert!(values.iter().all(|v| v.is_finite()), "p = {p}: {values:?}");
+            assert!(
+                (values[1] - 1e-6).abs() < 1e-9,
+                "clamped channel pools to ε: {values:?}"
+            );
+            let grads = y.sum().backward();
+            let gx = x
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            let gp = layer
+                .p
+                .val()
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            assert!(
+                gx.iter().chain(&gp).all(|v| v.is_finite()),
+                "p = {p}: {gx:?} {gp:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn frozen_power_gets_no_gradient() {
+        let device = Device::flex().autodiff();
+        let layer = GemConfig::new().with_learnable(false).init(&device);
+        let x = one_channel(&[1.0, 2.0], &device).require_grad();
+        let grads = layer.forward(x).sum().backward();
+        assert!(layer.p.val().grad(&grads).is_none());
+    }
+
+    #[test]
+    #[should_panic(expected = "Gem: `p` must be a finite number > 0, got 0")]
+    fn non_positive_power_panics() {
+        gem(0.0, &Device::flex());
+    }
+
+    #[test]
+    #[should_panic(expected = "Gem: `eps` must be a finite number > 0, got -0.001")]
+    fn non_positive_eps_panics() {
+        GemConfig::new().with_eps(-1e-3).init(&Device::flex());
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "Gem: no token left to pool: expected N > num_prefix_tokens, got N = 0"
+    )]
+    fn empty_token_set_panics() {
+        let device = Device::flex();
+        gem(3.0, &device).forward_tokens(Tensor::<3>::zeros([2, 0, 4], &device));
+    }
+
+    #[test]
+    fn display_and_num_params() {
+        let layer = gem(3.0, &Device::flex());
+        assert_eq!(layer.num_params(), 1);
+        assert_eq!(format!("{layer}"), "Gem {eps: 0.000001, params: 1}");
+    }
+}

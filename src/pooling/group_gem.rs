@@ -1,0 +1,321 @@
+//! Group generalized mean (GGeM) pooling: GeM with one learnable power per channel group.
+
+use burn::config::Config;
+use burn::module::{Content, DisplaySettings, Module, ModuleDisplay, Param};
+use burn::tensor::{Bool, Device, Tensor};
+
+use super::gem::check_power;
+use super::generalized_mean::generalized_mean;
+use super::positions::PositionSet;
+
+/// How channels are assigned to the groups of [`GroupGem`]. Default: contiguous.
+#[derive(Config, Copy, Debug, PartialEq, Eq)]
+pub enum GroupLayout {
+    /// `g(c) = ⌊c / (C/G)⌋`: consecutive channels share a power, as attention heads slice the
+    /// embedding. The default, and what Ko et al. describe.
+    Contiguous,
+    /// `g(c) = c mod G`, as in one published transcription of GGeM. Gives different outputs
+    /// than [`Contiguous`](Self::Contiguous) for the same powers.
+    Interleaved,
+}
+
+/// Configuration of [`GroupGem`]. Defaults follow Ko et al., "Group Generalized Mean Pooling
+/// for Vision Transformer" (arXiv 2212.04114).
+#[derive(Config, Debug)]
+pub struct GroupGemConfig {
+    /// Number of channel groups G, usually the number of attention heads (ViT-Ti 3, S 6, B 12,
+    /// L 16). The channel count must be divisible by it.
+    pub groups: usize,
+    /// Initial power of every group (> 0). Default: 3.
+    #[config(default = 3.0)]
+    pub p: f64,
+    /// Clamp ε (> 0). Default: 1e-6.
+    #[config(default = 1e-6)]
+    pub eps: f64,
+    /// Whether the powers are trained. Default: true.
+    #[config(default = true)]
+    pub learnable: bool,
+    /// Channel-to-group assignment. Default: contiguous.
+    #[config(default = "GroupLayout::Contiguous")]
+    pub layout: GroupLayout,
+    /// Leading tokens (class token, register tokens) that
+    /// [`forward_tokens`](GroupGem::forward_tokens) skips. Default: 0; ViTs use 1.
+    #[config(default = 0)]
+    pub num_prefix_tokens: usize,
+}
+
+impl GroupGemConfig {
+    /// Creates the [`GroupGem`] layer with its `[groups]` powers on `device`.
+    ///
+    /// # Panics
+    ///
+    /// If `groups == 0`, or `p` or `eps` is not a finite positive number.
+    pub fn init(&self, device: &Device) -> GroupGem {
+        assert!(
+            self.groups > 0,
+            "GroupGem: `groups` must be at least 1, got 0"
+        );
+        check_power("GroupGem", "p", self.p);
+        check_power("GroupGem", "eps", self.eps);
+        let p = Tensor::<1>::full([self.groups], self.p, device);
+        GroupGem {
+            p: Param::from_tensor(p).set_require_grad(self.learnable),
+            eps: self.eps,
+            layout: self.layout,
+            num_prefix_tokens: self.num_prefix_tokens,
+        }
+    }
+}
+
+/// Group generalized mean pooling: channels split into G groups, group g has its own p_g:
+///
+/// ```text
+/// y_c = ( (1/N) Σ_n max(x_{n,c}, ε)^{p_g(c)} )^(1 / p_g(c))
+/// ```
+///
+/// One group is [`Gem`](super::Gem); C groups give one power per channel; all p = 1 is GAP
+/// (of the clamped values). Stable for large p and clamped channels, like `Gem`. Note the
+/// clamp: negative token values all count as ε.
+///
+/// Training hint: the powers in their own parameter group with a larger learning rate (×10,
+/// ×100 for one p per channel) and no weight decay.
+#[derive(Module, Debug)]
+#[module(custom_display)]
+pub struct GroupGem {
+    /// The powers, shape `[groups]`.
+    pub p: Param<Tensor<1>>,
+    /// Clamp ε.
+    pub eps: f64,
+    /// Channel-to-group assignment.
+    #[module(skip)]
+    pub layout: GroupLayout,
+    /// Leading tokens skipped by the token paths.
+    pub num_prefix_tokens: usize,
+}
+
+impl ModuleDisplay for GroupGem {
+    fn custom_settings(&self) -> Option<DisplaySettings> {
+        DisplaySettings::new()
+            .with_new_line_after_attribute(false)
+            .optional()
+    }
+
+    fn custom_content(&self, content: Content) -> Option<Content> {
+        let [groups] = self.p.shape().dims();
+        content
+            .add("groups", &groups)
+            .add("eps", &self.eps)
+            .add("layout", &format!("{:?}", self.layout))
+            .add("num_prefix_tokens", &self.num_prefix_tokens)
+            .optional()
+    }
+}
+
+impl GroupGem {
+    /// Number of channel groups.
+    pub fn groups(&self) -> usize {
+        self.p.shape().dims::<1>()[0]
+    }
+
+    /// The power of every channel, `[channels]`, laid out by [`GroupLayout`].
+    fn channel_powers(&self, channels: usize) -> Tensor<1> {
+        let groups = self.groups();
+        assert!(
+            channels.is_multiple_of(groups),
+            "GroupGem: channels must be divisible by groups: got C = {channels}, groups = {groups}"
+        );
+        let per_group = channels / groups;
+        let p = self.p.val();
+        match self.layout {
+            GroupLayout::Contiguous => p
+                .reshape([groups, 1])
+                .expand([groups, per_group])
+                .reshape([channels]),
+            GroupLayout::Interleaved => p
+                .reshape([1, groups])
+                .expand([per_group, groups])
+                .reshape([channels]),
+        }
+    }
+
+    fn pool(&self, set: PositionSet) -> Tensor<2> {
+        let (_, _, channels) = set.dims();
+        let p = self.channel_powers(channels);
+        let p = if set.axis == 1 {
+            p.reshape([1, 1, channels])
+        } else {
+            p.reshape([1, channels, 1])
+        };
+        generalized_mean(set, p, self.eps)
+    }
+
+    /// Pools a batch of feature maps (no prefix tokens here).
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[B, C, H, W]`, C divisible by `groups`
+    /// - output: `[B, C]`
+    ///
+    /// # Panics
+    ///
+    /// If `H·W == 0` or C is not divisible by `groups`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.pool(PositionSet::from_maps("GroupGem", x))
+    }
+
+    /// Pools a batch of token sets, skipping the first `num_prefix_tokens` tokens.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[B, N, C]`, C divisible by `groups`
+    /// - output: `[B, C]`
+    ///
+    /// # Panics
+    ///
+    /// If `N ≤ num_prefix_tokens` or C is not divisible by `groups`.
+    pub fn forward_tokens(&self, x: Tensor<3>) -> Tensor<2> {
+        self.pool(PositionSet::from_tokens(
+            "GroupGem",
+            x,
+            self.num_prefix_tokens,
+            None,
+        ))
+    }
+
+    /// Pools the valid tokens of each set, skipping the first `num_prefix_tokens` tokens.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[B, N, C]`, C divisible by `groups`
+    /// - mask: `[B, N]` over all N tokens (prefix included), `true` = valid position
+    /// - output: `[B, C]`
+    ///
+    /// # Panics
+    ///
+    /// If the mask is not `[B, N]`, a mask row has no valid token after the prefix,
+    /// `N ≤ num_prefix_tokens`, or C is not divisible by `groups`.
+    pub fn forward_tokens_masked(&self, x: Tensor<3>, mask: Tensor<2, Bool>) -> Tensor<2> {
+        self.pool(PositionSet::from_tokens(
+            "GroupGem",
+            x,
+            self.num_prefix_tokens,
+            Some(mask),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{TensorData, Tolerance};
+
+    const TOKENS: [[f32; 4]; 3] = [
+        [0.1, 1.0, 2.0, 0.5],
+        [0.3, 0.2, 1.5, 2.5],
+        [1.2, 0.7, 0.4, 3.0],
+    ];
+
+    fn layer(layout: GroupLayout, prefix: usize, device: &Device) -> GroupGem {
+        let layer = GroupGemConfig::new(2)
+            .with_layout(layout)
+            .with_num_prefix_tokens(prefix)
+            .init(device);
+        let p = Tensor::<1>::from_floats([2.0, 3.0], device);
+        GroupGem {
+            p: Param::from_tensor(p),
+            ..layer
+        }
+    }
+
+    /// gem.md GGeM vectors: outputs and ∂(Σy)/∂p for both layouts.
+    #[test]
+    fn reference_values_both_layouts() {
+        let device = Device::flex().autodiff();
+        for (layout, y, dp) in [
+            (
+                GroupLayout::Contiguous,
+                [0.7164728420f32, 0.7141428429, 1.5622682323, 2.4244037929],
+                [0.2143554956f32, 0.1938087099],
+            ),
+            (
+                GroupLayout::Interleaved,
+                [0.7164728420, 0.7664985979, 1.4617341300, 2.4244037929],
+                [0.2759314705, 0.1564392185],
+            ),
+        ] {
+            let layer = layer(layout, 0, &device);
+            let x = Tensor::<3>::from_floats([TOKENS], &device);
+            let out = layer.forward_tokens(x);
+            out.clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&TensorData::from([y]), Tolerance::rel_abs(1e-5, 1e-6));
+            let grads = out.sum().backward();
+            layer
+                .p
+                .val()
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .assert_approx_eq::<f32>(&TensorData::from(dp), Tolerance::rel_abs(1e-4, 1e-6));
+        }
+    }
+
+    /// A class-token row of 9s must be skipped; including it gives gem.md's wrong values.
+    #[test]
+    fn prefix_token_is_skipped() {
+        let device = Device::flex();
+        let with_class = Tensor::<3>::from_floats(
+            [[[9.0, 9.0, 9.0, 9.0], TOKENS[0], TOKENS[1], TOKENS[2]]],
+            &device,
+        );
+        let right = layer(GroupLayout::Contiguous, 1, &device).forward_tokens(with_class.clone());
+        right.into_data().assert_approx_eq::<f32>(
+            &TensorData::from([[0.7164728420f32, 0.7141428429, 1.5622682323, 2.4244037929]]),
+            Tolerance::rel_abs(1e-5, 1e-6),
+        );
+        let wrong = layer(GroupLayout::Contiguous, 0, &device).forward_tokens(with_class);
+        wrong.into_data().assert_approx_eq::<f32>(
+            &TensorData::from([[4.5426f32, 4.5423, 5.6991, 5.7784]]),
+            Tolerance::rel_abs(1e-4, 1e-4),
+        );
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "GroupGem: channels must be divisible by groups: got C = 10, groups = 3"
+    )]
+    fn indivisible_channels_panic() {
+        let device = Device::flex();
+        let layer = GroupGemConfig::new(3).init(&device);
+        layer.forward(Tensor::<4>::ones([1, 10, 2, 2], &device));
+    }
+
+    #[test]
+    #[should_panic(expected = "GroupGem: `groups` must be at least 1, got 0")]
+    fn zero_groups_panic() {
+        GroupGemConfig::new(0).init(&Device::flex());
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "GroupGem: no token left to pool: expected N > num_prefix_tokens, got N = 1, num_prefix_tokens = 1"
+    )]
+    fn only_prefix_tokens_panic() {
+        let device = Device::flex();
+        let layer = GroupGemConfig::new(1)
+            .with_num_prefix_tokens(1)
+            .init(&device);
+        layer.forward_tokens(Tensor::<3>::ones([1, 1, 4], &device));
+    }
+
+    #[test]
+    fn display_and_num_params() {
+        let layer = GroupGemConfig::new(12).init(&Device::flex());
+        assert_eq!(layer.num_params(), 12);
+        let shown = format!("{layer}");
+        assert!(
+            shown.contains("groups: 12") && shown.contains("Contiguous"),
+            "{shown}"
+        );
+    }
+}

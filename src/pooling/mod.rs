@@ -1,0 +1,17 @@
+//! Learnable global pooling layers: `[B, C, H, W]` maps or `[B, N, C]` token sets to `[B, C]`.
+//!
+//! | layer | pools with | parameters |
+//! |---|---|---|
+//! | [`Gap`] | the mean | none |
+//! | [`Gem`] | the generalized (power) mean | one power `p` |
+//! | [`GroupGem`] | the generalized mean, one `p` per channel group | `p: [groups]` |
+
+mod gap;
+mod gem;
+mod generalized_mean;
+mod group_gem;
+mod positions;
+
+pub use gap::{Gap, GapConfig};
+pub use gem::{Gem, GemConfig};
+pub use group_gem::{GroupGem, GroupGemConfig, GroupLayout};

@@ -1,0 +1,632 @@
+//! Independent plain-Rust `f64` reference implementation (test oracle) of the poolings in
+//! `burn-pooling`: GAP, GeM, GGeM, GSP (forward, limits, implicit backward) and the
+//! zero-shot regularisation loss. Written from `docs/gem.md` and `docs/gsp.md` only: std only,
+//! scalar loops, clarity over speed. The β of GSP is found by plain bisection so that it does
+//! not share a solver with the library (which uses Newton / Sinkhorn).
+//!
+//! Conventions: token sets are `x[n][c]` (N×C), prototypes `omega[k][c]` (K×C), costs and
+//! plans `[k][n]` (K×N).
+//!
+//! Include from an integration test with `mod reference;`. Checked by
+//! `tests/reference_selfcheck.rs`.
+
+#![allow(dead_code)]
+#![allow(clippy::needless_range_loop)]
+
+/// The GeM clamp of the docs.
+pub const GEM_EPS: f64 = 1e-6;
+/// The ZSR ridge weight of the reference (gsp.md §8).
+pub const ZSR_LAMBDA: f64 = 0.05;
+/// The ZSR logit scale of the reference (gsp.md §8).
+pub const ZSR_SCALE: f64 = 9.5;
+
+// ---------------------------------------------------------------------------------------------
+// Small numeric helpers
+// ---------------------------------------------------------------------------------------------
+
+/// `ln Σ exp(v_i)`, stable (max-shifted). Returns −∞ for an empty slice or all −∞.
+pub fn logsumexp(v: &[f64]) -> f64 {
+    let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    let mut s = 0.0;
+    for &a in v {
+        s += (a - m).exp();
+    }
+    m + s.ln()
+}
+
+/// `softmax(v)`, stable.
+pub fn softmax(v: &[f64]) -> Vec<f64> {
+    let l = logsumexp(v);
+    v.iter().map(|&a| (a - l).exp()).collect()
+}
+
+/// Logistic sigmoid, stable for any finite `u` (never evaluates `exp` of a positive number).
+pub fn sigmoid(u: f64) -> f64 {
+    if u >= 0.0 {
+        1.0 / (1.0 + (-u).exp())
+    } else {
+        let e = u.exp();
+        e / (1.0 + e)
+    }
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let mut s = 0.0;
+    for i in 0..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+fn norm(a: &[f64]) -> f64 {
+    dot(a, a).sqrt()
+}
+
+/// Column `c` of an N×C token matrix.
+fn column(x: &[Vec<f64>], c: usize) -> Vec<f64> {
+    x.iter().map(|row| row[c]).collect()
+}
+
+fn check_rectangular(x: &[Vec<f64>]) -> (usize, usize) {
+    assert!(!x.is_empty(), "empty matrix");
+    let cols = x[0].len();
+    for row in x {
+        assert_eq!(row.len(), cols, "ragged matrix");
+    }
+    (x.len(), cols)
+}
+
+// ---------------------------------------------------------------------------------------------
+// GAP, GeM, GGeM (gem.md)
+// ---------------------------------------------------------------------------------------------
+
+/// Global average pooling over tokens: `x` is N×C, returns the C channel means.
+pub fn gap(x: &[Vec<f64>]) -> Vec<f64> {
+    let (n, c) = check_rectangular(x);
+    let mut out = vec![0.0; c];
+    for row in x {
+        for ch in 0..c {
+            out[ch] += row[ch];
+        }
+    }
+    for v in &mut out {
+        *v /= n as f64;
+    }
+    out
+}
+
+/// GeM of one channel, `( (1/N) Σ_n max(x_n, eps)^p )^(1/p)`, in the stable log-domain form
+/// of gem.md: `ln y = ln m + (1/p) ln( (1/N) Σ exp(p (ln x_n − ln m)) )`, `m = max_n x_n`
+/// (after the clamp). Requires `p > 0`, `eps > 0`.
+pub fn gem_channel(values: &[f64], p: f64, eps: f64) -> f64 {
+    gem_channel_ln(values, p, eps).exp()
+}
+
+/// `ln` of [`gem_channel`].
+pub fn gem_channel_ln(values: &[f64], p: f64, eps: f64) -> f64 {
+    assert!(!values.is_empty());
+    assert!(p > 0.0 && eps > 0.0);
+    let logs: Vec<f64> = values.iter().map(|&v| v.max(eps).ln()).collect();
+    let ln_m = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut s = 0.0;
+    for &l in &logs {
+        s += (p * (l - ln_m)).exp();
+    }
+    let mean = s / values.len() as f64; // in [1/N, 1]: the max term contributes exp(0) = 1
+    ln_m + mean.ln() / p
+}
+
+/// Closed-form gradients of [`gem_channel`] (gem.md):
+/// `∂y/∂x_n = (1/N) y^(1−p) x_n^(p−1) = (1/N) exp((p−1)(ln x_n − ln y))` where `x_n > eps`,
+/// `0` where the clamp is active (`x_n <= eps`);
+/// `∂y/∂p = (y/p) (Σ_n x_n^p ln x_n / Σ_n x_n^p − ln y)`, with the clamped values `eps`
+/// (they still contribute their constant `eps^p`), the ratio computed as a softmax-weighted
+/// mean of `ln x_n`. Returns `(dy/dx, dy/dp)`.
+pub fn gem_channel_grad(values: &[f64], p: f64, eps: f64) -> (Vec<f64>, f64) {
+    let n = values.len() as f64;
+    let ln_y = gem_channel_ln(values, p, eps);
+    let y = ln_y.exp();
+    let logs: Vec<f64> = values.iter().map(|&v| v.max(eps).ln()).collect();
+    let dx: Vec<f64> = values
+        .iter()
+        .zip(&logs)
+        .map(|(&v, &l)| {
+            if v > eps {
+                ((p - 1.0) * (l - ln_y)).exp() / n
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let scaled: Vec<f64> = logs.iter().map(|&l| p * l).collect();
+    let w = softmax(&scaled); // x_n^p / Σ x^p
+    let mut mean_log = 0.0;
+    for i in 0..logs.len() {
+        mean_log += w[i] * logs[i];
+    }
+    let dp = (y / p) * (mean_log - ln_y);
+    (dx, dp)
+}
+
+/// Group of channel `c` among `channels` channels split into `groups` groups:
+/// contiguous `c / (C/G)` or interleaved `c mod G`.
+pub fn group_of(c: usize, channels: usize, groups: usize, interleaved: bool) -> usize {
+    assert!(
+        groups > 0 && channels.is_multiple_of(groups),
+        "C must be divisible by G"
+    );
+    if interleaved {
+        c % groups
+    } else {
+        c / (channels / groups)
+    }
+}
+
+/// GGeM over tokens: `x` is N×C, one exponent per group (`p.len() = G`, `C % G == 0`);
+/// channel `c` uses `p[g(c)]` with `g` from [`group_of`]. Returns C values.
+pub fn group_gem(x: &[Vec<f64>], p: &[f64], eps: f64, interleaved: bool) -> Vec<f64> {
+    let (_, c) = check_rectangular(x);
+    let g = p.len();
+    (0..c)
+        .map(|ch| gem_channel(&column(x, ch), p[group_of(ch, c, g, interleaved)], eps))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// GSP (gsp.md §3–7)
+// ---------------------------------------------------------------------------------------------
+
+/// `φ(v) = v / max(1, ‖v‖₂)`.
+pub fn phi(v: &[f64]) -> Vec<f64> {
+    let s = norm(v).max(1.0);
+    v.iter().map(|&a| a / s).collect()
+}
+
+/// Costs `c[k][j] = ‖φ(ω_k) − φ(x_j)‖₂` (not squared), K×N.
+pub fn gsp_costs(x: &[Vec<f64>], prototypes: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let (_, c) = check_rectangular(x);
+    let (_, c2) = check_rectangular(prototypes);
+    assert_eq!(c, c2, "features and prototypes must have the same width");
+    let px: Vec<Vec<f64>> = x.iter().map(|v| phi(v)).collect();
+    let pw: Vec<Vec<f64>> = prototypes.iter().map(|v| phi(v)).collect();
+    pw.iter()
+        .map(|w| {
+            px.iter()
+                .map(|v| {
+                    let d: Vec<f64> = w.iter().zip(v).map(|(a, b)| a - b).collect();
+                    norm(&d)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// `ℓ_j = logsumexp_k(−c_kj / ε)` for every position.
+pub fn gsp_log_kernel(costs: &[Vec<f64>], epsilon: f64) -> Vec<f64> {
+    let (k, n) = check_rectangular(costs);
+    (0..n)
+        .map(|j| {
+            let col: Vec<f64> = (0..k).map(|kk| -costs[kk][j] / epsilon).collect();
+            logsumexp(&col)
+        })
+        .collect()
+}
+
+/// Output of the GSP reference for one sample.
+#[derive(Clone, Debug)]
+pub struct GspReference {
+    /// `y = Σ_j w_j x_j`, length C. Empty when produced by [`gsp_from_costs`].
+    pub pooled: Vec<f64>,
+    /// `w_j = t_j / μ`, length N.
+    pub weights: Vec<f64>,
+    /// `z_k = Σ_j P_kj / μ`, length K.
+    pub attributes: Vec<f64>,
+    /// `ρ_j = a_j − t_j` (computed as `a_j σ(−(β+ℓ_j))`, no cancellation), length N.
+    pub residual: Vec<f64>,
+    /// `P_kj = t_j softmax_k(−c_·j/ε)_k`, K×N.
+    pub plan: Vec<Vec<f64>>,
+    /// The root of `Σ_j a_j σ(β+ℓ_j) = μ` (`+∞` for `μ = 1`).
+    pub beta: f64,
+    /// The costs used, K×N.
+    pub costs: Vec<Vec<f64>>,
+}
+
+impl GspReference {
+    /// `X = [ρ; P]`, (K+1)×N with row 0 = ρ (the layout of gsp.md §6).
+    pub fn plan_with_residual(&self) -> Vec<Vec<f64>> {
+        let mut out = vec![self.residual.clone()];
+        out.extend(self.plan.iter().cloned());
+        out
+    }
+}
+
+/// Solves the entropic partial transport of gsp.md §4–5 for a given K×N cost matrix with
+/// general position masses `mass[j] = a_j >= 0` (`Σ a_j = 1`; uniform `1/N` is the doc's
+/// case, `0` masks a position out). Solution: `t_j = a_j σ(β+ℓ_j)`, `P_kj = t_j
+/// softmax_k(−c_kj/ε)`, `ρ_j = a_j − t_j`, β the root of `Σ_j a_j σ(β+ℓ_j) = μ`, found by
+/// plain bisection on the bracket `[logit μ − max ℓ − 1, logit μ − min ℓ + 1]` (ℓ over
+/// positions with `a_j > 0`) until the interval is `< 1e-15·max(1,|β|)` or 200 steps
+/// (internally in the variable `β + max ℓ`, for precision when ε is small).
+/// For `μ > 1/2` the equivalent residual form `Σ_j a_j σ(−(β+ℓ_j)) = 1 − μ` is bisected
+/// (better conditioned near `μ = 1`). `μ = 1` exactly gives `β = +∞`, `t = a`, `ρ = 0`.
+/// `pooled` is left empty (no features here); [`gsp`] fills it.
+pub fn gsp_from_costs(costs: &[Vec<f64>], mass: &[f64], mu: f64, epsilon: f64) -> GspReference {
+    let (k, n) = check_rectangular(costs);
+    assert_eq!(mass.len(), n, "one mass per position");
+    assert!(mu > 0.0 && mu <= 1.0, "0 < mu <= 1");
+    assert!(epsilon > 0.0);
+    for &a in mass {
+        assert!(a >= 0.0 && a.is_finite(), "masses must be >= 0");
+    }
+    let active: Vec<usize> = (0..n).filter(|&j| mass[j] > 0.0).collect();
+    assert!(!active.is_empty(), "at least one position must have mass");
+    let ell = gsp_log_kernel(costs, epsilon);
+
+    // Work with ℓ shifted by its largest active value (β' = β + ℓ_ref, u_j = β' + (ℓ_j −
+    // ℓ_ref)): the same root, but β' stays O(1) for the positions that carry the transport,
+    // so no absolute precision is lost when ℓ is large (ε small).
+    let ell_ref = active
+        .iter()
+        .map(|&j| ell[j])
+        .fold(f64::NEG_INFINITY, f64::max);
+    let shifted: Vec<f64> = ell.iter().map(|&l| l - ell_ref).collect();
+
+    let beta_shifted = if mu == 1.0 {
+        f64::INFINITY
+    } else {
+        // Increasing function of β' whose root is the solution.
+        let f = |b: f64| -> f64 {
+            if mu <= 0.5 {
+                let mut s = 0.0;
+                for &j in &active {
+                    s += mass[j] * sigmoid(b + shifted[j]);
+                }
+                s - mu
+            } else {
+                let mut s = 0.0;
+                for &j in &active {
+                    s += mass[j] * sigmoid(-(b + shifted[j]));
+                }
+                (1.0 - mu) - s
+            }
+        };
+        let logit_mu = mu.ln() - (1.0 - mu).ln();
+        let min_shifted = active
+            .iter()
+            .map(|&j| shifted[j])
+            .fold(f64::INFINITY, f64::min);
+        // Safe in exact arithmetic when Σa = 1: [logit μ − max ℓ, logit μ − min ℓ], widened
+        // by 1 on both sides; widened further if rounding says otherwise.
+        let mut lo = logit_mu - 1.0;
+        let mut hi = logit_mu - min_shifted + 1.0;
+        let mut guard = 0;
+        while f(lo) > 0.0 && guard < 100 {
+            lo -= lo.abs().max(1.0);
+            guard += 1;
+        }
+        while f(hi) < 0.0 && guard < 200 {
+            hi += hi.abs().max(1.0);
+            guard += 1;
+        }
+        for _ in 0..200 {
+            let mid = 0.5 * (lo + hi);
+            if hi - lo < 1e-15 * mid.abs().max(1.0) || mid <= lo || mid >= hi {
+                break;
+            }
+            if f(mid) < 0.0 {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        0.5 * (lo + hi)
+    };
+    let beta = beta_shifted - ell_ref;
+
+    let mut t = vec![0.0; n];
+    let mut residual = vec![0.0; n];
+    for &j in &active {
+        if beta_shifted == f64::INFINITY {
+            t[j] = mass[j];
+            residual[j] = 0.0;
+        } else {
+            let u = beta_shifted + shifted[j];
+            t[j] = mass[j] * sigmoid(u);
+            residual[j] = mass[j] * sigmoid(-u);
+        }
+    }
+    let mut plan = vec![vec![0.0; n]; k];
+    for j in 0..n {
+        for kk in 0..k {
+            let s = (-costs[kk][j] / epsilon - ell[j]).exp(); // softmax_k
+            plan[kk][j] = t[j] * s;
+        }
+    }
+    let weights: Vec<f64> = t.iter().map(|&v| v / mu).collect();
+    let attributes: Vec<f64> = plan
+        .iter()
+        .map(|row| row.iter().sum::<f64>() / mu)
+        .collect();
+    GspReference {
+        pooled: Vec::new(),
+        weights,
+        attributes,
+        residual,
+        plan,
+        beta,
+        costs: costs.to_vec(),
+    }
+}
+
+/// GSP forward for one sample (gsp.md §3–5): `x` N×C features, `prototypes` K×C, `mass` the N
+/// position masses (`Σ = 1`, `0` = masked out; uniform `1/N` is the doc's case), transport
+/// ratio `mu` in (0, 1], entropy weight `epsilon > 0` (the reference's γ is `1/ε`).
+/// Costs from [`gsp_costs`], transport from [`gsp_from_costs`], `pooled = Σ_j w_j x_j` on the
+/// unnormalised features.
+pub fn gsp(
+    x: &[Vec<f64>],
+    prototypes: &[Vec<f64>],
+    mass: &[f64],
+    mu: f64,
+    epsilon: f64,
+) -> GspReference {
+    let (_, c) = check_rectangular(x);
+    let costs = gsp_costs(x, prototypes);
+    let mut out = gsp_from_costs(&costs, mass, mu, epsilon);
+    let mut pooled = vec![0.0; c];
+    for j in 0..x.len() {
+        for ch in 0..c {
+            pooled[ch] += out.weights[j] * x[j][ch];
+        }
+    }
+    out.pooled = pooled;
+    out
+}
+
+/// Uniform masses `1/N`.
+pub fn uniform_mass(n: usize) -> Vec<f64> {
+    vec![1.0 / n as f64; n]
+}
+
+/// The ε → 0 limit of GSP with uniform masses (gsp.md §7): with `d_j = min_k c_kj`, positions
+/// in ascending `d_j` order get weight `1/(μN)` each until the mass μ is used up (the last one
+/// partially), the rest 0. Assumes no ties.
+pub fn gsp_hard_selection_weights(x: &[Vec<f64>], prototypes: &[Vec<f64>], mu: f64) -> Vec<f64> {
+    let costs = gsp_costs(x, prototypes);
+    let (k, n) = check_rectangular(&costs);
+    let d: Vec<f64> = (0..n)
+        .map(|j| (0..k).map(|kk| costs[kk][j]).fold(f64::INFINITY, f64::min))
+        .collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| d[a].partial_cmp(&d[b]).unwrap());
+    let per_position = 1.0 / n as f64;
+    let mut remaining = mu;
+    let mut w = vec![0.0; n];
+    for j in order {
+        if remaining <= 0.0 {
+            break;
+        }
+        let take = per_position.min(remaining);
+        w[j] = take / mu;
+        remaining -= take;
+    }
+    w
+}
+
+/// The μ → 0 limit of GSP with uniform masses (gsp.md §7): `softmax_j(ℓ_j)`,
+/// `ℓ_j = logsumexp_k(−c_kj/ε)`.
+pub fn attention_weights(x: &[Vec<f64>], prototypes: &[Vec<f64>], epsilon: f64) -> Vec<f64> {
+    let costs = gsp_costs(x, prototypes);
+    softmax(&gsp_log_kernel(&costs, epsilon))
+}
+
+/// Analytical backward of the transport (gsp.md §6) generalised to masses `a_j`.
+/// Inputs: `X = [ρ; P]` (K+1)×N (row 0 = ρ), upstream `g = ∂L/∂X` (K+1)×N. With `h = X ⊙ g`,
+/// `U_j = Σ_{k=0..K} h_kj`,
+/// `λ = (Σ_j ρ_j U_j / a_j − Σ_j h_0j) / ((1−μ) − Σ_j ρ_j²/a_j)`,
+/// `V_j = (U_j + λ ρ_j)/a_j`, returns `∂L/∂c_kj = −(1/ε)(h_kj − V_j P_kj)` (K×N, rows
+/// k = 1..K of X). Terms with `a_j = 0` are omitted (their gradient is 0). With `a_j = 1/N`
+/// this is the doc's formula. The denominator is not clamped (the oracle is exact; it is
+/// singular only at μ = 1 or ε → 0).
+pub fn gsp_implicit_backward(
+    plan_with_residual: &[Vec<f64>],
+    g: &[Vec<f64>],
+    mass: &[f64],
+    mu: f64,
+    epsilon: f64,
+) -> Vec<Vec<f64>> {
+    let (k1, n) = check_rectangular(plan_with_residual);
+    let (gk, gn) = check_rectangular(g);
+    assert_eq!((gk, gn), (k1, n), "g must have the shape of X");
+    assert_eq!(mass.len(), n);
+    let x = plan_with_residual;
+    let rho = &x[0];
+    let mut h = vec![vec![0.0; n]; k1];
+    for kk in 0..k1 {
+        for j in 0..n {
+            h[kk][j] = x[kk][j] * g[kk][j];
+        }
+    }
+    let mut u = vec![0.0; n];
+    for j in 0..n {
+        for kk in 0..k1 {
+            u[j] += h[kk][j];
+        }
+    }
+    let mut num = 0.0;
+    let mut den = 1.0 - mu;
+    for j in 0..n {
+        num -= h[0][j];
+        if mass[j] > 0.0 {
+            num += rho[j] * u[j] / mass[j];
+            den -= rho[j] * rho[j] / mass[j];
+        }
+    }
+    let lambda = num / den;
+    let mut grad = vec![vec![0.0; n]; k1 - 1];
+    for j in 0..n {
+        if mass[j] <= 0.0 {
+            continue;
+        }
+        let v = (u[j] + lambda * rho[j]) / mass[j];
+        for kk in 1..k1 {
+            grad[kk - 1][j] = -(h[kk][j] - v * x[kk][j]) / epsilon;
+        }
+    }
+    grad
+}
+
+// ---------------------------------------------------------------------------------------------
+// Zero-shot regularisation loss (gsp.md §8)
+// ---------------------------------------------------------------------------------------------
+
+/// Cholesky factor `L` (lower triangular, `A = L Lᵀ`) of a symmetric positive-definite matrix.
+pub fn cholesky(a: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let (n, m) = check_rectangular(a);
+    assert_eq!(n, m, "square matrix");
+    let mut l = vec![vec![0.0; n]; n];
+    for i in 0..n {
+        for j in 0..=i {
+            let mut s = a[i][j];
+            for p in 0..j {
+                s -= l[i][p] * l[j][p];
+            }
+            if i == j {
+                assert!(s > 0.0, "matrix not positive definite");
+                l[i][i] = s.sqrt();
+            } else {
+                l[i][j] = s / l[j][j];
+            }
+        }
+    }
+    l
+}
+
+/// Solves `A X = B` given the Cholesky factor `L` of `A` (forward then back substitution,
+/// column by column). `B` is n×D.
+pub fn cholesky_solve(l: &[Vec<f64>], b: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let n = l.len();
+    let (bn, d) = check_rectangular(b);
+    assert_eq!(bn, n);
+    let mut x = vec![vec![0.0; d]; n];
+    for col in 0..d {
+        // L y = b
+        let mut y = vec![0.0; n];
+        for i in 0..n {
+            let mut s = b[i][col];
+            for p in 0..i {
+                s -= l[i][p] * y[p];
+            }
+            y[i] = s / l[i][i];
+        }
+        // Lᵀ x = y
+        for i in (0..n).rev() {
+            let mut s = y[i];
+            for p in (i + 1)..n {
+                s -= l[p][i] * x[p][col];
+            }
+            x[i][col] = s / l[i][i];
+        }
+    }
+    x
+}
+
+/// One ZSR direction: ridge `W = Zᵀ(ZZᵀ + λI)⁻¹Y` (K×D) fitted on the train half
+/// (`Y = E[train labels]`, solved by Cholesky), `Ŷ = Z_test W`, `logits = scale · Ŷ Eᵀ`,
+/// returns the mean cross-entropy (stable log-softmax) over the test rows.
+pub fn zero_shot_loss_direction(
+    z_train: &[Vec<f64>],
+    labels_train: &[usize],
+    z_test: &[Vec<f64>],
+    labels_test: &[usize],
+    embeddings: &[Vec<f64>],
+    lambda: f64,
+    scale: f64,
+) -> f64 {
+    let (n, k) = check_rectangular(z_train);
+    let (nt, kt) = check_rectangular(z_test);
+    assert_eq!(k, kt);
+    assert_eq!(labels_train.len(), n);
+    assert_eq!(labels_test.len(), nt);
+    let (classes, d) = check_rectangular(embeddings);
+    // A = Z Zᵀ + λ I
+    let mut a = vec![vec![0.0; n]; n];
+    for i in 0..n {
+        for j in 0..n {
+            a[i][j] = dot(&z_train[i], &z_train[j]) + if i == j { lambda } else { 0.0 };
+        }
+    }
+    let y: Vec<Vec<f64>> = labels_train
+        .iter()
+        .map(|&c| {
+            assert!(c < classes);
+            embeddings[c].clone()
+        })
+        .collect();
+    let m = cholesky_solve(&cholesky(&a), &y); // (ZZᵀ + λI)⁻¹ Y, n×D
+    let mut w = vec![vec![0.0; d]; k];
+    for kk in 0..k {
+        for dd in 0..d {
+            for i in 0..n {
+                w[kk][dd] += z_train[i][kk] * m[i][dd];
+            }
+        }
+    }
+    let mut total = 0.0;
+    for t in 0..nt {
+        let mut yhat = vec![0.0; d];
+        for dd in 0..d {
+            for kk in 0..k {
+                yhat[dd] += z_test[t][kk] * w[kk][dd];
+            }
+        }
+        let logits: Vec<f64> = embeddings.iter().map(|e| scale * dot(&yhat, e)).collect();
+        let label = labels_test[t];
+        assert!(label < classes);
+        total += logsumexp(&logits) - logits[label];
+    }
+    total / nt as f64
+}
+
+/// ZSR loss (gsp.md §8) for two class-disjoint halves (`z1` n1×K with `labels1`, `z2` n2×K
+/// with `labels2`), class embeddings `embeddings` (num_classes×D):
+/// `loss_a` = [`zero_shot_loss_direction`] trained on half 2, tested on half 1;
+/// `loss_b` = trained on half 1, tested on half 2; returns exactly `(loss_a + loss_b) / 2`.
+/// This equals the mean over all test rows of both directions only when `n1 == n2`.
+/// Disjointness of the halves' classes is not checked.
+pub fn zero_shot_loss(
+    z1: &[Vec<f64>],
+    labels1: &[usize],
+    z2: &[Vec<f64>],
+    labels2: &[usize],
+    embeddings: &[Vec<f64>],
+    lambda: f64,
+    scale: f64,
+) -> f64 {
+    let loss_a = zero_shot_loss_direction(z2, labels2, z1, labels1, embeddings, lambda, scale);
+    let loss_b = zero_shot_loss_direction(z1, labels1, z2, labels2, embeddings, lambda, scale);
+    0.5 * (loss_a + loss_b)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finite differences
+// ---------------------------------------------------------------------------------------------
+
+/// Gradient of `f` at `x` by central differences, `(f(x + h e_i) − f(x − h e_i)) / (2h)`.
+pub fn central_difference(f: &dyn Fn(&[f64]) -> f64, x: &[f64], h: f64) -> Vec<f64> {
+    let mut xp = x.to_vec();
+    let mut grad = vec![0.0; x.len()];
+    for i in 0..x.len() {
+        xp[i] = x[i] + h;
+        let fp = f(&xp);
+        xp[i] = x[i] - h;
+        let fm = f(&xp);
+        xp[i] = x[i];
+        grad[i] = (fp - fm) / (2.0 * h);
+    }
+    grad
+}
