@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod loss;
 pub mod pooling;
+pub mod transport;
 
 pub use pooling::*;

@@ -1,0 +1,492 @@
+//! Generalized sum pooling (GSP): pooling weights from entropy-smoothed partial optimal
+//! transport of the features onto learnable prototypes.
+
+use burn::config::Config;
+use burn::module::{Content, DisplaySettings, Module, ModuleDisplay, Param};
+use burn::nn::Initializer;
+use burn::tensor::{Bool, Device, Tensor};
+
+use super::positions::PositionSet;
+use crate::transport::{
+    TransportPlan, TransportSettings, TransportSolver, lipschitz_normalize, partial_transport,
+    transport_costs,
+};
+
+/// Configuration of [`Gsp`]. Defaults are the reference's for CUB/Cars196 (Gürbüz et al.,
+/// ICCV 2023): K = 64, μ = 0.3, γ = 5 (ε = 0.2), 100 iterations.
+#[derive(Config, Debug)]
+pub struct GspConfig {
+    /// Feature channels C (the prototypes' width).
+    pub channels: usize,
+    /// Number of prototypes K. Default: 64 (the reference uses 128 for SOP and In-Shop).
+    #[config(default = 64)]
+    pub num_prototypes: usize,
+    /// Transport ratio μ in (0, 1]: the fraction of the feature mass moved onto the
+    /// prototypes, i.e. roughly the fraction of positions kept. μ = 1 is GAP. Default: 0.3.
+    #[config(default = 0.3)]
+    pub transport_ratio: f64,
+    /// Entropy weight ε > 0 (the reference's `entropy_regularizer_weight` γ is 1/ε). Small ε
+    /// selects positions hard, large ε tends to GAP. Default: 0.2 (γ = 5).
+    #[config(default = 0.2)]
+    pub epsilon: f64,
+    /// Upper bound on solver iterations. Default: 100.
+    #[config(default = 100)]
+    pub max_iterations: usize,
+    /// The solver stops once each sample's transported mass is within this of μ.
+    /// Default: 1e-6.
+    #[config(default = 1e-6)]
+    pub tolerance: f64,
+    /// The β solver. Default: Newton.
+    #[config(default = "TransportSolver::Newton")]
+    pub solver: TransportSolver,
+    /// Prototype initializer, before [`Gsp::init_prototypes_kcenter`]. Default: Glorot
+    /// (Xavier) uniform, as the reference.
+    #[config(default = "Initializer::XavierUniform { gain: 1.0 }")]
+    pub initializer: Initializer,
+}
+
+impl GspConfig {
+    fn settings(&self) -> TransportSettings {
+        TransportSettings {
+            transport_ratio: self.transport_ratio,
+            epsilon: self.epsilon,
+            max_iterations: self.max_iterations,
+            tolerance: self.tolerance,
+            solver: self.solver,
+        }
+    }
+
+    /// Creates the [`Gsp`] layer with its `[K, C]` prototypes on `device`.
+    ///
+    /// # Panics
+    ///
+    /// If `channels` or `num_prototypes` is 0, μ is outside (0, 1], or ε, `max_iterations` or
+    /// `tolerance` is not positive.
+    pub fn init(&self, device: &Device) -> Gsp {
+        assert!(
+            self.channels > 0,
+            "Gsp: `channels` must be at least 1, got 0"
+        );
+        assert!(
+            self.num_prototypes > 0,
+            "Gsp: `num_prototypes` must be at least 1, got 0"
+        );
+        self.settings().validate("Gsp");
+        let prototypes = self.initializer.init_with(
+            [self.num_prototypes, self.channels],
+            Some(self.channels),
+            Some(self.num_prototypes),
+            device,
+        );
+        Gsp {
+            prototypes,
+            transport_ratio: self.transport_ratio,
+            epsilon: self.epsilon,
+            max_iterations: self.max_iterations,
+            tolerance: self.tolerance,
+            solver: self.solver,
+        }
+    }
+}
+
+/// Everything [`Gsp`] computes for a batch.
+#[derive(Debug, Clone)]
+pub struct GspOutput {
+    /// `[B, C]`: y = Σ_n w_n x_n.
+    pub pooled: Tensor<2>,
+    /// `[B, N]`: pooling weights w_n ≥ 0, rows sum to 1 (0 at padded positions). For maps, N
+    /// runs over H·W in row-major order.
+    pub weights: Tensor<2>,
+    /// `[B, K]`: mass per prototype z_k = Σ_n P_kn / μ, rows sum to 1 (the input of
+    /// [`ZeroShotLoss`](crate::loss::ZeroShotLoss)).
+    pub attributes: Tensor<2>,
+    /// Solver iterations run for this batch.
+    pub iterations: usize,
+}
+
+/// Generalized sum pooling (Gürbüz, Şener, Alatan, "Generalized Sum Pooling for Metric
+/// Learning", ICCV 2023).
+///
+/// Each position holds mass 1/N. A fraction μ of it is moved onto K learnable prototypes ω by
+/// entropy-smoothed optimal transport at cost c_kn = ‖φ(ω_k) − φ(x_n)‖ (φ(v) = v / max(1, ‖v‖)),
+/// and each position is pooled with the mass it sent:
+///
+/// ```text
+/// t_n = (1/N) σ(β + ℓ_n),   ℓ_n = logsumexp_k(−c_kn / ε),   Σ_n t_n = μ
+/// w_n = t_n / μ,            y = Σ_n w_n x_n
+/// ```
+///
+/// Positions far from every prototype (background, nuisance) keep their mass and get almost no
+/// weight. μ = 1, ε → ∞, or identical features give GAP exactly; ε → 0 keeps the μN positions
+/// nearest the prototypes; μ → 0 is attention pooling with temperature ε.
+///
+/// Gradients of the solve are analytical (implicit differentiation at the fixed point), so
+/// backward memory does not grow with the iterations.
+///
+/// Initialise the prototypes from data with [`init_prototypes_kcenter`](Self::init_prototypes_kcenter)
+/// after a warm-up, and train them with [`ZeroShotLoss`](crate::loss::ZeroShotLoss) on the
+/// attributes next to the metric loss.
+#[derive(Module, Debug)]
+#[module(custom_display)]
+pub struct Gsp {
+    /// The prototypes ω, `[K, C]`.
+    pub prototypes: Param<Tensor<2>>,
+    /// μ.
+    pub transport_ratio: f64,
+    /// ε.
+    pub epsilon: f64,
+    /// Solver iteration bound.
+    pub max_iterations: usize,
+    /// Solver tolerance on the transported mass.
+    pub tolerance: f64,
+    /// The β solver.
+    #[module(skip)]
+    pub solver: TransportSolver,
+}
+
+impl ModuleDisplay for Gsp {
+    fn custom_settings(&self) -> Option<DisplaySettings> {
+        DisplaySettings::new()
+            .with_new_line_after_attribute(false)
+            .optional()
+    }
+
+    fn custom_content(&self, content: Content) -> Option<Content> {
+        let [prototypes, channels] = self.prototypes.shape().dims();
+        content
+            .add("channels", &channels)
+            .add("num_prototypes", &prototypes)
+            .add("transport_ratio", &self.transport_ratio)
+            .add("epsilon", &self.epsilon)
+            .add("solver", &format!("{:?}", self.solver))
+            .optional()
+    }
+}
+
+impl Gsp {
+    /// The solve's settings.
+    pub fn settings(&self) -> TransportSettings {
+        TransportSettings {
+            transport_ratio: self.transport_ratio,
+            epsilon: self.epsilon,
+            max_iterations: self.max_iterations,
+            tolerance: self.tolerance,
+            solver: self.solver,
+        }
+    }
+
+    fn dims(&self) -> [usize; 2] {
+        self.prototypes.shape().dims()
+    }
+
+    fn pool(&self, set: PositionSet) -> GspOutput {
+        let (batch, positions, channels) = set.dims();
+        let [_, expected] = self.dims();
+        assert!(
+            channels == expected,
+            "Gsp: channel mismatch: expected C = {expected} (the prototypes' width), got {channels}"
+        );
+        let mu = self.transport_ratio;
+        let mass = match &set.mask {
+            Some(mask) => {
+                let valid = mask.clone().float();
+                valid.clone() / valid.sum_dim(1)
+            }
+            None => Tensor::full(
+                [batch, positions],
+                1.0 / positions as f64,
+                &set.features.device(),
+            ),
+        };
+        let costs = transport_costs(
+            set.features.clone(),
+            self.prototypes.val(),
+            set.channel_axis(),
+        );
+        let TransportPlan { plan, iterations } =
+            partial_transport(costs, mass.clone(), &self.settings());
+        let [_, rows, _] = plan.dims();
+        let residual = plan
+            .clone()
+            .slice([0..batch, 0..1, 0..positions])
+            .squeeze_dim(1);
+        // w = t / μ with t = a − ρ: the reference's form, so the gradient reaches ρ.
+        let weights = (mass - residual).div_scalar(mu);
+        let attributes = plan
+            .slice([0..batch, 1..rows, 0..positions])
+            .sum_dim(2)
+            .squeeze_dim(2)
+            .div_scalar(mu);
+        let pooled = if set.axis == 1 {
+            // [B, 1, N] x [B, N, C]
+            weights
+                .clone()
+                .unsqueeze_dim(1)
+                .matmul(set.features)
+                .squeeze_dim(1)
+        } else {
+            // [B, C, N] x [B, N, 1]
+            set.features
+                .matmul(weights.clone().unsqueeze_dim(2))
+                .squeeze_dim(2)
+        };
+        GspOutput {
+            pooled,
+            weights,
+            attributes,
+            iterations: iterations.into_scalar::<i64>() as usize,
+        }
+    }
+
+    /// Pools a batch of feature maps.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[B, C, H, W]`
+    /// - output: `[B, C]`
+    ///
+    /// # Panics
+    ///
+    /// If `H·W == 0` or C differs from the prototypes' width.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.forward_detailed(x).pooled
+    }
+
+    /// Pools a batch of token sets.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[B, N, C]`
+    /// - output: `[B, C]`
+    ///
+    /// # Panics
+    ///
+    /// If `N == 0` or C differs from the prototypes' width.
+    pub fn forward_tokens(&self, x: Tensor<3>) -> Tensor<2> {
+        self.forward_tokens_detailed(x, None).pooled
+    }
+
+    /// Pools the valid tokens of each set (each valid token holds mass 1/N_valid).
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[B, N, C]`
+    /// - mask: `[B, N]`, `true` = valid position
+    /// - output: `[B, C]`
+    ///
+    /// # Panics
+    ///
+    /// If the mask is not `[B, N]`, a mask row has no valid position, or C differs from the
+    /// prototypes' width.
+    pub fn forward_tokens_masked(&self, x: Tensor<3>, mask: Tensor<2, Bool>) -> Tensor<2> {
+        self.forward_tokens_detailed(x, Some(mask)).pooled
+    }
+
+    /// [`forward`](Self::forward) with the weights, attributes and iteration count.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[B, C, H, W]`
+    /// - output: pooled `[B, C]`, weights `[B, H·W]`, attributes `[B, K]`
+    pub fn forward_detailed(&self, x: Tensor<4>) -> GspOutput {
+        self.pool(PositionSet::from_maps("Gsp", x))
+    }
+
+    /// [`forward_tokens`](Self::forward_tokens) (masked if `mask` is given) with the weights,
+    /// attributes and iteration count.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[B, N, C]`; mask: `[B, N]`
+    /// - output: pooled `[B, C]`, weights `[B, N]`, attributes `[B, K]`
+    pub fn forward_tokens_detailed(
+        &self,
+        x: Tensor<3>,
+        mask: Option<Tensor<2, Bool>>,
+    ) -> GspOutput {
+        self.pool(PositionSet::from_tokens("Gsp", x, 0, mask))
+    }
+
+    /// Sets the prototypes to K of the given feature vectors chosen by greedy k-center
+    /// (farthest-point) selection in the cost's metric, as the reference does over ~1024 GAP
+    /// embeddings collected during a warm-up. Starts from the first row. The parameter keeps
+    /// its identity (an optimizer built before still trains it).
+    ///
+    /// # Shapes
+    ///
+    /// - features: `[M, C]`, M ≥ K
+    ///
+    /// # Panics
+    ///
+    /// If C differs from the prototypes' width or M < K.
+    pub fn init_prototypes_kcenter(self, features: Tensor<2>) -> Self {
+        let [count, channels] = features.dims();
+        let [prototypes, expected] = self.dims();
+        assert!(
+            channels == expected,
+            "Gsp::init_prototypes_kcenter: channel mismatch: expected C = {expected}, got {channels}"
+        );
+        assert!(
+            count >= prototypes,
+            "Gsp::init_prototypes_kcenter: need at least K = {prototypes} feature vectors, got {count}"
+        );
+        let features = features.detach();
+        let normalized = lipschitz_normalize(features.clone(), 1);
+        let distance_to = |row: usize| {
+            let center = normalized.clone().slice([row..row + 1, 0..channels]);
+            (normalized.clone() - center)
+                .square()
+                .sum_dim(1)
+                .squeeze_dim::<1>(1)
+        };
+        let mut chosen = vec![0usize];
+        let mut nearest = distance_to(0);
+        while chosen.len() < prototypes {
+            let next = nearest.clone().argmax(0).into_scalar::<i64>() as usize;
+            chosen.push(next);
+            nearest = nearest.min_pair(distance_to(next));
+        }
+        let device = features.device();
+        let indices = Tensor::<1, burn::tensor::Int>::from_data(
+            chosen
+                .iter()
+                .map(|&i| i as i64)
+                .collect::<Vec<_>>()
+                .as_slice(),
+            &device,
+        );
+        let centers = features.select(0, indices);
+        let prototypes = self.prototypes.map(|old| {
+            let centers = centers.to_device(&old.device());
+            if old.is_require_grad() {
+                centers.require_grad()
+            } else {
+                centers
+            }
+        });
+        Self { prototypes, ..self }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, TensorData, Tolerance};
+
+    fn small(device: &Device) -> Gsp {
+        GspConfig::new(8).with_num_prototypes(4).init(device)
+    }
+
+    /// On an autodiff Flex device the gradient comes from the analytical backward node, not
+    /// from the fallback's tracked Newton step.
+    #[test]
+    fn custom_backward_runs_on_autodiff_flex() {
+        use crate::transport::IMPLICIT_BACKWARD_CALLS;
+        use std::sync::atomic::Ordering;
+        let device = Device::flex().autodiff();
+        let gsp = small(&device);
+        let x =
+            Tensor::<3>::random([2, 5, 8], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let before = IMPLICIT_BACKWARD_CALLS.load(Ordering::SeqCst);
+        let grads = gsp.forward_tokens(x.clone()).sum().backward();
+        assert!(IMPLICIT_BACKWARD_CALLS.load(Ordering::SeqCst) > before);
+        assert!(crate::transport::extension_covers(&device));
+        let grad = x.grad(&grads).unwrap();
+        assert!(grad.is_finite().all().into_scalar::<bool>());
+        assert!(gsp.prototypes.val().grad(&grads).is_some());
+    }
+
+    #[test]
+    fn weights_and_attributes_are_distributions() {
+        let device = Device::flex();
+        let gsp = small(&device);
+        let x = Tensor::<4>::random([3, 8, 4, 4], Distribution::Normal(0.0, 2.0), &device);
+        let out = gsp.forward_detailed(x);
+        assert!(
+            out.iterations > 0 && out.iterations < 20,
+            "{}",
+            out.iterations
+        );
+        assert!(
+            out.weights
+                .clone()
+                .greater_equal_elem(0.0)
+                .all()
+                .into_scalar::<bool>()
+        );
+        out.weights.sum_dim(1).into_data().assert_approx_eq::<f32>(
+            &TensorData::from([[1.0f32], [1.0], [1.0]]),
+            Tolerance::default(),
+        );
+        out.attributes
+            .sum_dim(1)
+            .into_data()
+            .assert_approx_eq::<f32>(
+                &TensorData::from([[1.0f32], [1.0], [1.0]]),
+                Tolerance::default(),
+            );
+    }
+
+    /// The reference's pitfall 5: the prototypes must stay the same parameter.
+    #[test]
+    fn kcenter_picks_far_apart_rows_and_keeps_the_parameter() {
+        let device = Device::flex();
+        let gsp = GspConfig::new(2).with_num_prototypes(3).init(&device);
+        let id = gsp.prototypes.id;
+        let features = Tensor::<2>::from_floats(
+            [
+                [0.0, 0.0],
+                [0.01, 0.0],
+                [0.5, 0.0],
+                [0.0, 0.5],
+                [0.49, 0.01],
+            ],
+            &device,
+        );
+        let gsp = gsp.init_prototypes_kcenter(features);
+        assert_eq!(gsp.prototypes.id, id);
+        gsp.prototypes.val().into_data().assert_approx_eq::<f32>(
+            &TensorData::from([[0.0f32, 0.0], [0.5, 0.0], [0.0, 0.5]]),
+            Tolerance::default(),
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "Gsp: `transport_ratio` must be in (0, 1], got 1.5")]
+    fn transport_ratio_above_one_panics() {
+        GspConfig::new(4)
+            .with_transport_ratio(1.5)
+            .init(&Device::flex());
+    }
+
+    #[test]
+    #[should_panic(expected = "Gsp: `epsilon` must be a finite number > 0, got 0")]
+    fn zero_epsilon_panics() {
+        GspConfig::new(4).with_epsilon(0.0).init(&Device::flex());
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "Gsp: channel mismatch: expected C = 8 (the prototypes' width), got 6"
+    )]
+    fn channel_mismatch_panics() {
+        let device = Device::flex();
+        small(&device).forward_tokens(Tensor::<3>::ones([1, 3, 6], &device));
+    }
+
+    #[test]
+    fn display_and_config_json() {
+        let device = Device::flex();
+        let gsp = small(&device);
+        assert_eq!(gsp.num_params(), 32);
+        let shown = format!("{gsp}");
+        assert!(
+            shown.contains("num_prototypes: 4") && shown.contains("Newton"),
+            "{shown}"
+        );
+        let config = GspConfig::new(8).with_solver(TransportSolver::Sinkhorn);
+        let loaded = GspConfig::load_binary(config.to_string().as_bytes()).unwrap();
+        assert_eq!(loaded.solver, TransportSolver::Sinkhorn);
+        assert_eq!(loaded.num_prototypes, 64);
+    }
+}

@@ -1,0 +1,49 @@
+//! The pure-tensor path: exact gradients from ordinary autodiff, for any backend.
+//!
+//! β is solved on detached tensors, then **one Newton step written with tracked ops**,
+//! β = β* − f(β*)/f'(β*), makes β a differentiable function of the costs whose first
+//! derivative at the fixed point is the implicit one (detaching β without that step gives a
+//! gradient about 5 % off). The tape holds one step, not the iterations, so memory stays flat.
+//!
+//! Used when the device's backend is not covered by [`TransportOps`](super::TransportOps),
+//! and as an independent oracle for the analytical backward in tests.
+
+use burn::tensor::Tensor;
+
+use super::solver::{log_kernel_mass, plan_from_beta, sigmoid, solve_beta};
+use super::{TransportPlan, TransportSettings};
+
+/// Smallest f'(β) divided by in the tracked step (f' = 0 only when every σ saturated, where
+/// f = 0 too).
+const MIN_SLOPE: f64 = 1e-30;
+
+/// [`partial_transport`](super::partial_transport) with gradients from one tracked Newton step.
+///
+/// # Shapes
+///
+/// - costs: `[B, K, N]`
+/// - mass: `[B, N]`, rows summing to 1 (0 = padded position)
+/// - plan: `[B, K+1, N]`
+pub fn partial_transport_newton_step(
+    costs: Tensor<3>,
+    mass: Tensor<2>,
+    settings: &TransportSettings,
+) -> TransportPlan {
+    let mass = mass.detach();
+    let log_mass = log_kernel_mass(costs.clone(), settings.epsilon);
+    let (beta, iterations) = solve_beta(log_mass.clone().detach(), mass.clone(), settings);
+    let sigma = sigmoid(log_mass.clone() + beta.clone());
+    let residual = (sigma.clone() * mass.clone())
+        .sum_dim(1)
+        .sub_scalar(settings.transport_ratio);
+    let slope = (sigma.clone() * sigma.neg().add_scalar(1.0) * mass.clone())
+        .sum_dim(1)
+        .clamp_min(MIN_SLOPE);
+    let beta = beta - residual / slope;
+    let plan = plan_from_beta(costs, log_mass, beta, mass, settings.epsilon);
+    let device = plan.device();
+    TransportPlan {
+        plan,
+        iterations: super::solver::iterations_tensor(iterations, &device),
+    }
+}

@@ -1,0 +1,93 @@
+//! Entropy-smoothed partial optimal transport with a free target marginal, the engine of
+//! [`Gsp`](crate::pooling::Gsp) (gsp.md §4–6).
+//!
+//! Per sample, position j holds mass a_j (1/N, or 0 for padding); a fraction μ of the total is
+//! moved onto K prototypes at cost c `[K, N]`, with entropy weight ε:
+//!
+//! ```text
+//! minimise  Σ c P + ε Σ P (ln P − 1) + ε Σ ρ (ln ρ − 1)
+//! s.t.      ρ_j + Σ_k P_kj = a_j,   Σ P = μ,   P, ρ ≥ 0
+//! ```
+//!
+//! The layout of the module:
+//! - [`settings`](TransportSettings): μ, ε and the solver's settings;
+//! - `costs`: φ-normalised distances between features and prototypes;
+//! - `solver`: the forward solve (Newton or Sinkhorn on the scalar dual β);
+//! - `implicit_backward`: the closed-form gradient at the fixed point;
+//! - [`TransportOps`]: the backend-extension trait that carries both, with its per-backend
+//!   implementations in `backends` (the autodiff one records the analytical backward);
+//! - `fallback`: one tracked Newton step, for backends the extension does not cover.
+
+mod backends;
+mod costs;
+mod fallback;
+mod implicit_backward;
+mod ops;
+mod settings;
+mod solver;
+
+use burn::backend::{Dispatch, DispatchDevice};
+use burn::tensor::{Device, Int, Tensor};
+
+pub use costs::{lipschitz_normalize, transport_costs};
+pub use fallback::partial_transport_newton_step;
+pub use ops::TransportOps;
+pub use settings::{TransportSettings, TransportSolver};
+
+#[cfg(all(test, feature = "autodiff"))]
+pub(crate) use backends::IMPLICIT_BACKWARD_CALLS;
+
+/// A solved transport problem.
+#[derive(Debug, Clone)]
+pub struct TransportPlan {
+    /// `[B, K+1, N]`: row 0 is the residual mass ρ of each position, rows 1..=K the plan P.
+    pub plan: Tensor<3>,
+    /// `[1]`: solver iterations run (the maximum over the batch).
+    pub iterations: Tensor<1, Int>,
+}
+
+/// Solves the partial transport problem, with the analytical backward when the backend is
+/// covered by [`TransportOps`] (Flex, NdArray, wgpu and their autodiff devices, as enabled by
+/// this crate's features), else with [`partial_transport_newton_step`].
+///
+/// # Shapes
+///
+/// - costs: `[B, K, N]`
+/// - mass: `[B, N]`, each row sums to 1; 0 marks a padded position
+/// - output plan: `[B, K+1, N]`
+pub fn partial_transport(
+    costs: Tensor<3>,
+    mass: Tensor<2>,
+    settings: &TransportSettings,
+) -> TransportPlan {
+    if extension_covers(&costs.device()) {
+        let (plan, iterations) = <Dispatch as TransportOps>::partial_transport(
+            costs.into_dispatch(),
+            mass.into_dispatch(),
+            *settings,
+        );
+        TransportPlan {
+            plan: Tensor::from_dispatch(plan),
+            iterations: Tensor::from_dispatch(iterations),
+        }
+    } else {
+        partial_transport_newton_step(costs, mass, settings)
+    }
+}
+
+/// Whether [`TransportOps`] has an implementation for the device's backend in this build.
+pub fn extension_covers(device: &Device) -> bool {
+    if device.is_autodiff() && !cfg!(feature = "autodiff") {
+        return false;
+    }
+    #[allow(unreachable_patterns)]
+    match device.as_dispatch().clone().inner() {
+        #[cfg(feature = "flex")]
+        DispatchDevice::Flex(_) => true,
+        #[cfg(feature = "ndarray")]
+        DispatchDevice::NdArray(_) => true,
+        #[cfg(feature = "wgpu")]
+        DispatchDevice::Cube(_) => true,
+        _ => false,
+    }
+}

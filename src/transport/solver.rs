@@ -1,0 +1,189 @@
+//! The forward solve: costs to transport plan, on plain (untracked) tensors.
+//!
+//! Per sample, with position masses a_j (1/N, or 0 for padding) and
+//! ℓ_j = logsumexp_k(−c_kj / ε), the optimum of gsp.md §4 is closed-form up to one scalar β:
+//!
+//! ```text
+//! t_j  = a_j σ(β + ℓ_j)                 mass sent by position j
+//! P_kj = t_j · softmax_k(−c_·j / ε)_k   the plan
+//! ρ_j  = a_j σ(−β − ℓ_j)                residual mass (= a_j − t_j, without cancellation)
+//! Σ_j a_j σ(β + ℓ_j) = μ                the equation for β
+//! ```
+//!
+//! So the costs `[B, K, N]` are touched once (for ℓ and at the end for the plan), and the
+//! iterations only see `[B, N]` vectors. Everything is in the log domain: the linear kernel
+//! exp(−c/ε) underflows in f32 once 2/ε ≳ 85.
+
+use burn::tensor::{Int, Tensor};
+
+use super::settings::{TransportSettings, TransportSolver};
+
+/// β used for μ = 1, where the root is at +∞: large enough that σ(β + ℓ) = 1 in any float.
+const BETA_AT_FULL_TRANSPORT: f64 = 1e30;
+
+/// ℓ_j = logsumexp_k(−c_kj / ε): `[B, K, N]` → `[B, N]`. Tracks gradients if `costs` does.
+pub(crate) fn log_kernel_mass(costs: Tensor<3>, epsilon: f64) -> Tensor<2> {
+    let scaled = costs.div_scalar(-epsilon);
+    // The shift does not change the value, so its gradient is exactly zero: detach it.
+    let shift = scaled.clone().max_dim(1).detach();
+    ((scaled - shift.clone()).exp().sum_dim(1).log() + shift).squeeze_dim(1)
+}
+
+/// softplus(x) = ln(1 + eˣ) without overflow.
+pub(crate) fn softplus(x: Tensor<2>) -> Tensor<2> {
+    x.clone().clamp_min(0.0) + x.abs().neg().exp().log1p()
+}
+
+/// σ(x) = exp(−softplus(−x)), exact in both tails.
+pub(crate) fn sigmoid(x: Tensor<2>) -> Tensor<2> {
+    softplus(x.neg()).neg().exp()
+}
+
+/// The plan `[B, K+1, N]` (row 0 = ρ, rows 1..=K = P) for a given β `[B, 1]`.
+/// Tracks gradients through `costs`, `log_mass` and `beta` if they are tracked.
+pub(crate) fn plan_from_beta(
+    costs: Tensor<3>,
+    log_mass: Tensor<2>,
+    beta: Tensor<2>,
+    mass: Tensor<2>,
+    epsilon: f64,
+) -> Tensor<3> {
+    let logits = beta + log_mass.clone();
+    let sent = sigmoid(logits.clone()) * mass.clone();
+    let residual = sigmoid(logits.neg()) * mass;
+    // softmax_k(−c/ε) = exp(−c/ε − ℓ)
+    let softmax = (costs.div_scalar(-epsilon) - log_mass.unsqueeze_dim(1)).exp();
+    let plan = softmax * sent.unsqueeze_dim(1);
+    Tensor::cat(vec![residual.unsqueeze_dim(1), plan], 1)
+}
+
+/// Solves Σ_j a_j σ(β + ℓ_j) = μ for β `[B, 1]`; also returns the iterations run.
+///
+/// `log_mass` and `mass` must not be tracked (detach them first). Reads one scalar per
+/// iteration back from the device for the stopping test.
+pub(crate) fn solve_beta(
+    log_mass: Tensor<2>,
+    mass: Tensor<2>,
+    settings: &TransportSettings,
+) -> (Tensor<2>, usize) {
+    let [batch, _] = log_mass.dims();
+    let device = log_mass.device();
+    let mu = settings.transport_ratio;
+    if mu >= 1.0 {
+        return (Tensor::full([batch, 1], BETA_AT_FULL_TRANSPORT, &device), 0);
+    }
+    let padding = mass.clone().lower_equal_elem(0.0);
+    let logit_mu = (mu / (1.0 - mu)).ln();
+    // The root lies in [logit μ − max ℓ, logit μ − min ℓ] over the valid positions.
+    let lower = log_mass
+        .clone()
+        .mask_fill(padding.clone(), f64::NEG_INFINITY)
+        .max_dim(1)
+        .neg()
+        .add_scalar(logit_mu);
+    let upper = log_mass
+        .clone()
+        .mask_fill(padding.clone(), f64::INFINITY)
+        .min_dim(1)
+        .neg()
+        .add_scalar(logit_mu);
+    match settings.solver {
+        TransportSolver::Newton => newton(log_mass, mass, lower, upper, settings),
+        TransportSolver::Sinkhorn => sinkhorn(log_mass, mass, padding, lower, settings),
+    }
+}
+
+/// Transported mass minus μ, per sample: `[B, 1]`, and the sigmoids it used.
+fn mass_residual(
+    log_mass: &Tensor<2>,
+    mass: &Tensor<2>,
+    beta: &Tensor<2>,
+    mu: f64,
+) -> (Tensor<2>, Tensor<2>) {
+    let sigma = sigmoid(log_mass.clone() + beta.clone());
+    let residual = (sigma.clone() * mass.clone()).sum_dim(1).sub_scalar(mu);
+    (residual, sigma)
+}
+
+/// Whether every sample's mass constraint holds within the tolerance (one device read).
+fn converged(residual: &Tensor<2>, tolerance: f64) -> bool {
+    residual.clone().abs().max().into_scalar::<f64>() <= tolerance
+}
+
+/// Safeguarded Newton: f(β) = Σ a σ(β+ℓ) − μ is increasing with f' = Σ a σ(1−σ); keep the
+/// bracket and bisect whenever a Newton step would leave it.
+fn newton(
+    log_mass: Tensor<2>,
+    mass: Tensor<2>,
+    mut lower: Tensor<2>,
+    mut upper: Tensor<2>,
+    settings: &TransportSettings,
+) -> (Tensor<2>, usize) {
+    let mu = settings.transport_ratio;
+    let mut beta = (lower.clone() + upper.clone()).div_scalar(2.0);
+    for iteration in 0..settings.max_iterations {
+        let (residual, sigma) = mass_residual(&log_mass, &mass, &beta, mu);
+        if converged(&residual, settings.tolerance) {
+            return (beta, iteration);
+        }
+        let slope = (sigma.clone() * sigma.neg().add_scalar(1.0) * mass.clone()).sum_dim(1);
+        let too_high = residual.clone().greater_elem(0.0);
+        upper = upper.mask_where(too_high.clone(), beta.clone());
+        lower = beta.clone().mask_where(too_high, lower);
+        let step = beta.clone() - residual / slope;
+        let inside = step
+            .clone()
+            .greater(lower.clone())
+            .bool_and(step.clone().lower(upper.clone()));
+        let bisection = (lower.clone() + upper.clone()).div_scalar(2.0);
+        beta = bisection.mask_where(inside, step);
+    }
+    (beta, settings.max_iterations)
+}
+
+/// The reference's scaling iteration in the log domain:
+/// β ← ln μ − logsumexp_j(ln a_j + ℓ_j − softplus(β + ℓ_j)).
+fn sinkhorn(
+    log_mass: Tensor<2>,
+    mass: Tensor<2>,
+    padding: Tensor<2, burn::tensor::Bool>,
+    start: Tensor<2>,
+    settings: &TransportSettings,
+) -> (Tensor<2>, usize) {
+    let mu = settings.transport_ratio;
+    let log_weight = (mass.clone().log() + log_mass.clone()).mask_fill(padding, f64::NEG_INFINITY);
+    let mut beta = start;
+    for iteration in 0..settings.max_iterations {
+        let (residual, _) = mass_residual(&log_mass, &mass, &beta, mu);
+        if converged(&residual, settings.tolerance) {
+            return (beta, iteration);
+        }
+        let terms = log_weight.clone() - softplus(log_mass.clone() + beta);
+        let shift = terms.clone().max_dim(1);
+        let lse = (terms - shift.clone()).exp().sum_dim(1).log() + shift;
+        beta = lse.neg().add_scalar(mu.ln());
+    }
+    (beta, settings.max_iterations)
+}
+
+/// The whole forward solve on untracked tensors: plan `[B, K+1, N]` and iterations run.
+pub(crate) fn solve(
+    costs: Tensor<3>,
+    mass: Tensor<2>,
+    settings: &TransportSettings,
+) -> (Tensor<3>, usize) {
+    let log_mass = log_kernel_mass(costs.clone(), settings.epsilon);
+    let (beta, iterations) = solve_beta(log_mass.clone(), mass.clone(), settings);
+    (
+        plan_from_beta(costs, log_mass, beta, mass, settings.epsilon),
+        iterations,
+    )
+}
+
+/// The iteration count as a one-element int tensor, to cross the backend-extension boundary.
+pub(crate) fn iterations_tensor(
+    iterations: usize,
+    device: &burn::tensor::Device,
+) -> Tensor<1, Int> {
+    Tensor::from_data([iterations as i64], device)
+}

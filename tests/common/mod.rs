@@ -1,0 +1,76 @@
+//! Helpers shared by the integration tests: f64 devices, conversions between tensors and
+//! nested vectors, a deterministic generator.
+#![allow(dead_code)]
+
+use std::sync::Once;
+
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
+
+/// The Flex device with f64 floats (configured once per test process).
+pub fn flex_f64() -> Device {
+    static CONFIGURE: Once = Once::new();
+    let mut device = Device::flex();
+    CONFIGURE.call_once(|| {
+        device
+            .configure(FloatDType::F64)
+            .expect("Flex accepts f64 as its float dtype")
+    });
+    device
+}
+
+/// xorshift64*: reproducible inputs without a crate.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// Uniform in [lo, hi).
+    pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let bits = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
+        lo + (hi - lo) * (bits as f64 / (1u64 << 53) as f64)
+    }
+
+    pub fn matrix(&mut self, rows: usize, cols: usize, lo: f64, hi: f64) -> Vec<Vec<f64>> {
+        (0..rows)
+            .map(|_| (0..cols).map(|_| self.uniform(lo, hi)).collect())
+            .collect()
+    }
+}
+
+/// Exact f64 input (no round trip through f32).
+pub fn tensor<const D: usize>(values: Vec<f64>, shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// `[rows][cols]` → `[rows, cols]`.
+pub fn matrix_tensor(rows: &[Vec<f64>], device: &Device) -> Tensor<2> {
+    let shape = [rows.len(), rows[0].len()];
+    tensor(rows.concat(), shape, device)
+}
+
+/// `[B][N][C]` → `[B, N, C]`.
+pub fn batch_tensor(batch: &[Vec<Vec<f64>>], device: &Device) -> Tensor<3> {
+    let shape = [batch.len(), batch[0].len(), batch[0][0].len()];
+    let values = batch.iter().flat_map(|m| m.concat()).collect();
+    tensor(values, shape, device)
+}
+
+pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+    t.into_data().try_to_vec_as::<f64>().unwrap()
+}
+
+/// Largest |a − b| / (atol + rtol·|b|); ≤ 1 means within tolerance.
+pub fn assert_close(actual: &[f64], expected: &[f64], rtol: f64, atol: f64, what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length");
+    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+        assert!(
+            (a - e).abs() <= atol + rtol * e.abs(),
+            "{what}[{i}]: got {a}, expected {e} (rtol {rtol}, atol {atol})"
+        );
+    }
+}
