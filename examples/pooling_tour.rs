@@ -22,7 +22,7 @@ fn make_data(device: &Device) -> (Tensor<4>, Vec<usize>) {
     let batch = CLASSES * PER_CLASS;
     let clutter = Tensor::<4>::random(
         [batch, CHANNELS, SIDE, SIDE],
-        Distribution::Uniform(0.0, 2.0),
+        Distribution::Uniform(0.0, 3.0),
         device,
     );
     let labels: Vec<usize> = (0..batch).map(|i| i % CLASSES).collect();
@@ -34,10 +34,7 @@ fn make_data(device: &Device) -> (Tensor<4>, Vec<usize>) {
             .slice([label..label + 1, 0..CHANNELS])
             .reshape([1, CHANNELS, 1, 1])
             .expand([1, CHANNELS, 1, SIDE]);
-        maps = maps.slice_assign(
-            [i..i + 1, 0..CHANNELS, 0..1, 0..SIDE],
-            pattern.mul_scalar(2.0),
-        );
+        maps = maps.slice_assign([i..i + 1, 0..CHANNELS, 0..1, 0..SIDE], pattern);
     }
     (maps, labels)
 }
@@ -48,7 +45,7 @@ fn nearest_mean_accuracy(pooled: Tensor<2>, labels: &[usize]) -> f64 {
     let unit = pooled / norms;
     let rows: Vec<Vec<f32>> = unit
         .into_data()
-        .to_vec::<f32>()
+        .try_to_vec::<f32>()
         .unwrap()
         .chunks(CHANNELS)
         .map(|r| r.to_vec())
@@ -123,7 +120,7 @@ fn main() {
     // Gradients reach every learnable parameter on an autodiff device.
     let train = device.clone().autodiff();
     let gem = GemConfig::new().init(&train);
-    let maps = maps.to_device(&train).require_grad();
+    let maps = Tensor::<4>::from_data(maps.into_data(), &train).require_grad();
     let grads = gem.forward(maps.clone()).sum().backward();
     let dp: f32 = gem.p.val().grad(&grads).unwrap().into_scalar();
     println!("∂(Σ GeM)/∂p = {dp:.4}");

@@ -87,10 +87,29 @@ pub(crate) fn solve_beta(
         .min_dim(1)
         .neg()
         .add_scalar(logit_mu);
+    // Tighter bounds from σ(u) ≤ eᵘ and σ(−u) ≤ e⁻ᵘ:
+    // at β = ln μ − lse(ln a + ℓ) the mass is ≤ μ; at β = lse(ln a − ℓ) − ln(1 − μ) it is ≥ μ.
+    let log_weight = mass
+        .clone()
+        .log()
+        .mask_fill(padding.clone(), f64::NEG_INFINITY);
+    let lower = lower.max_pair(
+        logsumexp(log_weight.clone() + log_mass.clone())
+            .neg()
+            .add_scalar(mu.ln()),
+    );
+    let upper =
+        upper.min_pair(logsumexp(log_weight - log_mass.clone()).sub_scalar((1.0 - mu).ln()));
     match settings.solver {
         TransportSolver::Newton => newton(log_mass, mass, lower, upper, settings),
         TransportSolver::Sinkhorn => sinkhorn(log_mass, mass, padding, lower, settings),
     }
+}
+
+/// logsumexp over positions, `[B, N]` → `[B, 1]` (−∞ entries allowed, not all of a row).
+fn logsumexp(x: Tensor<2>) -> Tensor<2> {
+    let shift = x.clone().max_dim(1);
+    (x - shift.clone()).exp().sum_dim(1).log() + shift
 }
 
 /// Transported mass minus μ, per sample: `[B, 1]`, and the sigmoids it used.
@@ -120,7 +139,12 @@ fn newton(
     settings: &TransportSettings,
 ) -> (Tensor<2>, usize) {
     let mu = settings.transport_ratio;
-    let mut beta = (lower.clone() + upper.clone()).div_scalar(2.0);
+    // Start from the side where f is nearly linear in e^β: the lower bound for μ ≤ 1/2.
+    let mut beta = if mu <= 0.5 {
+        lower.clone()
+    } else {
+        upper.clone()
+    };
     for iteration in 0..settings.max_iterations {
         let (residual, sigma) = mass_residual(&log_mass, &mass, &beta, mu);
         if converged(&residual, settings.tolerance) {
@@ -159,9 +183,7 @@ fn sinkhorn(
             return (beta, iteration);
         }
         let terms = log_weight.clone() - softplus(log_mass.clone() + beta);
-        let shift = terms.clone().max_dim(1);
-        let lse = (terms - shift.clone()).exp().sum_dim(1).log() + shift;
-        beta = lse.neg().add_scalar(mu.ln());
+        beta = logsumexp(terms).neg().add_scalar(mu.ln());
     }
     (beta, settings.max_iterations)
 }

@@ -1,0 +1,130 @@
+//! Flex, NdArray and wgpu (lavapipe without a GPU) give the same outputs and gradients for
+//! every layer, in f32, within 1e-4 relative + 1e-5 absolute. The GSP gradients use the
+//! analytical backward on every backend here (`extension_covers` is asserted).
+#![cfg(any(feature = "ndarray", feature = "wgpu"))]
+
+mod common;
+
+use burn::module::Param;
+use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn_pooling::loss::{ZeroShotLossConfig, ZeroShotSplit};
+use burn_pooling::transport::extension_covers;
+use burn_pooling::{GemConfig, GroupGemConfig, Gsp, GspConfig};
+use common::{Rng, assert_close, values};
+
+fn devices() -> Vec<(&'static str, Device)> {
+    let mut devices = vec![("flex", Device::flex())];
+    #[cfg(feature = "ndarray")]
+    devices.push(("ndarray", Device::ndarray()));
+    #[cfg(feature = "wgpu")]
+    devices.push((
+        "wgpu",
+        Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+    ));
+    devices
+}
+
+fn floats<const D: usize>(values: &[f64], shape: [usize; D], device: &Device) -> Tensor<D> {
+    let values: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// Every output and gradient of the layers on one device, flattened and labelled.
+fn outcome(device: &Device) -> Vec<(&'static str, Vec<f64>)> {
+    let device = device.clone().autodiff();
+    let mut rng = Rng::new(11);
+    let (b, n, c, k) = (2, 6, 8, 3);
+    let x: Vec<f64> = (0..b * n * c).map(|_| rng.uniform(-0.5, 1.5)).collect();
+    let prototypes: Vec<f64> = (0..k * c).map(|_| rng.uniform(-0.5, 0.8)).collect();
+    let mut out = Vec::new();
+
+    let gem = GemConfig::new().init(&device);
+    let tokens = floats(&x, [b, n, c], &device).require_grad();
+    let y = gem.forward_tokens(tokens.clone());
+    out.push(("gem y", values(y.clone())));
+    let grads = y.sum().backward();
+    out.push(("gem dx", values(tokens.grad(&grads).unwrap())));
+    out.push(("gem dp", values(gem.p.val().grad(&grads).unwrap())));
+
+    let ggem = GroupGemConfig::new(4)
+        .with_num_prefix_tokens(1)
+        .init(&device);
+    let tokens = floats(&x, [b, n, c], &device).require_grad();
+    let mask = Tensor::<2, Bool>::from_bool(
+        TensorData::new(
+            vec![
+                true, true, true, false, true, true, true, true, true, true, true, false,
+            ],
+            [b, n],
+        ),
+        &device,
+    );
+    let y = ggem.forward_tokens_masked(tokens.clone(), mask.clone());
+    out.push(("ggem y", values(y.clone())));
+    let grads = y.sum().backward();
+    out.push(("ggem dx", values(tokens.grad(&grads).unwrap())));
+    out.push(("ggem dp", values(ggem.p.val().grad(&grads).unwrap())));
+
+    assert!(extension_covers(&device), "{device:?}");
+    let gsp = GspConfig::new(c).with_num_prototypes(k).init(&device);
+    let gsp = Gsp {
+        prototypes: Param::from_tensor(floats(&prototypes, [k, c], &device)),
+        ..gsp
+    };
+    let maps = floats(&x, [b, c, 2, 3], &device).require_grad();
+    let detailed = gsp.forward_detailed(maps.clone());
+    out.push(("gsp y", values(detailed.pooled.clone())));
+    out.push(("gsp w", values(detailed.weights.clone())));
+    let tokens = floats(&x, [b, n, c], &device).require_grad();
+    let masked = gsp.forward_tokens_detailed(tokens.clone(), Some(mask));
+    out.push(("gsp masked y", values(masked.pooled.clone())));
+
+    let zsr = ZeroShotLossConfig::new(4, 5).init(&device);
+    let zsr = burn_pooling::loss::ZeroShotLoss {
+        embeddings: Param::from_tensor(floats(
+            &(0..20).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<_>>(),
+            [4, 5],
+            &device,
+        )),
+        ..zsr
+    };
+    let labels = Tensor::<1, burn::tensor::Int>::from_data([0i64, 1, 2, 3], &device);
+    let four = Tensor::cat(
+        vec![detailed.attributes.clone(), masked.attributes.clone()],
+        0,
+    );
+    let loss = detailed.pooled.clone().sum()
+        + masked.pooled.sum()
+        + zsr.forward(four, labels, &ZeroShotSplit::Halves);
+    out.push(("loss", values(loss.clone())));
+    let grads = loss.backward();
+    out.push(("gsp dx maps", values(maps.grad(&grads).unwrap())));
+    out.push(("gsp dx tokens", values(tokens.grad(&grads).unwrap())));
+    out.push((
+        "gsp dprototypes",
+        values(gsp.prototypes.val().grad(&grads).unwrap()),
+    ));
+    out.push((
+        "zsr dembeddings",
+        values(zsr.embeddings.val().grad(&grads).unwrap()),
+    ));
+    out
+}
+
+#[test]
+fn backends_agree_on_outputs_and_gradients() {
+    let devices = devices();
+    let (_, flex) = &devices[0];
+    let expected = outcome(flex);
+    for (name, device) in &devices[1..] {
+        let actual = outcome(device);
+        for ((label, a), (_, e)) in actual.iter().zip(&expected) {
+            assert!(a.iter().all(|v| v.is_finite()), "{name} {label}: {a:?}");
+            assert_close(a, e, 1e-4, 1e-5, &format!("{name} vs flex: {label}"));
+        }
+        println!(
+            "{name}: {} outputs and gradients agree with flex",
+            actual.len()
+        );
+    }
+}
