@@ -15,6 +15,7 @@ use common::{Rng, assert_close, values};
 fn devices() -> Vec<(&'static str, Device)> {
     let mut devices = vec![("flex", Device::flex())];
     #[cfg(feature = "ndarray")]
+    #[allow(deprecated)] // NdArray is deprecated in Burn 0.22, still supported here.
     devices.push(("ndarray", Device::ndarray()));
     #[cfg(feature = "wgpu")]
     devices.push((

@@ -251,3 +251,69 @@ fn analytical_backward_matches_newton_step_fallback() {
         }
     }
 }
+
+/// ε → 0: the ≈ μN positions nearest the prototypes get weight 1/(μN), the rest 0 (the LP).
+#[test]
+fn small_epsilon_approaches_hard_selection() {
+    let device = flex_f64();
+    // Positions at well separated distances from the single prototype at the origin.
+    let n = 10;
+    let x: Vec<Vec<f64>> = (0..n)
+        .map(|j| vec![0.05 + 0.09 * ((j * 7) % n) as f64, 0.0])
+        .collect();
+    let prototypes = vec![vec![0.0, 0.0]];
+    for mu in [0.3, 0.45] {
+        let hard = reference::gsp_hard_selection_weights(&x, &prototypes, mu);
+        let mut errors = Vec::new();
+        for eps in [0.05, 0.01, 0.002] {
+            let layer = GspConfig::new(2)
+                .with_num_prototypes(1)
+                .with_transport_ratio(mu)
+                .with_epsilon(eps)
+                .with_tolerance(1e-13)
+                .init(&device);
+            let layer = Gsp {
+                prototypes: Param::from_tensor(matrix_tensor(&prototypes, &device)),
+                ..layer
+            };
+            let w = values(
+                layer
+                    .forward_tokens_detailed(batch_tensor(std::slice::from_ref(&x), &device), None)
+                    .weights,
+            );
+            errors.push(
+                w.iter()
+                    .zip(&hard)
+                    .fold(0.0f64, |m, (a, b)| m.max((a - b).abs())),
+            );
+        }
+        println!("mu {mu}: max |w - hard| at eps 0.05, 0.01, 0.002 = {errors:?}");
+        assert!(errors[0] > errors[1] && errors[1] > errors[2], "{errors:?}");
+        assert!(errors[2] < 1e-6, "{errors:?}");
+    }
+}
+
+/// μ → 0: w → softmax_j(ℓ_j), attention pooling with temperature ε.
+#[test]
+fn small_transport_ratio_approaches_attention_pooling() {
+    let device = flex_f64();
+    let mut rng = Rng::new(5);
+    let (x, prototypes) = sample(&mut rng);
+    let attention = reference::attention_weights(&x[0], &prototypes, 0.2);
+    let mut errors = Vec::new();
+    for mu in [1e-2, 1e-4, 1e-6] {
+        let gsp = layer(&prototypes, mu, 0.2, TransportSolver::Newton, &device);
+        let w = values(
+            gsp.forward_tokens_detailed(batch_tensor(&x[..1], &device), None)
+                .weights,
+        );
+        errors.push(
+            w.iter()
+                .zip(&attention)
+                .fold(0.0f64, |m, (a, b)| m.max((a - b).abs())),
+        );
+    }
+    println!("max |w - attention| at mu 1e-2, 1e-4, 1e-6 = {errors:?}");
+    assert!(errors[0] > errors[1] && errors[1] > errors[2], "{errors:?}");
+    assert!(errors[2] < 1e-6, "{errors:?}");
+}

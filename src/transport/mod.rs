@@ -18,10 +18,13 @@
 //!   implementations in `backends` (the autodiff one records the analytical backward);
 //! - `fallback`: one tracked Newton step, for backends the extension does not cover.
 
+// NdArray is deprecated in Burn 0.22 but still a supported backend of this crate.
+#[allow(deprecated)]
 mod backends;
 mod costs;
 mod fallback;
 mod implicit_backward;
+#[allow(deprecated)]
 mod ops;
 mod settings;
 mod solver;
