@@ -45,7 +45,10 @@ fn main() {
     device.seed(0);
     let mut rows = Vec::new();
 
-    for (name, (b, n, c)) in [("resnet50_7x7", (64, 49, 2048)), ("vit_b16_224", (64, 196, 768))] {
+    for (name, (b, n, c)) in [
+        ("resnet50_7x7", (64, 49, 2048)),
+        ("vit_b16_224", (64, 196, 768)),
+    ] {
         let side = (n as f64).sqrt() as usize;
         let x = Tensor::<3>::random([b, n, c], Distribution::Uniform(0.0, 1.0), &device);
         let maps = x.clone().swap_dims(1, 2).reshape([b, c, side, side]);
@@ -85,7 +88,11 @@ fn main() {
         let ggem_t = GroupGemConfig::new(groups).init(&train);
         rows.push(Row {
             op: "GGeM",
-            torch_op: if groups == 12 { "ggem_tokens(G=12)" } else { "ggem_tokens(G=16)" },
+            torch_op: if groups == 12 {
+                "ggem_tokens(G=12)"
+            } else {
+                "ggem_tokens(G=16)"
+            },
             shape: format!("[{b}, {n}, {c}]"),
             fwd: median_ms(20, 3, || sync(ggem.forward_tokens(x.clone()))),
             fwd_bwd: median_ms(20, 3, || {
@@ -125,19 +132,31 @@ fn main() {
         let text = std::fs::read_to_string(&path).expect("readable torch JSON");
         parse_torch(&text)
     });
-    println!("| op | shape | ours fwd ms | ours fwd+bwd ms | torch fwd ms | torch fwd+bwd ms | ratio fwd | ratio fwd+bwd |");
+    println!(
+        "| op | shape | ours fwd ms | ours fwd+bwd ms | torch fwd ms | torch fwd+bwd ms | ratio fwd | ratio fwd+bwd |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     let mut used = vec![false; torch.as_ref().map_or(0, |t| t.len())];
     for row in &rows {
         let reference = torch.as_ref().and_then(|t| {
-            let i = t.iter().enumerate().position(|(i, (op, _, _))| op == row.torch_op && !used[i])?;
+            let i = t
+                .iter()
+                .enumerate()
+                .position(|(i, (op, _, _))| op == row.torch_op && !used[i])?;
             used[i] = true;
             Some((t[i].1, t[i].2))
         });
         match reference {
             Some((tf, tb)) => println!(
                 "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2}× | {:.2}× |",
-                row.op, row.shape, row.fwd, row.fwd_bwd, tf, tb, row.fwd / tf, row.fwd_bwd / tb
+                row.op,
+                row.shape,
+                row.fwd,
+                row.fwd_bwd,
+                tf,
+                tb,
+                row.fwd / tf,
+                row.fwd_bwd / tb
             ),
             None => println!(
                 "| {} | {} | {:.2} | {:.2} | – | – | – | – |",

@@ -1,0 +1,119 @@
+//! Criterion benchmarks of every layer, forward and forward+backward, at the shapes of the
+//! PyTorch reference (`../shared/bench/torch_reference.py`): ResNet-50 maps `[64, 2048, 7, 7]`,
+//! ViT-B/16 tokens `[64, 196, 768]`, and GSP heads `[64, 49, 512]` (K = 64) and
+//! `[128, 49, 128]` (K = 128). Throughput is the input's bytes.
+//!
+//! `cargo bench` runs them on Flex; `cargo bench --features wgpu` adds the wgpu device.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+use burn::tensor::{Device, Distribution, Tensor};
+use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, GspConfig};
+
+fn devices() -> Vec<(&'static str, Device)> {
+    #[allow(unused_mut)]
+    let mut devices = vec![("flex", Device::flex())];
+    #[cfg(feature = "wgpu")]
+    devices.push((
+        "wgpu",
+        Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+    ));
+    devices
+}
+
+/// Waits for the result (a no-op on Flex, a sync on a GPU).
+fn sync(t: Tensor<2>) {
+    let _ = t.slice([0..1, 0..1]).into_scalar::<f32>();
+}
+
+fn bytes(shape: &[usize]) -> Throughput {
+    Throughput::Bytes(4 * shape.iter().product::<usize>() as u64)
+}
+
+fn maps_and_tokens(c: &mut Criterion) {
+    for (name, device) in devices() {
+        let train = device.clone().autodiff();
+        let (b, ch, side) = (64, 2048, 7);
+        let maps = Tensor::<4>::random(
+            [b, ch, side, side],
+            Distribution::Uniform(0.0, 1.0),
+            &device,
+        );
+        let maps_t = Tensor::<4>::from_data(maps.to_data(), &train);
+        let mut group = c.benchmark_group(format!("maps [64, 2048, 7, 7] {name}"));
+        group.throughput(bytes(&[b, ch, side, side]));
+        group.sample_size(20);
+        let gap = GapConfig::new().init();
+        group.bench_function("GAP forward", |bench| {
+            bench.iter(|| sync(gap.forward(maps.clone())))
+        });
+        let gem = GemConfig::new().init(&device);
+        group.bench_function("GeM forward", |bench| {
+            bench.iter(|| sync(gem.forward(maps.clone())))
+        });
+        let gem_t = GemConfig::new().init(&train);
+        group.bench_function("GeM forward+backward", |bench| {
+            bench.iter(|| {
+                gem_t
+                    .forward(maps_t.clone().require_grad())
+                    .sum()
+                    .backward()
+            })
+        });
+        group.finish();
+
+        let (b, n, ch) = (64, 196, 768);
+        let tokens = Tensor::<3>::random([b, n, ch], Distribution::Uniform(0.0, 1.0), &device);
+        let tokens_t = Tensor::<3>::from_data(tokens.to_data(), &train);
+        let mut group = c.benchmark_group(format!("tokens [64, 196, 768] {name}"));
+        group.throughput(bytes(&[b, n, ch]));
+        group.sample_size(10);
+        let ggem = GroupGemConfig::new(12).init(&device);
+        group.bench_function("GGeM(12) forward", |bench| {
+            bench.iter(|| sync(ggem.forward_tokens(tokens.clone())))
+        });
+        let ggem_t = GroupGemConfig::new(12).init(&train);
+        group.bench_function("GGeM(12) forward+backward", |bench| {
+            bench.iter(|| {
+                ggem_t
+                    .forward_tokens(tokens_t.clone().require_grad())
+                    .sum()
+                    .backward()
+            })
+        });
+        group.finish();
+    }
+}
+
+fn gsp(c: &mut Criterion) {
+    for (name, device) in devices() {
+        let train = device.clone().autodiff();
+        let mut group = c.benchmark_group(format!("GSP {name}"));
+        group.sample_size(10);
+        for (b, n, d, k) in [(64, 49, 512, 64), (128, 49, 128, 128)] {
+            let x = Tensor::<3>::random([b, n, d], Distribution::Normal(0.0, 0.1), &device);
+            let x_t = Tensor::<3>::from_data(x.to_data(), &train);
+            let label = format!("[{b}, {n}, {d}] K={k}");
+            group.throughput(bytes(&[b, n, d]));
+            let layer = GspConfig::new(d).with_num_prototypes(k).init(&device);
+            group.bench_with_input(BenchmarkId::new("forward", &label), &x, |bench, x| {
+                bench.iter(|| sync(layer.forward_tokens(x.clone())))
+            });
+            let layer_t = GspConfig::new(d).with_num_prototypes(k).init(&train);
+            group.bench_with_input(
+                BenchmarkId::new("forward+backward", &label),
+                &x_t,
+                |bench, x| {
+                    bench.iter(|| {
+                        let out = layer_t.forward_tokens_detailed(x.clone().require_grad(), None);
+                        (out.pooled.sum() + out.attributes.sum()).backward()
+                    })
+                },
+            );
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, maps_and_tokens, gsp);
+criterion_main!(benches);
