@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod loss;
+pub mod ops;
 pub mod pooling;
 pub mod transport;
 

@@ -86,8 +86,9 @@ impl ModuleDisplay for Gem {
 
 impl Gem {
     fn pool(&self, set: PositionSet) -> Tensor<2> {
-        let p = self.p.val().reshape([1, 1, 1]);
-        generalized_mean(set, p, self.eps)
+        let (_, _, channels) = set.dims();
+        let powers = self.p.val().expand([channels]);
+        generalized_mean(set, powers, self.eps)
     }
 
     /// Pools a batch of feature maps.

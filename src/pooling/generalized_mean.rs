@@ -11,36 +11,220 @@
 //! ```
 //!
 //! Every exponent is ≤ 0 and the sum is ≥ 1 (the maximum contributes exp(0)), so the result and
-//! its gradients stay finite for any p > 0. `y` does not depend on `m`, so `m` is detached: its
-//! derivative is exactly zero and this keeps the max out of the autodiff graph.
+//! its gradients stay finite for any p > 0. The gradients in closed form:
+//!
+//! ```text
+//! ∂y/∂x_n = (1/N) (x_n / y)^(p−1)                  where x_n > ε, else 0
+//! ∂y/∂p   = (y/p) (Σ_n w_n l_n / Σ_n w_n − ln y),  w_n = exp(p (l_n − m))
+//! ```
+//!
+//! with (x_n / y)^(p−1) ≤ N, so they are finite too.
 
+use burn::backend::Dispatch;
 use burn::tensor::Tensor;
 
 use super::positions::PositionSet;
+use crate::ops::{PoolingOps, extension_covers};
 
-/// Generalized mean over the positions of `set`.
-///
-/// `p` broadcasts against `set.features` (`[1, 1, 1]` for one p, or one p per channel laid out
-/// along the channel axis). Returns `[B, C]`.
-pub(crate) fn generalized_mean(set: PositionSet, p: Tensor<3>, eps: f64) -> Tensor<2> {
-    let axis = set.axis;
-    let float_mask = set.float_mask();
-    let counts = set.valid_counts();
-    let mut log_x = set.features.clamp_min(eps).log();
-    if let Some(mask) = &set.mask {
+/// Generalized mean over the positions of `set` with one power per channel (`powers: [C]`):
+/// `[B, C]`. Runs the backend's kernel (with its analytical backward) when the crate's
+/// extension covers the device, else the composite form under ordinary autodiff.
+pub(crate) fn generalized_mean(set: PositionSet, powers: Tensor<1>, eps: f64) -> Tensor<2> {
+    let float_mask = set.mask.map(|mask| mask.float());
+    if extension_covers(&set.features.device()) {
+        let (batch, positions, _) = {
+            let dims = set.features.dims();
+            (dims[0], dims[set.axis], dims[3 - set.axis])
+        };
+        let mask =
+            float_mask.unwrap_or_else(|| Tensor::ones([batch, positions], &set.features.device()));
+        Tensor::from_dispatch(<Dispatch as PoolingOps>::generalized_mean(
+            set.features.into_dispatch(),
+            powers.into_dispatch(),
+            mask.into_dispatch(),
+            eps,
+            set.axis == 1,
+        ))
+    } else {
+        composite_forward(set.features, powers, float_mask, eps, set.axis)
+    }
+}
+
+/// `[C]` powers shaped to broadcast against features whose positions are on `axis`.
+fn broadcast_powers(powers: Tensor<1>, axis: usize) -> Tensor<3> {
+    let [channels] = powers.dims();
+    if axis == 1 {
+        powers.reshape([1, 1, channels])
+    } else {
+        powers.reshape([1, channels, 1])
+    }
+}
+
+/// The stable form with tensor ops (differentiable by autodiff). `x` is `[B, C, N]`
+/// (`axis == 2`) or `[B, N, C]` (`axis == 1`); `mask` `[B, N]` holds 1 for valid positions.
+pub(crate) fn composite_forward(
+    x: Tensor<3>,
+    powers: Tensor<1>,
+    mask: Option<Tensor<2>>,
+    eps: f64,
+    axis: usize,
+) -> Tensor<2> {
+    let p = broadcast_powers(powers, axis);
+    let mask = mask.map(|mask| mask.unsqueeze_dim::<3>(3 - axis));
+    let mut log_x = x.clamp_min(eps).log();
+    if let Some(mask) = &mask {
         // Padding must not raise the maximum: give it the smallest value a valid position can
         // have. Its weight is zeroed below.
-        let padding = mask.clone().bool_not().unsqueeze_dim(3 - axis);
-        log_x = log_x.mask_fill(padding, eps.ln());
+        log_x = log_x.mask_fill(mask.clone().lower_elem(0.5), eps.ln());
     }
+    // y does not depend on the shift, so its derivative is exactly zero: detach it.
     let log_max = log_x.clone().max_dim(axis).detach();
     let mut scaled = (log_x - log_max.clone()).mul(p.clone()).exp();
-    if let Some(mask) = float_mask {
-        scaled = scaled * mask;
-    }
-    let mean = match counts {
-        Some(counts) => scaled.sum_dim(axis).div(counts),
+    let mean = match mask {
+        Some(mask) => {
+            scaled = scaled * mask.clone();
+            scaled.sum_dim(axis).div(mask.sum_dim(axis))
+        }
         None => scaled.mean_dim(axis),
     };
     (mean.log().div(p) + log_max).exp().squeeze_dim(axis)
+}
+
+/// The closed-form gradients (∂L/∂x, ∂L/∂powers) with tensor ops (the portable backward of the
+/// backends without a fused kernel), given the output `y` and
+/// ∂L/∂y (`[B, C]`), for the same arguments as [`composite_forward`].
+#[cfg_attr(
+    not(any(feature = "ndarray", feature = "wgpu", test)),
+    allow(dead_code)
+)]
+pub(crate) fn composite_backward(
+    x: Tensor<3>,
+    powers: Tensor<1>,
+    mask: Tensor<2>,
+    output: Tensor<2>,
+    grad: Tensor<2>,
+    eps: f64,
+    axis: usize,
+) -> (Tensor<3>, Tensor<1>) {
+    let channel_axis = 3 - axis;
+    let p = broadcast_powers(powers.clone(), axis);
+    let mask = mask.unsqueeze_dim::<3>(channel_axis);
+    let count = mask.clone().sum_dim(axis);
+    let log_y = output.clone().log().unsqueeze_dim::<3>(axis);
+    let grad = grad.unsqueeze_dim::<3>(axis);
+    let active = x.clone().greater_elem(eps).float() * mask.clone();
+    let log_x = x.clamp_min(eps).log();
+    let dx = (log_x.clone() - log_y.clone())
+        .mul(p.clone().sub_scalar(1.0))
+        .exp()
+        * active
+        * grad.clone()
+        / count;
+    let masked_log_x = log_x
+        .clone()
+        .mask_fill(mask.clone().lower_elem(0.5), eps.ln());
+    let log_max = masked_log_x.max_dim(axis);
+    let weights = (log_x.clone() - log_max).mul(p.clone()).exp() * mask;
+    let mean_log = (weights.clone() * log_x).sum_dim(axis) / weights.sum_dim(axis);
+    let y = output.unsqueeze_dim::<3>(axis);
+    let dp = (grad * y / p * (mean_log - log_y)).sum_dim(0); // [1, C, 1] or [1, 1, C]
+    let [channels] = powers.dims();
+    (dx, dp.reshape([channels]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Bool, Device, Distribution, TensorData, Tolerance};
+
+    /// The fused Flex kernel and its analytical backward against the composite form under
+    /// autodiff and against the composite closed-form backward, both layouts, with a mask,
+    /// a clamped channel and powers from 1 to 200 (in f32, ∂y/∂x at p = 200 carries p times
+    /// the rounding of ln, hence 1e-4).
+    #[test]
+    fn fused_kernel_matches_composite_paths() {
+        let device = Device::flex().autodiff();
+        device.seed(1);
+        let (b, n, c) = (3, 7, 5);
+        for axis in [1usize, 2] {
+            let shape = if axis == 1 { [b, n, c] } else { [b, c, n] };
+            let x = Tensor::<3>::random(shape, Distribution::Uniform(-0.5, 3.0), &device);
+            // Channel 0 entirely below the clamp.
+            let x = x.slice_fill([0..b, 0..1, 0..1], -1.0);
+            let powers = Tensor::<1>::from_floats([1.0, 2.5, 3.0, 40.0, 200.0], &device);
+            let keep: Vec<bool> = (0..b * n).map(|i| i % 4 != 3).collect();
+            let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep, [b, n]), &device);
+            let set = PositionSet {
+                features: x.clone().require_grad(),
+                axis,
+                mask: Some(mask.clone()),
+            };
+            let p = powers.clone().require_grad();
+            let fused = generalized_mean(set.clone(), p.clone(), 1e-6);
+            let weights = Tensor::<2>::random([b, c], Distribution::Uniform(-1.0, 1.0), &device);
+            let grads = (fused.clone() * weights.clone()).sum().backward();
+            let (fused_dx, fused_dp) =
+                (set.features.grad(&grads).unwrap(), p.grad(&grads).unwrap());
+
+            let xc = x.clone().require_grad();
+            let pc = powers.clone().require_grad();
+            let composite = composite_forward(
+                xc.clone(),
+                pc.clone(),
+                Some(mask.clone().float()),
+                1e-6,
+                axis,
+            );
+            let grads = (composite.clone() * weights.clone()).sum().backward();
+            let tolerance = Tolerance::rel_abs(1e-4, 1e-6);
+            fused
+                .clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&composite.into_data(), tolerance);
+            let composite_dx = xc.grad(&grads).unwrap();
+            fused_dx
+                .clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&composite_dx.into_data(), tolerance);
+            fused_dp.clone().into_data().assert_approx_eq::<f32>(
+                &pc.grad(&grads).unwrap().into_data(),
+                Tolerance::rel_abs(1e-4, 1e-5),
+            );
+
+            let (closed_dx, closed_dp) = composite_backward(
+                x.inner(),
+                powers.inner(),
+                mask.float().inner(),
+                fused.inner(),
+                weights.inner(),
+                1e-6,
+                axis,
+            );
+            closed_dx
+                .into_data()
+                .assert_approx_eq::<f32>(&fused_dx.into_data(), tolerance);
+            closed_dp
+                .into_data()
+                .assert_approx_eq::<f32>(&fused_dp.into_data(), Tolerance::rel_abs(1e-4, 1e-5));
+        }
+    }
+
+    #[test]
+    fn generalized_mean_backward_runs_the_analytical_node() {
+        use crate::ops::BACKWARD_CALLS;
+        use std::sync::atomic::Ordering;
+        let device = Device::flex().autodiff();
+        let x = Tensor::<3>::ones([2, 3, 4], &device).require_grad();
+        let set = PositionSet {
+            features: x.clone(),
+            axis: 2,
+            mask: None,
+        };
+        let before = BACKWARD_CALLS::GENERALIZED_MEAN.load(Ordering::SeqCst);
+        let grads = generalized_mean(set, Tensor::ones([3], &device), 1e-6)
+            .sum()
+            .backward();
+        assert!(BACKWARD_CALLS::GENERALIZED_MEAN.load(Ordering::SeqCst) > before);
+        assert!(x.grad(&grads).is_some());
+    }
 }

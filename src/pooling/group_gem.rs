@@ -140,13 +140,8 @@ impl GroupGem {
 
     fn pool(&self, set: PositionSet) -> Tensor<2> {
         let (_, _, channels) = set.dims();
-        let p = self.channel_powers(channels);
-        let p = if set.axis == 1 {
-            p.reshape([1, 1, channels])
-        } else {
-            p.reshape([1, channels, 1])
-        };
-        generalized_mean(set, p, self.eps)
+        let powers = self.channel_powers(channels);
+        generalized_mean(set, powers, self.eps)
     }
 
     /// Pools a batch of feature maps (no prefix tokens here).

@@ -381,15 +381,15 @@ mod tests {
     /// from the fallback's tracked Newton step.
     #[test]
     fn custom_backward_runs_on_autodiff_flex() {
-        use crate::transport::IMPLICIT_BACKWARD_CALLS;
+        use crate::ops::BACKWARD_CALLS;
         use std::sync::atomic::Ordering;
         let device = Device::flex().autodiff();
         let gsp = small(&device);
         let x =
             Tensor::<3>::random([2, 5, 8], Distribution::Normal(0.0, 1.0), &device).require_grad();
-        let before = IMPLICIT_BACKWARD_CALLS.load(Ordering::SeqCst);
+        let before = BACKWARD_CALLS::TRANSPORT.load(Ordering::SeqCst);
         let grads = gsp.forward_tokens(x.clone()).sum().backward();
-        assert!(IMPLICIT_BACKWARD_CALLS.load(Ordering::SeqCst) > before);
+        assert!(BACKWARD_CALLS::TRANSPORT.load(Ordering::SeqCst) > before);
         assert!(crate::transport::extension_covers(&device));
         let grad = x.grad(&grads).unwrap();
         assert!(grad.is_finite().all().into_scalar::<bool>());

@@ -9,7 +9,7 @@
 
 mod gap;
 mod gem;
-mod generalized_mean;
+pub(crate) mod generalized_mean;
 mod group_gem;
 mod gsp;
 mod positions;

@@ -5,7 +5,7 @@
 //! derivative at the fixed point is the implicit one (detaching β without that step gives a
 //! gradient about 5 % off). The tape holds one step, not the iterations, so memory stays flat.
 //!
-//! Used when the device's backend is not covered by [`TransportOps`](super::TransportOps),
+//! Used when the device's backend is not covered by [`PoolingOps`](crate::ops::PoolingOps),
 //! and as an independent oracle for the analytical backward in tests.
 
 use burn::tensor::Tensor;

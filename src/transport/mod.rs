@@ -14,31 +14,25 @@
 //! - `costs`: φ-normalised distances between features and prototypes;
 //! - `solver`: the forward solve (Newton or Sinkhorn on the scalar dual β);
 //! - `implicit_backward`: the closed-form gradient at the fixed point;
-//! - [`TransportOps`]: the backend-extension trait that carries both, with its per-backend
-//!   implementations in `backends` (the autodiff one records the analytical backward);
+//! - [`PoolingOps`](crate::ops::PoolingOps), the crate's backend-extension trait, carries
+//!   both (its autodiff implementation records the analytical backward);
 //! - `fallback`: one tracked Newton step, for backends the extension does not cover.
 
-// NdArray is deprecated in Burn 0.22 but still a supported backend of this crate.
-#[allow(deprecated)]
-mod backends;
 mod costs;
 mod fallback;
-mod implicit_backward;
-#[allow(deprecated)]
-mod ops;
+pub(crate) mod implicit_backward;
 mod settings;
-mod solver;
+pub(crate) mod solver;
 
-use burn::backend::{Dispatch, DispatchDevice};
-use burn::tensor::{Device, Int, Tensor};
+use burn::backend::Dispatch;
+use burn::tensor::{Int, Tensor};
 
 pub use costs::{lipschitz_normalize, transport_costs};
 pub use fallback::partial_transport_newton_step;
-pub use ops::TransportOps;
 pub use settings::{TransportSettings, TransportSolver};
 
-#[cfg(all(test, feature = "autodiff"))]
-pub(crate) use backends::IMPLICIT_BACKWARD_CALLS;
+use crate::ops::PoolingOps;
+pub use crate::ops::extension_covers;
 
 /// A solved transport problem.
 #[derive(Debug, Clone)]
@@ -50,7 +44,7 @@ pub struct TransportPlan {
 }
 
 /// Solves the partial transport problem, with the analytical backward when the backend is
-/// covered by [`TransportOps`] (Flex, NdArray, wgpu and their autodiff devices, as enabled by
+/// covered by [`PoolingOps`](crate::ops::PoolingOps) (Flex, NdArray, wgpu and their autodiff devices, as enabled by
 /// this crate's features), else with [`partial_transport_newton_step`].
 ///
 /// # Shapes
@@ -64,7 +58,7 @@ pub fn partial_transport(
     settings: &TransportSettings,
 ) -> TransportPlan {
     if extension_covers(&costs.device()) {
-        let (plan, iterations) = <Dispatch as TransportOps>::partial_transport(
+        let (plan, iterations) = <Dispatch as PoolingOps>::partial_transport(
             costs.into_dispatch(),
             mass.into_dispatch(),
             *settings,
@@ -75,22 +69,5 @@ pub fn partial_transport(
         }
     } else {
         partial_transport_newton_step(costs, mass, settings)
-    }
-}
-
-/// Whether [`TransportOps`] has an implementation for the device's backend in this build.
-pub fn extension_covers(device: &Device) -> bool {
-    if device.is_autodiff() && !cfg!(feature = "autodiff") {
-        return false;
-    }
-    #[allow(unreachable_patterns)]
-    match device.as_dispatch().clone().inner() {
-        #[cfg(feature = "flex")]
-        DispatchDevice::Flex(_) => true,
-        #[cfg(feature = "ndarray")]
-        DispatchDevice::NdArray(_) => true,
-        #[cfg(feature = "wgpu")]
-        DispatchDevice::Cube(_) => true,
-        _ => false,
     }
 }

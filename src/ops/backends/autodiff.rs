@@ -1,0 +1,183 @@
+//! [`PoolingOps`] for `Autodiff<B, C>`: each forward runs on the inner backend with no tape,
+//! and one node with the closed-form backward is recorded. The transport node saves the plan
+//! and the masses, whatever the number of solver iterations.
+
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{AutodiffBackend, Backend};
+
+use crate::ops::PoolingOps;
+use crate::transport::TransportSettings;
+
+/// How often each analytical backward ran (tests check that it, not a fallback, was used).
+#[cfg(test)]
+pub(crate) mod counters {
+    use std::sync::atomic::AtomicUsize;
+    pub static TRANSPORT: AtomicUsize = AtomicUsize::new(0);
+    pub static GENERALIZED_MEAN: AtomicUsize = AtomicUsize::new(0);
+}
+#[cfg(test)]
+pub(crate) use counters as BACKWARD_CALLS;
+
+#[cfg(test)]
+fn count(counter: &std::sync::atomic::AtomicUsize) {
+    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The autodiff node of one transport solve.
+#[derive(Debug)]
+struct TransportBackward;
+
+impl<B: Backend + PoolingOps> Backward<B, 1> for TransportBackward {
+    /// Plan `[B, K+1, N]`, masses `[B, N]`, μ, ε.
+    type State = (FloatTensor<B>, FloatTensor<B>, f64, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        #[cfg(test)]
+        count(&counters::TRANSPORT);
+        let (plan, mass, transport_ratio, epsilon) = ops.state;
+        let [costs] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(costs) = costs {
+            let cost_grad =
+                B::partial_transport_backward(plan, grad, mass, transport_ratio, epsilon);
+            grads.register::<B>(costs.id, cost_grad);
+        }
+    }
+}
+
+/// The autodiff node of one generalized mean.
+#[derive(Debug)]
+struct GeneralizedMeanBackward;
+
+impl<B: Backend + PoolingOps> Backward<B, 2> for GeneralizedMeanBackward {
+    /// x, powers, mask, output, ε, channels_last.
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        f64,
+        bool,
+    );
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        #[cfg(test)]
+        count(&counters::GENERALIZED_MEAN);
+        let (x, powers, mask, output, eps, channels_last) = ops.state;
+        let [x_node, powers_node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (dx, dp) =
+            B::generalized_mean_backward(x, powers, mask, output, grad, eps, channels_last);
+        if let Some(node) = x_node {
+            grads.register::<B>(node.id, dx);
+        }
+        if let Some(node) = powers_node {
+            grads.register::<B>(node.id, dp);
+        }
+    }
+}
+
+impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, C> {
+    fn partial_transport(
+        costs: FloatTensor<Self>,
+        mass: FloatTensor<Self>,
+        settings: TransportSettings,
+    ) -> (FloatTensor<Self>, IntTensor<Self>) {
+        let costs_node = costs.node();
+        let mass = mass.into_primitive();
+        let (plan, iterations) =
+            B::partial_transport(costs.into_primitive(), mass.clone(), settings);
+        let plan = match TransportBackward
+            .prepare::<C>([costs_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                (
+                    plan.clone(),
+                    mass,
+                    settings.transport_ratio,
+                    settings.epsilon,
+                ),
+                plan,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(plan),
+        };
+        (plan, iterations)
+    }
+
+    /// First-order only: the backward is computed on the inner backend and not recorded.
+    fn partial_transport_backward(
+        plan: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mass: FloatTensor<Self>,
+        transport_ratio: f64,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::partial_transport_backward(
+            plan.into_primitive(),
+            grad.into_primitive(),
+            mass.into_primitive(),
+            transport_ratio,
+            epsilon,
+        ))
+    }
+
+    fn generalized_mean(
+        x: FloatTensor<Self>,
+        powers: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        eps: f64,
+        channels_last: bool,
+    ) -> FloatTensor<Self> {
+        let parents = [x.node(), powers.node()];
+        let (x, powers, mask) = (
+            x.into_primitive(),
+            powers.into_primitive(),
+            mask.into_primitive(),
+        );
+        let output =
+            B::generalized_mean(x.clone(), powers.clone(), mask.clone(), eps, channels_last);
+        match GeneralizedMeanBackward
+            .prepare::<C>(parents)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                (x, powers, mask, output.clone(), eps, channels_last),
+                output,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
+    }
+
+    /// First-order only: the backward is computed on the inner backend and not recorded.
+    fn generalized_mean_backward(
+        x: FloatTensor<Self>,
+        powers: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+        channels_last: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dp) = B::generalized_mean_backward(
+            x.into_primitive(),
+            powers.into_primitive(),
+            mask.into_primitive(),
+            output.into_primitive(),
+            grad.into_primitive(),
+            eps,
+            channels_last,
+        );
+        (
+            <Self as AutodiffBackend>::from_inner(dx),
+            <Self as AutodiffBackend>::from_inner(dp),
+        )
+    }
+}

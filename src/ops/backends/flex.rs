@@ -1,0 +1,414 @@
+//! Fused CPU kernels of [`PoolingOps`] for Flex: the generalized mean and its analytical
+//! backward in two passes over the input each, threads over the batch, branch-free inner loops
+//! that the compiler vectorises, and f32 `ln`/`exp` as short polynomials (≈1e-7 relative error;
+//! f64 uses the standard library's).
+//!
+//! The transport ops use the portable bodies.
+
+use burn::backend::Flex;
+use burn::backend::TensorMetadata;
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::tensor::{DType, Element, TensorData};
+use rayon::prelude::*;
+
+use crate::ops::{PoolingOps, portable};
+use crate::transport::TransportSettings;
+
+impl PoolingOps for Flex {
+    fn partial_transport(
+        costs: FloatTensor<Self>,
+        mass: FloatTensor<Self>,
+        settings: TransportSettings,
+    ) -> (FloatTensor<Self>, IntTensor<Self>) {
+        portable::partial_transport::<Self>(costs, mass, settings)
+    }
+
+    fn partial_transport_backward(
+        plan: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mass: FloatTensor<Self>,
+        transport_ratio: f64,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        portable::partial_transport_backward::<Self>(plan, grad, mass, transport_ratio, epsilon)
+    }
+
+    fn generalized_mean(
+        x: FloatTensor<Self>,
+        powers: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        eps: f64,
+        channels_last: bool,
+    ) -> FloatTensor<Self> {
+        let shape = Shape3::of(&x, channels_last);
+        let (x, powers, mask) = (
+            x.to_contiguous(),
+            powers.to_contiguous(),
+            mask.to_contiguous(),
+        );
+        macro_rules! run {
+            ($t:ty) => {
+                tensor(
+                    forward::<$t>(view(&x), view(&powers), view(&mask), eps, shape),
+                    [shape.batch, shape.channels],
+                )
+            };
+        }
+        match x.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            dtype => panic!("generalized mean: unsupported float dtype {dtype:?}"),
+        }
+    }
+
+    fn generalized_mean_backward(
+        x: FloatTensor<Self>,
+        powers: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+        channels_last: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let shape = Shape3::of(&x, channels_last);
+        let dims = x.shape().clone();
+        let [x, powers, mask, output, grad] =
+            [x, powers, mask, output, grad].map(|t| t.to_contiguous());
+        macro_rules! run {
+            ($t:ty) => {{
+                let (dx, dp) = backward::<$t>(
+                    view(&x),
+                    view(&powers),
+                    view(&mask),
+                    view(&output),
+                    view(&grad),
+                    eps,
+                    shape,
+                );
+                (tensor(dx, dims.clone()), tensor(dp, [shape.channels]))
+            }};
+        }
+        match x.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            dtype => panic!("generalized mean: unsupported float dtype {dtype:?}"),
+        }
+    }
+}
+
+/// The elements of a contiguous Flex tensor.
+fn view<T: Element + bytemuck::Pod>(tensor: &FlexTensor) -> &[T] {
+    tensor
+        .as_slice::<T>()
+        .expect("a contiguous tensor of the kernel's dtype")
+}
+
+fn tensor<T: Element, S: Into<burn::tensor::Shape>>(values: Vec<T>, shape: S) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+/// `[B, C, N]` (channels first, one contiguous row per channel) or `[B, N, C]`.
+#[derive(Clone, Copy, Debug)]
+struct Shape3 {
+    batch: usize,
+    positions: usize,
+    channels: usize,
+    channels_last: bool,
+}
+
+impl Shape3 {
+    fn of(x: &FlexTensor, channels_last: bool) -> Self {
+        let dims = x.shape();
+        let (positions, channels) = if channels_last {
+            (dims[1], dims[2])
+        } else {
+            (dims[2], dims[1])
+        };
+        Self {
+            batch: dims[0],
+            positions,
+            channels,
+            channels_last,
+        }
+    }
+}
+
+/// The float operations the kernels need.
+trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Default
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::AddAssign
+{
+    fn from_f64(value: f64) -> Self;
+    /// ln x for normal x > 0.
+    fn ln(self) -> Self;
+    /// eˣ, saturating outside the finite range.
+    fn exp(self) -> Self;
+    fn max(self, other: Self) -> Self;
+    /// The smallest positive normal value (the floor of the clamp, so `ln` stays exact).
+    const MIN_POSITIVE: Self;
+}
+
+impl Real for f64 {
+    fn from_f64(value: f64) -> Self {
+        value
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn max(self, other: Self) -> Self {
+        if self > other { self } else { other }
+    }
+    const MIN_POSITIVE: Self = f64::MIN_POSITIVE;
+}
+
+impl Real for f32 {
+    fn from_f64(value: f64) -> Self {
+        value as f32
+    }
+
+    /// x = m·2ᵉ with m in [√½, √2); ln m = 2 atanh(t), t = (m−1)/(m+1), |t| ≤ 0.172.
+    #[inline(always)]
+    fn ln(self) -> Self {
+        let bits = self.to_bits();
+        let exponent = ((bits >> 23) & 0xff) as i32 - 127;
+        let mantissa = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000);
+        let high = mantissa > std::f32::consts::SQRT_2;
+        let m = if high { mantissa * 0.5 } else { mantissa };
+        let e = (exponent + high as i32) as f32;
+        let t = (m - 1.0) / (m + 1.0);
+        let t2 = t * t;
+        let series =
+            2.0 + t2 * (2.0 / 3.0 + t2 * (2.0 / 5.0 + t2 * (2.0 / 7.0 + t2 * (2.0 / 9.0))));
+        e * std::f32::consts::LN_2 + t * series
+    }
+
+    /// eʸ = 2ᵏ·eʳ with k = round(y / ln 2), |r| ≤ ln2/2, eʳ by its degree-7 Taylor polynomial.
+    #[inline(always)]
+    fn exp(self) -> Self {
+        const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
+        const LN_2_HIGH: f32 = 0.693_145_75;
+        const LN_2_LOW: f32 = 1.428_606_8e-6;
+        let y = self.clamp(-87.0, 88.0);
+        let k = (y * std::f32::consts::LOG2_E + ROUND) - ROUND;
+        let r = (y - k * LN_2_HIGH) - k * LN_2_LOW;
+        let poly = 1.0
+            + r * (1.0
+                + r * (0.5
+                    + r * (1.0 / 6.0
+                        + r * (1.0 / 24.0
+                            + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+        poly * f32::from_bits(((k as i32 + 127) as u32) << 23)
+    }
+
+    fn max(self, other: Self) -> Self {
+        if self > other { self } else { other }
+    }
+    const MIN_POSITIVE: Self = f32::MIN_POSITIVE;
+}
+
+/// Lanes of the independent accumulators that let the sums vectorise.
+const LANES: usize = 8;
+
+/// Σ f(i) over `0..len`, in `LANES` interleaved partial sums.
+#[inline(always)]
+fn lane_sum<T: Real>(len: usize, mut f: impl FnMut(usize) -> T) -> T {
+    let mut acc = [T::default(); LANES];
+    let full = len / LANES * LANES;
+    for base in (0..full).step_by(LANES) {
+        for (lane, slot) in acc.iter_mut().enumerate() {
+            *slot += f(base + lane);
+        }
+    }
+    let mut total = T::default();
+    for i in full..len {
+        total += f(i);
+    }
+    acc.iter().fold(total, |s, &v| s + v)
+}
+
+/// Per-sample, per-channel statistics of one pass: the log of the largest valid value and the
+/// scaled power sum Σ m·exp(p·(ln x − ln max)).
+struct Moments<T> {
+    log_max: Vec<T>,
+    sum: Vec<T>,
+    /// Σ m·exp(p·(ln x − ln max))·ln x, for ∂y/∂p (backward only).
+    weighted_log: Vec<T>,
+}
+
+fn forward<T: Real>(x: &[T], powers: &[T], mask: &[T], eps: f64, shape: Shape3) -> Vec<T> {
+    let floor = T::from_f64(eps).max(T::MIN_POSITIVE);
+    let (n, c) = (shape.positions, shape.channels);
+    let mut out = vec![T::default(); shape.batch * c];
+    out.par_chunks_mut(c).enumerate().for_each(|(b, out)| {
+        let x = &x[b * n * c..(b + 1) * n * c];
+        let mask = &mask[b * n..(b + 1) * n];
+        let count = lane_sum(n, |i| mask[i]);
+        let moments = moments(x, powers, mask, floor, shape, false);
+        for ch in 0..c {
+            let mean = moments.sum[ch] / count;
+            out[ch] = (moments.log_max[ch] + mean.ln() / powers[ch]).exp();
+        }
+    });
+    out
+}
+
+/// Max pass then power-sum pass over one sample `x` (`[C, N]` or `[N, C]`).
+fn moments<T: Real>(
+    x: &[T],
+    powers: &[T],
+    mask: &[T],
+    floor: T,
+    shape: Shape3,
+    with_log: bool,
+) -> Moments<T> {
+    let (n, c) = (shape.positions, shape.channels);
+    let zero = T::default();
+    let mut log_max = vec![floor; c];
+    let mut sum = vec![zero; c];
+    let mut weighted_log = vec![zero; if with_log { c } else { 0 }];
+    if shape.channels_last {
+        for (row, &valid) in x.chunks_exact(c).zip(mask) {
+            if valid > zero {
+                for (m, &v) in log_max.iter_mut().zip(row) {
+                    *m = m.max(v);
+                }
+            }
+        }
+        log_max.iter_mut().for_each(|m| *m = m.ln());
+        for (row, &valid) in x.chunks_exact(c).zip(mask) {
+            if valid > zero {
+                for ch in 0..c {
+                    let lx = row[ch].max(floor).ln();
+                    let w = (powers[ch] * (lx - log_max[ch])).exp();
+                    sum[ch] += w;
+                    if with_log {
+                        weighted_log[ch] += w * lx;
+                    }
+                }
+            }
+        }
+    } else {
+        for (ch, row) in x.chunks_exact(n).enumerate() {
+            let mut largest = floor;
+            for (&v, &valid) in row.iter().zip(mask) {
+                let candidate = largest.max(v);
+                largest = if valid > zero { candidate } else { largest };
+            }
+            let lm = largest.ln();
+            let p = powers[ch];
+            log_max[ch] = lm;
+            sum[ch] = lane_sum(n, |i| mask[i] * (p * (row[i].max(floor).ln() - lm)).exp());
+            if with_log {
+                weighted_log[ch] = lane_sum(n, |i| {
+                    let lx = row[i].max(floor).ln();
+                    mask[i] * (p * (lx - lm)).exp() * lx
+                });
+            }
+        }
+    }
+    Moments {
+        log_max,
+        sum,
+        weighted_log,
+    }
+}
+
+/// ∂L/∂x = g/count · (x/y)^(p−1) where x > ε (else 0), and
+/// ∂L/∂p = Σ_b g · (y/p) · (Σ w ln x / Σ w − ln y) with w = x^p.
+fn backward<T: Real>(
+    x: &[T],
+    powers: &[T],
+    mask: &[T],
+    output: &[T],
+    grad: &[T],
+    eps: f64,
+    shape: Shape3,
+) -> (Vec<T>, Vec<T>) {
+    let floor = T::from_f64(eps).max(T::MIN_POSITIVE);
+    let (n, c) = (shape.positions, shape.channels);
+    let zero = T::default();
+    let one = T::from_f64(1.0);
+    let mut dx = vec![zero; x.len()];
+    let mut dp_per_sample = vec![zero; shape.batch * c];
+    dx.par_chunks_mut(n * c)
+        .zip(dp_per_sample.par_chunks_mut(c))
+        .enumerate()
+        .for_each(|(b, (dx, dp))| {
+            let x = &x[b * n * c..(b + 1) * n * c];
+            let mask = &mask[b * n..(b + 1) * n];
+            let y = &output[b * c..(b + 1) * c];
+            let g = &grad[b * c..(b + 1) * c];
+            let count = lane_sum(n, |i| mask[i]);
+            let moments = moments(x, powers, mask, floor, shape, true);
+            for ch in 0..c {
+                let log_y = y[ch].ln();
+                let mean_log = moments.weighted_log[ch] / moments.sum[ch];
+                dp[ch] = g[ch] * y[ch] / powers[ch] * (mean_log - log_y);
+            }
+            let scale: Vec<T> = g.iter().map(|&g| g / count).collect();
+            let log_y: Vec<T> = y.iter().map(|&y| y.ln()).collect();
+            let exponent: Vec<T> = powers.iter().map(|&p| p - one).collect();
+            let element = |v: T, ch: usize, valid: T| {
+                let active = if v > floor { valid } else { zero };
+                active * scale[ch] * (exponent[ch] * (v.max(floor).ln() - log_y[ch])).exp()
+            };
+            if shape.channels_last {
+                for ((dx_row, row), &valid) in
+                    dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(mask)
+                {
+                    for ch in 0..c {
+                        dx_row[ch] = element(row[ch], ch, valid);
+                    }
+                }
+            } else {
+                for (ch, (dx_row, row)) in dx.chunks_exact_mut(n).zip(x.chunks_exact(n)).enumerate()
+                {
+                    for i in 0..n {
+                        dx_row[i] = element(row[i], ch, mask[i]);
+                    }
+                }
+            }
+        });
+    let mut dp = vec![zero; c];
+    for sample in dp_per_sample.chunks_exact(c) {
+        for (total, &v) in dp.iter_mut().zip(sample) {
+            *total += v;
+        }
+    }
+    (dx, dp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Real;
+
+    #[test]
+    fn fast_ln_and_exp_are_accurate() {
+        let mut worst_ln = 0.0f64;
+        let mut worst_exp = 0.0f64;
+        for i in 0..20_000 {
+            let x = 1e-7f64 * (1.0011f64).powi(i);
+            let ln = Real::ln(x as f32) as f64;
+            let exact = (x as f32 as f64).ln();
+            worst_ln = worst_ln.max((ln - exact).abs() / exact.abs().max(1.0));
+            let y = -80.0 + 160.0 * i as f64 / 20_000.0;
+            let e = Real::exp(y as f32) as f64;
+            let exact = (y as f32 as f64).exp();
+            worst_exp = worst_exp.max((e - exact).abs() / exact);
+        }
+        assert!(worst_ln < 2e-7, "ln: {worst_ln:e}");
+        assert!(worst_exp < 5e-7, "exp: {worst_exp:e}");
+    }
+}

@@ -1,0 +1,85 @@
+//! [`PoolingOps`](super::PoolingOps) for each covered backend. Flex has fused kernels for the
+//! generalized mean (`flex`); NdArray and Cube use the portable bodies for everything.
+
+#[cfg(feature = "autodiff")]
+mod autodiff;
+#[cfg(feature = "flex")]
+mod flex;
+
+#[cfg(all(test, feature = "autodiff"))]
+pub(crate) use autodiff::BACKWARD_CALLS;
+
+#[cfg(any(feature = "ndarray", feature = "wgpu"))]
+use burn::backend::tensor::{FloatTensor, IntTensor};
+
+#[cfg(any(feature = "ndarray", feature = "wgpu"))]
+use super::{PoolingOps, portable};
+#[cfg(any(feature = "ndarray", feature = "wgpu"))]
+use crate::transport::TransportSettings;
+
+/// Implements [`PoolingOps`](super::PoolingOps) for a backend with the portable bodies.
+#[cfg(any(feature = "ndarray", feature = "wgpu"))]
+macro_rules! portable_pooling_ops {
+    ($backend:ty) => {
+        impl PoolingOps for $backend {
+            fn partial_transport(
+                costs: FloatTensor<Self>,
+                mass: FloatTensor<Self>,
+                settings: TransportSettings,
+            ) -> (FloatTensor<Self>, IntTensor<Self>) {
+                portable::partial_transport::<Self>(costs, mass, settings)
+            }
+
+            fn partial_transport_backward(
+                plan: FloatTensor<Self>,
+                grad: FloatTensor<Self>,
+                mass: FloatTensor<Self>,
+                transport_ratio: f64,
+                epsilon: f64,
+            ) -> FloatTensor<Self> {
+                portable::partial_transport_backward::<Self>(
+                    plan,
+                    grad,
+                    mass,
+                    transport_ratio,
+                    epsilon,
+                )
+            }
+
+            fn generalized_mean(
+                x: FloatTensor<Self>,
+                powers: FloatTensor<Self>,
+                mask: FloatTensor<Self>,
+                eps: f64,
+                channels_last: bool,
+            ) -> FloatTensor<Self> {
+                portable::generalized_mean::<Self>(x, powers, mask, eps, channels_last)
+            }
+
+            fn generalized_mean_backward(
+                x: FloatTensor<Self>,
+                powers: FloatTensor<Self>,
+                mask: FloatTensor<Self>,
+                output: FloatTensor<Self>,
+                grad: FloatTensor<Self>,
+                eps: f64,
+                channels_last: bool,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+                portable::generalized_mean_backward::<Self>(
+                    x,
+                    powers,
+                    mask,
+                    output,
+                    grad,
+                    eps,
+                    channels_last,
+                )
+            }
+        }
+    };
+}
+
+#[cfg(feature = "ndarray")]
+portable_pooling_ops!(burn::backend::NdArray);
+#[cfg(feature = "wgpu")]
+portable_pooling_ops!(burn::backend::Cube);

@@ -1,0 +1,94 @@
+//! The backend-extension trait behind which every backend-specific kernel of the crate lives:
+//! GSP's transport solve with its analytical backward, and the generalized mean of GeM/GGeM
+//! with its analytical backward.
+//!
+//! - `portable`: bodies written once with the `Tensor` API, valid on every backend;
+//! - `backends`: the implementations. Flex has fused CPU kernels for the generalized mean;
+//!   NdArray and Cube (wgpu) use the portable bodies; `Autodiff<B, C>` runs the inner
+//!   backend's forward off the tape and records one node whose backward is the closed form.
+//!
+//! Devices whose backend is not listed here (see [`extension_covers`]) take the layers'
+//! composite paths, differentiated by ordinary autodiff.
+
+// NdArray is deprecated in Burn 0.22 but still a supported backend of this crate.
+#[allow(deprecated)]
+mod backends;
+pub(crate) mod portable;
+
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Backend, DispatchDevice, backend_extension};
+use burn::tensor::Device;
+
+use crate::transport::TransportSettings;
+
+#[cfg(all(test, feature = "autodiff"))]
+pub(crate) use backends::BACKWARD_CALLS;
+
+/// Pooling kernels as backend ops.
+#[allow(deprecated)]
+#[backend_extension(
+    Flex: cfg(feature = "flex"),
+    NdArray: cfg(feature = "ndarray"),
+    Cube: cfg(feature = "wgpu"),
+    Autodiff: cfg(feature = "autodiff"),
+)]
+pub trait PoolingOps: Backend {
+    /// Solves GSP's partial transport for costs `[B, K, N]` and position masses `[B, N]`;
+    /// returns the plan `[B, K+1, N]` (row 0 = residual ρ) and the iteration count `[1]`.
+    fn partial_transport(
+        costs: FloatTensor<Self>,
+        mass: FloatTensor<Self>,
+        settings: TransportSettings,
+    ) -> (FloatTensor<Self>, IntTensor<Self>);
+
+    /// ∂L/∂costs `[B, K, N]` from the plan, the upstream gradient ∂L/∂plan `[B, K+1, N]` and
+    /// the masses, by implicit differentiation at the fixed point.
+    fn partial_transport_backward(
+        plan: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mass: FloatTensor<Self>,
+        transport_ratio: f64,
+        epsilon: f64,
+    ) -> FloatTensor<Self>;
+
+    /// The clamped generalized mean `((Σ_n m_n max(x_n, ε)^p_c) / Σ_n m_n)^(1/p_c)` of
+    /// `x` `[B, C, N]` (or `[B, N, C]` when `channels_last`), powers `[C]`, mask `[B, N]`
+    /// (1 valid, 0 padding): `[B, C]`.
+    fn generalized_mean(
+        x: FloatTensor<Self>,
+        powers: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        eps: f64,
+        channels_last: bool,
+    ) -> FloatTensor<Self>;
+
+    /// (∂L/∂x, ∂L/∂powers) of [`generalized_mean`](Self::generalized_mean) given its output
+    /// and ∂L/∂output `[B, C]`.
+    #[allow(clippy::too_many_arguments)]
+    fn generalized_mean_backward(
+        x: FloatTensor<Self>,
+        powers: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+        channels_last: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// Whether [`PoolingOps`] has an implementation for the device's backend in this build.
+pub fn extension_covers(device: &Device) -> bool {
+    if device.is_autodiff() && !cfg!(feature = "autodiff") {
+        return false;
+    }
+    #[allow(unreachable_patterns)]
+    match device.as_dispatch().clone().inner() {
+        #[cfg(feature = "flex")]
+        DispatchDevice::Flex(_) => true,
+        #[cfg(feature = "ndarray")]
+        DispatchDevice::NdArray(_) => true,
+        #[cfg(feature = "wgpu")]
+        DispatchDevice::Cube(_) => true,
+        _ => false,
+    }
+}

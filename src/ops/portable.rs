@@ -1,0 +1,109 @@
+//! Backend-independent bodies of [`PoolingOps`](super::PoolingOps), written with the `Tensor`
+//! API on the backend's primitives.
+
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Backend, DispatchKindConversion, DispatchTensor};
+use burn::tensor::Tensor;
+
+use crate::pooling::generalized_mean::{composite_backward, composite_forward};
+use crate::transport::TransportSettings;
+use crate::transport::implicit_backward::implicit_cost_gradient;
+use crate::transport::solver::{iterations_tensor, solve};
+
+fn wrap<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<D>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    Tensor::from_primitive::<B>(primitive)
+}
+
+fn unwrap<B: Backend, const D: usize>(tensor: Tensor<D>) -> FloatTensor<B>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    tensor
+        .try_into_primitive::<B>()
+        .expect("the result lives on the backend it was computed on")
+}
+
+pub fn partial_transport<B: Backend>(
+    costs: FloatTensor<B>,
+    mass: FloatTensor<B>,
+    settings: TransportSettings,
+) -> (FloatTensor<B>, IntTensor<B>)
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    let costs: Tensor<3> = wrap::<B, 3>(costs);
+    let device = costs.device();
+    let (plan, iterations) = solve(costs, wrap::<B, 2>(mass), &settings);
+    let iterations = iterations_tensor(iterations, &device)
+        .try_into_primitive::<B>()
+        .expect("the result lives on the backend it was computed on");
+    (unwrap::<B, 3>(plan), iterations)
+}
+
+pub fn partial_transport_backward<B: Backend>(
+    plan: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    mass: FloatTensor<B>,
+    transport_ratio: f64,
+    epsilon: f64,
+) -> FloatTensor<B>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    unwrap::<B, 3>(implicit_cost_gradient(
+        wrap::<B, 3>(plan),
+        wrap::<B, 3>(grad),
+        wrap::<B, 2>(mass),
+        transport_ratio,
+        epsilon,
+    ))
+}
+
+// Used by the backends without a fused kernel (NdArray, Cube).
+#[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
+pub fn generalized_mean<B: Backend>(
+    x: FloatTensor<B>,
+    powers: FloatTensor<B>,
+    mask: FloatTensor<B>,
+    eps: f64,
+    channels_last: bool,
+) -> FloatTensor<B>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    unwrap::<B, 2>(composite_forward(
+        wrap::<B, 3>(x),
+        wrap::<B, 1>(powers),
+        Some(wrap::<B, 2>(mask)),
+        eps,
+        if channels_last { 1 } else { 2 },
+    ))
+}
+
+#[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
+pub fn generalized_mean_backward<B: Backend>(
+    x: FloatTensor<B>,
+    powers: FloatTensor<B>,
+    mask: FloatTensor<B>,
+    output: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    eps: f64,
+    channels_last: bool,
+) -> (FloatTensor<B>, FloatTensor<B>)
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    let (dx, dp) = composite_backward(
+        wrap::<B, 3>(x),
+        wrap::<B, 1>(powers),
+        wrap::<B, 2>(mask),
+        wrap::<B, 2>(output),
+        wrap::<B, 2>(grad),
+        eps,
+        if channels_last { 1 } else { 2 },
+    );
+    (unwrap::<B, 3>(dx), unwrap::<B, 1>(dp))
+}
