@@ -3,6 +3,7 @@
 
 pub mod loss;
 pub mod pooling;
+pub mod retrieval;
 pub mod transport;
 
 pub use pooling::*;
