@@ -54,6 +54,10 @@ fn main() {
     // from disk on a plain (inference) device.
     let dir = std::env::temp_dir().join(format!("burn-pooling-gsp-heatmap-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create the temp dir");
+    // Save the validation snapshot: `valid()` first folds the batch-norm running statistics
+    // updated during training into the module (recording the training module directly would
+    // store stale ones).
+    let trained = trained.valid();
     trained
         .clone()
         .save_file(dir.join("net.bpk"))
@@ -74,7 +78,6 @@ fn main() {
         dir.display(),
         net.num_params()
     );
-    let _ = std::fs::remove_dir_all(&dir);
 
     // Held-out classes, fresh images.
     let mut rng = Rng::new(99);
@@ -98,26 +101,34 @@ fn main() {
         .forward_detailed(maps.clone())
         .weights;
     // The reloaded standalone layer gives the same weights as the reloaded network's.
+    let maps_again = maps.clone();
     let again = gsp_alone.forward_detailed(maps).weights;
     let difference: f32 = (weights.clone() - again).abs().max().into_scalar();
     assert!(difference < 1e-5, "reloaded GSP differs by {difference}");
     // ... and the same as the trained one.
-    let reference = trained.valid();
+    let reference = trained;
     let batch = Tensor::<4>::from_data(
         TensorData::new(pixels.clone(), [SHOWN, 1, SIDE, SIDE]),
         &plain,
     );
+    let original_maps = reference.backbone.forward(batch);
+    let map_difference: f32 = (maps_again - original_maps.clone())
+        .abs()
+        .max()
+        .into_scalar();
     let original = reference
         .gsp
         .as_ref()
         .unwrap()
-        .forward_detailed(reference.backbone.forward(batch))
+        .forward_detailed(original_maps)
         .weights;
     let difference: f32 = (weights.clone() - original).abs().max().into_scalar();
     assert!(
-        difference < 1e-5,
-        "the reloaded net differs by {difference}"
+        map_difference < 1e-4 && difference < 1e-5,
+        "the reloaded net differs from the trained one: maps by {map_difference}, weights by {difference}"
     );
+    // Only now: loaded records read their tensors from the file lazily.
+    let _ = std::fs::remove_dir_all(&dir);
 
     let weights: Vec<f32> = weights.into_data().convert::<f32>().try_into_vec().unwrap();
     let cells = MAP_SIDE * MAP_SIDE;
@@ -209,8 +220,9 @@ fn write_png(path: impl AsRef<Path>, pixels: &[f32], weights: &[f32], boxes: &[(
                     (py as f32 + 0.5) / ZOOM as f32 / scale,
                     (px as f32 + 0.5) / ZOOM as f32 / scale,
                 ) / peak;
-                let h = heat(w);
-                let overlay = [0, 1, 2].map(|c| 0.35 * gray + 0.75 * h[c]);
+                // Low weight: the image, dimmed; high weight: hot colours.
+                let h = heat(0.35 + 0.65 * w);
+                let overlay = [0, 1, 2].map(|c| (1.0 - w) * 0.6 * gray + w * h[c]);
                 for (offset, colour) in [(0, input), (tile + gap, overlay)] {
                     let at = ((oy + py) * width + ox + offset + px) * 3;
                     for c in 0..3 {
