@@ -47,7 +47,7 @@ fn main() {
     let config = GspConfig::new(common::FEATURES)
         .with_num_prototypes(16)
         .with_transport_ratio(0.3)
-        .with_epsilon(0.2);
+        .with_epsilon(0.05);
     let (trained, _) = common::train(Pooling::Gsp, &config, &split, &protocol, &device);
 
     // Save the trained network (burnpack record) and GSP's config (JSON), then rebuild both

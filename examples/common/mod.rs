@@ -6,8 +6,8 @@
 //! `default-features = false` and no `train` feature; the `Learner` pulls in burn-train with its
 //! dataset, metrics, TUI and logging stacks, far more than these examples need. A 40-line loop
 //! with `GradientsParams::from_grads` and `optimizer.step` is all the layers require; they are
-//! ordinary `Module`s with `Param`s, so they train inside a `Learner` unchanged (implement
-//! `TrainStep` on a model that holds them).
+//! ordinary `Module`s with `Param`s, so they should train inside a `Learner` unchanged (implement
+//! `TrainStep` on a model that holds them; not exercised here).
 
 #![allow(dead_code)]
 
