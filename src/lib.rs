@@ -4,6 +4,7 @@
 pub mod loss;
 pub mod ops;
 pub mod pooling;
+pub mod retrieval;
 pub mod transport;
 
 pub use pooling::*;

@@ -1,0 +1,478 @@
+//! Shared by the `metric_learning` and `gsp_heatmap` examples: a generated image set of
+//! objects on cluttered backgrounds, a small CNN with a pluggable global pooling head, a custom
+//! training loop (proxy metric loss, plus `ZeroShotLoss` for GSP) and zero-shot evaluation.
+//!
+//! Why a custom loop and not burn-train's `Learner`: this crate depends on `burn` with
+//! `default-features = false` and no `train` feature; the `Learner` pulls in burn-train with its
+//! dataset, metrics, TUI and logging stacks, far more than these examples need. A 40-line loop
+//! with `GradientsParams::from_grads` and `optimizer.step` is all the layers require; they are
+//! ordinary `Module`s with `Param`s, so they should train inside a `Learner` unchanged (implement
+//! `TrainStep` on a model that holds them; not exercised here).
+
+#![allow(dead_code)]
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::activation::{log_softmax, relu};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_pooling::loss::{ZeroShotLoss, ZeroShotLossConfig, ZeroShotSplit};
+use burn_pooling::retrieval::{RetrievalMetrics, evaluate_tensor};
+use burn_pooling::{Gem, GemConfig, Gsp, GspConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic RNG (SplitMix64): the data does not depend on any backend's generator.
+
+/// A small deterministic random number generator (SplitMix64).
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    pub fn uniform(&mut self, low: f32, high: f32) -> f32 {
+        low + (high - low) * self.unit()
+    }
+
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// `count` distinct values of `0..n`, in random order.
+    pub fn choose(&mut self, n: usize, count: usize) -> Vec<usize> {
+        let mut all: Vec<usize> = (0..n).collect();
+        for i in 0..count {
+            let j = i + self.below(n - i);
+            all.swap(i, j);
+        }
+        all.truncate(count);
+        all
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The data: objects made of 4 glyphs in a 2×2 grid, on a background of scattered glyphs.
+
+/// Image side in pixels (grayscale).
+pub const SIDE: usize = 32;
+/// Glyph side in pixels.
+const GLYPH: usize = 5;
+/// Object side: two glyphs and a one-pixel gap.
+const OBJECT: usize = 2 * GLYPH + 1;
+/// Clutter glyphs per image.
+const CLUTTER: std::ops::RangeInclusive<usize> = 7..=10;
+
+/// The glyph vocabulary, 5×5 masks. Objects and clutter are drawn from the same vocabulary,
+/// so no single position tells object from clutter: only the 2×2 arrangement does.
+const GLYPHS: [[&str; GLYPH]; 8] = [
+    [".....", ".....", "#####", ".....", "....."],
+    ["..#..", "..#..", "..#..", "..#..", "..#.."],
+    ["#....", ".#...", "..#..", "...#.", "....#"],
+    ["....#", "...#.", "..#..", ".#...", "#...."],
+    ["..#..", "..#..", "#####", "..#..", "..#.."],
+    ["#...#", ".#.#.", "..#..", ".#.#.", "#...#"],
+    ["#####", "#...#", "#...#", "#...#", "#####"],
+    [".....", ".###.", ".###.", ".###.", "....."],
+];
+
+/// The classes: each is 4 glyph indices (top-left, top-right, bottom-left, bottom-right).
+#[derive(Clone, Debug)]
+pub struct ObjectSet {
+    pub classes: Vec<[usize; 4]>,
+}
+
+impl ObjectSet {
+    /// `count` distinct glyph arrangements drawn with `seed`.
+    pub fn new(count: usize, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let all = GLYPHS.len().pow(4);
+        let classes = rng
+            .choose(all, count)
+            .into_iter()
+            .map(|code| {
+                let g = GLYPHS.len();
+                [
+                    code % g,
+                    (code / g) % g,
+                    (code / g / g) % g,
+                    (code / g / g / g) % g,
+                ]
+            })
+            .collect();
+        Self { classes }
+    }
+
+    pub fn len(&self) -> usize {
+        self.classes.len()
+    }
+}
+
+fn draw_glyph(image: &mut [f32], glyph: usize, top: usize, left: usize, intensity: f32) {
+    for (r, row) in GLYPHS[glyph].iter().enumerate() {
+        for (c, ch) in row.bytes().enumerate() {
+            if ch == b'#' {
+                let (y, x) = (top + r, left + c);
+                if y < SIDE && x < SIDE {
+                    let pixel = &mut image[y * SIDE + x];
+                    *pixel = pixel.max(intensity);
+                }
+            }
+        }
+    }
+}
+
+/// One `SIDE×SIDE` image of `class`, and the object's top-left corner.
+pub fn render(objects: &ObjectSet, class: usize, rng: &mut Rng) -> (Vec<f32>, (usize, usize)) {
+    let mut image: Vec<f32> = (0..SIDE * SIDE).map(|_| rng.uniform(0.0, 0.2)).collect();
+    let clutter = CLUTTER.start() + rng.below(CLUTTER.end() - CLUTTER.start() + 1);
+    for _ in 0..clutter {
+        let glyph = rng.below(GLYPHS.len());
+        let (top, left) = (rng.below(SIDE - GLYPH + 1), rng.below(SIDE - GLYPH + 1));
+        draw_glyph(&mut image, glyph, top, left, rng.uniform(0.6, 1.0));
+    }
+    // The object goes last, on a cleared patch (one pixel of margin), fully visible.
+    let (top, left) = (rng.below(SIDE - OBJECT + 1), rng.below(SIDE - OBJECT + 1));
+    for y in top.saturating_sub(1)..(top + OBJECT + 1).min(SIDE) {
+        for x in left.saturating_sub(1)..(left + OBJECT + 1).min(SIDE) {
+            image[y * SIDE + x] = rng.uniform(0.0, 0.2);
+        }
+    }
+    for (i, &glyph) in objects.classes[class].iter().enumerate() {
+        let (dy, dx) = ((i / 2) * (GLYPH + 1), (i % 2) * (GLYPH + 1));
+        draw_glyph(
+            &mut image,
+            glyph,
+            top + dy,
+            left + dx,
+            rng.uniform(0.6, 1.0),
+        );
+    }
+    (image, (top, left))
+}
+
+/// A batch `[B, 1, SIDE, SIDE]` of the given classes.
+pub fn images(objects: &ObjectSet, classes: &[usize], rng: &mut Rng, device: &Device) -> Tensor<4> {
+    let mut values = Vec::with_capacity(classes.len() * SIDE * SIDE);
+    for &class in classes {
+        values.extend(render(objects, class, rng).0);
+    }
+    Tensor::from_data(
+        TensorData::new(values, [classes.len(), 1, SIDE, SIDE]),
+        device,
+    )
+}
+
+/// The zero-shot split: the first half of the classes trains, the second half is held out.
+pub struct Split {
+    pub objects: ObjectSet,
+    pub train_classes: usize,
+    pub test_classes: usize,
+}
+
+impl Split {
+    pub fn new(classes: usize, seed: u64) -> Self {
+        Self {
+            objects: ObjectSet::new(classes, seed),
+            train_classes: classes / 2,
+            test_classes: classes - classes / 2,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model.
+
+/// Which global pooling the head uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooling {
+    Gap,
+    Gem,
+    Gsp,
+}
+
+impl Pooling {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Gap => "GAP",
+            Self::Gem => "GeM",
+            Self::Gsp => "GSP + ZSR",
+        }
+    }
+}
+
+/// Feature channels of the backbone's last map.
+pub const FEATURES: usize = 64;
+/// Embedding width.
+pub const EMBEDDING: usize = 64;
+/// Side of the backbone's last map (`SIDE / 4`).
+pub const MAP_SIDE: usize = SIDE / 4;
+
+/// A 4-layer CNN with batch norm: `[B, 1, 32, 32]` → `[B, 64, 8, 8]` (non-negative).
+#[derive(Module, Debug)]
+pub struct Backbone {
+    conv1: Conv2d,
+    norm1: BatchNorm,
+    conv2: Conv2d,
+    norm2: BatchNorm,
+    conv3: Conv2d,
+    norm3: BatchNorm,
+    conv4: Conv2d,
+    norm4: BatchNorm,
+}
+
+impl Backbone {
+    pub fn new(device: &Device) -> Self {
+        let conv = |input: usize, output: usize, stride: usize| {
+            Conv2dConfig::new([input, output], [3, 3])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_bias(false)
+                .init(device)
+        };
+        let norm = |channels: usize| BatchNormConfig::new(channels).init(device);
+        Self {
+            conv1: conv(1, 16, 1),
+            norm1: norm(16),
+            conv2: conv(16, 32, 2),
+            norm2: norm(32),
+            conv3: conv(32, FEATURES, 2),
+            norm3: norm(FEATURES),
+            conv4: conv(FEATURES, FEATURES, 1),
+            norm4: norm(FEATURES),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        // Pixels are in [0, 1] with mean ≈ 0.16: centre them.
+        let x = (x - 0.16) * 3.0;
+        let x = relu(self.norm1.forward(self.conv1.forward(x)));
+        let x = relu(self.norm2.forward(self.conv2.forward(x)));
+        let x = relu(self.norm3.forward(self.conv3.forward(x)));
+        relu(self.norm4.forward(self.conv4.forward(x)))
+    }
+}
+
+/// Backbone, global pooling (GAP when neither `gem` nor `gsp` is set), linear embedding.
+#[derive(Module, Debug)]
+pub struct Net {
+    pub backbone: Backbone,
+    pub gem: Option<Gem>,
+    pub gsp: Option<Gsp>,
+    pub embed: Linear,
+}
+
+/// What a forward pass returns.
+pub struct Embedded {
+    /// `[B, EMBEDDING]`, not normalized.
+    pub embeddings: Tensor<2>,
+    /// The pooled features `[B, FEATURES]` (before the embedding layer).
+    pub pooled: Tensor<2>,
+    /// GSP's attributes `[B, K]`, when GSP pooled.
+    pub attributes: Option<Tensor<2>>,
+}
+
+impl Net {
+    /// The network for `pooling`; `config` sets GSP's hyper-parameters.
+    pub fn new(pooling: Pooling, gsp: &GspConfig, device: &Device) -> Self {
+        Self {
+            backbone: Backbone::new(device),
+            gem: (pooling == Pooling::Gem).then(|| GemConfig::new().init(device)),
+            gsp: (pooling == Pooling::Gsp).then(|| gsp.init(device)),
+            embed: LinearConfig::new(FEATURES, EMBEDDING)
+                .with_bias(false)
+                .init(device),
+        }
+    }
+
+    /// Embeds a batch; `as_gap` pools with the mean even when GSP is set (GSP's warm-up).
+    pub fn forward(&self, images: Tensor<4>, as_gap: bool) -> Embedded {
+        let maps = self.backbone.forward(images);
+        let (pooled, attributes) = match (&self.gem, &self.gsp) {
+            (_, Some(gsp)) if !as_gap => {
+                let out = gsp.forward_detailed(maps);
+                (out.pooled, Some(out.attributes))
+            }
+            (Some(gem), _) => (gem.forward(maps), None),
+            _ => (maps.mean_dim(3).mean_dim(2).flatten(1, 3), None),
+        };
+        Embedded {
+            embeddings: self.embed.forward(pooled.clone()),
+            pooled,
+            attributes,
+        }
+    }
+}
+
+fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
+    let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
+    x / norm
+}
+
+/// Everything the optimizer trains: the net, the loss's class proxies, GSP's ZSR embeddings.
+#[derive(Module, Debug)]
+pub struct Trainee {
+    pub net: Net,
+    pub proxies: Param<Tensor<2>>,
+    pub zsr: Option<ZeroShotLoss>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training.
+
+/// The training protocol (identical for every head).
+#[derive(Clone, Debug)]
+pub struct Protocol {
+    pub steps: usize,
+    /// Classes per batch (even: the two halves of the batch are class-disjoint for ZSR).
+    pub classes_per_batch: usize,
+    pub samples_per_class: usize,
+    pub learning_rate: f64,
+    /// Normalized-softmax scale.
+    pub scale: f64,
+    /// GSP only: steps it pools as GAP before its prototypes are set by k-center.
+    pub gsp_warmup: usize,
+    /// Weight of ZSR in the GSP loss: (1 − w)·metric + w·ZSR.
+    pub zsr_weight: f64,
+    pub seed: u64,
+}
+
+/// Trains `pooling` from `seed` (same backbone and data order for every head) and returns the
+/// trained net and the final mean loss.
+pub fn train(
+    pooling: Pooling,
+    gsp_config: &GspConfig,
+    split: &Split,
+    protocol: &Protocol,
+    device: &Device,
+) -> (Net, f32) {
+    // The same seed for every head: same backbone, embedding and proxy initialisation.
+    device.seed(protocol.seed);
+    let net = Net::new(pooling, gsp_config, device);
+    let proxies = Initializer::XavierUniform { gain: 1.0 }.init_with(
+        [split.train_classes, EMBEDDING],
+        Some(EMBEDDING),
+        Some(split.train_classes),
+        device,
+    );
+    let zsr = (pooling == Pooling::Gsp)
+        .then(|| ZeroShotLossConfig::new(split.train_classes, EMBEDDING).init(device));
+    let mut trainee = Trainee { net, proxies, zsr };
+    let mut optimizer = AdamConfig::new().init();
+    let mut rng = Rng::new(protocol.seed);
+    let half = protocol.classes_per_batch / 2 * protocol.samples_per_class;
+    let split_halves = ZeroShotSplit::Halves;
+
+    let bar = ProgressBar::new(protocol.steps as u64)
+        .with_style(
+            ProgressStyle::default_bar()
+                .template("{prefix:>10} [{bar:30}] {pos}/{len} {msg} ({elapsed} < {eta})")
+                .expect("valid template")
+                .progress_chars("=> "),
+        )
+        .with_prefix(pooling.name());
+    let mut memory: Vec<Tensor<2>> = Vec::new();
+    let mut recent = Vec::new();
+    let mut last_mean = f32::NAN;
+    for step in 0..protocol.steps {
+        // A class-blocked batch: classes_per_batch distinct classes, samples_per_class each.
+        let classes = rng.choose(split.train_classes, protocol.classes_per_batch);
+        let labels: Vec<usize> = classes
+            .iter()
+            .flat_map(|&c| std::iter::repeat_n(c, protocol.samples_per_class))
+            .collect();
+        let batch = images(&split.objects, &labels, &mut rng, device);
+        let label_tensor = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                labels.iter().map(|&l| l as i64).collect::<Vec<_>>(),
+                [labels.len()],
+            ),
+            device,
+        );
+
+        let warming_up = pooling == Pooling::Gsp && step < protocol.gsp_warmup;
+        let out = trainee.net.forward(batch, warming_up);
+        if warming_up && step + 16 >= protocol.gsp_warmup {
+            // The reference's memory of GAP embeddings (here the last 16 batches, 1024 rows).
+            memory.push(out.pooled.clone().detach());
+        }
+        let embeddings = l2_normalize(out.embeddings);
+        let proxies = l2_normalize(trainee.proxies.val());
+        let logits = embeddings
+            .matmul(proxies.transpose())
+            .mul_scalar(protocol.scale);
+        let metric = log_softmax(logits, 1)
+            .gather(1, label_tensor.clone().unsqueeze_dim(1))
+            .mean()
+            .neg();
+        let loss = match (&trainee.zsr, out.attributes) {
+            (Some(zsr), Some(attributes)) => {
+                debug_assert!(labels[..half].iter().all(|l| !labels[half..].contains(l)));
+                let regulariser = zsr.forward(attributes, label_tensor, &split_halves);
+                metric.mul_scalar(1.0 - protocol.zsr_weight)
+                    + regulariser.mul_scalar(protocol.zsr_weight)
+            }
+            _ => metric,
+        };
+        recent.push(loss.clone().into_scalar::<f32>());
+        let grads = GradientsParams::from_grads(loss.backward(), &trainee);
+        // Cosine decay.
+        let progress = step as f64 / protocol.steps as f64;
+        let lr = protocol.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        trainee = optimizer.step(lr, trainee, grads);
+
+        if pooling == Pooling::Gsp && step + 1 == protocol.gsp_warmup {
+            // Warm-up over: prototypes by greedy k-center over the memory (gsp.md §9).
+            let features = Tensor::cat(std::mem::take(&mut memory), 0);
+            let gsp = trainee.net.gsp.take().expect("GSP head");
+            trainee.net.gsp = Some(gsp.init_prototypes_kcenter(features));
+        }
+        if recent.len() == 20 || step + 1 == protocol.steps {
+            last_mean = recent.iter().sum::<f32>() / recent.len() as f32;
+            bar.set_message(format!("loss {last_mean:.3}"));
+            recent.clear();
+        }
+        bar.inc(1);
+    }
+    bar.finish();
+    (trainee.net, last_mean)
+}
+
+/// Zero-shot evaluation: `per_class` generated images of every held-out class.
+pub fn evaluate_zero_shot(
+    net: &Net,
+    split: &Split,
+    per_class: usize,
+    seed: u64,
+    device: &Device,
+) -> RetrievalMetrics {
+    let net = net.valid();
+    let mut rng = Rng::new(seed);
+    let labels: Vec<usize> = (0..split.test_classes)
+        .flat_map(|c| std::iter::repeat_n(c, per_class))
+        .collect();
+    let mut chunks = Vec::new();
+    for chunk in labels.chunks(100) {
+        let classes: Vec<usize> = chunk.iter().map(|&c| split.train_classes + c).collect();
+        let batch = images(&split.objects, &classes, &mut rng, &device.clone().inner());
+        chunks.push(net.forward(batch, false).embeddings);
+    }
+    evaluate_tensor(Tensor::cat(chunks, 0), &labels)
+}
