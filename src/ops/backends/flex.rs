@@ -200,8 +200,13 @@ impl Real for f32 {
         const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
         const LN_2_HIGH: f32 = 0.693_145_75;
         const LN_2_LOW: f32 = 1.428_606_8e-6;
-        let y = self.clamp(-87.0, 88.0);
-        let k = (y * std::f32::consts::LOG2_E + ROUND) - ROUND;
+        // Not `clamp`: max/min keep the loop free of its NaN assertion and vectorise.
+        #[allow(clippy::manual_clamp)]
+        let y = self.max(-87.0).min(88.0);
+        let rounded = y * std::f32::consts::LOG2_E + ROUND;
+        let k = rounded - ROUND;
+        // The integer k sits in the low mantissa bits of `rounded`: no float-to-int cast.
+        let k_bits = rounded.to_bits().wrapping_sub(ROUND.to_bits());
         let r = (y - k * LN_2_HIGH) - k * LN_2_LOW;
         let poly = 1.0
             + r * (1.0
@@ -209,7 +214,7 @@ impl Real for f32 {
                     + r * (1.0 / 6.0
                         + r * (1.0 / 24.0
                             + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-        poly * f32::from_bits(((k as i32 + 127) as u32) << 23)
+        poly * f32::from_bits(k_bits.wrapping_add(127) << 23)
     }
 
     fn max(self, other: Self) -> Self {
@@ -264,7 +269,8 @@ fn forward<T: Real>(x: &[T], powers: &[T], mask: &[T], eps: f64, shape: Shape3) 
     out
 }
 
-/// Max pass then power-sum pass over one sample `x` (`[C, N]` or `[N, C]`).
+/// Max pass then power-sum pass over one sample `x` (`[C, N]` or `[N, C]`). Each pass is a
+/// plain element-wise loop (so it vectorises) into the scratch rows `log_x` and `weight`.
 fn moments<T: Real>(
     x: &[T],
     powers: &[T],
@@ -287,34 +293,46 @@ fn moments<T: Real>(
             }
         }
         log_max.iter_mut().for_each(|m| *m = m.ln());
+        let mut log_x = vec![zero; c];
+        let mut weight = vec![zero; c];
         for (row, &valid) in x.chunks_exact(c).zip(mask) {
             if valid > zero {
                 for ch in 0..c {
-                    let lx = row[ch].max(floor).ln();
-                    let w = (powers[ch] * (lx - log_max[ch])).exp();
-                    sum[ch] += w;
-                    if with_log {
-                        weighted_log[ch] += w * lx;
+                    log_x[ch] = row[ch].max(floor).ln();
+                }
+                for ch in 0..c {
+                    weight[ch] = (powers[ch] * (log_x[ch] - log_max[ch])).exp();
+                }
+                for ch in 0..c {
+                    sum[ch] += weight[ch];
+                }
+                if with_log {
+                    for ch in 0..c {
+                        weighted_log[ch] += weight[ch] * log_x[ch];
                     }
                 }
             }
         }
     } else {
+        let mut log_x = vec![zero; n];
+        let mut weight = vec![zero; n];
         for (ch, row) in x.chunks_exact(n).enumerate() {
-            let mut largest = floor;
-            for (&v, &valid) in row.iter().zip(mask) {
-                let candidate = largest.max(v);
-                largest = if valid > zero { candidate } else { largest };
+            for i in 0..n {
+                log_x[i] = row[i].max(floor).ln();
             }
-            let lm = largest.ln();
+            let mut lm = floor.ln();
+            for i in 0..n {
+                let candidate = lm.max(log_x[i]);
+                lm = if mask[i] > zero { candidate } else { lm };
+            }
             let p = powers[ch];
+            for i in 0..n {
+                weight[i] = mask[i] * (p * (log_x[i] - lm)).exp();
+            }
             log_max[ch] = lm;
-            sum[ch] = lane_sum(n, |i| mask[i] * (p * (row[i].max(floor).ln() - lm)).exp());
+            sum[ch] = lane_sum(n, |i| weight[i]);
             if with_log {
-                weighted_log[ch] = lane_sum(n, |i| {
-                    let lx = row[i].max(floor).ln();
-                    mask[i] * (p * (lx - lm)).exp() * lx
-                });
+                weighted_log[ch] = lane_sum(n, |i| weight[i] * log_x[i]);
             }
         }
     }
