@@ -239,4 +239,23 @@ proptest! {
         assert_close(&values(out.weights.sum_dim(1)), &vec![1.0; b], 1e-10, 1e-12, "Σ w");
         assert_close(&values(out.attributes.sum_dim(1)), &vec![1.0; b], 1e-10, 1e-12, "Σ z");
     }
+
+    /// With `num_prefix_tokens = 1` every layer ignores the first token entirely.
+    #[test]
+    fn every_layer_skips_prefix_tokens((x, dims) in token_batch(-1.0, 3.0), class_token in -50.0f64..50.0) {
+        let device = flex_f64();
+        let [b, n, c] = dims;
+        let patches = tensor(x, dims, &device);
+        let with_class = Tensor::cat(vec![Tensor::full([b, 1, c], class_token, &device), patches.clone()], 1);
+        let gap = GapConfig::new().with_num_prefix_tokens(1).init();
+        assert_close(&values(gap.forward_tokens(with_class.clone())), &values(GapConfig::new().init().forward_tokens(patches.clone())), 1e-12, 1e-14, "GAP");
+        let gem = GemConfig::new().with_num_prefix_tokens(1).init(&device);
+        assert_close(&values(gem.forward_tokens(with_class.clone())), &values(GemConfig::new().init(&device).forward_tokens(patches.clone())), 1e-12, 1e-14, "GeM");
+        let ggem = GroupGemConfig::new(c).with_num_prefix_tokens(1).init(&device);
+        assert_close(&values(ggem.forward_tokens(with_class.clone())), &values(GroupGemConfig::new(c).init(&device).forward_tokens(patches.clone())), 1e-12, 1e-14, "GGeM");
+        let gsp = gsp_layer(vec![0.25; 2 * c], 2, c, 0.3, 0.2, &device);
+        let gsp_prefixed = Gsp { num_prefix_tokens: 1, ..gsp_layer(vec![0.25; 2 * c], 2, c, 0.3, 0.2, &device) };
+        let mask = Tensor::<2, Bool>::from_bool(TensorData::new(vec![true; b * (n + 1)], [b, n + 1]), &device);
+        assert_close(&values(gsp_prefixed.forward_tokens_masked(with_class, mask)), &values(gsp.forward_tokens(patches)), 1e-10, 1e-12, "GSP");
+    }
 }

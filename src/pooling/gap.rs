@@ -6,15 +6,20 @@ use burn::tensor::{Bool, Tensor};
 
 use super::positions::PositionSet;
 
-/// Configuration of [`Gap`]. GAP has no hyper-parameter; the config exists so that every layer
-/// of the crate is built the same way (`Config::init`) and serialises to JSON.
+/// Configuration of [`Gap`].
 #[derive(Config, Debug)]
-pub struct GapConfig {}
+pub struct GapConfig {
+    /// Leading tokens (class token, register tokens) that the token paths skip. Default: 0.
+    #[config(default = 0)]
+    pub num_prefix_tokens: usize,
+}
 
 impl GapConfig {
     /// Creates the [`Gap`] layer.
     pub fn init(&self) -> Gap {
-        Gap {}
+        Gap {
+            num_prefix_tokens: self.num_prefix_tokens,
+        }
     }
 }
 
@@ -24,7 +29,10 @@ impl GapConfig {
 /// only, when masked). [`Gem`](super::Gem) with p = 1 and [`Gsp`](super::Gsp) with
 /// `transport_ratio = 1` reduce to it.
 #[derive(Module, Debug, Default)]
-pub struct Gap {}
+pub struct Gap {
+    /// Leading tokens skipped by the token paths.
+    pub num_prefix_tokens: usize,
+}
 
 impl Gap {
     /// Pools a batch of feature maps.
@@ -41,7 +49,7 @@ impl Gap {
         PositionSet::from_maps("Gap", x).mean()
     }
 
-    /// Pools a batch of token sets.
+    /// Pools a batch of token sets, skipping the first `num_prefix_tokens` tokens.
     ///
     /// # Shapes
     ///
@@ -50,9 +58,9 @@ impl Gap {
     ///
     /// # Panics
     ///
-    /// If `N == 0`.
+    /// If `N ≤ num_prefix_tokens`.
     pub fn forward_tokens(&self, x: Tensor<3>) -> Tensor<2> {
-        PositionSet::from_tokens("Gap", x, 0, None).mean()
+        PositionSet::from_tokens("Gap", x, self.num_prefix_tokens, None).mean()
     }
 
     /// Pools the valid tokens of each set: `y_c = Σ_n m_n x_{n,c} / Σ_n m_n`.
@@ -67,7 +75,7 @@ impl Gap {
     ///
     /// If the mask is not `[B, N]` or a mask row has no valid position.
     pub fn forward_tokens_masked(&self, x: Tensor<3>, mask: Tensor<2, Bool>) -> Tensor<2> {
-        PositionSet::from_tokens("Gap", x, 0, Some(mask)).mean()
+        PositionSet::from_tokens("Gap", x, self.num_prefix_tokens, Some(mask)).mean()
     }
 }
 

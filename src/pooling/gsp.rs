@@ -43,6 +43,9 @@ pub struct GspConfig {
     /// (Xavier) uniform, as the reference.
     #[config(default = "Initializer::XavierUniform { gain: 1.0 }")]
     pub initializer: Initializer,
+    /// Leading tokens (class token, register tokens) that the token paths skip. Default: 0.
+    #[config(default = 0)]
+    pub num_prefix_tokens: usize,
 }
 
 impl GspConfig {
@@ -85,6 +88,7 @@ impl GspConfig {
             max_iterations: self.max_iterations,
             tolerance: self.tolerance,
             solver: self.solver,
+            num_prefix_tokens: self.num_prefix_tokens,
         }
     }
 }
@@ -142,6 +146,8 @@ pub struct Gsp {
     /// The β solver.
     #[module(skip)]
     pub solver: TransportSolver,
+    /// Leading tokens skipped by the token paths.
+    pub num_prefix_tokens: usize,
 }
 
 impl ModuleDisplay for Gsp {
@@ -304,7 +310,12 @@ impl Gsp {
         x: Tensor<3>,
         mask: Option<Tensor<2, Bool>>,
     ) -> GspOutput {
-        self.pool(PositionSet::from_tokens("Gsp", x, 0, mask))
+        self.pool(PositionSet::from_tokens(
+            "Gsp",
+            x,
+            self.num_prefix_tokens,
+            mask,
+        ))
     }
 
     /// Sets the prototypes to K of the given feature vectors chosen by greedy k-center
