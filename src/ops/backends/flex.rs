@@ -243,13 +243,11 @@ fn lane_sum<T: Real>(len: usize, mut f: impl FnMut(usize) -> T) -> T {
     acc.iter().fold(total, |s, &v| s + v)
 }
 
-/// Per-sample, per-channel statistics of one pass: the log of the largest valid value and the
-/// scaled power sum Σ m·exp(p·(ln x − ln max)).
+/// Per-sample, per-channel statistics of the forward: the log of the largest valid value and
+/// the scaled power sum Σ m·exp(p·(ln x − ln max)).
 struct Moments<T> {
     log_max: Vec<T>,
     sum: Vec<T>,
-    /// Σ m·exp(p·(ln x − ln max))·ln x, for ∂y/∂p (backward only).
-    weighted_log: Vec<T>,
 }
 
 fn forward<T: Real>(x: &[T], powers: &[T], mask: &[T], eps: f64, shape: Shape3) -> Vec<T> {
@@ -260,7 +258,7 @@ fn forward<T: Real>(x: &[T], powers: &[T], mask: &[T], eps: f64, shape: Shape3) 
         let x = &x[b * n * c..(b + 1) * n * c];
         let mask = &mask[b * n..(b + 1) * n];
         let count = lane_sum(n, |i| mask[i]);
-        let moments = moments(x, powers, mask, floor, shape, false);
+        let moments = moments(x, powers, mask, floor, shape);
         for ch in 0..c {
             let mean = moments.sum[ch] / count;
             out[ch] = (moments.log_max[ch] + mean.ln() / powers[ch]).exp();
@@ -271,19 +269,12 @@ fn forward<T: Real>(x: &[T], powers: &[T], mask: &[T], eps: f64, shape: Shape3) 
 
 /// Max pass then power-sum pass over one sample `x` (`[C, N]` or `[N, C]`). Each pass is a
 /// plain element-wise loop (so it vectorises) into the scratch rows `log_x` and `weight`.
-fn moments<T: Real>(
-    x: &[T],
-    powers: &[T],
-    mask: &[T],
-    floor: T,
-    shape: Shape3,
-    with_log: bool,
-) -> Moments<T> {
+/// The backward runs the same passes and also writes ∂L/∂x from the same `weight`.
+fn moments<T: Real>(x: &[T], powers: &[T], mask: &[T], floor: T, shape: Shape3) -> Moments<T> {
     let (n, c) = (shape.positions, shape.channels);
     let zero = T::default();
     let mut log_max = vec![floor; c];
     let mut sum = vec![zero; c];
-    let mut weighted_log = vec![zero; if with_log { c } else { 0 }];
     if shape.channels_last {
         for (row, &valid) in x.chunks_exact(c).zip(mask) {
             if valid > zero {
@@ -306,11 +297,6 @@ fn moments<T: Real>(
                 for ch in 0..c {
                     sum[ch] += weight[ch];
                 }
-                if with_log {
-                    for ch in 0..c {
-                        weighted_log[ch] += weight[ch] * log_x[ch];
-                    }
-                }
             }
         }
     } else {
@@ -331,20 +317,16 @@ fn moments<T: Real>(
             }
             log_max[ch] = lm;
             sum[ch] = lane_sum(n, |i| weight[i]);
-            if with_log {
-                weighted_log[ch] = lane_sum(n, |i| weight[i] * log_x[i]);
-            }
         }
     }
-    Moments {
-        log_max,
-        sum,
-        weighted_log,
-    }
+    Moments { log_max, sum }
 }
 
 /// ∂L/∂x = g/count · (x/y)^(p−1) where x > ε (else 0), and
-/// ∂L/∂p = Σ_b g · (y/p) · (Σ w ln x / Σ w − ln y) with w = x^p.
+/// ∂L/∂p = Σ_b g · (y/p) · (Σ w ln x / Σ w − ln y) with w = exp(p (ln x − ln max)).
+///
+/// One ln, one exp and one division per element: (x/y)^(p−1) = w · exp(p (ln max − ln y)) · y / x
+/// reuses w.
 fn backward<T: Real>(
     x: &[T],
     powers: &[T],
@@ -357,7 +339,6 @@ fn backward<T: Real>(
     let floor = T::from_f64(eps).max(T::MIN_POSITIVE);
     let (n, c) = (shape.positions, shape.channels);
     let zero = T::default();
-    let one = T::from_f64(1.0);
     let mut dx = vec![zero; x.len()];
     let mut dp_per_sample = vec![zero; shape.batch * c];
     dx.par_chunks_mut(n * c)
@@ -369,34 +350,74 @@ fn backward<T: Real>(
             let y = &output[b * c..(b + 1) * c];
             let g = &grad[b * c..(b + 1) * c];
             let count = lane_sum(n, |i| mask[i]);
-            let moments = moments(x, powers, mask, floor, shape, true);
-            for ch in 0..c {
-                let log_y = y[ch].ln();
-                let mean_log = moments.weighted_log[ch] / moments.sum[ch];
-                dp[ch] = g[ch] * y[ch] / powers[ch] * (mean_log - log_y);
-            }
-            let scale: Vec<T> = g.iter().map(|&g| g / count).collect();
             let log_y: Vec<T> = y.iter().map(|&y| y.ln()).collect();
-            let exponent: Vec<T> = powers.iter().map(|&p| p - one).collect();
-            let element = |v: T, ch: usize, valid: T| {
-                let active = if v > floor { valid } else { zero };
-                active * scale[ch] * (exponent[ch] * (v.max(floor).ln() - log_y[ch])).exp()
+            // ∂L/∂x = g/count · exp(p (ln max − ln y)) · y · w / x: `factor` holds all but w / x.
+            let factor = |ch: usize, log_max: T| {
+                g[ch] / count * (powers[ch] * (log_max - log_y[ch])).exp() * y[ch]
             };
+            let mut sum = vec![zero; c];
+            let mut weighted_log = vec![zero; c];
             if shape.channels_last {
+                let mut log_max = vec![floor; c];
+                for (row, &valid) in x.chunks_exact(c).zip(mask) {
+                    if valid > zero {
+                        for (m, &v) in log_max.iter_mut().zip(row) {
+                            *m = m.max(v);
+                        }
+                    }
+                }
+                log_max.iter_mut().for_each(|m| *m = m.ln());
+                let factors: Vec<T> = (0..c).map(|ch| factor(ch, log_max[ch])).collect();
+                let mut log_x = vec![zero; c];
+                let mut weight = vec![zero; c];
                 for ((dx_row, row), &valid) in
                     dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(mask)
                 {
+                    if valid <= zero {
+                        continue;
+                    }
                     for ch in 0..c {
-                        dx_row[ch] = element(row[ch], ch, valid);
+                        log_x[ch] = row[ch].max(floor).ln();
+                    }
+                    for ch in 0..c {
+                        weight[ch] = (powers[ch] * (log_x[ch] - log_max[ch])).exp();
+                    }
+                    for ch in 0..c {
+                        sum[ch] += weight[ch];
+                        weighted_log[ch] += weight[ch] * log_x[ch];
+                        let active = if row[ch] > floor { factors[ch] } else { zero };
+                        dx_row[ch] = active * weight[ch] / row[ch].max(floor);
                     }
                 }
             } else {
+                let mut log_x = vec![zero; n];
+                let mut weight = vec![zero; n];
                 for (ch, (dx_row, row)) in dx.chunks_exact_mut(n).zip(x.chunks_exact(n)).enumerate()
                 {
                     for i in 0..n {
-                        dx_row[i] = element(row[i], ch, mask[i]);
+                        log_x[i] = row[i].max(floor).ln();
+                    }
+                    let mut log_max = floor.ln();
+                    for i in 0..n {
+                        let candidate = log_max.max(log_x[i]);
+                        log_max = if mask[i] > zero { candidate } else { log_max };
+                    }
+                    let p = powers[ch];
+                    for i in 0..n {
+                        weight[i] = mask[i] * (p * (log_x[i] - log_max)).exp();
+                    }
+                    sum[ch] = lane_sum(n, |i| weight[i]);
+                    weighted_log[ch] = lane_sum(n, |i| weight[i] * log_x[i]);
+                    let row_factor = factor(ch, log_max);
+                    for i in 0..n {
+                        let active = if row[i] > floor { row_factor } else { zero };
+                        dx_row[i] = active * weight[i] / row[i].max(floor);
                     }
                 }
+            }
+            for ch in 0..c {
+                let mean_log = weighted_log[ch] / sum[ch];
+                dp[ch] = g[ch] * y[ch] / powers[ch] * (mean_log - log_y[ch]);
             }
         });
     let mut dp = vec![zero; c];
