@@ -28,16 +28,23 @@ pub fn transport_costs(
 ) -> Tensor<3> {
     let features = lipschitz_normalize(features, channel_axis);
     let prototypes = lipschitz_normalize(prototypes, 1);
-    // Features as [B, C, N] for the cross products; a transposed view for tokens.
-    let features = if channel_axis == 2 {
-        features.swap_dims(1, 2)
-    } else {
+    // Features as one [B·N, C] matrix, so the cross products (and their gradients) are single
+    // 2-D matmuls rather than a batched one broadcasting the prototypes.
+    let tokens = if channel_axis == 2 {
         features
+    } else {
+        features.swap_dims(1, 2)
     };
-    let feature_norms = features.clone().square().sum_dim(1); // [B, 1, N]
-    let prototype_norms = prototypes.clone().square().sum_dim(1).unsqueeze_dim(0); // [1, K, 1]
-    let cross = prototypes.unsqueeze_dim(0).matmul(features); // [B, K, N]
-    (feature_norms + prototype_norms - cross.mul_scalar(2.0))
+    let [batch, positions, channels] = tokens.dims();
+    let [count, _] = prototypes.dims();
+    let flat = tokens.reshape([batch * positions, channels]);
+    let feature_norms = flat.clone().square().sum_dim(1); // [B·N, 1]
+    let prototype_norms = prototypes.clone().square().sum_dim(1).transpose(); // [1, K]
+    let cross = flat.matmul(prototypes.transpose()); // [B·N, K]
+    let squared = feature_norms + prototype_norms - cross.mul_scalar(2.0);
+    squared
         .clamp_min(MIN_SQUARED_DISTANCE)
         .sqrt()
+        .reshape([batch, positions, count])
+        .swap_dims(1, 2)
 }
