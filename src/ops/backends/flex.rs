@@ -276,24 +276,12 @@ fn moments<T: Real>(x: &[T], powers: &[T], mask: &[T], floor: T, shape: Shape3) 
     let mut log_max = vec![floor; c];
     let mut sum = vec![zero; c];
     if shape.channels_last {
-        for (row, &valid) in x.chunks_exact(c).zip(mask) {
-            if valid > zero {
-                for (m, &v) in log_max.iter_mut().zip(row) {
-                    *m = m.max(v);
-                }
-            }
-        }
-        log_max.iter_mut().for_each(|m| *m = m.ln());
+        log_max = column_log_max(x, mask, floor, c);
         let mut log_x = vec![zero; c];
         let mut weight = vec![zero; c];
         for (row, &valid) in x.chunks_exact(c).zip(mask) {
             if valid > zero {
-                for ch in 0..c {
-                    log_x[ch] = row[ch].max(floor).ln();
-                }
-                for ch in 0..c {
-                    weight[ch] = (powers[ch] * (log_x[ch] - log_max[ch])).exp();
-                }
+                weigh_position(row, powers, &log_max, floor, &mut log_x, &mut weight);
                 for ch in 0..c {
                     sum[ch] += weight[ch];
                 }
@@ -303,23 +291,69 @@ fn moments<T: Real>(x: &[T], powers: &[T], mask: &[T], floor: T, shape: Shape3) 
         let mut log_x = vec![zero; n];
         let mut weight = vec![zero; n];
         for (ch, row) in x.chunks_exact(n).enumerate() {
-            for i in 0..n {
-                log_x[i] = row[i].max(floor).ln();
-            }
-            let mut lm = floor.ln();
-            for i in 0..n {
-                let candidate = lm.max(log_x[i]);
-                lm = if mask[i] > zero { candidate } else { lm };
-            }
-            let p = powers[ch];
-            for i in 0..n {
-                weight[i] = mask[i] * (p * (log_x[i] - lm)).exp();
-            }
-            log_max[ch] = lm;
+            log_max[ch] = weigh_row(row, mask, powers[ch], floor, &mut log_x, &mut weight);
             sum[ch] = lane_sum(n, |i| weight[i]);
         }
     }
     Moments { log_max, sum }
+}
+
+/// One channel's row `[N]` (channels first): `log_x = ln max(x, ε)`, then the masked
+/// maximum of it, then `weight = m·exp(p (log_x − max))`. Returns the maximum.
+#[inline(always)]
+fn weigh_row<T: Real>(
+    row: &[T],
+    mask: &[T],
+    p: T,
+    floor: T,
+    log_x: &mut [T],
+    weight: &mut [T],
+) -> T {
+    let zero = T::default();
+    for (l, &v) in log_x.iter_mut().zip(row) {
+        *l = v.max(floor).ln();
+    }
+    let mut log_max = floor.ln();
+    for (&l, &valid) in log_x.iter().zip(mask) {
+        let candidate = log_max.max(l);
+        log_max = if valid > zero { candidate } else { log_max };
+    }
+    for ((w, &l), &valid) in weight.iter_mut().zip(log_x.iter()).zip(mask) {
+        *w = valid * (p * (l - log_max)).exp();
+    }
+    log_max
+}
+
+/// Per channel of one sample `[N, C]` (channels last): ln of the largest valid value.
+fn column_log_max<T: Real>(x: &[T], mask: &[T], floor: T, channels: usize) -> Vec<T> {
+    let mut largest = vec![floor; channels];
+    for (row, &valid) in x.chunks_exact(channels).zip(mask) {
+        if valid > T::default() {
+            for (m, &v) in largest.iter_mut().zip(row) {
+                *m = m.max(v);
+            }
+        }
+    }
+    largest.into_iter().map(|m| m.ln()).collect()
+}
+
+/// One position's row `[C]` (channels last): `log_x = ln max(x, ε)` and
+/// `weight = exp(p (log_x − max))` per channel.
+#[inline(always)]
+fn weigh_position<T: Real>(
+    row: &[T],
+    powers: &[T],
+    log_max: &[T],
+    floor: T,
+    log_x: &mut [T],
+    weight: &mut [T],
+) {
+    for (l, &v) in log_x.iter_mut().zip(row) {
+        *l = v.max(floor).ln();
+    }
+    for (((w, &l), &p), &m) in weight.iter_mut().zip(log_x.iter()).zip(powers).zip(log_max) {
+        *w = (p * (l - m)).exp();
+    }
 }
 
 /// ∂L/∂x = g/count · (x/y)^(p−1) where x > ε (else 0), and
@@ -358,15 +392,7 @@ fn backward<T: Real>(
             let mut sum = vec![zero; c];
             let mut weighted_log = vec![zero; c];
             if shape.channels_last {
-                let mut log_max = vec![floor; c];
-                for (row, &valid) in x.chunks_exact(c).zip(mask) {
-                    if valid > zero {
-                        for (m, &v) in log_max.iter_mut().zip(row) {
-                            *m = m.max(v);
-                        }
-                    }
-                }
-                log_max.iter_mut().for_each(|m| *m = m.ln());
+                let log_max = column_log_max(x, mask, floor, c);
                 let factors: Vec<T> = (0..c).map(|ch| factor(ch, log_max[ch])).collect();
                 let mut log_x = vec![zero; c];
                 let mut weight = vec![zero; c];
@@ -376,12 +402,7 @@ fn backward<T: Real>(
                     if valid <= zero {
                         continue;
                     }
-                    for ch in 0..c {
-                        log_x[ch] = row[ch].max(floor).ln();
-                    }
-                    for ch in 0..c {
-                        weight[ch] = (powers[ch] * (log_x[ch] - log_max[ch])).exp();
-                    }
+                    weigh_position(row, powers, &log_max, floor, &mut log_x, &mut weight);
                     for ch in 0..c {
                         sum[ch] += weight[ch];
                         weighted_log[ch] += weight[ch] * log_x[ch];
@@ -394,18 +415,7 @@ fn backward<T: Real>(
                 let mut weight = vec![zero; n];
                 for (ch, (dx_row, row)) in dx.chunks_exact_mut(n).zip(x.chunks_exact(n)).enumerate()
                 {
-                    for i in 0..n {
-                        log_x[i] = row[i].max(floor).ln();
-                    }
-                    let mut log_max = floor.ln();
-                    for i in 0..n {
-                        let candidate = log_max.max(log_x[i]);
-                        log_max = if mask[i] > zero { candidate } else { log_max };
-                    }
-                    let p = powers[ch];
-                    for i in 0..n {
-                        weight[i] = mask[i] * (p * (log_x[i] - log_max)).exp();
-                    }
+                    let log_max = weigh_row(row, mask, powers[ch], floor, &mut log_x, &mut weight);
                     sum[ch] = lane_sum(n, |i| weight[i]);
                     weighted_log[ch] = lane_sum(n, |i| weight[i] * log_x[i]);
                     let row_factor = factor(ch, log_max);
