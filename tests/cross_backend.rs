@@ -9,7 +9,7 @@ use burn::module::Param;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 use burn_pooling::loss::{ZeroShotLossConfig, ZeroShotSplit};
 use burn_pooling::transport::extension_covers;
-use burn_pooling::{GemConfig, GroupGemConfig, Gsp, GspConfig};
+use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, Gsp, GspConfig};
 use common::{Rng, assert_close, values};
 
 fn devices() -> Vec<(&'static str, Device)> {
@@ -38,6 +38,12 @@ fn outcome(device: &Device) -> Vec<(&'static str, Vec<f64>)> {
     let x: Vec<f64> = (0..b * n * c).map(|_| rng.uniform(-0.5, 1.5)).collect();
     let prototypes: Vec<f64> = (0..k * c).map(|_| rng.uniform(-0.5, 0.8)).collect();
     let mut out = Vec::new();
+
+    let maps = floats(&x, [b, c, 2, 3], &device).require_grad();
+    let y = GapConfig::new().init().forward(maps.clone());
+    out.push(("gap y", values(y.clone())));
+    let grads = y.sum().backward();
+    out.push(("gap dx", values(maps.grad(&grads).unwrap())));
 
     let gem = GemConfig::new().init(&device);
     let tokens = floats(&x, [b, n, c], &device).require_grad();

@@ -1,6 +1,6 @@
 //! The backend-extension trait behind which every backend-specific kernel of the crate lives:
-//! GSP's transport solve with its analytical backward, and the generalized mean of GeM/GGeM
-//! with its analytical backward.
+//! GSP's transport solve with its analytical backward, the generalized mean of GeM/GGeM with
+//! its analytical backward, and GAP's masked mean.
 //!
 //! - `portable`: bodies written once with the `Tensor` API, valid on every backend;
 //! - `backends`: the implementations. Flex has fused CPU kernels for the generalized mean;
@@ -74,6 +74,22 @@ pub trait PoolingOps: Backend {
         eps: f64,
         channels_last: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The mean of `x` `[B, C, N]` (or `[B, N, C]` when `channels_last`) over the positions
+    /// whose mask `[B, N]` is 1: `[B, C]`.
+    fn masked_mean(
+        x: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> FloatTensor<Self>;
+
+    /// ∂L/∂x of [`masked_mean`](Self::masked_mean): ∂L/∂y `[B, C]` spread over the valid
+    /// positions, in `x`'s layout.
+    fn masked_mean_backward(
+        mask: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> FloatTensor<Self>;
 }
 
 /// Whether [`PoolingOps`] has an implementation for the device's backend in this build.

@@ -107,3 +107,35 @@ where
     );
     (unwrap::<B, 3>(dx), unwrap::<B, 1>(dp))
 }
+
+#[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
+pub fn masked_mean<B: Backend>(
+    x: FloatTensor<B>,
+    mask: FloatTensor<B>,
+    channels_last: bool,
+) -> FloatTensor<B>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    let axis = if channels_last { 1 } else { 2 };
+    let mask: Tensor<2> = wrap::<B, 2>(mask);
+    let counts = mask.clone().sum_dim(1).unsqueeze_dim::<3>(2); // [B, 1, 1]
+    let weights = mask.unsqueeze_dim::<3>(3 - axis) / counts;
+    unwrap::<B, 2>((wrap::<B, 3>(x) * weights).sum_dim(axis).squeeze_dim(axis))
+}
+
+#[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
+pub fn masked_mean_backward<B: Backend>(
+    mask: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    channels_last: bool,
+) -> FloatTensor<B>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    let axis = if channels_last { 1 } else { 2 };
+    let mask: Tensor<2> = wrap::<B, 2>(mask);
+    let counts = mask.clone().sum_dim(1).unsqueeze_dim::<3>(2);
+    let weights = mask.unsqueeze_dim::<3>(3 - axis) / counts;
+    unwrap::<B, 3>(wrap::<B, 2>(grad).unsqueeze_dim::<3>(axis) * weights)
+}

@@ -5,7 +5,10 @@
 //! all of them into one value, [`PositionSet`], so each layer writes its reduction once and the
 //! input checks (with their panic messages) live in one place.
 
+use burn::backend::Dispatch;
 use burn::tensor::{Bool, Tensor};
+
+use crate::ops::{PoolingOps, extension_covers};
 
 /// Features to pool, in the layout they arrived in (no transpose is made), with an optional
 /// validity mask.
@@ -117,9 +120,23 @@ impl PositionSet {
             .map(|mask| mask.clone().float().sum_dim(1).unsqueeze_dim(2))
     }
 
-    /// Global average pooling of the valid positions: `[B, C]`.
+    /// Global average pooling of the valid positions: `[B, C]`, with the backend's kernel when
+    /// the crate's extension covers the device.
     pub fn mean(self) -> Tensor<2> {
         let axis = self.axis;
+        let device = self.features.device();
+        if extension_covers(&device) {
+            let (batch, positions, _) = self.dims();
+            let mask = self
+                .mask
+                .map(|mask| mask.float())
+                .unwrap_or_else(|| Tensor::ones([batch, positions], &device));
+            return Tensor::from_dispatch(<Dispatch as PoolingOps>::masked_mean(
+                self.features.into_dispatch(),
+                mask.into_dispatch(),
+                axis == 1,
+            ));
+        }
         match (self.float_mask(), self.valid_counts()) {
             (Some(mask), Some(counts)) => (self.features * mask).sum_dim(axis).div(counts),
             _ => self.features.mean_dim(axis),
@@ -142,4 +159,50 @@ fn assert_every_row_has_a_valid_position(layer: &str, mask: &Tensor<2, Bool>) {
         empty_rows.is_empty(),
         "{layer}: every mask row needs at least one valid position (true), got rows {empty_rows:?} with none"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Distribution, TensorData, Tolerance};
+
+    /// The Flex masked-mean kernel and its backward against the composite form under
+    /// autodiff, in both layouts.
+    #[test]
+    fn fused_mean_matches_composite() {
+        let device = Device::flex().autodiff();
+        device.seed(2);
+        let (b, n, c) = (3, 6, 5);
+        let keep: Vec<bool> = (0..b * n).map(|i| i % 3 != 1).collect();
+        let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep, [b, n]), &device);
+        for axis in [1usize, 2] {
+            let shape = if axis == 1 { [b, n, c] } else { [b, c, n] };
+            let x = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let weights = Tensor::<2>::random([b, c], Distribution::Normal(0.0, 1.0), &device);
+            let fused_x = x.clone().require_grad();
+            let set = PositionSet {
+                features: fused_x.clone(),
+                axis,
+                mask: Some(mask.clone()),
+            };
+            let fused = set.mean();
+            let grads = (fused.clone() * weights.clone()).sum().backward();
+            let fused_grad = fused_x.grad(&grads).unwrap();
+
+            let composite_x = x.require_grad();
+            let float_mask = mask.clone().float().unsqueeze_dim::<3>(3 - axis);
+            let composite = (composite_x.clone() * float_mask.clone())
+                .sum_dim(axis)
+                .div(float_mask.sum_dim(axis))
+                .squeeze_dim::<2>(axis);
+            let grads = (composite.clone() * weights).sum().backward();
+            let tolerance = Tolerance::rel_abs(1e-5, 1e-6);
+            fused
+                .into_data()
+                .assert_approx_eq::<f32>(&composite.into_data(), tolerance);
+            fused_grad
+                .into_data()
+                .assert_approx_eq::<f32>(&composite_x.grad(&grads).unwrap().into_data(), tolerance);
+        }
+    }
 }

@@ -82,6 +82,24 @@ impl<B: Backend + PoolingOps> Backward<B, 2> for GeneralizedMeanBackward {
     }
 }
 
+/// The autodiff node of one masked mean.
+#[derive(Debug)]
+struct MaskedMeanBackward;
+
+impl<B: Backend + PoolingOps> Backward<B, 1> for MaskedMeanBackward {
+    /// mask, channels_last.
+    type State = (FloatTensor<B>, bool);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (mask, channels_last) = ops.state;
+        let [x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(x) = x {
+            grads.register::<B>(x.id, B::masked_mean_backward(mask, grad, channels_last));
+        }
+    }
+}
+
 impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, C> {
     fn partial_transport(
         costs: FloatTensor<Self>,
@@ -179,5 +197,36 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
             <Self as AutodiffBackend>::from_inner(dx),
             <Self as AutodiffBackend>::from_inner(dp),
         )
+    }
+
+    fn masked_mean(
+        x: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> FloatTensor<Self> {
+        let parents = [x.node()];
+        let mask = mask.into_primitive();
+        let output = B::masked_mean(x.into_primitive(), mask.clone(), channels_last);
+        match MaskedMeanBackward
+            .prepare::<C>(parents)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((mask, channels_last), output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
+    }
+
+    /// First-order only: the backward is computed on the inner backend and not recorded.
+    fn masked_mean_backward(
+        mask: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::masked_mean_backward(
+            mask.into_primitive(),
+            grad.into_primitive(),
+            channels_last,
+        ))
     }
 }

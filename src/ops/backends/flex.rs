@@ -1,5 +1,5 @@
-//! Fused CPU kernels of [`PoolingOps`] for Flex: the generalized mean and its analytical
-//! backward in two passes over the input each, threads over the batch, branch-free inner loops
+//! Fused CPU kernels of [`PoolingOps`] for Flex: the masked mean, and the generalized mean and
+//! its analytical backward in two passes over the input each, threads over the batch, branch-free inner loops
 //! that the compiler vectorises, and f32 `ln`/`exp` as short polynomials (≈1e-7 relative error;
 //! f64 uses the standard library's).
 //!
@@ -95,6 +95,63 @@ impl PoolingOps for Flex {
             dtype => panic!("generalized mean: unsupported float dtype {dtype:?}"),
         }
     }
+
+    fn masked_mean(
+        x: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> FloatTensor<Self> {
+        let shape = Shape3::of(&x, channels_last);
+        let (x, mask) = (x.to_contiguous(), mask.to_contiguous());
+        macro_rules! run {
+            ($t:ty) => {
+                tensor(
+                    mean_forward::<$t>(view(&x), view(&mask), shape),
+                    [shape.batch, shape.channels],
+                )
+            };
+        }
+        match x.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            dtype => panic!("masked mean: unsupported float dtype {dtype:?}"),
+        }
+    }
+
+    fn masked_mean_backward(
+        mask: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> FloatTensor<Self> {
+        let ([batch, positions], [_, channels]) = (dims2(&mask), dims2(&grad));
+        let shape = Shape3 {
+            batch,
+            positions,
+            channels,
+            channels_last,
+        };
+        let dims = if channels_last {
+            [batch, positions, channels]
+        } else {
+            [batch, channels, positions]
+        };
+        let (mask, grad) = (mask.to_contiguous(), grad.to_contiguous());
+        macro_rules! run {
+            ($t:ty) => {
+                tensor(mean_backward::<$t>(view(&mask), view(&grad), shape), dims)
+            };
+        }
+        match grad.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            dtype => panic!("masked mean: unsupported float dtype {dtype:?}"),
+        }
+    }
+}
+
+fn dims2(tensor: &FlexTensor) -> [usize; 2] {
+    let dims = tensor.shape();
+    [dims[0], dims[1]]
 }
 
 /// The elements of a contiguous Flex tensor.
@@ -296,6 +353,57 @@ fn moments<T: Real>(x: &[T], powers: &[T], mask: &[T], floor: T, shape: Shape3) 
         }
     }
     Moments { log_max, sum }
+}
+
+/// Σ_n m_n x_n / Σ_n m_n per sample and channel: one read of `x`.
+fn mean_forward<T: Real>(x: &[T], mask: &[T], shape: Shape3) -> Vec<T> {
+    let (n, c) = (shape.positions, shape.channels);
+    let mut out = vec![T::default(); shape.batch * c];
+    out.par_chunks_mut(c).enumerate().for_each(|(b, out)| {
+        let x = &x[b * n * c..(b + 1) * n * c];
+        let mask = &mask[b * n..(b + 1) * n];
+        let count = lane_sum(n, |i| mask[i]);
+        if shape.channels_last {
+            for (row, &valid) in x.chunks_exact(c).zip(mask) {
+                for (o, &v) in out.iter_mut().zip(row) {
+                    *o += valid * v;
+                }
+            }
+            out.iter_mut().for_each(|o| *o = *o / count);
+        } else {
+            for (o, row) in out.iter_mut().zip(x.chunks_exact(n)) {
+                *o = lane_sum(n, |i| mask[i] * row[i]) / count;
+            }
+        }
+    });
+    out
+}
+
+/// ∂L/∂x_n = m_n g / Σ m: one write of the input-sized gradient.
+fn mean_backward<T: Real>(mask: &[T], grad: &[T], shape: Shape3) -> Vec<T> {
+    let (n, c) = (shape.positions, shape.channels);
+    let mut dx = vec![T::default(); shape.batch * n * c];
+    dx.par_chunks_mut(n * c).enumerate().for_each(|(b, dx)| {
+        let mask = &mask[b * n..(b + 1) * n];
+        let g = &grad[b * c..(b + 1) * c];
+        let count = lane_sum(n, |i| mask[i]);
+        if shape.channels_last {
+            for (row, &valid) in dx.chunks_exact_mut(c).zip(mask) {
+                let weight = valid / count;
+                for (d, &g) in row.iter_mut().zip(g) {
+                    *d = g * weight;
+                }
+            }
+        } else {
+            for (row, &g) in dx.chunks_exact_mut(n).zip(g) {
+                let scale = g / count;
+                for (d, &valid) in row.iter_mut().zip(mask) {
+                    *d = scale * valid;
+                }
+            }
+        }
+    });
+    dx
 }
 
 /// One channel's row `[N]` (channels first): `log_x = ln max(x, ε)`, then the masked

@@ -1,5 +1,5 @@
 //! [`PoolingOps`](super::PoolingOps) for each covered backend. Flex has fused kernels for the
-//! generalized mean (`flex`); NdArray and Cube use the portable bodies for everything.
+//! generalized mean and the masked mean (`flex`); NdArray and Cube use the portable bodies for everything.
 
 #[cfg(feature = "autodiff")]
 mod autodiff;
@@ -74,6 +74,22 @@ macro_rules! portable_pooling_ops {
                     eps,
                     channels_last,
                 )
+            }
+
+            fn masked_mean(
+                x: FloatTensor<Self>,
+                mask: FloatTensor<Self>,
+                channels_last: bool,
+            ) -> FloatTensor<Self> {
+                portable::masked_mean::<Self>(x, mask, channels_last)
+            }
+
+            fn masked_mean_backward(
+                mask: FloatTensor<Self>,
+                grad: FloatTensor<Self>,
+                channels_last: bool,
+            ) -> FloatTensor<Self> {
+                portable::masked_mean_backward::<Self>(mask, grad, channels_last)
             }
         }
     };
