@@ -10,8 +10,10 @@
 //! Devices whose backend is not listed here (see [`extension_covers`]) take the layers'
 //! composite paths, differentiated by ordinary autodiff.
 
-// NdArray is deprecated in Burn 0.22 but still a supported backend of this crate.
-#[allow(deprecated)]
+// NdArray is deprecated in Burn 0.22 but still a supported backend of this crate; the
+// extension macro names it in generated code.
+#![allow(deprecated)]
+
 mod backends;
 pub(crate) mod portable;
 
@@ -25,7 +27,6 @@ use crate::transport::TransportSettings;
 pub(crate) use backends::BACKWARD_CALLS;
 
 /// Pooling kernels as backend ops.
-#[allow(deprecated)]
 #[backend_extension(
     Flex: cfg(feature = "flex"),
     NdArray: cfg(feature = "ndarray"),
