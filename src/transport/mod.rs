@@ -14,7 +14,7 @@
 //! - `costs`: φ-normalised distances between features and prototypes;
 //! - `solver`: the forward solve (Newton or Sinkhorn on the scalar dual β);
 //! - `implicit_backward`: the closed-form gradient at the fixed point;
-//! - [`PoolingOps`](crate::ops::PoolingOps), the crate's backend-extension trait, carries
+//! - [`PoolingOps`], the crate's backend-extension trait, carries
 //!   both (its autodiff implementation records the analytical backward);
 //! - `fallback`: one tracked Newton step, for backends the extension does not cover.
 
@@ -44,7 +44,7 @@ pub struct TransportPlan {
 }
 
 /// Solves the partial transport problem, with the analytical backward when the backend is
-/// covered by [`PoolingOps`](crate::ops::PoolingOps) (Flex, NdArray, wgpu and their autodiff devices, as enabled by
+/// covered by [`PoolingOps`] (Flex, NdArray, wgpu and their autodiff devices, as enabled by
 /// this crate's features), else with [`partial_transport_newton_step`].
 ///
 /// # Shapes
