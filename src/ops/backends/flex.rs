@@ -15,6 +15,23 @@ use rayon::prelude::*;
 use crate::ops::{PoolingOps, portable};
 use crate::transport::TransportSettings;
 
+/// Runs `$body` with the type `$t` bound to the element type of `$dtype` (f32 or f64).
+macro_rules! with_float {
+    ($dtype:expr, $op:literal, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            dtype => panic!("{}: unsupported float dtype {dtype:?}", $op),
+        }
+    };
+}
+
 impl PoolingOps for Flex {
     fn partial_transport(
         costs: FloatTensor<Self>,
@@ -47,19 +64,12 @@ impl PoolingOps for Flex {
             powers.to_contiguous(),
             mask.to_contiguous(),
         );
-        macro_rules! run {
-            ($t:ty) => {
-                tensor(
-                    forward::<$t>(view(&x), view(&powers), view(&mask), eps, shape),
-                    [shape.batch, shape.channels],
-                )
-            };
-        }
-        match x.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            dtype => panic!("generalized mean: unsupported float dtype {dtype:?}"),
-        }
+        with_float!(x.dtype(), "generalized mean", T => {
+            tensor(
+                forward::<T>(view(&x), view(&powers), view(&mask), eps, shape),
+                [shape.batch, shape.channels],
+            )
+        })
     }
 
     fn generalized_mean_backward(
@@ -75,25 +85,18 @@ impl PoolingOps for Flex {
         let dims = x.shape().clone();
         let [x, powers, mask, output, grad] =
             [x, powers, mask, output, grad].map(|t| t.to_contiguous());
-        macro_rules! run {
-            ($t:ty) => {{
-                let (dx, dp) = backward::<$t>(
-                    view(&x),
-                    view(&powers),
-                    view(&mask),
-                    view(&output),
-                    view(&grad),
-                    eps,
-                    shape,
-                );
-                (tensor(dx, dims.clone()), tensor(dp, [shape.channels]))
-            }};
-        }
-        match x.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            dtype => panic!("generalized mean: unsupported float dtype {dtype:?}"),
-        }
+        with_float!(x.dtype(), "generalized mean", T => {
+            let (dx, dp) = backward::<T>(
+                view(&x),
+                view(&powers),
+                view(&mask),
+                view(&output),
+                view(&grad),
+                eps,
+                shape,
+            );
+            (tensor(dx, dims.clone()), tensor(dp, [shape.channels]))
+        })
     }
 
     fn masked_mean(
@@ -103,19 +106,12 @@ impl PoolingOps for Flex {
     ) -> FloatTensor<Self> {
         let shape = Shape3::of(&x, channels_last);
         let (x, mask) = (x.to_contiguous(), mask.to_contiguous());
-        macro_rules! run {
-            ($t:ty) => {
-                tensor(
-                    mean_forward::<$t>(view(&x), view(&mask), shape),
-                    [shape.batch, shape.channels],
-                )
-            };
-        }
-        match x.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            dtype => panic!("masked mean: unsupported float dtype {dtype:?}"),
-        }
+        with_float!(x.dtype(), "masked mean", T => {
+            tensor(
+                mean_forward::<T>(view(&x), view(&mask), shape),
+                [shape.batch, shape.channels],
+            )
+        })
     }
 
     fn masked_mean_backward(
@@ -136,16 +132,9 @@ impl PoolingOps for Flex {
             [batch, channels, positions]
         };
         let (mask, grad) = (mask.to_contiguous(), grad.to_contiguous());
-        macro_rules! run {
-            ($t:ty) => {
-                tensor(mean_backward::<$t>(view(&mask), view(&grad), shape), dims)
-            };
-        }
-        match grad.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            dtype => panic!("masked mean: unsupported float dtype {dtype:?}"),
-        }
+        with_float!(grad.dtype(), "masked mean", T => {
+            tensor(mean_backward::<T>(view(&mask), view(&grad), shape), dims)
+        })
     }
 }
 
