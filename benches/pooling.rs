@@ -26,6 +26,14 @@ fn sync(t: Tensor<2>) {
     let _ = t.slice([0..1, 0..1]).into_scalar::<f32>();
 }
 
+/// Runs the backward of `loss` and waits for the gradient of `input` (on a GPU the backward
+/// is only queued until something is read).
+fn backward_sync<const D: usize>(loss: Tensor<1>, input: &Tensor<D>) {
+    let grads = loss.backward();
+    let grad = input.grad(&grads).expect("the input is tracked");
+    let _ = grad.flatten::<1>(0, D - 1).slice(0..1).into_scalar::<f32>();
+}
+
 fn bytes(shape: &[usize]) -> Throughput {
     Throughput::Bytes(4 * shape.iter().product::<usize>() as u64)
 }
@@ -54,10 +62,8 @@ fn maps_and_tokens(c: &mut Criterion) {
         let gem_t = GemConfig::new().init(&train);
         group.bench_function("GeM forward+backward", |bench| {
             bench.iter(|| {
-                gem_t
-                    .forward(maps_t.clone().require_grad())
-                    .sum()
-                    .backward()
+                let x = maps_t.clone().require_grad();
+                backward_sync(gem_t.forward(x.clone()).sum(), &x)
             })
         });
         group.finish();
@@ -75,10 +81,8 @@ fn maps_and_tokens(c: &mut Criterion) {
         let ggem_t = GroupGemConfig::new(12).init(&train);
         group.bench_function("GGeM(12) forward+backward", |bench| {
             bench.iter(|| {
-                ggem_t
-                    .forward_tokens(tokens_t.clone().require_grad())
-                    .sum()
-                    .backward()
+                let x = tokens_t.clone().require_grad();
+                backward_sync(ggem_t.forward_tokens(x.clone()).sum(), &x)
             })
         });
         group.finish();
@@ -105,8 +109,9 @@ fn gsp(c: &mut Criterion) {
                 &x_t,
                 |bench, x| {
                     bench.iter(|| {
-                        let out = layer_t.forward_tokens_detailed(x.clone().require_grad(), None);
-                        (out.pooled.sum() + out.attributes.sum()).backward()
+                        let x = x.clone().require_grad();
+                        let out = layer_t.forward_tokens_detailed(x.clone(), None);
+                        backward_sync(out.pooled.sum() + out.attributes.sum(), &x)
                     })
                 },
             );
