@@ -118,9 +118,7 @@ where
     DispatchTensor: DispatchKindConversion<B>,
 {
     let axis = if channels_last { 1 } else { 2 };
-    let mask: Tensor<2> = wrap::<B, 2>(mask);
-    let counts = mask.clone().sum_dim(1).unsqueeze_dim::<3>(2); // [B, 1, 1]
-    let weights = mask.unsqueeze_dim::<3>(3 - axis) / counts;
+    let weights = mean_weights(wrap::<B, 2>(mask), axis);
     unwrap::<B, 2>((wrap::<B, 3>(x) * weights).sum_dim(axis).squeeze_dim(axis))
 }
 
@@ -134,8 +132,13 @@ where
     DispatchTensor: DispatchKindConversion<B>,
 {
     let axis = if channels_last { 1 } else { 2 };
-    let mask: Tensor<2> = wrap::<B, 2>(mask);
-    let counts = mask.clone().sum_dim(1).unsqueeze_dim::<3>(2);
-    let weights = mask.unsqueeze_dim::<3>(3 - axis) / counts;
+    let weights = mean_weights(wrap::<B, 2>(mask), axis);
     unwrap::<B, 3>(wrap::<B, 2>(grad).unsqueeze_dim::<3>(axis) * weights)
+}
+
+/// m_n / Σ m per sample, shaped to broadcast against features whose positions are on `axis`.
+#[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
+fn mean_weights(mask: Tensor<2>, axis: usize) -> Tensor<3> {
+    let counts = mask.clone().sum_dim(1).unsqueeze_dim::<3>(2); // [B, 1, 1]
+    mask.unsqueeze_dim::<3>(3 - axis) / counts
 }

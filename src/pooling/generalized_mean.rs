@@ -30,14 +30,8 @@ use crate::ops::{PoolingOps, extension_covers};
 /// `[B, C]`. Runs the backend's kernel (with its analytical backward) when the crate's
 /// extension covers the device, else the composite form under ordinary autodiff.
 pub(crate) fn generalized_mean(set: PositionSet, powers: Tensor<1>, eps: f64) -> Tensor<2> {
-    let float_mask = set.mask.map(|mask| mask.float());
     if extension_covers(&set.features.device()) {
-        let (batch, positions, _) = {
-            let dims = set.features.dims();
-            (dims[0], dims[set.axis], dims[3 - set.axis])
-        };
-        let mask =
-            float_mask.unwrap_or_else(|| Tensor::ones([batch, positions], &set.features.device()));
+        let mask = set.float_mask_or_ones();
         Tensor::from_dispatch(<Dispatch as PoolingOps>::generalized_mean(
             set.features.into_dispatch(),
             powers.into_dispatch(),
@@ -46,6 +40,7 @@ pub(crate) fn generalized_mean(set: PositionSet, powers: Tensor<1>, eps: f64) ->
             set.axis == 1,
         ))
     } else {
+        let float_mask = set.mask.map(|mask| mask.float());
         composite_forward(set.features, powers, float_mask, eps, set.axis)
     }
 }

@@ -112,6 +112,18 @@ impl PositionSet {
             .map(|mask| mask.clone().float().unsqueeze_dim(self.channel_axis()))
     }
 
+    /// The mask as float `[B, N]` (1 valid, 0 padding), all ones when there is none: the form
+    /// the backend kernels take.
+    pub fn float_mask_or_ones(&self) -> Tensor<2> {
+        match &self.mask {
+            Some(mask) => mask.clone().float(),
+            None => {
+                let (batch, positions, _) = self.dims();
+                Tensor::ones([batch, positions], &self.features.device())
+            }
+        }
+    }
+
     /// Number of valid positions per sample, shaped to broadcast against a keep-dim reduction of
     /// `features` over positions (`[B, 1, 1]`), or `None` when every position is valid.
     pub fn valid_counts(&self) -> Option<Tensor<3>> {
@@ -126,11 +138,7 @@ impl PositionSet {
         let axis = self.axis;
         let device = self.features.device();
         if extension_covers(&device) {
-            let (batch, positions, _) = self.dims();
-            let mask = self
-                .mask
-                .map(|mask| mask.float())
-                .unwrap_or_else(|| Tensor::ones([batch, positions], &device));
+            let mask = self.float_mask_or_ones();
             return Tensor::from_dispatch(<Dispatch as PoolingOps>::masked_mean(
                 self.features.into_dispatch(),
                 mask.into_dispatch(),

@@ -10,7 +10,7 @@
 
 use burn::tensor::Tensor;
 
-use super::solver::{log_kernel_mass, plan_from_beta, sigmoid, solve_beta};
+use super::solver::{kernel, plan_from_beta, sigmoid, solve_beta};
 use super::{TransportPlan, TransportSettings};
 
 /// Smallest f'(β) divided by in the tracked step (f' = 0 only when every σ saturated, where
@@ -30,7 +30,7 @@ pub fn partial_transport_newton_step(
     settings: &TransportSettings,
 ) -> TransportPlan {
     let mass = mass.detach();
-    let log_mass = log_kernel_mass(costs.clone(), settings.epsilon);
+    let (log_mass, softmax) = kernel(costs, settings.epsilon);
     let (beta, iterations) = solve_beta(log_mass.clone().detach(), mass.clone(), settings);
     let sigma = sigmoid(log_mass.clone() + beta.clone());
     let residual = (sigma.clone() * mass.clone())
@@ -40,7 +40,7 @@ pub fn partial_transport_newton_step(
         .sum_dim(1)
         .clamp_min(MIN_SLOPE);
     let beta = beta - residual / slope;
-    let plan = plan_from_beta(costs, log_mass, beta, mass, settings.epsilon);
+    let plan = plan_from_beta(softmax, log_mass, beta, mass);
     let device = plan.device();
     TransportPlan {
         plan,

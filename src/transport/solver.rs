@@ -21,12 +21,22 @@ use super::settings::{TransportSettings, TransportSolver};
 /// β used for μ = 1, where the root is at +∞: large enough that σ(β + ℓ) = 1 in any float.
 const BETA_AT_FULL_TRANSPORT: f64 = 1e30;
 
-/// ℓ_j = logsumexp_k(−c_kj / ε): `[B, K, N]` → `[B, N]`. Tracks gradients if `costs` does.
-pub(crate) fn log_kernel_mass(costs: Tensor<3>, epsilon: f64) -> Tensor<2> {
+/// One exp pass over the costs `[B, K, N]` gives both ℓ_j = logsumexp_k(−c_kj / ε) `[B, N]`
+/// and softmax_k(−c_·j / ε) `[B, K, N]`. Tracks gradients if `costs` does.
+pub(crate) fn kernel(costs: Tensor<3>, epsilon: f64) -> (Tensor<2>, Tensor<3>) {
     let scaled = costs.div_scalar(-epsilon);
-    // The shift does not change the value, so its gradient is exactly zero: detach it.
+    // The shift changes neither result, so its gradient is exactly zero: detach it.
     let shift = scaled.clone().max_dim(1).detach();
-    ((scaled - shift.clone()).exp().sum_dim(1).log() + shift).squeeze_dim(1)
+    let weights = (scaled - shift.clone()).exp();
+    let total = weights.clone().sum_dim(1);
+    let log_mass = (total.clone().log() + shift).squeeze_dim(1);
+    (log_mass, weights / total)
+}
+
+/// ℓ_j = logsumexp_k(−c_kj / ε): `[B, K, N]` → `[B, N]`.
+#[cfg(test)]
+pub(crate) fn log_kernel_mass(costs: Tensor<3>, epsilon: f64) -> Tensor<2> {
+    kernel(costs, epsilon).0
 }
 
 /// softplus(x) = ln(1 + eˣ) without overflow.
@@ -39,20 +49,17 @@ pub(crate) fn sigmoid(x: Tensor<2>) -> Tensor<2> {
     softplus(x.neg()).neg().exp()
 }
 
-/// The plan `[B, K+1, N]` (row 0 = ρ, rows 1..=K = P) for a given β `[B, 1]`.
-/// Tracks gradients through `costs`, `log_mass` and `beta` if they are tracked.
+/// The plan `[B, K+1, N]` (row 0 = ρ, rows 1..=K = P) for a given β `[B, 1]`, from the
+/// [`kernel`]. Tracks gradients through its arguments if they are tracked.
 pub(crate) fn plan_from_beta(
-    costs: Tensor<3>,
+    softmax: Tensor<3>,
     log_mass: Tensor<2>,
     beta: Tensor<2>,
     mass: Tensor<2>,
-    epsilon: f64,
 ) -> Tensor<3> {
-    let logits = beta + log_mass.clone();
+    let logits = beta + log_mass;
     let sent = sigmoid(logits.clone()) * mass.clone();
     let residual = sigmoid(logits.neg()) * mass;
-    // softmax_k(−c/ε) = exp(−c/ε − ℓ)
-    let softmax = (costs.div_scalar(-epsilon) - log_mass.unsqueeze_dim(1)).exp();
     let plan = softmax * sent.unsqueeze_dim(1);
     Tensor::cat(vec![residual.unsqueeze_dim(1), plan], 1)
 }
@@ -225,12 +232,9 @@ pub(crate) fn solve(
     mass: Tensor<2>,
     settings: &TransportSettings,
 ) -> (Tensor<3>, usize) {
-    let log_mass = log_kernel_mass(costs.clone(), settings.epsilon);
+    let (log_mass, softmax) = kernel(costs, settings.epsilon);
     let (beta, iterations) = solve_beta(log_mass.clone(), mass.clone(), settings);
-    (
-        plan_from_beta(costs, log_mass, beta, mass, settings.epsilon),
-        iterations,
-    )
+    (plan_from_beta(softmax, log_mass, beta, mass), iterations)
 }
 
 /// The iteration count as a one-element int tensor, to cross the backend-extension boundary.
