@@ -1,9 +1,9 @@
 //! The backend-extension trait behind which every backend-specific kernel of the crate lives:
-//! GSP's transport solve with its analytical backward, the generalized mean of GeM/GGeM with
-//! its analytical backward, and GAP's masked mean.
+//! GSP's cost matrix and transport solve, each with its analytical backward, the generalized
+//! mean of GeM/GGeM with its analytical backward, and GAP's masked mean.
 //!
 //! - `portable`: bodies written once with the `Tensor` API, valid on every backend;
-//! - `backends`: the implementations. Flex has fused CPU kernels for the generalized mean;
+//! - `backends`: the implementations. Flex has fused CPU kernels for every op;
 //!   NdArray and Cube (wgpu) use the portable bodies; `Autodiff<B, C>` runs the inner
 //!   backend's forward off the tape and records one node whose backward is the closed form.
 //!
@@ -34,6 +34,24 @@ pub(crate) use backends::BACKWARD_CALLS;
     Autodiff: cfg(feature = "autodiff"),
 )]
 pub trait PoolingOps: Backend {
+    /// GSP's costs c_kj = ‖φ(ω_k) − φ(x_j)‖₂ with φ(v) = v / max(1, ‖v‖₂), for features
+    /// `[B, N, C]` (`channels_last`) or `[B, C, N]` and prototypes `[K, C]`: `[B, K, N]`.
+    fn transport_costs(
+        features: FloatTensor<Self>,
+        prototypes: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> FloatTensor<Self>;
+
+    /// (∂L/∂features, ∂L/∂prototypes) of [`transport_costs`](Self::transport_costs) given
+    /// its output and ∂L/∂costs `[B, K, N]`.
+    fn transport_costs_backward(
+        features: FloatTensor<Self>,
+        prototypes: FloatTensor<Self>,
+        costs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
     /// Solves GSP's partial transport for costs `[B, K, N]` and position masses `[B, N]`;
     /// returns the plan `[B, K+1, N]` (row 0 = residual ρ) and the iteration count `[1]`.
     fn partial_transport(

@@ -7,6 +7,7 @@ use burn::tensor::Tensor;
 
 use crate::pooling::generalized_mean::{composite_backward, composite_forward};
 use crate::transport::TransportSettings;
+use crate::transport::costs::{composite_costs, costs_gradient};
 use crate::transport::implicit_backward::implicit_cost_gradient;
 use crate::transport::solver::{iterations_tensor, solve};
 
@@ -63,6 +64,43 @@ where
 }
 
 // Used by the backends without a fused kernel (NdArray, Cube).
+#[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
+pub fn transport_costs<B: Backend>(
+    features: FloatTensor<B>,
+    prototypes: FloatTensor<B>,
+    channels_last: bool,
+) -> FloatTensor<B>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    unwrap::<B, 3>(composite_costs(
+        wrap::<B, 3>(features),
+        wrap::<B, 2>(prototypes),
+        if channels_last { 2 } else { 1 },
+    ))
+}
+
+#[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
+pub fn transport_costs_backward<B: Backend>(
+    features: FloatTensor<B>,
+    prototypes: FloatTensor<B>,
+    costs: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    channels_last: bool,
+) -> (FloatTensor<B>, FloatTensor<B>)
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    let (features, prototypes) = costs_gradient(
+        wrap::<B, 3>(features),
+        wrap::<B, 2>(prototypes),
+        wrap::<B, 3>(costs),
+        wrap::<B, 3>(grad),
+        if channels_last { 2 } else { 1 },
+    );
+    (unwrap::<B, 3>(features), unwrap::<B, 2>(prototypes))
+}
+
 #[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
 pub fn generalized_mean<B: Backend>(
     x: FloatTensor<B>,

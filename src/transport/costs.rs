@@ -1,20 +1,38 @@
-//! Transport costs between features and prototypes (gsp.md §3).
+//! Transport costs between features and prototypes (gsp.md §3), and their closed-form
+//! gradient.
 
+use burn::backend::Dispatch;
 use burn::tensor::Tensor;
+
+use crate::ops::{PoolingOps, extension_covers};
 
 /// Squared distances below this are treated as 0 (the norm's derivative is undefined there;
 /// its gradient is taken as 0).
 const MIN_SQUARED_DISTANCE: f64 = 1e-12;
 
+/// Costs at or below this came from a clamped squared distance, so their gradient is 0: the
+/// square root of [`MIN_SQUARED_DISTANCE`] with room for rounding.
+pub(crate) const MIN_ACTIVE_COST: f64 = 1.0001e-6;
+
 /// φ(v) = v / max(1, ‖v‖₂) along `axis`: shrinks vectors outside the unit ball onto it, keeps
 /// the others, so every cost lies in [0, 2].
 pub fn lipschitz_normalize<const D: usize>(v: Tensor<D>, axis: usize) -> Tensor<D> {
+    let (normalized, _) = normalize_with_scale(v, axis);
+    normalized
+}
+
+/// φ(v) and max(1, ‖v‖) along `axis`.
+fn normalize_with_scale<const D: usize>(v: Tensor<D>, axis: usize) -> (Tensor<D>, Tensor<D>) {
     // max(1, ‖v‖) = sqrt(max(1, ‖v‖²)): no square root of 0, so no infinite gradient.
-    let norm = v.clone().square().sum_dim(axis).clamp_min(1.0).sqrt();
-    v / norm
+    let scale = v.clone().square().sum_dim(axis).clamp_min(1.0).sqrt();
+    (v / scale.clone(), scale)
 }
 
 /// c_kj = ‖φ(ω_k) − φ(x_j)‖₂ (not squared) for features in either layout.
+///
+/// Runs as one op of the crate's backend extension, with a closed-form backward, when
+/// [`extension_covers`] the device; otherwise as the composite of tensor ops that autodiff
+/// differentiates op by op.
 ///
 /// # Shapes
 ///
@@ -26,18 +44,41 @@ pub fn transport_costs(
     prototypes: Tensor<2>,
     channel_axis: usize,
 ) -> Tensor<3> {
-    let features = lipschitz_normalize(features, channel_axis);
-    let prototypes = lipschitz_normalize(prototypes, 1);
-    // Features as one [B·N, C] matrix, so the cross products (and their gradients) are single
-    // 2-D matmuls rather than a batched one broadcasting the prototypes.
+    if extension_covers(&features.device()) {
+        Tensor::from_dispatch(<Dispatch as PoolingOps>::transport_costs(
+            features.into_dispatch(),
+            prototypes.into_dispatch(),
+            channel_axis == 2,
+        ))
+    } else {
+        composite_costs(features, prototypes, channel_axis)
+    }
+}
+
+/// Features as one `[B·N, C]` matrix of positions.
+fn positions_as_rows(features: Tensor<3>, channel_axis: usize) -> Tensor<2> {
     let tokens = if channel_axis == 2 {
         features
     } else {
         features.swap_dims(1, 2)
     };
     let [batch, positions, channels] = tokens.dims();
+    tokens.reshape([batch * positions, channels])
+}
+
+/// [`transport_costs`] written with tensor ops.
+pub(crate) fn composite_costs(
+    features: Tensor<3>,
+    prototypes: Tensor<2>,
+    channel_axis: usize,
+) -> Tensor<3> {
+    let [batch, _, _] = features.dims();
     let [count, _] = prototypes.dims();
-    let flat = tokens.reshape([batch * positions, channels]);
+    // One [B·N, C] matrix, so the cross products (and their gradients) are single 2-D matmuls
+    // rather than a batched one broadcasting the prototypes.
+    let flat = lipschitz_normalize(positions_as_rows(features, channel_axis), 1);
+    let prototypes = lipschitz_normalize(prototypes, 1);
+    let positions = flat.dims()[0] / batch;
     let feature_norms = flat.clone().square().sum_dim(1); // [B·N, 1]
     let prototype_norms = prototypes.clone().square().sum_dim(1).transpose(); // [1, K]
     let cross = flat.matmul(prototypes.transpose()); // [B·N, K]
@@ -47,4 +88,127 @@ pub fn transport_costs(
         .sqrt()
         .reshape([batch, positions, count])
         .swap_dims(1, 2)
+}
+
+/// (∂L/∂features, ∂L/∂prototypes) of [`transport_costs`] from its output and ∂L/∂costs,
+/// written with tensor ops. With a_kj = (∂L/∂c_kj) / c_kj (0 where the distance was clamped):
+///
+/// ```text
+/// ∂L/∂φ(x_j) = φ(x_j) Σ_k a_kj − Σ_k a_kj φ(ω_k)
+/// ∂L/∂φ(ω_k) = φ(ω_k) Σ_j a_kj − Σ_j a_kj φ(x_j)        (summed over the batch)
+/// ∂L/∂v      = (g − [‖v‖ > 1] ⟨φ(v), g⟩ φ(v)) / max(1, ‖v‖)   for g = ∂L/∂φ(v)
+/// ```
+pub(crate) fn costs_gradient(
+    features: Tensor<3>,
+    prototypes: Tensor<2>,
+    costs: Tensor<3>,
+    grad: Tensor<3>,
+    channel_axis: usize,
+) -> (Tensor<3>, Tensor<2>) {
+    let dims = features.dims();
+    let [batch, count, positions] = costs.dims();
+    let (flat, flat_scale) = normalize_with_scale(positions_as_rows(features, channel_axis), 1);
+    let (prototypes, prototype_scale) = normalize_with_scale(prototypes, 1);
+    let clamped = costs.clone().lower_equal_elem(MIN_ACTIVE_COST);
+    let a = (grad / costs)
+        .mask_fill(clamped, 0.0)
+        .swap_dims(1, 2)
+        .reshape([batch * positions, count]); // [B·N, K]
+    let flat_grad = flat.clone() * a.clone().sum_dim(1) - a.clone().matmul(prototypes.clone());
+    let prototype_grad =
+        prototypes.clone() * a.clone().sum_dim(0).transpose() - a.transpose().matmul(flat.clone());
+    let flat_grad = normalize_backward(flat, flat_scale, flat_grad);
+    let prototype_grad = normalize_backward(prototypes, prototype_scale, prototype_grad);
+    let tokens = flat_grad.reshape([batch, positions, dims[channel_axis]]);
+    let features_grad = if channel_axis == 2 {
+        tokens
+    } else {
+        tokens.swap_dims(1, 2)
+    };
+    (features_grad, prototype_grad)
+}
+
+/// ∂L/∂v of φ along rows, from φ(v), max(1, ‖v‖) and g = ∂L/∂φ(v).
+fn normalize_backward(normalized: Tensor<2>, scale: Tensor<2>, grad: Tensor<2>) -> Tensor<2> {
+    let inside = scale.clone().lower_equal_elem(1.0);
+    let projection = (normalized.clone() * grad.clone())
+        .sum_dim(1)
+        .mask_fill(inside, 0.0);
+    (grad - normalized * projection) / scale
+}
+
+#[cfg(all(test, feature = "flex", feature = "autodiff"))]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Distribution, Tolerance};
+    use std::sync::atomic::Ordering;
+
+    use crate::ops::BACKWARD_CALLS;
+
+    /// The fused Flex kernel and its backward against the composite form under autodiff and
+    /// against the closed-form `costs_gradient`, both layouts, with features and prototypes
+    /// inside and outside the unit ball and one position equal to a prototype (its distance
+    /// is clamped, so its gradient is 0).
+    #[test]
+    fn fused_kernel_matches_composite_paths() {
+        let device = Device::flex().autodiff();
+        device.seed(4);
+        let (b, n, c, k) = (3, 7, 6, 4);
+        let prototypes = Tensor::<2>::random([k, c], Distribution::Uniform(-0.6, 0.6), &device);
+        // Prototype 0 outside the unit ball.
+        let prototypes = prototypes.slice_fill([0..1, 0..c], 0.9);
+        for channel_axis in [1usize, 2] {
+            let shape = if channel_axis == 2 { [b, n, c] } else { [b, c, n] };
+            // Rows of either norm: values up to 0.8 give norms on both sides of 1.
+            let x = Tensor::<3>::random(shape, Distribution::Uniform(-0.8, 0.8), &device);
+            // Position 0 of sample 0 equal to prototype 1 (inside the ball).
+            let copy = prototypes.clone().slice([1..2, 0..c]);
+            let x = if channel_axis == 2 {
+                x.slice_assign([0..1, 0..1, 0..c], copy.unsqueeze_dim(0))
+            } else {
+                x.slice_assign([0..1, 0..c, 0..1], copy.transpose().unsqueeze_dim(0))
+            };
+            let weights = Tensor::<3>::random([b, k, n], Distribution::Uniform(-1.0, 1.0), &device);
+
+            let (xf, pf) = (x.clone().require_grad(), prototypes.clone().require_grad());
+            let before = BACKWARD_CALLS::COSTS.load(Ordering::SeqCst);
+            let fused = transport_costs(xf.clone(), pf.clone(), channel_axis);
+            let grads = (fused.clone() * weights.clone()).sum().backward();
+            assert!(BACKWARD_CALLS::COSTS.load(Ordering::SeqCst) > before);
+            let (fused_dx, fused_dp) = (xf.grad(&grads).unwrap(), pf.grad(&grads).unwrap());
+
+            let (xc, pc) = (x.clone().require_grad(), prototypes.clone().require_grad());
+            let composite = composite_costs(xc.clone(), pc.clone(), channel_axis);
+            let grads = (composite.clone() * weights.clone()).sum().backward();
+            let tolerance = Tolerance::rel_abs(1e-4, 1e-5);
+            fused
+                .clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&composite.into_data(), tolerance);
+            let cost = fused.clone().slice([0..1, 1..2, 0..1]).into_scalar::<f32>();
+            assert!(cost < 1e-5, "a position equal to a prototype costs {cost}");
+            fused_dx
+                .clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&xc.grad(&grads).unwrap().into_data(), tolerance);
+            fused_dp
+                .clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&pc.grad(&grads).unwrap().into_data(), tolerance);
+
+            let (closed_dx, closed_dp) = costs_gradient(
+                x.inner(),
+                prototypes.clone().inner(),
+                fused.inner(),
+                weights.inner(),
+                channel_axis,
+            );
+            closed_dx
+                .into_data()
+                .assert_approx_eq::<f32>(&fused_dx.into_data(), tolerance);
+            closed_dp
+                .into_data()
+                .assert_approx_eq::<f32>(&fused_dp.into_data(), tolerance);
+        }
+    }
 }

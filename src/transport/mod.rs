@@ -11,14 +11,14 @@
 //!
 //! The layout of the module:
 //! - [`settings`](TransportSettings): μ, ε and the solver's settings;
-//! - `costs`: φ-normalised distances between features and prototypes;
+//! - `costs`: φ-normalised distances between features and prototypes, and their gradient;
 //! - `solver`: the forward solve (Newton or Sinkhorn on the scalar dual β);
 //! - `implicit_backward`: the closed-form gradient at the fixed point;
 //! - [`PoolingOps`], the crate's backend-extension trait, carries
 //!   both (its autodiff implementation records the analytical backward);
 //! - `fallback`: one tracked Newton step, for backends the extension does not cover.
 
-mod costs;
+pub(crate) mod costs;
 mod fallback;
 pub(crate) mod implicit_backward;
 mod settings;
@@ -69,5 +69,77 @@ pub fn partial_transport(
         }
     } else {
         partial_transport_newton_step(costs, mass, settings)
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+    use burn::tensor::{Bool, Device, Distribution, TensorData, Tolerance};
+
+    use crate::transport::implicit_backward::implicit_cost_gradient;
+    use crate::transport::solver::solve;
+
+    /// The fused Flex solve and backward against the portable ones (tensor ops), for both
+    /// solvers, transport ratios from 0.05 to 1, a small and the default ε, with padding.
+    #[test]
+    fn fused_kernel_matches_portable_solver_and_backward() {
+        let device = Device::flex();
+        device.seed(6);
+        let (b, k, n) = (3, 5, 9);
+        let costs = Tensor::<3>::random([b, k, n], Distribution::Uniform(0.0, 2.0), &device);
+        let keep: Vec<bool> = (0..b * n).map(|i| i % 5 != 4).collect();
+        let valid = Tensor::<2, Bool>::from_bool(TensorData::new(keep, [b, n]), &device).float();
+        let mass = valid.clone() / valid.sum_dim(1);
+        let grad = Tensor::<3>::random([b, k + 1, n], Distribution::Uniform(-1.0, 1.0), &device);
+        for solver in [TransportSolver::Newton, TransportSolver::Sinkhorn] {
+            for epsilon in [0.2, 0.05] {
+                for transport_ratio in [0.05, 0.3, 0.9, 1.0] {
+                    let settings = TransportSettings {
+                        transport_ratio,
+                        epsilon,
+                        max_iterations: 2000,
+                        tolerance: 1e-7,
+                        solver,
+                    };
+                    let case = format!("{solver:?}, ε = {epsilon}, μ = {transport_ratio}");
+                    let fused = partial_transport(costs.clone(), mass.clone(), &settings);
+                    let (portable, _) = solve(costs.clone(), mass.clone(), &settings);
+                    let tolerance = Tolerance::rel_abs(1e-4, 1e-6);
+                    fused
+                        .plan
+                        .clone()
+                        .into_data()
+                        .assert_approx_eq::<f32>(&portable.clone().into_data(), tolerance);
+                    let total = fused.plan.clone().slice([0..b, 1..k + 1, 0..n]).sum_dim(2);
+                    let total = total.sum_dim(1).into_data().to_vec::<f32>().unwrap();
+                    for t in total {
+                        assert!((t as f64 - transport_ratio).abs() < 1e-5, "{case}: Σ P = {t}");
+                    }
+                    if transport_ratio < 1.0 {
+                        let fused_grad = Tensor::<3>::from_dispatch(
+                            <Dispatch as PoolingOps>::partial_transport_backward(
+                                fused.plan.clone().into_dispatch(),
+                                grad.clone().into_dispatch(),
+                                mass.clone().into_dispatch(),
+                                transport_ratio,
+                                epsilon,
+                            ),
+                        );
+                        let portable_grad = implicit_cost_gradient(
+                            portable,
+                            grad.clone(),
+                            mass.clone(),
+                            transport_ratio,
+                            epsilon,
+                        );
+                        fused_grad.into_data().assert_approx_eq::<f32>(
+                            &portable_grad.into_data(),
+                            Tolerance::rel_abs(1e-3, 1e-5),
+                        );
+                    }
+                }
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! [`PoolingOps`] for `Autodiff<B, C>`: each forward runs on the inner backend with no tape,
 //! and one node with the closed-form backward is recorded. The transport node saves the plan
-//! and the masses, whatever the number of solver iterations.
+//! and the masses, whatever the number of solver iterations; the cost node saves its inputs
+//! and output, not the normalised features.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -17,6 +18,7 @@ use crate::transport::TransportSettings;
 #[cfg(test)]
 pub(crate) mod counters {
     use std::sync::atomic::AtomicUsize;
+    pub static COSTS: AtomicUsize = AtomicUsize::new(0);
     pub static TRANSPORT: AtomicUsize = AtomicUsize::new(0);
     pub static GENERALIZED_MEAN: AtomicUsize = AtomicUsize::new(0);
 }
@@ -46,6 +48,31 @@ impl<B: Backend + PoolingOps> Backward<B, 1> for TransportBackward {
             let cost_grad =
                 B::partial_transport_backward(plan, grad, mass, transport_ratio, epsilon);
             grads.register::<B>(costs.id, cost_grad);
+        }
+    }
+}
+
+/// The autodiff node of one cost matrix.
+#[derive(Debug)]
+struct CostsBackward;
+
+impl<B: Backend + PoolingOps> Backward<B, 2> for CostsBackward {
+    /// Features, prototypes, costs, channels_last.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, bool);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        #[cfg(test)]
+        count(&counters::COSTS);
+        let (features, prototypes, costs, channels_last) = ops.state;
+        let [features_node, prototypes_node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (d_features, d_prototypes) =
+            B::transport_costs_backward(features, prototypes, costs, grad, channels_last);
+        if let Some(node) = features_node {
+            grads.register::<B>(node.id, d_features);
+        }
+        if let Some(node) = prototypes_node {
+            grads.register::<B>(node.id, d_prototypes);
         }
     }
 }
@@ -101,6 +128,47 @@ impl<B: Backend + PoolingOps> Backward<B, 1> for MaskedMeanBackward {
 }
 
 impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, C> {
+    fn transport_costs(
+        features: FloatTensor<Self>,
+        prototypes: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> FloatTensor<Self> {
+        let parents = [features.node(), prototypes.node()];
+        let (features, prototypes) = (features.into_primitive(), prototypes.into_primitive());
+        let costs = B::transport_costs(features.clone(), prototypes.clone(), channels_last);
+        match CostsBackward
+            .prepare::<C>(parents)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                prep.finish((features, prototypes, costs.clone(), channels_last), costs)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(costs),
+        }
+    }
+
+    /// First-order only: the backward is computed on the inner backend and not recorded.
+    fn transport_costs_backward(
+        features: FloatTensor<Self>,
+        prototypes: FloatTensor<Self>,
+        costs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (d_features, d_prototypes) = B::transport_costs_backward(
+            features.into_primitive(),
+            prototypes.into_primitive(),
+            costs.into_primitive(),
+            grad.into_primitive(),
+            channels_last,
+        );
+        (
+            <Self as AutodiffBackend>::from_inner(d_features),
+            <Self as AutodiffBackend>::from_inner(d_prototypes),
+        )
+    }
+
     fn partial_transport(
         costs: FloatTensor<Self>,
         mass: FloatTensor<Self>,

@@ -1,5 +1,5 @@
-//! [`PoolingOps`](super::PoolingOps) for each covered backend. Flex has fused kernels for the
-//! generalized mean and the masked mean (`flex`); NdArray and Cube use the portable bodies for everything.
+//! [`PoolingOps`](super::PoolingOps) for each covered backend. Flex has fused kernels for
+//! every op (`flex`); NdArray and Cube use the portable bodies for everything.
 
 #[cfg(feature = "autodiff")]
 mod autodiff;
@@ -22,6 +22,30 @@ use crate::transport::TransportSettings;
 macro_rules! portable_pooling_ops {
     ($backend:ty) => {
         impl PoolingOps for $backend {
+            fn transport_costs(
+                features: FloatTensor<Self>,
+                prototypes: FloatTensor<Self>,
+                channels_last: bool,
+            ) -> FloatTensor<Self> {
+                portable::transport_costs::<Self>(features, prototypes, channels_last)
+            }
+
+            fn transport_costs_backward(
+                features: FloatTensor<Self>,
+                prototypes: FloatTensor<Self>,
+                costs: FloatTensor<Self>,
+                grad: FloatTensor<Self>,
+                channels_last: bool,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+                portable::transport_costs_backward::<Self>(
+                    features,
+                    prototypes,
+                    costs,
+                    grad,
+                    channels_last,
+                )
+            }
+
             fn partial_transport(
                 costs: FloatTensor<Self>,
                 mass: FloatTensor<Self>,

@@ -1,0 +1,291 @@
+//! GSP's cost matrix c_kj = ‖φ(ω_k) − φ(x_j)‖₂ and its closed-form backward, fused per sample:
+//! the normalisation φ(v) = v / max(1, ‖v‖) is folded into per-position scales instead of
+//! materialising normalised features, the cross products are one matrix product per sample
+//! written straight into the `[K, N]` layout the solver reads, and the backward is two
+//! products per sample plus two element-wise passes (no autodiff of the normalisation).
+
+use rayon::prelude::*;
+
+use super::Shape3;
+use super::product::{Strided, product};
+use super::real::{Real, lane_sum};
+use crate::transport::costs::MIN_ACTIVE_COST;
+
+/// The floor of the squared distance, as in the composite path.
+const MIN_SQUARED_DISTANCE: f64 = 1e-12;
+
+/// Per vector: s = 1 / max(1, ‖v‖) and ‖v‖².
+struct Scales<T> {
+    scale: Vec<T>,
+    squared_norm: Vec<T>,
+}
+
+/// Scales of the positions of one sample (`[N, C]` or `[C, N]`).
+fn position_scales<T: Real>(x: &[T], shape: Shape3) -> Scales<T> {
+    let (n, c) = (shape.positions, shape.channels);
+    let squared_norm: Vec<T> = if shape.channels_last {
+        x.chunks_exact(c)
+            .map(|row| lane_sum(c, |i| row[i] * row[i]))
+            .collect()
+    } else {
+        let mut sums = vec![T::default(); n];
+        for row in x.chunks_exact(n) {
+            for (s, &v) in sums.iter_mut().zip(row) {
+                *s += v * v;
+            }
+        }
+        sums
+    };
+    scales_from_norms(squared_norm)
+}
+
+fn scales_from_norms<T: Real>(squared_norm: Vec<T>) -> Scales<T> {
+    let one = T::from_f64(1.0);
+    let scale = squared_norm
+        .iter()
+        .map(|&q| one / q.max(one).sqrt())
+        .collect();
+    Scales {
+        scale,
+        squared_norm,
+    }
+}
+
+/// φ(ω) `[K, C]` and the prototypes' scales.
+fn normalized_prototypes<T: Real>(prototypes: &[T], channels: usize) -> (Vec<T>, Scales<T>) {
+    let norms = prototypes
+        .chunks_exact(channels)
+        .map(|row| lane_sum(channels, |i| row[i] * row[i]))
+        .collect();
+    let scales = scales_from_norms(norms);
+    let mut normalized = prototypes.to_vec();
+    for (row, &s) in normalized.chunks_exact_mut(channels).zip(&scales.scale) {
+        row.iter_mut().for_each(|v| *v = *v * s);
+    }
+    (normalized, scales)
+}
+
+/// One sample's features as the `[C, N]` right operand (column j = position j).
+fn features_by_column<T>(x: &[T], shape: Shape3) -> Strided<'_, T> {
+    if shape.channels_last {
+        Strided::transposed(x, shape.channels)
+    } else {
+        Strided::rows(x, shape.positions)
+    }
+}
+
+/// One sample's features as the `[N, C]` operand (row j = position j).
+fn features_by_row<T>(x: &[T], shape: Shape3) -> Strided<'_, T> {
+    if shape.channels_last {
+        Strided::rows(x, shape.channels)
+    } else {
+        Strided::transposed(x, shape.positions)
+    }
+}
+
+/// Costs `[B, K, N]`.
+pub(super) fn forward<T: Real>(x: &[T], prototypes: &[T], count: usize, shape: Shape3) -> Vec<T> {
+    let (n, c) = (shape.positions, shape.channels);
+    let (normalized, prototype_scales) = normalized_prototypes(prototypes, c);
+    let prototype_squares: Vec<T> = prototype_scales
+        .squared_norm
+        .iter()
+        .zip(&prototype_scales.scale)
+        .map(|(&q, &s)| q * s * s)
+        .collect();
+    let floor = T::from_f64(MIN_SQUARED_DISTANCE);
+    let two = T::from_f64(2.0);
+    let mut costs = vec![T::default(); shape.batch * count * n];
+    costs
+        .par_chunks_mut(count * n)
+        .enumerate()
+        .for_each(|(b, costs)| {
+            let x = &x[b * n * c..(b + 1) * n * c];
+            let scales = position_scales(x, shape);
+            // ⟨φ(ω_k), x_j⟩ for all k, j: [K, C] · [C, N].
+            product(
+                [count, n, c],
+                costs,
+                (n, 1),
+                false,
+                Strided::rows(&normalized, c),
+                features_by_column(x, shape),
+                T::from_f64(1.0),
+            );
+            let feature_squares: Vec<T> = scales
+                .squared_norm
+                .iter()
+                .zip(&scales.scale)
+                .map(|(&q, &s)| q * s * s)
+                .collect();
+            for (row, &prototype_square) in costs.chunks_exact_mut(n).zip(&prototype_squares) {
+                for ((cost, &feature_square), &s) in
+                    row.iter_mut().zip(&feature_squares).zip(&scales.scale)
+                {
+                    let squared = prototype_square + feature_square - two * s * *cost;
+                    *cost = squared.max(floor).sqrt();
+                }
+            }
+        });
+    costs
+}
+
+/// (∂L/∂x in `x`'s layout, ∂L/∂prototypes `[K, C]`) from the costs and ∂L/∂costs.
+///
+/// With a_kj = (∂L/∂c_kj) / c_kj: ∂L/∂φ(x_j) = φ(x_j) Σ_k a_kj − Σ_k a_kj φ(ω_k) and
+/// ∂L/∂φ(ω_k) = φ(ω_k) Σ_j a_kj − Σ_j a_kj φ(x_j), then φ's Jacobian
+/// g ↦ s g − s³ ⟨v, g⟩ v where ‖v‖ > 1 (s = 1/‖v‖), the identity elsewhere.
+pub(super) fn backward<T: Real>(
+    x: &[T],
+    prototypes: &[T],
+    costs: &[T],
+    grad: &[T],
+    count: usize,
+    shape: Shape3,
+) -> (Vec<T>, Vec<T>) {
+    let (n, c) = (shape.positions, shape.channels);
+    let zero = T::default();
+    let one = T::from_f64(1.0);
+    let (normalized, prototype_scales) = normalized_prototypes(prototypes, c);
+    let mut dx = vec![zero; x.len()];
+    // Per thread: Σ_b Σ_j a_kj φ(x_j) `[K, C]` and Σ_b Σ_j a_kj `[K]`.
+    let (cross, row_sums) = dx
+        .par_chunks_mut(n * c)
+        .enumerate()
+        .fold(
+            || (vec![zero; count * c], vec![zero; count]),
+            |(mut cross, mut row_sums), (b, dx)| {
+                let x = &x[b * n * c..(b + 1) * n * c];
+                let costs = &costs[b * count * n..(b + 1) * count * n];
+                let grad = &grad[b * count * n..(b + 1) * count * n];
+                let scales = position_scales(x, shape);
+                let active = T::from_f64(MIN_ACTIVE_COST);
+                let mut a: Vec<T> = costs
+                    .iter()
+                    .zip(grad)
+                    .map(|(&cost, &g)| if cost > active { g / cost } else { zero })
+                    .collect();
+                let mut column_sums = vec![zero; n];
+                for (row, total) in a.chunks_exact(n).zip(row_sums.iter_mut()) {
+                    for (s, &v) in column_sums.iter_mut().zip(row) {
+                        *s += v;
+                    }
+                    *total += lane_sum(n, |j| row[j]);
+                }
+                // −Σ_k a_kj φ(ω_k) for all j: [N, K] · [K, C], into ∂L/∂x's layout.
+                let out_strides = if shape.channels_last { (c, 1) } else { (1, n) };
+                product(
+                    [n, c, count],
+                    dx,
+                    out_strides,
+                    false,
+                    Strided::transposed(&a, n),
+                    Strided::rows(&normalized, c),
+                    T::from_f64(-1.0),
+                );
+                // Then + s_j x_j Σ_k a_kj, and φ's Jacobian.
+                let position_factor: Vec<T> = column_sums
+                    .iter()
+                    .zip(&scales.scale)
+                    .map(|(&sum, &s)| sum * s)
+                    .collect();
+                normalize_backward(x, dx, &position_factor, &scales, shape);
+                // Σ_j a_kj s_j x_j: [K, N] · [N, C], summed into the thread's total.
+                for row in a.chunks_exact_mut(n) {
+                    for (v, &s) in row.iter_mut().zip(&scales.scale) {
+                        *v = *v * s;
+                    }
+                }
+                product(
+                    [count, c, n],
+                    &mut cross,
+                    (c, 1),
+                    true,
+                    Strided::rows(&a, n),
+                    features_by_row(x, shape),
+                    one,
+                );
+                (cross, row_sums)
+            },
+        )
+        .reduce(
+            || (vec![zero; count * c], vec![zero; count]),
+            |(mut cross, mut sums), (other_cross, other_sums)| {
+                cross
+                    .iter_mut()
+                    .zip(&other_cross)
+                    .for_each(|(a, &b)| *a += b);
+                sums.iter_mut().zip(&other_sums).for_each(|(a, &b)| *a += b);
+                (cross, sums)
+            },
+        );
+    // ∂L/∂φ(ω_k) = φ(ω_k) Σ a_k· − cross_k, then φ's Jacobian per prototype.
+    let mut dprototypes = vec![zero; count * c];
+    for (k, d) in dprototypes.chunks_exact_mut(c).enumerate() {
+        let range = k * c..(k + 1) * c;
+        let (z, z_hat) = (&prototypes[range.clone()], &normalized[range.clone()]);
+        let g: Vec<T> = z_hat
+            .iter()
+            .zip(&cross[range])
+            .map(|(&v, &cr)| v * row_sums[k] - cr)
+            .collect();
+        let s = prototype_scales.scale[k];
+        let coefficient = if s < one {
+            s * s * s * lane_sum(c, |i| z[i] * g[i])
+        } else {
+            zero
+        };
+        for ((d, &g), &v) in d.iter_mut().zip(&g).zip(z) {
+            *d = s * g - coefficient * v;
+        }
+    }
+    (dx, dprototypes)
+}
+
+/// In place on one sample's `dx` (holding −Σ_k a_kj φ(ω_k)): adds `factor_j · x_j` to get
+/// g_j = ∂L/∂φ(x_j), then applies φ's Jacobian g ↦ s g − s³ ⟨x, g⟩ x where ‖x_j‖ > 1.
+fn normalize_backward<T: Real>(
+    x: &[T],
+    dx: &mut [T],
+    factor: &[T],
+    scales: &Scales<T>,
+    shape: Shape3,
+) {
+    let (n, c) = (shape.positions, shape.channels);
+    let one = T::from_f64(1.0);
+    let zero = T::default();
+    let coefficient = |j: usize, dot: T| {
+        let s = scales.scale[j];
+        if s < one { s * s * s * dot } else { zero }
+    };
+    if shape.channels_last {
+        for (j, (d, v)) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).enumerate() {
+            for (d, &v) in d.iter_mut().zip(v) {
+                *d += factor[j] * v;
+            }
+            let t = coefficient(j, lane_sum(c, |i| v[i] * d[i]));
+            let s = scales.scale[j];
+            for (d, &v) in d.iter_mut().zip(v) {
+                *d = s * *d - t * v;
+            }
+        }
+    } else {
+        let mut dots = vec![zero; n];
+        for (d, v) in dx.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+            for ((d, &v), (dot, &f)) in d.iter_mut().zip(v).zip(dots.iter_mut().zip(factor)) {
+                *d += f * v;
+                *dot += v * *d;
+            }
+        }
+        let t: Vec<T> = dots
+            .iter()
+            .enumerate()
+            .map(|(j, &dot)| coefficient(j, dot))
+            .collect();
+        for (d, v) in dx.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+            for (((d, &v), &t), &s) in d.iter_mut().zip(v).zip(&t).zip(&scales.scale) {
+                *d = s * *d - t * v;
+            }
+        }
+    }
+}

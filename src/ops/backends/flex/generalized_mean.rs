@@ -1,0 +1,209 @@
+//! The generalized mean of GeM/GGeM and its analytical backward: two passes over the input
+//! each, threads over the batch, element-wise passes through scratch rows that vectorise.
+
+use rayon::prelude::*;
+
+use super::Shape3;
+use super::real::{Real, lane_sum};
+
+/// Per-sample, per-channel statistics of the forward: the log of the largest valid value and
+/// the scaled power sum Σ m·exp(p·(ln x − ln max)).
+struct Moments<T> {
+    log_max: Vec<T>,
+    sum: Vec<T>,
+}
+
+pub(super) fn forward<T: Real>(
+    x: &[T],
+    powers: &[T],
+    mask: &[T],
+    eps: f64,
+    shape: Shape3,
+) -> Vec<T> {
+    let floor = T::from_f64(eps).max(T::MIN_POSITIVE);
+    let (n, c) = (shape.positions, shape.channels);
+    let mut out = vec![T::default(); shape.batch * c];
+    out.par_chunks_mut(c).enumerate().for_each(|(b, out)| {
+        let x = &x[b * n * c..(b + 1) * n * c];
+        let mask = &mask[b * n..(b + 1) * n];
+        let count = lane_sum(n, |i| mask[i]);
+        let moments = moments(x, powers, mask, floor, shape);
+        for ch in 0..c {
+            let mean = moments.sum[ch] / count;
+            out[ch] = (moments.log_max[ch] + mean.ln() / powers[ch]).exp();
+        }
+    });
+    out
+}
+
+/// Max pass then power-sum pass over one sample `x` (`[C, N]` or `[N, C]`). Each pass is a
+/// plain element-wise loop (so it vectorises) into the scratch rows `log_x` and `weight`.
+/// The backward runs the same passes and also writes ∂L/∂x from the same `weight`.
+fn moments<T: Real>(x: &[T], powers: &[T], mask: &[T], floor: T, shape: Shape3) -> Moments<T> {
+    let (n, c) = (shape.positions, shape.channels);
+    let zero = T::default();
+    let mut log_max = vec![floor; c];
+    let mut sum = vec![zero; c];
+    if shape.channels_last {
+        log_max = column_log_max(x, mask, floor, c);
+        let mut log_x = vec![zero; c];
+        let mut weight = vec![zero; c];
+        for (row, &valid) in x.chunks_exact(c).zip(mask) {
+            if valid > zero {
+                weigh_position(row, powers, &log_max, floor, &mut log_x, &mut weight);
+                for ch in 0..c {
+                    sum[ch] += weight[ch];
+                }
+            }
+        }
+    } else {
+        let mut log_x = vec![zero; n];
+        let mut weight = vec![zero; n];
+        for (ch, row) in x.chunks_exact(n).enumerate() {
+            log_max[ch] = weigh_row(row, mask, powers[ch], floor, &mut log_x, &mut weight);
+            sum[ch] = lane_sum(n, |i| weight[i]);
+        }
+    }
+    Moments { log_max, sum }
+}
+
+/// One channel's row `[N]` (channels first): `log_x = ln max(x, ε)`, then the masked
+/// maximum of it, then `weight = m·exp(p (log_x − max))`. Returns the maximum.
+#[inline(always)]
+fn weigh_row<T: Real>(
+    row: &[T],
+    mask: &[T],
+    p: T,
+    floor: T,
+    log_x: &mut [T],
+    weight: &mut [T],
+) -> T {
+    let zero = T::default();
+    for (l, &v) in log_x.iter_mut().zip(row) {
+        *l = v.max(floor).ln();
+    }
+    let mut log_max = floor.ln();
+    for (&l, &valid) in log_x.iter().zip(mask) {
+        let candidate = log_max.max(l);
+        log_max = if valid > zero { candidate } else { log_max };
+    }
+    for ((w, &l), &valid) in weight.iter_mut().zip(log_x.iter()).zip(mask) {
+        *w = valid * (p * (l - log_max)).exp();
+    }
+    log_max
+}
+
+/// Per channel of one sample `[N, C]` (channels last): ln of the largest valid value.
+fn column_log_max<T: Real>(x: &[T], mask: &[T], floor: T, channels: usize) -> Vec<T> {
+    let mut largest = vec![floor; channels];
+    for (row, &valid) in x.chunks_exact(channels).zip(mask) {
+        if valid > T::default() {
+            for (m, &v) in largest.iter_mut().zip(row) {
+                *m = m.max(v);
+            }
+        }
+    }
+    largest.into_iter().map(|m| m.ln()).collect()
+}
+
+/// One position's row `[C]` (channels last): `log_x = ln max(x, ε)` and
+/// `weight = exp(p (log_x − max))` per channel.
+#[inline(always)]
+fn weigh_position<T: Real>(
+    row: &[T],
+    powers: &[T],
+    log_max: &[T],
+    floor: T,
+    log_x: &mut [T],
+    weight: &mut [T],
+) {
+    for (l, &v) in log_x.iter_mut().zip(row) {
+        *l = v.max(floor).ln();
+    }
+    for (((w, &l), &p), &m) in weight.iter_mut().zip(log_x.iter()).zip(powers).zip(log_max) {
+        *w = (p * (l - m)).exp();
+    }
+}
+
+/// ∂L/∂x = g/count · (x/y)^(p−1) where x > ε (else 0), and
+/// ∂L/∂p = Σ_b g · (y/p) · (Σ w ln x / Σ w − ln y) with w = exp(p (ln x − ln max)).
+///
+/// One ln, one exp and one division per element: (x/y)^(p−1) = w · exp(p (ln max − ln y)) · y / x
+/// reuses w.
+pub(super) fn backward<T: Real>(
+    x: &[T],
+    powers: &[T],
+    mask: &[T],
+    output: &[T],
+    grad: &[T],
+    eps: f64,
+    shape: Shape3,
+) -> (Vec<T>, Vec<T>) {
+    let floor = T::from_f64(eps).max(T::MIN_POSITIVE);
+    let (n, c) = (shape.positions, shape.channels);
+    let zero = T::default();
+    let mut dx = vec![zero; x.len()];
+    let mut dp_per_sample = vec![zero; shape.batch * c];
+    dx.par_chunks_mut(n * c)
+        .zip(dp_per_sample.par_chunks_mut(c))
+        .enumerate()
+        .for_each(|(b, (dx, dp))| {
+            let x = &x[b * n * c..(b + 1) * n * c];
+            let mask = &mask[b * n..(b + 1) * n];
+            let y = &output[b * c..(b + 1) * c];
+            let g = &grad[b * c..(b + 1) * c];
+            let count = lane_sum(n, |i| mask[i]);
+            let log_y: Vec<T> = y.iter().map(|&y| y.ln()).collect();
+            // ∂L/∂x = g/count · exp(p (ln max − ln y)) · y · w / x: `factor` holds all but w / x.
+            let factor = |ch: usize, log_max: T| {
+                g[ch] / count * (powers[ch] * (log_max - log_y[ch])).exp() * y[ch]
+            };
+            let mut sum = vec![zero; c];
+            let mut weighted_log = vec![zero; c];
+            if shape.channels_last {
+                let log_max = column_log_max(x, mask, floor, c);
+                let factors: Vec<T> = (0..c).map(|ch| factor(ch, log_max[ch])).collect();
+                let mut log_x = vec![zero; c];
+                let mut weight = vec![zero; c];
+                for ((dx_row, row), &valid) in
+                    dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(mask)
+                {
+                    if valid <= zero {
+                        continue;
+                    }
+                    weigh_position(row, powers, &log_max, floor, &mut log_x, &mut weight);
+                    for ch in 0..c {
+                        sum[ch] += weight[ch];
+                        weighted_log[ch] += weight[ch] * log_x[ch];
+                        let active = if row[ch] > floor { factors[ch] } else { zero };
+                        dx_row[ch] = active * weight[ch] / row[ch].max(floor);
+                    }
+                }
+            } else {
+                let mut log_x = vec![zero; n];
+                let mut weight = vec![zero; n];
+                for (ch, (dx_row, row)) in dx.chunks_exact_mut(n).zip(x.chunks_exact(n)).enumerate()
+                {
+                    let log_max = weigh_row(row, mask, powers[ch], floor, &mut log_x, &mut weight);
+                    sum[ch] = lane_sum(n, |i| weight[i]);
+                    weighted_log[ch] = lane_sum(n, |i| weight[i] * log_x[i]);
+                    let row_factor = factor(ch, log_max);
+                    for i in 0..n {
+                        let active = if row[i] > floor { row_factor } else { zero };
+                        dx_row[i] = active * weight[i] / row[i].max(floor);
+                    }
+                }
+            }
+            for ch in 0..c {
+                let mean_log = weighted_log[ch] / sum[ch];
+                dp[ch] = g[ch] * y[ch] / powers[ch] * (mean_log - log_y[ch]);
+            }
+        });
+    let mut dp = vec![zero; c];
+    for sample in dp_per_sample.chunks_exact(c) {
+        for (total, &v) in dp.iter_mut().zip(sample) {
+            *total += v;
+        }
+    }
+    (dx, dp)
+}

@@ -1,0 +1,253 @@
+//! GSP's partial transport per sample: one exp pass over the costs `[K, N]` gives
+//! ℓ_j = logsumexp_k(−c_kj / ε) and the softmax over prototypes, the scalar dual β is found
+//! on `[N]` vectors in f64 (each sample stops on its own, with no device read), and the plan is
+//! written in place over the softmax. The backward is the closed form of
+//! `transport::implicit_backward`, one pass over the plan.
+
+use rayon::prelude::*;
+
+use super::real::Real;
+use crate::transport::{TransportSettings, TransportSolver};
+
+/// β used for μ = 1, where the root is at +∞ (as in the portable solver).
+const BETA_AT_FULL_TRANSPORT: f64 = 1e30;
+
+/// Smallest denominator used for λ in the backward (as in the portable backward).
+const MIN_DENOMINATOR: f64 = 1e-20;
+
+/// The plan `[B, K+1, N]` (row 0 = ρ) and the largest iteration count over the batch.
+pub(super) fn forward<T: Real>(
+    costs: &[T],
+    mass: &[T],
+    count: usize,
+    positions: usize,
+    settings: &TransportSettings,
+) -> (Vec<T>, usize) {
+    let n = positions;
+    let batch = mass.len() / n;
+    let mut plan = vec![T::default(); batch * (count + 1) * n];
+    let iterations = plan
+        .par_chunks_mut((count + 1) * n)
+        .enumerate()
+        .map(|(b, plan)| {
+            let costs = &costs[b * count * n..(b + 1) * count * n];
+            let mass: Vec<f64> = mass[b * n..(b + 1) * n]
+                .iter()
+                .map(|m| m.to_f64())
+                .collect();
+            solve_sample(costs, &mass, plan, settings)
+        })
+        .max()
+        .unwrap_or(0);
+    (plan, iterations)
+}
+
+/// Solves one sample into `plan` `[K+1, N]`; returns the iterations run.
+fn solve_sample<T: Real>(
+    costs: &[T],
+    mass: &[f64],
+    plan: &mut [T],
+    settings: &TransportSettings,
+) -> usize {
+    let n = mass.len();
+    let inv_epsilon = T::from_f64(1.0 / settings.epsilon);
+    // Shift by the smallest cost of each position so the largest exponent is 0.
+    let mut smallest = costs[..n].to_vec();
+    for row in costs.chunks_exact(n).skip(1) {
+        for (s, &c) in smallest.iter_mut().zip(row) {
+            if c < *s {
+                *s = c;
+            }
+        }
+    }
+    let (residual, kernel) = plan.split_at_mut(n);
+    let mut totals = vec![T::default(); n];
+    for (row, costs) in kernel.chunks_exact_mut(n).zip(costs.chunks_exact(n)) {
+        for (((w, &c), &s), total) in row.iter_mut().zip(costs).zip(&smallest).zip(&mut totals) {
+            *w = ((s - c) * inv_epsilon).exp();
+            *total += *w;
+        }
+    }
+    let log_mass: Vec<f64> = totals
+        .iter()
+        .zip(&smallest)
+        .map(|(&t, &s)| t.to_f64().ln() - s.to_f64() / settings.epsilon)
+        .collect();
+    let (beta, iterations) = solve_beta(&log_mass, mass, settings);
+    // t_j = a_j σ(β + ℓ_j), ρ_j = a_j σ(−β − ℓ_j), P_kj = t_j · softmax_k.
+    let mut factor = vec![T::default(); n];
+    for j in 0..n {
+        let logit = beta + log_mass[j];
+        residual[j] = T::from_f64(mass[j] * sigmoid(-logit));
+        factor[j] = T::from_f64(mass[j] * sigmoid(logit) / totals[j].to_f64());
+    }
+    for row in kernel.chunks_exact_mut(n) {
+        for (w, &f) in row.iter_mut().zip(&factor) {
+            *w = *w * f;
+        }
+    }
+    iterations
+}
+
+fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+fn softplus(x: f64) -> f64 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+/// logsumexp over the valid positions of `values`.
+fn logsumexp(values: impl Iterator<Item = f64> + Clone) -> f64 {
+    let shift = values.clone().fold(f64::NEG_INFINITY, f64::max);
+    if shift == f64::NEG_INFINITY {
+        return shift;
+    }
+    values.map(|v| (v - shift).exp()).sum::<f64>().ln() + shift
+}
+
+/// Solves Σ_j a_j σ(β + ℓ_j) = μ for one sample, as `transport::solver::solve_beta` does for
+/// a batch: the same bracket, the same safeguarded Newton on the log of the mass (or the
+/// log-domain Sinkhorn iteration), the same stopping rules.
+fn solve_beta(log_mass: &[f64], mass: &[f64], settings: &TransportSettings) -> (f64, usize) {
+    let mu = settings.transport_ratio;
+    if mu >= 1.0 {
+        return (BETA_AT_FULL_TRANSPORT, 0);
+    }
+    let valid = || {
+        log_mass
+            .iter()
+            .zip(mass)
+            .filter(|(_, a)| **a > 0.0)
+            .map(|(&l, &a)| (l, a))
+    };
+    let logit_mu = (mu / (1.0 - mu)).ln();
+    let largest = valid().map(|(l, _)| l).fold(f64::NEG_INFINITY, f64::max);
+    let smallest = valid().map(|(l, _)| l).fold(f64::INFINITY, f64::min);
+    let lower = (logit_mu - largest).max(mu.ln() - logsumexp(valid().map(|(l, a)| a.ln() + l)));
+    let upper =
+        (logit_mu - smallest).min(logsumexp(valid().map(|(l, a)| a.ln() - l)) - (1.0 - mu).ln());
+    let sent = |beta: f64| -> f64 { valid().map(|(l, a)| a * sigmoid(beta + l)).sum() };
+    match settings.solver {
+        TransportSolver::Newton => newton(lower, upper, settings, |beta| {
+            let (mut sent, mut kept, mut slope) = (0.0, 0.0, 0.0);
+            for (l, a) in valid() {
+                let s = sigmoid(beta + l);
+                sent += a * s;
+                kept += a * sigmoid(-beta - l);
+                slope += a * s * (1.0 - s);
+            }
+            (sent, kept, slope)
+        }),
+        TransportSolver::Sinkhorn => {
+            let mut beta = lower;
+            for iteration in 0..settings.max_iterations {
+                if (sent(beta) - mu).abs() <= settings.tolerance {
+                    return (beta, iteration);
+                }
+                beta = mu.ln() - logsumexp(valid().map(|(l, a)| a.ln() + l - softplus(beta + l)));
+            }
+            (beta, settings.max_iterations)
+        }
+    }
+}
+
+/// Newton on ln F − ln μ from the lower bound when μ ≤ ½, on the residual mass from the upper
+/// bound otherwise; bisection when a step leaves the shrinking bracket. `masses(β)` returns
+/// (F, R, F') = (Σ a σ(β+ℓ), Σ a σ(−β−ℓ), Σ a σ(1−σ)).
+fn newton(
+    mut lower: f64,
+    mut upper: f64,
+    settings: &TransportSettings,
+    masses: impl Fn(f64) -> (f64, f64, f64),
+) -> (f64, usize) {
+    let mu = settings.transport_ratio;
+    let from_below = mu <= 0.5;
+    let mut beta = if from_below { lower } else { upper };
+    let mut change = None;
+    for iteration in 0..settings.max_iterations {
+        let (sent, kept, slope) = masses(beta);
+        let residual = sent - mu;
+        if residual.abs() <= settings.tolerance || change == Some(0.0) {
+            return (beta, iteration);
+        }
+        if residual > 0.0 {
+            upper = beta;
+        } else {
+            lower = beta;
+        }
+        let step = if from_below {
+            beta - (sent / mu).ln() * sent / slope
+        } else {
+            beta + (kept / (1.0 - mu)).ln() * kept / slope
+        };
+        let next = if step >= lower && step <= upper {
+            step
+        } else {
+            (lower + upper) / 2.0
+        };
+        change = Some((next - beta).abs());
+        beta = next;
+    }
+    (beta, settings.max_iterations)
+}
+
+/// ∂L/∂costs `[B, K, N]` from the plan `[B, K+1, N]`, ∂L/∂plan and the masses `[B, N]`:
+/// h = X ⊙ g, U_j = Σ_k h_kj, λ = (Σ ρU/a − Σ h_0) / (1 − μ − Σ ρ²/a), V = (U + λρ)/a,
+/// ∂L/∂c_kj = −(h_kj − V_j P_kj)/ε.
+pub(super) fn backward<T: Real>(
+    plan: &[T],
+    grad: &[T],
+    mass: &[T],
+    [count, n]: [usize; 2],
+    transport_ratio: f64,
+    epsilon: f64,
+) -> Vec<T> {
+    let batch = mass.len() / n;
+    let rows = count + 1;
+    let mut dc = vec![T::default(); batch * count * n];
+    dc.par_chunks_mut(count * n)
+        .enumerate()
+        .for_each(|(b, dc)| {
+            let plan = &plan[b * rows * n..(b + 1) * rows * n];
+            let grad = &grad[b * rows * n..(b + 1) * rows * n];
+            let mass = &mass[b * n..(b + 1) * n];
+            let mut column = vec![0.0f64; n];
+            for (p, g) in plan.chunks_exact(n).zip(grad.chunks_exact(n)) {
+                for ((u, &p), &g) in column.iter_mut().zip(p).zip(g) {
+                    *u += (p * g).to_f64();
+                }
+            }
+            let (mut numerator, mut squares) = (0.0, 0.0);
+            let mut inverse_mass = vec![0.0f64; n];
+            for j in 0..n {
+                let a = mass[j].to_f64();
+                if a > 0.0 {
+                    inverse_mass[j] = 1.0 / a;
+                }
+                let rho = plan[j].to_f64();
+                numerator += rho * column[j] * inverse_mass[j] - (plan[j] * grad[j]).to_f64();
+                squares += rho * rho * inverse_mass[j];
+            }
+            let lambda = numerator / (1.0 - transport_ratio - squares).max(MIN_DENOMINATOR);
+            let v: Vec<T> = (0..n)
+                .map(|j| T::from_f64((column[j] + lambda * plan[j].to_f64()) * inverse_mass[j]))
+                .collect();
+            let scale = T::from_f64(-1.0 / epsilon);
+            for ((dc, p), g) in dc
+                .chunks_exact_mut(n)
+                .zip(plan[n..].chunks_exact(n))
+                .zip(grad[n..].chunks_exact(n))
+            {
+                for (((d, &p), &g), &v) in dc.iter_mut().zip(p).zip(g).zip(&v) {
+                    *d = scale * (p * g - v * p);
+                }
+            }
+        });
+    dc
+}
