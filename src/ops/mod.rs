@@ -1,6 +1,6 @@
 //! The backend-extension trait behind which every backend-specific kernel of the crate lives:
 //! GSP's cost matrix and transport solve, each with its analytical backward, the generalized
-//! mean of GeM/GGeM with its analytical backward, and GAP's masked mean.
+//! mean of GeM/GGeM with its analytical backward, and the weighted sum of GAP and GSP.
 //!
 //! - `portable`: bodies written once with the `Tensor` API, valid on every backend;
 //! - `backends`: the implementations. Flex has fused CPU kernels for every op;
@@ -94,18 +94,24 @@ pub trait PoolingOps: Backend {
         channels_last: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
-    /// The mean of `x` `[B, C, N]` (or `[B, N, C]` when `channels_last`) over the positions
-    /// whose mask `[B, N]` is 1: `[B, C]`.
-    fn masked_mean(
+    /// The weighted sum y_bc = Σ_n w_bn x_bnc of `x` `[B, C, N]` (or `[B, N, C]` when
+    /// `channels_last`) with weights `[B, N]`: `[B, C]`. GAP's masked mean and GSP's pooling.
+    fn weighted_sum(
         x: FloatTensor<Self>,
-        mask: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
         channels_last: bool,
     ) -> FloatTensor<Self>;
 
-    /// ∂L/∂x of [`masked_mean`](Self::masked_mean): ∂L/∂y `[B, C]` spread over the valid
-    /// positions, in `x`'s layout.
-    fn masked_mean_backward(
-        mask: FloatTensor<Self>,
+    /// ∂L/∂x = w_bn ∂L/∂y_bc of [`weighted_sum`](Self::weighted_sum), in `x`'s layout.
+    fn weighted_sum_features_backward(
+        weights: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> FloatTensor<Self>;
+
+    /// ∂L/∂w_bn = Σ_c x_bnc ∂L/∂y_bc of [`weighted_sum`](Self::weighted_sum): `[B, N]`.
+    fn weighted_sum_weights_backward(
+        x: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         channels_last: bool,
     ) -> FloatTensor<Self>;

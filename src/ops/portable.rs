@@ -147,22 +147,22 @@ where
 }
 
 #[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
-pub fn masked_mean<B: Backend>(
+pub fn weighted_sum<B: Backend>(
     x: FloatTensor<B>,
-    mask: FloatTensor<B>,
+    weights: FloatTensor<B>,
     channels_last: bool,
 ) -> FloatTensor<B>
 where
     DispatchTensor: DispatchKindConversion<B>,
 {
     let axis = if channels_last { 1 } else { 2 };
-    let weights = mean_weights(wrap::<B, 2>(mask), axis);
+    let weights = wrap::<B, 2>(weights).unsqueeze_dim::<3>(3 - axis);
     unwrap::<B, 2>((wrap::<B, 3>(x) * weights).sum_dim(axis).squeeze_dim(axis))
 }
 
 #[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
-pub fn masked_mean_backward<B: Backend>(
-    mask: FloatTensor<B>,
+pub fn weighted_sum_features_backward<B: Backend>(
+    weights: FloatTensor<B>,
     grad: FloatTensor<B>,
     channels_last: bool,
 ) -> FloatTensor<B>
@@ -170,13 +170,25 @@ where
     DispatchTensor: DispatchKindConversion<B>,
 {
     let axis = if channels_last { 1 } else { 2 };
-    let weights = mean_weights(wrap::<B, 2>(mask), axis);
+    let weights = wrap::<B, 2>(weights).unsqueeze_dim::<3>(3 - axis);
     unwrap::<B, 3>(wrap::<B, 2>(grad).unsqueeze_dim::<3>(axis) * weights)
 }
 
-/// m_n / Σ m per sample, shaped to broadcast against features whose positions are on `axis`.
 #[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
-fn mean_weights(mask: Tensor<2>, axis: usize) -> Tensor<3> {
-    let counts = mask.clone().sum_dim(1).unsqueeze_dim::<3>(2); // [B, 1, 1]
-    mask.unsqueeze_dim::<3>(3 - axis) / counts
+pub fn weighted_sum_weights_backward<B: Backend>(
+    x: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    channels_last: bool,
+) -> FloatTensor<B>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    let axis = if channels_last { 1 } else { 2 };
+    let channel_axis = 3 - axis;
+    let grad = wrap::<B, 2>(grad).unsqueeze_dim::<3>(axis);
+    unwrap::<B, 2>(
+        (wrap::<B, 3>(x) * grad)
+            .sum_dim(channel_axis)
+            .squeeze_dim(channel_axis),
+    )
 }

@@ -193,17 +193,7 @@ impl Gsp {
             "Gsp: channel mismatch: expected C = {expected} (the prototypes' width), got {channels}"
         );
         let mu = self.transport_ratio;
-        let mass = match &set.mask {
-            Some(mask) => {
-                let valid = mask.clone().float();
-                valid.clone() / valid.sum_dim(1)
-            }
-            None => Tensor::full(
-                [batch, positions],
-                1.0 / positions as f64,
-                &set.features.device(),
-            ),
-        };
+        let mass = set.mean_weights();
         let costs = transport_costs(
             set.features.clone(),
             self.prototypes.val(),
@@ -223,19 +213,7 @@ impl Gsp {
             .sum_dim(2)
             .squeeze_dim(2)
             .div_scalar(mu);
-        let pooled = if set.axis == 1 {
-            // [B, 1, N] x [B, N, C]
-            weights
-                .clone()
-                .unsqueeze_dim(1)
-                .matmul(set.features)
-                .squeeze_dim(1)
-        } else {
-            // [B, C, N] x [B, N, 1]
-            set.features
-                .matmul(weights.clone().unsqueeze_dim(2))
-                .squeeze_dim(2)
-        };
+        let pooled = set.weighted_sum(weights.clone());
         GspOutput {
             pooled,
             weights,

@@ -105,13 +105,6 @@ impl PositionSet {
         3 - self.axis
     }
 
-    /// The mask as a float `0/1` tensor that broadcasts against `features`.
-    pub fn float_mask(&self) -> Option<Tensor<3>> {
-        self.mask
-            .as_ref()
-            .map(|mask| mask.clone().float().unsqueeze_dim(self.channel_axis()))
-    }
-
     /// The mask as float `[B, N]` (1 valid, 0 padding), all ones when there is none: the form
     /// the backend kernels take.
     pub fn float_mask_or_ones(&self) -> Tensor<2> {
@@ -124,32 +117,45 @@ impl PositionSet {
         }
     }
 
-    /// Number of valid positions per sample, shaped to broadcast against a keep-dim reduction of
-    /// `features` over positions (`[B, 1, 1]`), or `None` when every position is valid.
-    pub fn valid_counts(&self) -> Option<Tensor<3>> {
-        self.mask
-            .as_ref()
-            .map(|mask| mask.clone().float().sum_dim(1).unsqueeze_dim(2))
+    /// Global average pooling of the valid positions: `[B, C]`.
+    pub fn mean(self) -> Tensor<2> {
+        let weights = self.mean_weights();
+        self.weighted_sum(weights)
     }
 
-    /// Global average pooling of the valid positions: `[B, C]`, with the backend's kernel when
-    /// the crate's extension covers the device.
-    pub fn mean(self) -> Tensor<2> {
+    /// The weights of the mean, `[B, N]`: 1 / (valid positions) on the valid positions, 0 on
+    /// padding. GSP's position masses.
+    pub fn mean_weights(&self) -> Tensor<2> {
+        match &self.mask {
+            Some(mask) => {
+                let valid = mask.clone().float();
+                valid.clone() / valid.sum_dim(1)
+            }
+            None => {
+                let (batch, positions, _) = self.dims();
+                Tensor::full(
+                    [batch, positions],
+                    1.0 / positions as f64,
+                    &self.features.device(),
+                )
+            }
+        }
+    }
+
+    /// Σ_n w_bn x_bn over positions for weights `[B, N]`: `[B, C]`, with the backend's
+    /// kernel when the crate's extension covers the device. Padded positions must have
+    /// weight 0.
+    pub fn weighted_sum(self, weights: Tensor<2>) -> Tensor<2> {
         let axis = self.axis;
-        let device = self.features.device();
-        if extension_covers(&device) {
-            let mask = self.float_mask_or_ones();
-            return Tensor::from_dispatch(<Dispatch as PoolingOps>::masked_mean(
+        if extension_covers(&self.features.device()) {
+            return Tensor::from_dispatch(<Dispatch as PoolingOps>::weighted_sum(
                 self.features.into_dispatch(),
-                mask.into_dispatch(),
+                weights.into_dispatch(),
                 axis == 1,
             ));
         }
-        match (self.float_mask(), self.valid_counts()) {
-            (Some(mask), Some(counts)) => (self.features * mask).sum_dim(axis).div(counts),
-            _ => self.features.mean_dim(axis),
-        }
-        .squeeze_dim(axis)
+        let weights = weights.unsqueeze_dim::<3>(self.channel_axis());
+        (self.features * weights).sum_dim(axis).squeeze_dim(axis)
     }
 }
 
@@ -174,43 +180,71 @@ mod tests {
     use super::*;
     use burn::tensor::{Device, Distribution, TensorData, Tolerance};
 
-    /// The Flex masked-mean kernel and its backward against the composite form under
-    /// autodiff, in both layouts.
+    /// The Flex weighted-sum kernel and both halves of its backward against the composite
+    /// form under autodiff, in both layouts, as GAP's masked mean (untracked weights) and
+    /// with tracked weights (GSP's pooling).
     #[test]
-    fn fused_mean_matches_composite() {
+    fn fused_weighted_sum_matches_composite() {
         let device = Device::flex().autodiff();
         device.seed(2);
         let (b, n, c) = (3, 6, 5);
         let keep: Vec<bool> = (0..b * n).map(|i| i % 3 != 1).collect();
         let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep, [b, n]), &device);
+        let tolerance = Tolerance::rel_abs(1e-5, 1e-6);
         for axis in [1usize, 2] {
             let shape = if axis == 1 { [b, n, c] } else { [b, c, n] };
             let x = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
-            let weights = Tensor::<2>::random([b, c], Distribution::Normal(0.0, 1.0), &device);
-            let fused_x = x.clone().require_grad();
-            let set = PositionSet {
-                features: fused_x.clone(),
-                axis,
-                mask: Some(mask.clone()),
-            };
-            let fused = set.mean();
-            let grads = (fused.clone() * weights.clone()).sum().backward();
-            let fused_grad = fused_x.grad(&grads).unwrap();
+            let upstream = Tensor::<2>::random([b, c], Distribution::Normal(0.0, 1.0), &device);
+            let free_weights = Tensor::<2>::random([b, n], Distribution::Normal(0.0, 1.0), &device);
+            for tracked in [false, true] {
+                let fused_x = x.clone().require_grad();
+                let set = PositionSet {
+                    features: fused_x.clone(),
+                    axis,
+                    mask: Some(mask.clone()),
+                };
+                let weights = if tracked {
+                    free_weights.clone().require_grad()
+                } else {
+                    set.mean_weights()
+                };
+                let fused = set.weighted_sum(weights.clone());
+                let grads = (fused.clone() * upstream.clone()).sum().backward();
+                let fused_dx = fused_x.grad(&grads).unwrap();
+                let fused_dw = weights.grad(&grads);
 
-            let composite_x = x.require_grad();
-            let float_mask = mask.clone().float().unsqueeze_dim::<3>(3 - axis);
-            let composite = (composite_x.clone() * float_mask.clone())
-                .sum_dim(axis)
-                .div(float_mask.sum_dim(axis))
-                .squeeze_dim::<2>(axis);
-            let grads = (composite.clone() * weights).sum().backward();
-            let tolerance = Tolerance::rel_abs(1e-5, 1e-6);
-            fused
-                .into_data()
-                .assert_approx_eq::<f32>(&composite.into_data(), tolerance);
-            fused_grad
-                .into_data()
-                .assert_approx_eq::<f32>(&composite_x.grad(&grads).unwrap().into_data(), tolerance);
+                let composite_x = x.clone().require_grad();
+                let composite_w = weights.clone().detach().require_grad();
+                let composite = (composite_x.clone() * composite_w.clone().unsqueeze_dim(3 - axis))
+                    .sum_dim(axis)
+                    .squeeze_dim::<2>(axis);
+                let grads = (composite.clone() * upstream.clone()).sum().backward();
+                fused
+                    .into_data()
+                    .assert_approx_eq::<f32>(&composite.into_data(), tolerance);
+                fused_dx.into_data().assert_approx_eq::<f32>(
+                    &composite_x.grad(&grads).unwrap().into_data(),
+                    tolerance,
+                );
+                assert_eq!(fused_dw.is_some(), tracked);
+                if let Some(dw) = fused_dw {
+                    dw.into_data().assert_approx_eq::<f32>(
+                        &composite_w.grad(&grads).unwrap().into_data(),
+                        tolerance,
+                    );
+                }
+            }
         }
+        // The mean weights: 1/valid on valid positions, 0 on padding.
+        let set = PositionSet {
+            features: Tensor::zeros([b, c, n], &device),
+            axis: 2,
+            mask: Some(mask),
+        };
+        let weights = set.mean_weights().into_data().try_to_vec::<f32>().unwrap();
+        let expected: Vec<f32> = (0..b * n)
+            .map(|i| if i % 3 != 1 { 0.25 } else { 0.0 })
+            .collect();
+        assert_eq!(weights, expected);
     }
 }

@@ -158,7 +158,11 @@ mod tests {
         // Prototype 0 outside the unit ball.
         let prototypes = prototypes.slice_fill([0..1, 0..c], 0.9);
         for channel_axis in [1usize, 2] {
-            let shape = if channel_axis == 2 { [b, n, c] } else { [b, c, n] };
+            let shape = if channel_axis == 2 {
+                [b, n, c]
+            } else {
+                [b, c, n]
+            };
             // Rows of either norm: values up to 0.8 give norms on both sides of 1.
             let x = Tensor::<3>::random(shape, Distribution::Uniform(-0.8, 0.8), &device);
             // Position 0 of sample 0 equal to prototype 1 (inside the ball).

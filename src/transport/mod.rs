@@ -112,9 +112,12 @@ mod tests {
                         .into_data()
                         .assert_approx_eq::<f32>(&portable.clone().into_data(), tolerance);
                     let total = fused.plan.clone().slice([0..b, 1..k + 1, 0..n]).sum_dim(2);
-                    let total = total.sum_dim(1).into_data().to_vec::<f32>().unwrap();
+                    let total = total.sum_dim(1).into_data().try_to_vec::<f32>().unwrap();
                     for t in total {
-                        assert!((t as f64 - transport_ratio).abs() < 1e-5, "{case}: Σ P = {t}");
+                        assert!(
+                            (t as f64 - transport_ratio).abs() < 1e-5,
+                            "{case}: Σ P = {t}"
+                        );
                     }
                     if transport_ratio < 1.0 {
                         let fused_grad = Tensor::<3>::from_dispatch(

@@ -109,20 +109,26 @@ impl<B: Backend + PoolingOps> Backward<B, 2> for GeneralizedMeanBackward {
     }
 }
 
-/// The autodiff node of one masked mean.
+/// The autodiff node of one weighted sum: each gradient is computed only if its input is
+/// tracked (GAP's weights never are).
 #[derive(Debug)]
-struct MaskedMeanBackward;
+struct WeightedSumBackward;
 
-impl<B: Backend + PoolingOps> Backward<B, 1> for MaskedMeanBackward {
-    /// mask, channels_last.
-    type State = (FloatTensor<B>, bool);
+impl<B: Backend + PoolingOps> Backward<B, 2> for WeightedSumBackward {
+    /// x, weights, channels_last.
+    type State = (FloatTensor<B>, FloatTensor<B>, bool);
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (mask, channels_last) = ops.state;
-        let [x] = ops.parents;
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, weights, channels_last) = ops.state;
+        let [x_node, weights_node] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        if let Some(x) = x {
-            grads.register::<B>(x.id, B::masked_mean_backward(mask, grad, channels_last));
+        if let Some(node) = weights_node {
+            let dw = B::weighted_sum_weights_backward(x, grad.clone(), channels_last);
+            grads.register::<B>(node.id, dw);
+        }
+        if let Some(node) = x_node {
+            let dx = B::weighted_sum_features_backward(weights, grad, channels_last);
+            grads.register::<B>(node.id, dx);
         }
     }
 }
@@ -267,32 +273,45 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
         )
     }
 
-    fn masked_mean(
+    fn weighted_sum(
         x: FloatTensor<Self>,
-        mask: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
         channels_last: bool,
     ) -> FloatTensor<Self> {
-        let parents = [x.node()];
-        let mask = mask.into_primitive();
-        let output = B::masked_mean(x.into_primitive(), mask.clone(), channels_last);
-        match MaskedMeanBackward
+        let parents = [x.node(), weights.node()];
+        let (x, weights) = (x.into_primitive(), weights.into_primitive());
+        let output = B::weighted_sum(x.clone(), weights.clone(), channels_last);
+        match WeightedSumBackward
             .prepare::<C>(parents)
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish((mask, channels_last), output),
+            OpsKind::Tracked(prep) => prep.finish((x, weights, channels_last), output),
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
 
     /// First-order only: the backward is computed on the inner backend and not recorded.
-    fn masked_mean_backward(
-        mask: FloatTensor<Self>,
+    fn weighted_sum_features_backward(
+        weights: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         channels_last: bool,
     ) -> FloatTensor<Self> {
-        <Self as AutodiffBackend>::from_inner(B::masked_mean_backward(
-            mask.into_primitive(),
+        <Self as AutodiffBackend>::from_inner(B::weighted_sum_features_backward(
+            weights.into_primitive(),
+            grad.into_primitive(),
+            channels_last,
+        ))
+    }
+
+    /// First-order only: the backward is computed on the inner backend and not recorded.
+    fn weighted_sum_weights_backward(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::weighted_sum_weights_backward(
+            x.into_primitive(),
             grad.into_primitive(),
             channels_last,
         ))

@@ -100,20 +100,28 @@ macro_rules! portable_pooling_ops {
                 )
             }
 
-            fn masked_mean(
+            fn weighted_sum(
                 x: FloatTensor<Self>,
-                mask: FloatTensor<Self>,
+                weights: FloatTensor<Self>,
                 channels_last: bool,
             ) -> FloatTensor<Self> {
-                portable::masked_mean::<Self>(x, mask, channels_last)
+                portable::weighted_sum::<Self>(x, weights, channels_last)
             }
 
-            fn masked_mean_backward(
-                mask: FloatTensor<Self>,
+            fn weighted_sum_features_backward(
+                weights: FloatTensor<Self>,
                 grad: FloatTensor<Self>,
                 channels_last: bool,
             ) -> FloatTensor<Self> {
-                portable::masked_mean_backward::<Self>(mask, grad, channels_last)
+                portable::weighted_sum_features_backward::<Self>(weights, grad, channels_last)
+            }
+
+            fn weighted_sum_weights_backward(
+                x: FloatTensor<Self>,
+                grad: FloatTensor<Self>,
+                channels_last: bool,
+            ) -> FloatTensor<Self> {
+                portable::weighted_sum_weights_backward::<Self>(x, grad, channels_last)
             }
         }
     };

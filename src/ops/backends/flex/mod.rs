@@ -5,10 +5,10 @@
 
 mod costs;
 mod generalized_mean;
-mod masked_mean;
 mod product;
 mod real;
 mod transport;
+mod weighted_sum;
 
 use burn::backend::Flex;
 use burn::backend::TensorMetadata;
@@ -165,27 +165,27 @@ impl PoolingOps for Flex {
         })
     }
 
-    fn masked_mean(
+    fn weighted_sum(
         x: FloatTensor<Self>,
-        mask: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
         channels_last: bool,
     ) -> FloatTensor<Self> {
         let shape = Shape3::of(&x, channels_last);
-        let (x, mask) = (x.to_contiguous(), mask.to_contiguous());
-        with_float!(x.dtype(), "masked mean", T => {
+        let (x, weights) = (x.to_contiguous(), weights.to_contiguous());
+        with_float!(x.dtype(), "weighted sum", T => {
             tensor(
-                masked_mean::mean_forward::<T>(view(&x), view(&mask), shape),
+                weighted_sum::forward::<T>(view(&x), view(&weights), shape),
                 [shape.batch, shape.channels],
             )
         })
     }
 
-    fn masked_mean_backward(
-        mask: FloatTensor<Self>,
+    fn weighted_sum_features_backward(
+        weights: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         channels_last: bool,
     ) -> FloatTensor<Self> {
-        let ([batch, positions], [_, channels]) = (dims2(&mask), dims2(&grad));
+        let ([batch, positions], [_, channels]) = (dims2(&weights), dims2(&grad));
         let shape = Shape3 {
             batch,
             positions,
@@ -197,9 +197,27 @@ impl PoolingOps for Flex {
         } else {
             [batch, channels, positions]
         };
-        let (mask, grad) = (mask.to_contiguous(), grad.to_contiguous());
-        with_float!(grad.dtype(), "masked mean", T => {
-            tensor(masked_mean::mean_backward::<T>(view(&mask), view(&grad), shape), dims)
+        let (weights, grad) = (weights.to_contiguous(), grad.to_contiguous());
+        with_float!(grad.dtype(), "weighted sum", T => {
+            tensor(
+                weighted_sum::features_backward::<T>(view(&weights), view(&grad), shape),
+                dims,
+            )
+        })
+    }
+
+    fn weighted_sum_weights_backward(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> FloatTensor<Self> {
+        let shape = Shape3::of(&x, channels_last);
+        let (x, grad) = (x.to_contiguous(), grad.to_contiguous());
+        with_float!(x.dtype(), "weighted sum", T => {
+            tensor(
+                weighted_sum::weights_backward::<T>(view(&x), view(&grad), shape),
+                [shape.batch, shape.positions],
+            )
         })
     }
 }

@@ -1,0 +1,94 @@
+//! The weighted sum over positions (GAP's masked mean, GSP's pooling) and its two backward
+//! halves: one read of the input forward, one write of the input-sized gradient for ∂L/∂x,
+//! one read of the input for ∂L/∂w.
+
+use rayon::prelude::*;
+
+use super::Shape3;
+use super::real::{LANES, Real};
+
+/// ⟨a, b⟩ in `LANES` independent partial sums, so the loop vectorises.
+#[inline(always)]
+fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::default(); LANES];
+    let (a_body, a_tail) = a.split_at(a.len() / LANES * LANES);
+    let (b_body, b_tail) = b.split_at(a_body.len());
+    for (a, b) in a_body.chunks_exact(LANES).zip(b_body.chunks_exact(LANES)) {
+        for lane in 0..LANES {
+            acc[lane] += a[lane] * b[lane];
+        }
+    }
+    let tail = a_tail
+        .iter()
+        .zip(b_tail)
+        .fold(T::default(), |s, (&a, &b)| s + a * b);
+    acc.iter().fold(tail, |s, &v| s + v)
+}
+
+/// y_bc = Σ_n w_bn x_bnc: `[B, C]`.
+pub(super) fn forward<T: Real>(x: &[T], weights: &[T], shape: Shape3) -> Vec<T> {
+    let (n, c) = (shape.positions, shape.channels);
+    let mut out = vec![T::default(); shape.batch * c];
+    out.par_chunks_mut(c).enumerate().for_each(|(b, out)| {
+        let x = &x[b * n * c..(b + 1) * n * c];
+        let w = &weights[b * n..(b + 1) * n];
+        if shape.channels_last {
+            for (row, &w) in x.chunks_exact(c).zip(w) {
+                for (o, &v) in out.iter_mut().zip(row) {
+                    *o += w * v;
+                }
+            }
+        } else {
+            for (o, row) in out.iter_mut().zip(x.chunks_exact(n)) {
+                *o = dot(row, w);
+            }
+        }
+    });
+    out
+}
+
+/// ∂L/∂x_bnc = w_bn g_bc, in `x`'s layout.
+pub(super) fn features_backward<T: Real>(weights: &[T], grad: &[T], shape: Shape3) -> Vec<T> {
+    let (n, c) = (shape.positions, shape.channels);
+    let mut dx = vec![T::default(); shape.batch * n * c];
+    dx.par_chunks_mut(n * c).enumerate().for_each(|(b, dx)| {
+        let w = &weights[b * n..(b + 1) * n];
+        let g = &grad[b * c..(b + 1) * c];
+        if shape.channels_last {
+            for (row, &w) in dx.chunks_exact_mut(c).zip(w) {
+                for (d, &g) in row.iter_mut().zip(g) {
+                    *d = w * g;
+                }
+            }
+        } else {
+            for (row, &g) in dx.chunks_exact_mut(n).zip(g) {
+                for (d, &w) in row.iter_mut().zip(w) {
+                    *d = g * w;
+                }
+            }
+        }
+    });
+    dx
+}
+
+/// ∂L/∂w_bn = Σ_c x_bnc g_bc: `[B, N]`.
+pub(super) fn weights_backward<T: Real>(x: &[T], grad: &[T], shape: Shape3) -> Vec<T> {
+    let (n, c) = (shape.positions, shape.channels);
+    let mut dw = vec![T::default(); shape.batch * n];
+    dw.par_chunks_mut(n).enumerate().for_each(|(b, dw)| {
+        let x = &x[b * n * c..(b + 1) * n * c];
+        let g = &grad[b * c..(b + 1) * c];
+        if shape.channels_last {
+            for (d, row) in dw.iter_mut().zip(x.chunks_exact(c)) {
+                *d = dot(row, g);
+            }
+        } else {
+            for (row, &g) in x.chunks_exact(n).zip(g) {
+                for (d, &v) in dw.iter_mut().zip(row) {
+                    *d += g * v;
+                }
+            }
+        }
+    });
+    dw
+}
