@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::Shape3;
 use super::product::{Strided, product};
-use super::real::{Real, lane_sum};
+use super::real::{Real, dot, lane_sum};
 use crate::transport::costs::MIN_ACTIVE_COST;
 
 /// The floor of the squared distance, as in the composite path.
@@ -24,9 +24,7 @@ struct Scales<T> {
 fn position_scales<T: Real>(x: &[T], shape: Shape3) -> Scales<T> {
     let (n, c) = (shape.positions, shape.channels);
     let squared_norm: Vec<T> = if shape.channels_last {
-        x.chunks_exact(c)
-            .map(|row| lane_sum(c, |i| row[i] * row[i]))
-            .collect()
+        x.chunks_exact(c).map(|row| dot(row, row)).collect()
     } else {
         let mut sums = vec![T::default(); n];
         for row in x.chunks_exact(n) {
@@ -55,7 +53,7 @@ fn scales_from_norms<T: Real>(squared_norm: Vec<T>) -> Scales<T> {
 fn normalized_prototypes<T: Real>(prototypes: &[T], channels: usize) -> (Vec<T>, Scales<T>) {
     let norms = prototypes
         .chunks_exact(channels)
-        .map(|row| lane_sum(channels, |i| row[i] * row[i]))
+        .map(|row| dot(row, row))
         .collect();
     let scales = scales_from_norms(norms);
     let mut normalized = prototypes.to_vec();
@@ -231,7 +229,7 @@ pub(super) fn backward<T: Real>(
             .collect();
         let s = prototype_scales.scale[k];
         let coefficient = if s < one {
-            s * s * s * lane_sum(c, |i| z[i] * g[i])
+            s * s * s * dot(z, &g)
         } else {
             zero
         };
@@ -263,7 +261,7 @@ fn normalize_backward<T: Real>(
             for (d, &v) in d.iter_mut().zip(v) {
                 *d += factor[j] * v;
             }
-            let t = coefficient(j, lane_sum(c, |i| v[i] * d[i]));
+            let t = coefficient(j, dot(v, d));
             let s = scales.scale[j];
             for (d, &v) in d.iter_mut().zip(v) {
                 *d = s * *d - t * v;

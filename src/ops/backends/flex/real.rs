@@ -126,6 +126,24 @@ pub(super) fn lane_sum<T: Real>(len: usize, mut f: impl FnMut(usize) -> T) -> T 
     acc.iter().fold(total, |s, &v| s + v)
 }
 
+/// ⟨a, b⟩ in `LANES` independent partial sums, so the loop vectorises.
+#[inline(always)]
+pub(super) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::default(); LANES];
+    let (a_body, a_tail) = a.split_at(a.len() / LANES * LANES);
+    let (b_body, b_tail) = b.split_at(a_body.len());
+    for (a, b) in a_body.chunks_exact(LANES).zip(b_body.chunks_exact(LANES)) {
+        for lane in 0..LANES {
+            acc[lane] += a[lane] * b[lane];
+        }
+    }
+    let tail = a_tail
+        .iter()
+        .zip(b_tail)
+        .fold(T::default(), |s, (&a, &b)| s + a * b);
+    acc.iter().fold(tail, |s, &v| s + v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::Real;

@@ -5,25 +5,7 @@
 use rayon::prelude::*;
 
 use super::Shape3;
-use super::real::{LANES, Real};
-
-/// ⟨a, b⟩ in `LANES` independent partial sums, so the loop vectorises.
-#[inline(always)]
-fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    let mut acc = [T::default(); LANES];
-    let (a_body, a_tail) = a.split_at(a.len() / LANES * LANES);
-    let (b_body, b_tail) = b.split_at(a_body.len());
-    for (a, b) in a_body.chunks_exact(LANES).zip(b_body.chunks_exact(LANES)) {
-        for lane in 0..LANES {
-            acc[lane] += a[lane] * b[lane];
-        }
-    }
-    let tail = a_tail
-        .iter()
-        .zip(b_tail)
-        .fold(T::default(), |s, (&a, &b)| s + a * b);
-    acc.iter().fold(tail, |s, &v| s + v)
-}
+use super::real::{Real, dot};
 
 /// y_bc = Σ_n w_bn x_bnc: `[B, C]`.
 pub(super) fn forward<T: Real>(x: &[T], weights: &[T], shape: Shape3) -> Vec<T> {
