@@ -3,8 +3,9 @@
 //! its analytical backward, and GAP's masked mean.
 //!
 //! - `portable`: bodies written once with the `Tensor` API, valid on every backend;
-//! - `backends`: the implementations. Flex has fused CPU kernels for the generalized mean;
-//!   NdArray and Cube (wgpu) use the portable bodies; `Autodiff<B, C>` runs the inner
+//! - `backends`: the implementations. Flex has fused CPU kernels and Cube (wgpu) has CubeCL
+//!   kernels for the forward generalized mean and masked mean, and portable bodies for the
+//!   rest; NdArray uses the portable bodies; `Autodiff<B, C>` runs the inner
 //!   backend's forward off the tape and records one node whose backward is the closed form.
 //!
 //! Devices whose backend is not listed here (see [`extension_covers`]) take the layers'

@@ -1,24 +1,27 @@
-//! [`PoolingOps`](super::PoolingOps) for each covered backend. Flex has fused kernels for the
-//! generalized mean and the masked mean (`flex`); NdArray and Cube use the portable bodies for everything.
+//! [`PoolingOps`](super::PoolingOps) for each covered backend. Flex has fused CPU kernels
+//! (`flex`) and Cube has CubeCL kernels (`cube`) for the generalized mean and the masked mean;
+//! NdArray uses the portable bodies for everything.
 
 #[cfg(feature = "autodiff")]
 mod autodiff;
+#[cfg(feature = "wgpu")]
+mod cube;
 #[cfg(feature = "flex")]
 mod flex;
 
 #[cfg(all(test, feature = "autodiff"))]
 pub(crate) use autodiff::BACKWARD_CALLS;
 
-#[cfg(any(feature = "ndarray", feature = "wgpu"))]
+#[cfg(feature = "ndarray")]
 use burn::backend::tensor::{FloatTensor, IntTensor};
 
-#[cfg(any(feature = "ndarray", feature = "wgpu"))]
+#[cfg(feature = "ndarray")]
 use super::{PoolingOps, portable};
-#[cfg(any(feature = "ndarray", feature = "wgpu"))]
+#[cfg(feature = "ndarray")]
 use crate::transport::TransportSettings;
 
 /// Implements [`PoolingOps`](super::PoolingOps) for a backend with the portable bodies.
-#[cfg(any(feature = "ndarray", feature = "wgpu"))]
+#[cfg(feature = "ndarray")]
 macro_rules! portable_pooling_ops {
     ($backend:ty) => {
         impl PoolingOps for $backend {
@@ -97,5 +100,3 @@ macro_rules! portable_pooling_ops {
 
 #[cfg(feature = "ndarray")]
 portable_pooling_ops!(burn::backend::NdArray);
-#[cfg(feature = "wgpu")]
-portable_pooling_ops!(burn::backend::Cube);
