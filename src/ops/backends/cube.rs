@@ -162,9 +162,7 @@ fn axes(channels_last: bool) -> (usize, usize) {
 /// An uninitialised `[B, C]` output for `x` and the launch grid of one unit per element.
 fn output_and_grid(x: &CubeTensor, channels_last: bool) -> (CubeTensor, CubeCount, CubeDim) {
     let dims = x.meta.shape();
-    let (position_axis, channel_axis) = axes(channels_last);
-    debug_assert_eq!(position_axis + channel_axis, 3);
-    let (batch, channels) = (dims[0], dims[channel_axis]);
+    let (batch, channels) = (dims[0], dims[axes(channels_last).1]);
     let output = empty_device_dtype(
         x.client.clone(),
         x.device.clone(),
