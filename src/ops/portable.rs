@@ -63,7 +63,8 @@ where
     ))
 }
 
-// Used by the backends without a fused kernel (NdArray, Cube).
+// Used by the backends without a fused kernel: NdArray, and Cube under Burn's `fusion` feature
+// (the reference of Cube's kernels in their tests).
 #[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
 pub fn transport_costs<B: Backend>(
     features: FloatTensor<B>,

@@ -1,24 +1,27 @@
-//! [`PoolingOps`](super::PoolingOps) for each covered backend. Flex has fused kernels for
-//! every op (`flex`); NdArray and Cube use the portable bodies for everything.
+//! [`PoolingOps`](super::PoolingOps) for each covered backend. Flex has fused CPU kernels for
+//! every op (`flex`); Cube has CubeCL kernels (`cube`) for the forward generalized mean and
+//! weighted sum, and the portable bodies for the rest; NdArray uses the portable bodies.
 
 #[cfg(feature = "autodiff")]
 mod autodiff;
+#[cfg(feature = "wgpu")]
+mod cube;
 #[cfg(feature = "flex")]
 mod flex;
 
 #[cfg(all(test, feature = "autodiff"))]
 pub(crate) use autodiff::BACKWARD_CALLS;
 
-#[cfg(any(feature = "ndarray", feature = "wgpu"))]
+#[cfg(feature = "ndarray")]
 use burn::backend::tensor::{FloatTensor, IntTensor};
 
-#[cfg(any(feature = "ndarray", feature = "wgpu"))]
+#[cfg(feature = "ndarray")]
 use super::{PoolingOps, portable};
-#[cfg(any(feature = "ndarray", feature = "wgpu"))]
+#[cfg(feature = "ndarray")]
 use crate::transport::TransportSettings;
 
 /// Implements [`PoolingOps`](super::PoolingOps) for a backend with the portable bodies.
-#[cfg(any(feature = "ndarray", feature = "wgpu"))]
+#[cfg(feature = "ndarray")]
 macro_rules! portable_pooling_ops {
     ($backend:ty) => {
         impl PoolingOps for $backend {
@@ -129,5 +132,3 @@ macro_rules! portable_pooling_ops {
 
 #[cfg(feature = "ndarray")]
 portable_pooling_ops!(burn::backend::NdArray);
-#[cfg(feature = "wgpu")]
-portable_pooling_ops!(burn::backend::Cube);

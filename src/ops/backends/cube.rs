@@ -1,0 +1,517 @@
+//! [`PoolingOps`] for the CubeCL backend (`Cube`: the wgpu device in this crate): the generalized
+//! mean of GeM/GGeM and the weighted sum of GAP and GSP as CubeCL kernels. The portable bodies run these
+//! as a chain of element-wise kernels and reductions with several `[B, C, N]` intermediates; a
+//! kernel here reads the input once or twice and writes only the `[B, C]` result. One unit per
+//! output (b, c) loops over the N positions (N is small: the tokens or the cells of a feature
+//! map), reading `x` through its strides, so both layouts take the same kernel.
+//!
+//! The kernels are generic over the float type (the floor ε is raised to the dtype's smallest
+//! normal value). The transport ops and the backward passes use the portable bodies, and so does
+//! every op when Burn's `fusion` feature (a default of `burn-wgpu`) wraps the backend: `Cube` is
+//! then `Fusion<CubeBackend>`, whose lazy tensors are not CubeCL buffers yet.
+
+use std::any::{Any, TypeId};
+
+use burn::backend::Cube;
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::tensor::{DType, Shape};
+use burn_cubecl::cubecl;
+use burn_cubecl::cubecl::prelude::*;
+use burn_cubecl::cubecl::{calculate_cube_count_elemwise, client::Client};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+
+use crate::ops::{PoolingOps, portable};
+use crate::transport::TransportSettings;
+
+impl PoolingOps for Cube {
+    fn transport_costs(
+        features: FloatTensor<Self>,
+        prototypes: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> FloatTensor<Self> {
+        portable::transport_costs::<Self>(features, prototypes, channels_last)
+    }
+
+    fn transport_costs_backward(
+        features: FloatTensor<Self>,
+        prototypes: FloatTensor<Self>,
+        costs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        portable::transport_costs_backward::<Self>(features, prototypes, costs, grad, channels_last)
+    }
+
+    fn partial_transport(
+        costs: FloatTensor<Self>,
+        mass: FloatTensor<Self>,
+        settings: TransportSettings,
+    ) -> (FloatTensor<Self>, IntTensor<Self>) {
+        portable::partial_transport::<Self>(costs, mass, settings)
+    }
+
+    fn partial_transport_backward(
+        plan: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mass: FloatTensor<Self>,
+        transport_ratio: f64,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        portable::partial_transport_backward::<Self>(plan, grad, mass, transport_ratio, epsilon)
+    }
+
+    fn generalized_mean(
+        x: FloatTensor<Self>,
+        powers: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        eps: f64,
+        channels_last: bool,
+    ) -> FloatTensor<Self> {
+        match cube_tensors([x, powers, mask]) {
+            Ok([x, powers, mask]) => {
+                from_cube(launch_generalized_mean(x, powers, mask, eps, channels_last))
+            }
+            Err([x, powers, mask]) => {
+                portable::generalized_mean::<Self>(x, powers, mask, eps, channels_last)
+            }
+        }
+    }
+
+    fn generalized_mean_backward(
+        x: FloatTensor<Self>,
+        powers: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+        channels_last: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        portable::generalized_mean_backward::<Self>(
+            x,
+            powers,
+            mask,
+            output,
+            grad,
+            eps,
+            channels_last,
+        )
+    }
+
+    fn weighted_sum(
+        x: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> FloatTensor<Self> {
+        match cube_tensors([x, weights]) {
+            Ok([x, weights]) => from_cube(launch_weighted_sum(x, weights, channels_last)),
+            Err([x, weights]) => portable::weighted_sum::<Self>(x, weights, channels_last),
+        }
+    }
+
+    fn weighted_sum_features_backward(
+        weights: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> FloatTensor<Self> {
+        portable::weighted_sum_features_backward::<Self>(weights, grad, channels_last)
+    }
+
+    fn weighted_sum_weights_backward(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> FloatTensor<Self> {
+        portable::weighted_sum_weights_backward::<Self>(x, grad, channels_last)
+    }
+}
+
+/// Whether `Cube`'s float primitive is the CubeCL tensor the kernels take (it is not when Burn's
+/// `fusion` feature is on).
+fn kernels_apply() -> bool {
+    TypeId::of::<FloatTensor<Cube>>() == TypeId::of::<CubeTensor>()
+}
+
+/// `value` as type `T` when it is one (a type-checked identity, no conversion).
+fn same_type<S: 'static, T: 'static>(value: S) -> Result<T, S> {
+    let mut slot = Some(value);
+    match (&mut slot as &mut dyn Any).downcast_mut::<Option<T>>() {
+        Some(same) => Ok(same.take().expect("filled above")),
+        None => Err(slot.expect("not taken")),
+    }
+}
+
+/// The CubeCL tensors behind `Cube` primitives of one float dtype, or the primitives back when a
+/// kernel does not apply (a fused backend, or mixed dtypes).
+fn cube_tensors<const K: usize>(
+    tensors: [FloatTensor<Cube>; K],
+) -> Result<[CubeTensor; K], [FloatTensor<Cube>; K]> {
+    if !kernels_apply() {
+        return Err(tensors);
+    }
+    let tensors = tensors.map(|tensor| {
+        same_type::<_, CubeTensor>(tensor).unwrap_or_else(|_| unreachable!("kernels_apply"))
+    });
+    if tensors
+        .iter()
+        .all(|tensor| tensor.dtype == tensors[0].dtype)
+    {
+        Ok(tensors)
+    } else {
+        Err(tensors.map(from_cube))
+    }
+}
+
+fn from_cube(tensor: CubeTensor) -> FloatTensor<Cube> {
+    same_type(tensor).unwrap_or_else(|_| unreachable!("called only when kernels_apply"))
+}
+
+/// The clamp floor of the generalized mean: `eps`, at least the dtype's smallest normal value
+/// (so `ln` of it is finite).
+fn floor(eps: f64, dtype: DType) -> f64 {
+    let min_positive = match dtype {
+        DType::F64 => f64::MIN_POSITIVE,
+        DType::F32 | DType::Flex32 | DType::BF16 => f32::MIN_POSITIVE as f64,
+        DType::F16 => 6.103_515_625e-5, // 2⁻¹⁴
+        dtype => panic!("generalized mean: unsupported float dtype {dtype:?}"),
+    };
+    eps.max(min_positive)
+}
+
+/// The axes of the positions and of the channels of `x`: `[B, C, N]` or `[B, N, C]`.
+fn axes(channels_last: bool) -> (usize, usize) {
+    if channels_last { (1, 2) } else { (2, 1) }
+}
+
+/// An uninitialised `[B, C]` output for `x` and the launch grid of one unit per element.
+fn output_and_grid(x: &CubeTensor, channels_last: bool) -> (CubeTensor, CubeCount, CubeDim) {
+    let dims = x.meta.shape();
+    let (batch, channels) = (dims[0], dims[axes(channels_last).1]);
+    let output = empty_device_dtype(
+        x.client.clone(),
+        x.device.clone(),
+        Shape::new([batch, channels]),
+        x.dtype,
+    );
+    let (cube_count, cube_dim) = grid(&x.client, batch * channels);
+    (output, cube_count, cube_dim)
+}
+
+fn grid(client: &Client, units: usize) -> (CubeCount, CubeDim) {
+    let cube_dim = CubeDim::new(client, units);
+    (
+        calculate_cube_count_elemwise(client, units, cube_dim),
+        cube_dim,
+    )
+}
+
+fn launch_generalized_mean(
+    x: CubeTensor,
+    powers: CubeTensor,
+    mask: CubeTensor,
+    eps: f64,
+    channels_last: bool,
+) -> CubeTensor {
+    // A no-op for the usual tensors; un-tiles a storage-tiled one, which kernels cannot read.
+    let [x, powers, mask] = [x, powers, mask].map(into_contiguous);
+    let (output, cube_count, cube_dim) = output_and_grid(&x, channels_last);
+    let (position_axis, channel_axis) = axes(channels_last);
+    let dtype = dtype_to_storage_type(x.dtype);
+    let floor = InputScalar::new(floor(eps, x.dtype), dtype);
+    let client = x.client.clone();
+    generalized_mean_kernel::launch(
+        &client,
+        cube_count,
+        cube_dim,
+        x.into_tensor_arg(),
+        powers.into_tensor_arg(),
+        mask.into_tensor_arg(),
+        output.clone().into_tensor_arg(),
+        floor,
+        position_axis,
+        channel_axis,
+        dtype,
+    );
+    output
+}
+
+fn launch_weighted_sum(x: CubeTensor, weights: CubeTensor, channels_last: bool) -> CubeTensor {
+    let [x, weights] = [x, weights].map(into_contiguous);
+    let (output, cube_count, cube_dim) = output_and_grid(&x, channels_last);
+    let (position_axis, channel_axis) = axes(channels_last);
+    let dtype = dtype_to_storage_type(x.dtype);
+    let client = x.client.clone();
+    weighted_sum_kernel::launch(
+        &client,
+        cube_count,
+        cube_dim,
+        x.into_tensor_arg(),
+        weights.into_tensor_arg(),
+        output.clone().into_tensor_arg(),
+        position_axis,
+        channel_axis,
+        dtype,
+    );
+    output
+}
+
+/// `y[b, c] = exp(ln max + ln(Σ_n m_n exp(p_c (ln max(x_n, ε) − ln max)) / Σ_n m_n) / p_c)`,
+/// with `max` the largest `max(x_n, ε)` over the valid positions: every term is at most 1, so
+/// the sum stays finite for any p. Two passes over the row: the maximum, then the sum.
+#[cube(launch)]
+fn generalized_mean_kernel<F: Float>(
+    x: &Tensor<F>,
+    powers: &Tensor<F>,
+    mask: &Tensor<F>,
+    output: &mut Tensor<F>,
+    floor: InputScalar,
+    #[comptime] position_axis: usize,
+    #[comptime] channel_axis: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let channels = output.shape(1);
+    if ABSOLUTE_POS >= output.shape(0) * channels {
+        terminate!();
+    }
+    let b = ABSOLUTE_POS / channels;
+    let c = ABSOLUTE_POS % channels;
+    let positions = mask.shape(1);
+    let x_row = b * x.stride(0) + c * x.stride(channel_axis);
+    let x_step = x.stride(position_axis);
+    let mask_row = b * mask.stride(0);
+    let mask_step = mask.stride(1);
+    let floor = floor.get::<F>();
+    let zero = F::new(0.0);
+
+    let mut largest = floor;
+    let mut count = zero;
+    for n in 0..positions {
+        let valid = mask[mask_row + n * mask_step];
+        let value = x[x_row + n * x_step];
+        if valid > zero && value > largest {
+            largest = value;
+        }
+        count += valid;
+    }
+
+    let log_max = largest.ln();
+    let p = powers[c * powers.stride(0)];
+    let mut sum = zero;
+    for n in 0..positions {
+        let valid = mask[mask_row + n * mask_step];
+        // A branch, not `valid * term`: a padded value above the maximum gives an infinite
+        // term, and 0·∞ would poison the sum.
+        if valid > zero {
+            let value = x[x_row + n * x_step].max(floor);
+            sum += valid * (p * (value.ln() - log_max)).exp();
+        }
+    }
+
+    let at = b * output.stride(0) + c * output.stride(1);
+    output[at] = (log_max + (sum / count).ln() / p).exp();
+}
+
+/// `y[b, c] = Σ_n w[b, n] x[b, c, n]`.
+#[cube(launch)]
+fn weighted_sum_kernel<F: Float>(
+    x: &Tensor<F>,
+    weights: &Tensor<F>,
+    output: &mut Tensor<F>,
+    #[comptime] position_axis: usize,
+    #[comptime] channel_axis: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let channels = output.shape(1);
+    if ABSOLUTE_POS >= output.shape(0) * channels {
+        terminate!();
+    }
+    let b = ABSOLUTE_POS / channels;
+    let c = ABSOLUTE_POS % channels;
+    let positions = weights.shape(1);
+    let x_row = b * x.stride(0) + c * x.stride(channel_axis);
+    let x_step = x.stride(position_axis);
+    let weight_row = b * weights.stride(0);
+    let weight_step = weights.stride(1);
+
+    let mut sum = F::new(0.0);
+    for n in 0..positions {
+        sum += weights[weight_row + n * weight_step] * x[x_row + n * x_step];
+    }
+
+    let at = b * output.stride(0) + c * output.stride(1);
+    output[at] = sum;
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Cube;
+    use burn::backend::tensor::FloatTensor;
+    use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
+
+    use super::kernels_apply;
+    use crate::ops::{PoolingOps, portable};
+
+    const EPS: f64 = 1e-6;
+    const TOLERANCE: f64 = 1e-5;
+
+    fn device() -> Device {
+        Device::wgpu(DeviceKind::DefaultDevice)
+    }
+
+    fn primitive<const D: usize>(values: &[f32], shape: [usize; D]) -> FloatTensor<Cube> {
+        Tensor::<D>::from_data(TensorData::new(values.to_vec(), shape), &device())
+            .try_into_primitive::<Cube>()
+            .expect("a wgpu tensor")
+    }
+
+    fn read(tensor: FloatTensor<Cube>) -> Vec<f32> {
+        Tensor::<2>::from_primitive::<Cube>(tensor)
+            .into_data()
+            .to_vec::<f32>()
+            .expect("f32 values")
+    }
+
+    /// A deterministic spread of values in [-0.5, 3), a fifth of them at or below ε.
+    fn features(len: usize) -> Vec<f32> {
+        let mut state = 0x2545_f491_u32;
+        (0..len)
+            .map(|i| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                match i % 5 {
+                    0 => [-0.3, 0.0, 1e-9, EPS as f32][i / 5 % 4],
+                    _ => (state >> 8) as f32 / (1 << 24) as f32 * 3.5 - 0.5,
+                }
+            })
+            .collect()
+    }
+
+    /// Three samples of 49 positions: all valid; padded positions, one of them holding the
+    /// largest value of its sample; and only positions whose values are all below ε valid.
+    fn mask_and_features(
+        channels: usize,
+        channels_last: bool,
+    ) -> (Vec<f32>, Vec<f32>, [usize; 3], [usize; 2]) {
+        let (batch, positions) = (3, 49);
+        let mut x = features(batch * channels * positions);
+        let index = |b: usize, c: usize, n: usize| {
+            if channels_last {
+                (b * positions + n) * channels + c
+            } else {
+                (b * channels + c) * positions + n
+            }
+        };
+        let mut mask = vec![1.0f32; batch * positions];
+        for n in (0..positions).step_by(3) {
+            mask[positions + n] = 0.0;
+        }
+        for c in 0..channels {
+            x[index(1, c, 0)] = 50.0; // padded: must not raise the maximum
+        }
+        for n in 0..positions {
+            let valid = n % 7 == 0;
+            mask[2 * positions + n] = if valid { 1.0 } else { 0.0 };
+            for c in 0..channels {
+                if valid {
+                    x[index(2, c, n)] = [-1.0, 0.0, 1e-8, 5e-7][(n + c) % 4];
+                }
+            }
+        }
+        let shape = if channels_last {
+            [batch, positions, channels]
+        } else {
+            [batch, channels, positions]
+        };
+        (x, mask, shape, [batch, positions])
+    }
+
+    /// The largest absolute and relative differences; panics past the tolerance or on a
+    /// non-finite value.
+    fn compare(label: &str, kernel: &[f32], reference: &[f32]) -> (f64, f64) {
+        assert_eq!(kernel.len(), reference.len(), "{label}");
+        let (mut worst_abs, mut worst_rel) = (0.0f64, 0.0f64);
+        for (i, (&k, &r)) in kernel.iter().zip(reference).enumerate() {
+            let (k, r) = (k as f64, r as f64);
+            assert!(k.is_finite() && r.is_finite(), "{label}[{i}]: {k} vs {r}");
+            let abs = (k - r).abs();
+            let rel = abs / r.abs().max(f64::MIN_POSITIVE);
+            assert!(
+                abs <= TOLERANCE * r.abs().max(1.0),
+                "{label}[{i}]: kernel {k}, portable {r}"
+            );
+            worst_abs = worst_abs.max(abs);
+            worst_rel = worst_rel.max(rel);
+        }
+        eprintln!("{label}: max |Δ| = {worst_abs:e}, max |Δ|/|y| = {worst_rel:e}");
+        (worst_abs, worst_rel)
+    }
+
+    #[test]
+    fn generalized_mean_kernel_matches_portable() {
+        assert!(kernels_apply(), "Cube's primitive is not a CubeTensor");
+        let powers = [1.0f32, 3.0, 0.5, 1000.0, 7.5, 2.0];
+        for channels_last in [false, true] {
+            let (x, mask, shape, mask_shape) = mask_and_features(powers.len(), channels_last);
+            let inputs = || {
+                (
+                    primitive(&x, shape),
+                    primitive(&powers, [powers.len()]),
+                    primitive(&mask, mask_shape),
+                )
+            };
+            let (xs, ps, ms) = inputs();
+            let kernel = read(<Cube as PoolingOps>::generalized_mean(
+                xs,
+                ps,
+                ms,
+                EPS,
+                channels_last,
+            ));
+            let (xs, ps, ms) = inputs();
+            let reference = read(portable::generalized_mean::<Cube>(
+                xs,
+                ps,
+                ms,
+                EPS,
+                channels_last,
+            ));
+            // The all-below-ε sample pools to ε; the padded 50 is not its sample's maximum.
+            let near_eps = |y: f32| (y as f64 - EPS).abs() <= TOLERANCE * EPS;
+            assert!(kernel[2 * powers.len()..].iter().all(|&y| near_eps(y)));
+            assert!(
+                kernel[powers.len()..2 * powers.len()]
+                    .iter()
+                    .all(|&y| y < 3.0)
+            );
+            let label = format!("generalized mean (channels_last = {channels_last})");
+            compare(&label, &kernel, &reference);
+        }
+    }
+
+    #[test]
+    fn weighted_sum_kernel_matches_portable() {
+        assert!(kernels_apply(), "Cube's primitive is not a CubeTensor");
+        for channels_last in [false, true] {
+            let (x, mask, shape, mask_shape) = mask_and_features(6, channels_last);
+            // Uneven weights, 0 on the padded positions.
+            let weights: Vec<f32> = mask
+                .iter()
+                .enumerate()
+                .map(|(i, &m)| m * (1.0 + (i % 7) as f32 / 10.0))
+                .collect();
+            let kernel = read(<Cube as PoolingOps>::weighted_sum(
+                primitive(&x, shape),
+                primitive(&weights, mask_shape),
+                channels_last,
+            ));
+            let reference = read(portable::weighted_sum::<Cube>(
+                primitive(&x, shape),
+                primitive(&weights, mask_shape),
+                channels_last,
+            ));
+            let label = format!("weighted sum (channels_last = {channels_last})");
+            compare(&label, &kernel, &reference);
+        }
+    }
+}
