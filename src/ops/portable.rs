@@ -27,6 +27,7 @@ where
         .expect("the result lives on the backend it was computed on")
 }
 
+#[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
 pub fn partial_transport<B: Backend>(
     costs: FloatTensor<B>,
     mass: FloatTensor<B>,
@@ -44,6 +45,7 @@ where
     (unwrap::<B, 3>(plan), iterations)
 }
 
+#[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
 pub fn partial_transport_backward<B: Backend>(
     plan: FloatTensor<B>,
     grad: FloatTensor<B>,

@@ -18,10 +18,12 @@
 use burn::tensor::Tensor;
 
 /// Smallest denominator used for λ.
-const MIN_DENOMINATOR: f64 = 1e-20;
+pub(crate) const MIN_DENOMINATOR: f64 = 1e-20;
 
 /// ∂L/∂costs `[B, K, N]` from the saved plan `[B, K+1, N]`, the upstream gradient of the same
 /// shape and the position masses `[B, N]`.
+// The body of the backends without a fused kernel (NdArray, Cube) and a test oracle.
+#[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
 pub(crate) fn implicit_cost_gradient(
     plan: Tensor<3>,
     grad: Tensor<3>,

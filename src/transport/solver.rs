@@ -19,7 +19,7 @@ use burn::tensor::{Int, Tensor};
 use super::settings::{TransportSettings, TransportSolver};
 
 /// β used for μ = 1, where the root is at +∞: large enough that σ(β + ℓ) = 1 in any float.
-const BETA_AT_FULL_TRANSPORT: f64 = 1e30;
+pub(crate) const BETA_AT_FULL_TRANSPORT: f64 = 1e30;
 
 /// One exp pass over the costs `[B, K, N]` gives both ℓ_j = logsumexp_k(−c_kj / ε) `[B, N]`
 /// and softmax_k(−c_·j / ε) `[B, K, N]`. Tracks gradients if `costs` does.

@@ -5,6 +5,7 @@ use rayon::prelude::*;
 
 use super::Shape3;
 use super::real::{Real, lane_sum};
+use super::simd::wide_kernel;
 
 /// Per-sample, per-channel statistics of the forward: the log of the largest valid value and
 /// the scaled power sum Σ m·exp(p·(ln x − ln max)).
@@ -26,19 +27,45 @@ pub(super) fn forward<T: Real>(
     out.par_chunks_mut(c).enumerate().for_each(|(b, out)| {
         let x = &x[b * n * c..(b + 1) * n * c];
         let mask = &mask[b * n..(b + 1) * n];
-        let count = lane_sum(n, |i| mask[i]);
-        let moments = moments(x, powers, mask, floor, shape);
-        for ch in 0..c {
-            let mean = moments.sum[ch] / count;
-            out[ch] = (moments.log_max[ch] + mean.ln() / powers[ch]).exp();
-        }
+        forward_sample_wide(x, powers, mask, floor, shape, out);
     });
     out
+}
+
+wide_kernel!(
+    /// [`forward_sample`], with wider vectors where the CPU has them.
+    fn forward_sample_wide<T: Real>(
+        x: &[T],
+        powers: &[T],
+        mask: &[T],
+        floor: T,
+        shape: Shape3,
+        out: &mut [T],
+    ) -> () => forward_sample
+);
+
+/// The output `[C]` of one sample `x` (`[C, N]` or `[N, C]`).
+#[inline(always)]
+fn forward_sample<T: Real>(
+    x: &[T],
+    powers: &[T],
+    mask: &[T],
+    floor: T,
+    shape: Shape3,
+    out: &mut [T],
+) {
+    let count = lane_sum(shape.positions, |i| mask[i]);
+    let moments = moments(x, powers, mask, floor, shape);
+    for (ch, out) in out.iter_mut().enumerate() {
+        let mean = moments.sum[ch] / count;
+        *out = (moments.log_max[ch] + mean.ln() / powers[ch]).exp();
+    }
 }
 
 /// Max pass then power-sum pass over one sample `x` (`[C, N]` or `[N, C]`). Each pass is a
 /// plain element-wise loop (so it vectorises) into the scratch rows `log_x` and `weight`.
 /// The backward runs the same passes and also writes ∂L/∂x from the same `weight`.
+#[inline(always)]
 fn moments<T: Real>(x: &[T], powers: &[T], mask: &[T], floor: T, shape: Shape3) -> Moments<T> {
     let (n, c) = (shape.positions, shape.channels);
     let zero = T::default();
@@ -94,6 +121,7 @@ fn weigh_row<T: Real>(
 }
 
 /// Per channel of one sample `[N, C]` (channels last): ln of the largest valid value.
+#[inline(always)]
 fn column_log_max<T: Real>(x: &[T], mask: &[T], floor: T, channels: usize) -> Vec<T> {
     let mut largest = vec![floor; channels];
     for (row, &valid) in x.chunks_exact(channels).zip(mask) {
@@ -152,52 +180,7 @@ pub(super) fn backward<T: Real>(
             let mask = &mask[b * n..(b + 1) * n];
             let y = &output[b * c..(b + 1) * c];
             let g = &grad[b * c..(b + 1) * c];
-            let count = lane_sum(n, |i| mask[i]);
-            let log_y: Vec<T> = y.iter().map(|&y| y.ln()).collect();
-            // ∂L/∂x = g/count · exp(p (ln max − ln y)) · y · w / x: `factor` holds all but w / x.
-            let factor = |ch: usize, log_max: T| {
-                g[ch] / count * (powers[ch] * (log_max - log_y[ch])).exp() * y[ch]
-            };
-            let mut sum = vec![zero; c];
-            let mut weighted_log = vec![zero; c];
-            if shape.channels_last {
-                let log_max = column_log_max(x, mask, floor, c);
-                let factors: Vec<T> = (0..c).map(|ch| factor(ch, log_max[ch])).collect();
-                let mut log_x = vec![zero; c];
-                let mut weight = vec![zero; c];
-                for ((dx_row, row), &valid) in
-                    dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(mask)
-                {
-                    if valid <= zero {
-                        continue;
-                    }
-                    weigh_position(row, powers, &log_max, floor, &mut log_x, &mut weight);
-                    for ch in 0..c {
-                        sum[ch] += weight[ch];
-                        weighted_log[ch] += weight[ch] * log_x[ch];
-                        let active = if row[ch] > floor { factors[ch] } else { zero };
-                        dx_row[ch] = active * weight[ch] / row[ch].max(floor);
-                    }
-                }
-            } else {
-                let mut log_x = vec![zero; n];
-                let mut weight = vec![zero; n];
-                for (ch, (dx_row, row)) in dx.chunks_exact_mut(n).zip(x.chunks_exact(n)).enumerate()
-                {
-                    let log_max = weigh_row(row, mask, powers[ch], floor, &mut log_x, &mut weight);
-                    sum[ch] = lane_sum(n, |i| weight[i]);
-                    weighted_log[ch] = lane_sum(n, |i| weight[i] * log_x[i]);
-                    let row_factor = factor(ch, log_max);
-                    for i in 0..n {
-                        let active = if row[i] > floor { row_factor } else { zero };
-                        dx_row[i] = active * weight[i] / row[i].max(floor);
-                    }
-                }
-            }
-            for ch in 0..c {
-                let mean_log = weighted_log[ch] / sum[ch];
-                dp[ch] = g[ch] * y[ch] / powers[ch] * (mean_log - log_y[ch]);
-            }
+            backward_sample_wide(x, powers, mask, y, g, floor, shape, dx, dp);
         });
     let mut dp = vec![zero; c];
     for sample in dp_per_sample.chunks_exact(c) {
@@ -206,4 +189,80 @@ pub(super) fn backward<T: Real>(
         }
     }
     (dx, dp)
+}
+
+wide_kernel!(
+    /// [`backward_sample`], with wider vectors where the CPU has them.
+    fn backward_sample_wide<T: Real>(
+        x: &[T],
+        powers: &[T],
+        mask: &[T],
+        y: &[T],
+        g: &[T],
+        floor: T,
+        shape: Shape3,
+        dx: &mut [T],
+        dp: &mut [T],
+    ) -> () => backward_sample
+);
+
+/// ∂L/∂x `[C, N]` or `[N, C]` and this sample's term of ∂L/∂p `[C]`, for one sample with
+/// output `y` and upstream gradient `g`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_sample<T: Real>(
+    x: &[T],
+    powers: &[T],
+    mask: &[T],
+    y: &[T],
+    g: &[T],
+    floor: T,
+    shape: Shape3,
+    dx: &mut [T],
+    dp: &mut [T],
+) {
+    let (n, c) = (shape.positions, shape.channels);
+    let zero = T::default();
+    let count = lane_sum(n, |i| mask[i]);
+    let log_y: Vec<T> = y.iter().map(|&y| y.ln()).collect();
+    // ∂L/∂x = g/count · exp(p (ln max − ln y)) · y · w / x: `factor` holds all but w / x.
+    let factor =
+        |ch: usize, log_max: T| g[ch] / count * (powers[ch] * (log_max - log_y[ch])).exp() * y[ch];
+    let mut sum = vec![zero; c];
+    let mut weighted_log = vec![zero; c];
+    if shape.channels_last {
+        let log_max = column_log_max(x, mask, floor, c);
+        let factors: Vec<T> = (0..c).map(|ch| factor(ch, log_max[ch])).collect();
+        let mut log_x = vec![zero; c];
+        let mut weight = vec![zero; c];
+        for ((dx_row, row), &valid) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(mask) {
+            if valid <= zero {
+                continue;
+            }
+            weigh_position(row, powers, &log_max, floor, &mut log_x, &mut weight);
+            for ch in 0..c {
+                sum[ch] += weight[ch];
+                weighted_log[ch] += weight[ch] * log_x[ch];
+                let active = if row[ch] > floor { factors[ch] } else { zero };
+                dx_row[ch] = active * weight[ch] / row[ch].max(floor);
+            }
+        }
+    } else {
+        let mut log_x = vec![zero; n];
+        let mut weight = vec![zero; n];
+        for (ch, (dx_row, row)) in dx.chunks_exact_mut(n).zip(x.chunks_exact(n)).enumerate() {
+            let log_max = weigh_row(row, mask, powers[ch], floor, &mut log_x, &mut weight);
+            sum[ch] = lane_sum(n, |i| weight[i]);
+            weighted_log[ch] = lane_sum(n, |i| weight[i] * log_x[i]);
+            let row_factor = factor(ch, log_max);
+            for i in 0..n {
+                let active = if row[i] > floor { row_factor } else { zero };
+                dx_row[i] = active * weight[i] / row[i].max(floor);
+            }
+        }
+    }
+    for ch in 0..c {
+        let mean_log = weighted_log[ch] / sum[ch];
+        dp[ch] = g[ch] * y[ch] / powers[ch] * (mean_log - log_y[ch]);
+    }
 }

@@ -7,6 +7,7 @@ mod costs;
 mod generalized_mean;
 mod product;
 mod real;
+mod simd;
 mod transport;
 mod weighted_sum;
 

@@ -7,13 +7,10 @@
 use rayon::prelude::*;
 
 use super::real::Real;
+use super::simd::wide_kernel;
+use crate::transport::implicit_backward::MIN_DENOMINATOR;
+use crate::transport::solver::BETA_AT_FULL_TRANSPORT;
 use crate::transport::{TransportSettings, TransportSolver};
-
-/// β used for μ = 1, where the root is at +∞ (as in the portable solver).
-const BETA_AT_FULL_TRANSPORT: f64 = 1e30;
-
-/// Smallest denominator used for λ in the backward (as in the portable backward).
-const MIN_DENOMINATOR: f64 = 1e-20;
 
 /// The plan `[B, K+1, N]` (row 0 = ρ) and the largest iteration count over the batch.
 pub(super) fn forward<T: Real>(
@@ -35,14 +32,25 @@ pub(super) fn forward<T: Real>(
                 .iter()
                 .map(|m| m.to_f64())
                 .collect();
-            solve_sample(costs, &mass, plan, settings)
+            solve_sample_wide(costs, &mass, plan, settings)
         })
         .max()
         .unwrap_or(0);
     (plan, iterations)
 }
 
+wide_kernel!(
+    /// [`solve_sample`], with wider vectors where the CPU has them.
+    fn solve_sample_wide<T: Real>(
+        costs: &[T],
+        mass: &[f64],
+        plan: &mut [T],
+        settings: &TransportSettings,
+    ) -> usize => solve_sample
+);
+
 /// Solves one sample into `plan` `[K+1, N]`; returns the iterations run.
+#[inline(always)]
 fn solve_sample<T: Real>(
     costs: &[T],
     mass: &[f64],
