@@ -71,6 +71,27 @@ pub trait PoolingOps: Backend {
         epsilon: f64,
     ) -> FloatTensor<Self>;
 
+    /// GSP's transport reduced to its marginals, for costs `[B, K, N]` and masses `[B, N]`:
+    /// `[B, N + K]`, per sample the residual masses ρ_j then the mass sent to each prototype
+    /// Σ_j P_kj; also the plan `[B, K+1, N]` (never tracked: what the backward needs) and the
+    /// iteration count `[1]`. GSP's pooling needs only the marginals, and their backward never
+    /// expands their gradient to the plan's size.
+    fn transport_marginals(
+        costs: FloatTensor<Self>,
+        mass: FloatTensor<Self>,
+        settings: TransportSettings,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>);
+
+    /// ∂L/∂costs `[B, K, N]` from the plan, ∂L/∂marginals `[B, N + K]` and the masses, by
+    /// implicit differentiation at the fixed point.
+    fn transport_marginals_backward(
+        plan: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mass: FloatTensor<Self>,
+        transport_ratio: f64,
+        epsilon: f64,
+    ) -> FloatTensor<Self>;
+
     /// The clamped generalized mean `((Σ_n m_n max(x_n, ε)^p_c) / Σ_n m_n)^(1/p_c)` of
     /// `x` `[B, C, N]` (or `[B, N, C]` when `channels_last`), powers `[C]`, mask `[B, N]`
     /// (1 valid, 0 padding): `[B, C]`.

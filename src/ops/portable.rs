@@ -9,6 +9,7 @@ use crate::pooling::generalized_mean::{composite_backward, composite_forward};
 use crate::transport::TransportSettings;
 use crate::transport::costs::{composite_costs, costs_gradient};
 use crate::transport::implicit_backward::implicit_cost_gradient;
+use crate::transport::marginals::{marginals_gradient_as_plan_gradient, marginals_of};
 use crate::transport::solver::{iterations_tensor, solve};
 
 fn wrap<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<D>
@@ -59,6 +60,42 @@ where
     unwrap::<B, 3>(implicit_cost_gradient(
         wrap::<B, 3>(plan),
         wrap::<B, 3>(grad),
+        wrap::<B, 2>(mass),
+        transport_ratio,
+        epsilon,
+    ))
+}
+
+#[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
+pub fn transport_marginals<B: Backend>(
+    costs: FloatTensor<B>,
+    mass: FloatTensor<B>,
+    settings: TransportSettings,
+) -> (FloatTensor<B>, FloatTensor<B>, IntTensor<B>)
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    let (plan, iterations) = partial_transport::<B>(costs, mass, settings);
+    let marginals = marginals_of(wrap::<B, 3>(plan.clone()));
+    (unwrap::<B, 2>(marginals), plan, iterations)
+}
+
+#[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
+pub fn transport_marginals_backward<B: Backend>(
+    plan: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    mass: FloatTensor<B>,
+    transport_ratio: f64,
+    epsilon: f64,
+) -> FloatTensor<B>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    let plan = wrap::<B, 3>(plan);
+    let grad = marginals_gradient_as_plan_gradient(wrap::<B, 2>(grad), plan.dims());
+    unwrap::<B, 3>(implicit_cost_gradient(
+        plan,
+        grad,
         wrap::<B, 2>(mass),
         transport_ratio,
         epsilon,

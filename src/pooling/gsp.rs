@@ -8,8 +8,7 @@ use burn::tensor::{Bool, Device, Tensor};
 
 use super::positions::PositionSet;
 use crate::transport::{
-    TransportPlan, TransportSettings, TransportSolver, lipschitz_normalize, partial_transport,
-    transport_costs,
+    TransportSettings, TransportSolver, lipschitz_normalize, transport_costs, transport_marginals,
 };
 
 /// Configuration of [`Gsp`]. Defaults are the reference's for CUB/Cars196 (Gürbüz et al.,
@@ -199,20 +198,12 @@ impl Gsp {
             self.prototypes.val(),
             set.channel_axis(),
         );
-        let TransportPlan { plan, iterations } =
-            partial_transport(costs, mass.clone(), &self.settings());
-        let [_, rows, _] = plan.dims();
-        let residual = plan
-            .clone()
-            .slice([0..batch, 0..1, 0..positions])
-            .squeeze_dim(1);
+        let (marginals, iterations) = transport_marginals(costs, mass.clone(), &self.settings());
+        let [_, width] = marginals.dims();
+        let residual = marginals.clone().slice([0..batch, 0..positions]);
         // w = t / μ with t = a − ρ: the reference's form, so the gradient reaches ρ.
         let weights = (mass - residual).div_scalar(mu);
-        let attributes = plan
-            .slice([0..batch, 1..rows, 0..positions])
-            .sum_dim(2)
-            .squeeze_dim(2)
-            .div_scalar(mu);
+        let attributes = marginals.slice([0..batch, positions..width]).div_scalar(mu);
         let pooled = set.weighted_sum(weights.clone());
         GspOutput {
             pooled,

@@ -21,6 +21,7 @@
 pub(crate) mod costs;
 mod fallback;
 pub(crate) mod implicit_backward;
+pub(crate) mod marginals;
 mod settings;
 pub(crate) mod solver;
 
@@ -72,16 +73,44 @@ pub fn partial_transport(
     }
 }
 
+/// The marginals `[B, N + K]` of the solved transport (per sample the residual masses ρ_j,
+/// then Σ_j P_kj per prototype) and the iterations run: what GSP's pooling reads. Through the
+/// backend extension when it covers the device (its backward never expands the marginals'
+/// gradient to the plan's size), else from [`partial_transport_newton_step`].
+pub(crate) fn transport_marginals(
+    costs: Tensor<3>,
+    mass: Tensor<2>,
+    settings: &TransportSettings,
+) -> (Tensor<2>, Tensor<1, Int>) {
+    if extension_covers(&costs.device()) {
+        let (marginals, _plan, iterations) = <Dispatch as PoolingOps>::transport_marginals(
+            costs.into_dispatch(),
+            mass.into_dispatch(),
+            *settings,
+        );
+        (
+            Tensor::from_dispatch(marginals),
+            Tensor::from_dispatch(iterations),
+        )
+    } else {
+        let TransportPlan { plan, iterations } =
+            partial_transport_newton_step(costs, mass, settings);
+        (marginals::marginals_of(plan), iterations)
+    }
+}
+
 #[cfg(all(test, feature = "flex"))]
 mod tests {
     use super::*;
     use burn::tensor::{Bool, Device, Distribution, TensorData, Tolerance};
 
     use crate::transport::implicit_backward::implicit_cost_gradient;
+    use crate::transport::marginals::{marginals_gradient_as_plan_gradient, marginals_of};
     use crate::transport::solver::solve;
 
-    /// The fused Flex solve and backward against the portable ones (tensor ops), for both
-    /// solvers, transport ratios from 0.05 to 1, a small and the default ε, with padding.
+    /// The fused Flex solve and backward, and its marginals with their backward, against the
+    /// portable ones (tensor ops), for both solvers, transport ratios from 0.05 to 1, a small
+    /// and the default ε, with padding.
     #[test]
     fn fused_kernel_matches_portable_solver_and_backward() {
         let device = Device::flex();
@@ -92,6 +121,8 @@ mod tests {
         let valid = Tensor::<2, Bool>::from_bool(TensorData::new(keep, [b, n]), &device).float();
         let mass = valid.clone() / valid.sum_dim(1);
         let grad = Tensor::<3>::random([b, k + 1, n], Distribution::Uniform(-1.0, 1.0), &device);
+        let marginals_grad =
+            Tensor::<2>::random([b, n + k], Distribution::Uniform(-1.0, 1.0), &device);
         for solver in [TransportSolver::Newton, TransportSolver::Sinkhorn] {
             for epsilon in [0.2, 0.05] {
                 for transport_ratio in [0.05, 0.3, 0.9, 1.0] {
@@ -119,7 +150,41 @@ mod tests {
                             "{case}: Σ P = {t}"
                         );
                     }
+                    let (marginals, _, _) = <Dispatch as PoolingOps>::transport_marginals(
+                        costs.clone().into_dispatch(),
+                        mass.clone().into_dispatch(),
+                        settings,
+                    );
+                    Tensor::<2>::from_dispatch(marginals)
+                        .into_data()
+                        .assert_approx_eq::<f32>(
+                            &marginals_of(portable.clone()).into_data(),
+                            tolerance,
+                        );
                     if transport_ratio < 1.0 {
+                        let fused_grad = Tensor::<3>::from_dispatch(
+                            <Dispatch as PoolingOps>::transport_marginals_backward(
+                                fused.plan.clone().into_dispatch(),
+                                marginals_grad.clone().into_dispatch(),
+                                mass.clone().into_dispatch(),
+                                transport_ratio,
+                                epsilon,
+                            ),
+                        );
+                        let portable_grad = implicit_cost_gradient(
+                            portable.clone(),
+                            marginals_gradient_as_plan_gradient(
+                                marginals_grad.clone(),
+                                [b, k + 1, n],
+                            ),
+                            mass.clone(),
+                            transport_ratio,
+                            epsilon,
+                        );
+                        fused_grad.into_data().assert_approx_eq::<f32>(
+                            &portable_grad.into_data(),
+                            Tolerance::rel_abs(1e-3, 1e-5),
+                        );
                         let fused_grad = Tensor::<3>::from_dispatch(
                             <Dispatch as PoolingOps>::partial_transport_backward(
                                 fused.plan.clone().into_dispatch(),

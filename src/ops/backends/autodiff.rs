@@ -52,6 +52,28 @@ impl<B: Backend + PoolingOps> Backward<B, 1> for TransportBackward {
     }
 }
 
+/// The autodiff node of one transport solve reduced to its marginals.
+#[derive(Debug)]
+struct MarginalsBackward;
+
+impl<B: Backend + PoolingOps> Backward<B, 1> for MarginalsBackward {
+    /// Plan `[B, K+1, N]`, masses `[B, N]`, μ, ε.
+    type State = (FloatTensor<B>, FloatTensor<B>, f64, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        #[cfg(test)]
+        count(&counters::TRANSPORT);
+        let (plan, mass, transport_ratio, epsilon) = ops.state;
+        let [costs] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(costs) = costs {
+            let cost_grad =
+                B::transport_marginals_backward(plan, grad, mass, transport_ratio, epsilon);
+            grads.register::<B>(costs.id, cost_grad);
+        }
+    }
+}
+
 /// The autodiff node of one cost matrix.
 #[derive(Debug)]
 struct CostsBackward;
@@ -212,6 +234,55 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
         epsilon: f64,
     ) -> FloatTensor<Self> {
         <Self as AutodiffBackend>::from_inner(B::partial_transport_backward(
+            plan.into_primitive(),
+            grad.into_primitive(),
+            mass.into_primitive(),
+            transport_ratio,
+            epsilon,
+        ))
+    }
+
+    fn transport_marginals(
+        costs: FloatTensor<Self>,
+        mass: FloatTensor<Self>,
+        settings: TransportSettings,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
+        let costs_node = costs.node();
+        let mass = mass.into_primitive();
+        let (marginals, plan, iterations) =
+            B::transport_marginals(costs.into_primitive(), mass.clone(), settings);
+        let marginals = match MarginalsBackward
+            .prepare::<C>([costs_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                (
+                    plan.clone(),
+                    mass,
+                    settings.transport_ratio,
+                    settings.epsilon,
+                ),
+                marginals,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(marginals),
+        };
+        (
+            marginals,
+            <Self as AutodiffBackend>::from_inner(plan),
+            iterations,
+        )
+    }
+
+    /// First-order only: the backward is computed on the inner backend and not recorded.
+    fn transport_marginals_backward(
+        plan: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mass: FloatTensor<Self>,
+        transport_ratio: f64,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::transport_marginals_backward(
             plan.into_primitive(),
             grad.into_primitive(),
             mass.into_primitive(),

@@ -73,6 +73,30 @@ macro_rules! portable_pooling_ops {
                 )
             }
 
+            fn transport_marginals(
+                costs: FloatTensor<Self>,
+                mass: FloatTensor<Self>,
+                settings: TransportSettings,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
+                portable::transport_marginals::<Self>(costs, mass, settings)
+            }
+
+            fn transport_marginals_backward(
+                plan: FloatTensor<Self>,
+                grad: FloatTensor<Self>,
+                mass: FloatTensor<Self>,
+                transport_ratio: f64,
+                epsilon: f64,
+            ) -> FloatTensor<Self> {
+                portable::transport_marginals_backward::<Self>(
+                    plan,
+                    grad,
+                    mass,
+                    transport_ratio,
+                    epsilon,
+                )
+            }
+
             fn generalized_mean(
                 x: FloatTensor<Self>,
                 powers: FloatTensor<Self>,

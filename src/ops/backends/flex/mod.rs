@@ -118,6 +118,55 @@ impl PoolingOps for Flex {
         })
     }
 
+    fn transport_marginals(
+        costs: FloatTensor<Self>,
+        mass: FloatTensor<Self>,
+        settings: TransportSettings,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
+        let [batch, count, positions] = dims3(&costs);
+        let (costs, mass) = (costs.to_contiguous(), mass.to_contiguous());
+        let (marginals, plan, iterations) = with_float!(costs.dtype(), "partial transport", T => {
+            let (plan, iterations) = transport::forward::<T>(
+                view(&costs),
+                view(&mass),
+                count,
+                positions,
+                &settings,
+            );
+            let marginals = transport::marginals::<T>(&plan, [count, positions]);
+            (
+                tensor(marginals, [batch, positions + count]),
+                tensor(plan, [batch, count + 1, positions]),
+                iterations,
+            )
+        });
+        (marginals, plan, tensor(vec![iterations as i64], [1]))
+    }
+
+    fn transport_marginals_backward(
+        plan: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mass: FloatTensor<Self>,
+        transport_ratio: f64,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        let [batch, rows, positions] = dims3(&plan);
+        let [plan, grad, mass] = [plan, grad, mass].map(|t| t.to_contiguous());
+        with_float!(plan.dtype(), "partial transport", T => {
+            tensor(
+                transport::marginals_backward::<T>(
+                    view(&plan),
+                    view(&grad),
+                    view(&mass),
+                    [rows - 1, positions],
+                    transport_ratio,
+                    epsilon,
+                ),
+                [batch, rows - 1, positions],
+            )
+        })
+    }
+
     fn generalized_mean(
         x: FloatTensor<Self>,
         powers: FloatTensor<Self>,

@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::real::Real;
+use super::real::{Real, lane_sum};
 use super::simd::wide_kernel;
 use crate::transport::implicit_backward::MIN_DENOMINATOR;
 use crate::transport::solver::BETA_AT_FULL_TRANSPORT;
@@ -205,9 +205,53 @@ fn newton(
     (beta, settings.max_iterations)
 }
 
-/// ∂L/∂costs `[B, K, N]` from the plan `[B, K+1, N]`, ∂L/∂plan and the masses `[B, N]`:
-/// h = X ⊙ g, U_j = Σ_k h_kj, λ = (Σ ρU/a − Σ h_0) / (1 − μ − Σ ρ²/a), V = (U + λρ)/a,
-/// ∂L/∂c_kj = −(h_kj − V_j P_kj)/ε.
+/// The marginals `[B, N + K]` of plans `[B, K+1, N]`: per sample the residual masses ρ `[N]`
+/// (row 0), then the mass sent to each prototype Σ_j P_kj `[K]`.
+pub(super) fn marginals<T: Real>(plan: &[T], [count, n]: [usize; 2]) -> Vec<T> {
+    let rows = count + 1;
+    let batch = plan.len() / (rows * n);
+    let mut out = vec![T::default(); batch * (n + count)];
+    out.par_chunks_mut(n + count)
+        .zip(plan.par_chunks(rows * n))
+        .for_each(|(out, plan)| {
+            let (residual, prototypes) = out.split_at_mut(n);
+            residual.copy_from_slice(&plan[..n]);
+            for (total, row) in prototypes.iter_mut().zip(plan[n..].chunks_exact(n)) {
+                *total = lane_sum(n, |j| row[j]);
+            }
+        });
+    out
+}
+
+/// ∂L/∂X of one sample, row by row: the full `[K+1, N]` gradient of the plan, or the gradients
+/// of its marginals, which are constant along each prototype's row.
+#[derive(Clone, Copy)]
+enum Upstream<'a, T> {
+    Plan(&'a [T]),
+    Marginals {
+        residual: &'a [T],
+        prototypes: &'a [T],
+    },
+}
+
+/// One row of an [`Upstream`].
+#[derive(Clone, Copy)]
+enum Row<'a, T> {
+    Values(&'a [T]),
+    Constant(T),
+}
+
+impl<'a, T: Real> Upstream<'a, T> {
+    fn row(self, k: usize, n: usize) -> Row<'a, T> {
+        match self {
+            Upstream::Plan(grad) => Row::Values(&grad[k * n..(k + 1) * n]),
+            Upstream::Marginals { residual, .. } if k == 0 => Row::Values(residual),
+            Upstream::Marginals { prototypes, .. } => Row::Constant(prototypes[k - 1]),
+        }
+    }
+}
+
+/// ∂L/∂costs `[B, K, N]` from the plan `[B, K+1, N]`, ∂L/∂plan and the masses `[B, N]`.
 pub(super) fn backward<T: Real>(
     plan: &[T],
     grad: &[T],
@@ -216,6 +260,43 @@ pub(super) fn backward<T: Real>(
     transport_ratio: f64,
     epsilon: f64,
 ) -> Vec<T> {
+    let rows = (count + 1) * n;
+    implicit_backward(plan, mass, [count, n], transport_ratio, epsilon, |b| {
+        Upstream::Plan(&grad[b * rows..(b + 1) * rows])
+    })
+}
+
+/// ∂L/∂costs `[B, K, N]` from the plan `[B, K+1, N]`, ∂L/∂[`marginals`] `[B, N + K]` and the
+/// masses `[B, N]`, without expanding the marginals' gradient to the plan's size.
+pub(super) fn marginals_backward<T: Real>(
+    plan: &[T],
+    grad: &[T],
+    mass: &[T],
+    [count, n]: [usize; 2],
+    transport_ratio: f64,
+    epsilon: f64,
+) -> Vec<T> {
+    let width = n + count;
+    implicit_backward(plan, mass, [count, n], transport_ratio, epsilon, |b| {
+        let (residual, prototypes) = grad[b * width..(b + 1) * width].split_at(n);
+        Upstream::Marginals {
+            residual,
+            prototypes,
+        }
+    })
+}
+
+/// The closed form of `transport::implicit_backward`, per sample, one pass over the plan:
+/// h = X ⊙ g, U_j = Σ_k h_kj, λ = (Σ ρU/a − Σ h_0) / (1 − μ − Σ ρ²/a), V = (U + λρ)/a,
+/// ∂L/∂c_kj = −(h_kj − V_j P_kj)/ε.
+fn implicit_backward<'a, T: Real>(
+    plan: &[T],
+    mass: &[T],
+    [count, n]: [usize; 2],
+    transport_ratio: f64,
+    epsilon: f64,
+    upstream: impl Fn(usize) -> Upstream<'a, T> + Sync,
+) -> Vec<T> {
     let batch = mass.len() / n;
     let rows = count + 1;
     let mut dc = vec![T::default(); batch * count * n];
@@ -223,14 +304,27 @@ pub(super) fn backward<T: Real>(
         .enumerate()
         .for_each(|(b, dc)| {
             let plan = &plan[b * rows * n..(b + 1) * rows * n];
-            let grad = &grad[b * rows * n..(b + 1) * rows * n];
             let mass = &mass[b * n..(b + 1) * n];
+            let upstream = upstream(b);
+            // U_j = Σ_k X_kj g_kj, and Σ_j h_0j.
             let mut column = vec![0.0f64; n];
-            for (p, g) in plan.chunks_exact(n).zip(grad.chunks_exact(n)) {
-                for ((u, &p), &g) in column.iter_mut().zip(p).zip(g) {
-                    *u += (p * g).to_f64();
+            for (k, p) in plan.chunks_exact(n).enumerate() {
+                match upstream.row(k, n) {
+                    Row::Values(g) => {
+                        for ((u, &p), &g) in column.iter_mut().zip(p).zip(g) {
+                            *u += (p * g).to_f64();
+                        }
+                    }
+                    Row::Constant(g) => {
+                        for (u, &p) in column.iter_mut().zip(p) {
+                            *u += (p * g).to_f64();
+                        }
+                    }
                 }
             }
+            let Row::Values(residual_grad) = upstream.row(0, n) else {
+                unreachable!("row 0 always holds values")
+            };
             let (mut numerator, mut squares) = (0.0, 0.0);
             let mut inverse_mass = vec![0.0f64; n];
             for j in 0..n {
@@ -239,7 +333,8 @@ pub(super) fn backward<T: Real>(
                     inverse_mass[j] = 1.0 / a;
                 }
                 let rho = plan[j].to_f64();
-                numerator += rho * column[j] * inverse_mass[j] - (plan[j] * grad[j]).to_f64();
+                numerator +=
+                    rho * column[j] * inverse_mass[j] - (plan[j] * residual_grad[j]).to_f64();
                 squares += rho * rho * inverse_mass[j];
             }
             let lambda = numerator / (1.0 - transport_ratio - squares).max(MIN_DENOMINATOR);
@@ -247,13 +342,22 @@ pub(super) fn backward<T: Real>(
                 .map(|j| T::from_f64((column[j] + lambda * plan[j].to_f64()) * inverse_mass[j]))
                 .collect();
             let scale = T::from_f64(-1.0 / epsilon);
-            for ((dc, p), g) in dc
+            for (k, (dc, p)) in dc
                 .chunks_exact_mut(n)
                 .zip(plan[n..].chunks_exact(n))
-                .zip(grad[n..].chunks_exact(n))
+                .enumerate()
             {
-                for (((d, &p), &g), &v) in dc.iter_mut().zip(p).zip(g).zip(&v) {
-                    *d = scale * (p * g - v * p);
+                match upstream.row(k + 1, n) {
+                    Row::Values(g) => {
+                        for (((d, &p), &g), &v) in dc.iter_mut().zip(p).zip(g).zip(&v) {
+                            *d = scale * (p * g - v * p);
+                        }
+                    }
+                    Row::Constant(g) => {
+                        for ((d, &p), &v) in dc.iter_mut().zip(p).zip(&v) {
+                            *d = scale * p * (g - v);
+                        }
+                    }
                 }
             }
         });
