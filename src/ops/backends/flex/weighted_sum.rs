@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use super::Shape3;
 use super::real::{Real, dot};
+use super::simd::wide_kernel;
 
 /// y_bc = Σ_n w_bn x_bnc: `[B, C]`.
 pub(super) fn forward<T: Real>(x: &[T], weights: &[T], shape: Shape3) -> Vec<T> {
@@ -14,19 +15,30 @@ pub(super) fn forward<T: Real>(x: &[T], weights: &[T], shape: Shape3) -> Vec<T> 
     out.par_chunks_mut(c).enumerate().for_each(|(b, out)| {
         let x = &x[b * n * c..(b + 1) * n * c];
         let w = &weights[b * n..(b + 1) * n];
-        if shape.channels_last {
-            for (row, &w) in x.chunks_exact(c).zip(w) {
-                for (o, &v) in out.iter_mut().zip(row) {
-                    *o += w * v;
-                }
-            }
-        } else {
-            for (o, row) in out.iter_mut().zip(x.chunks_exact(n)) {
-                *o = dot(row, w);
-            }
-        }
+        sum_sample_wide(x, w, shape, out);
     });
     out
+}
+
+wide_kernel!(
+    /// [`sum_sample`], with wider vectors where the CPU has them.
+    fn sum_sample_wide<T: Real>(x: &[T], w: &[T], shape: Shape3, out: &mut [T]) -> () => sum_sample
+);
+
+/// One sample's weighted sum `[C]` of `x` (`[N, C]` or `[C, N]`).
+#[inline(always)]
+fn sum_sample<T: Real>(x: &[T], w: &[T], shape: Shape3, out: &mut [T]) {
+    if shape.channels_last {
+        for (row, &w) in x.chunks_exact(shape.channels).zip(w) {
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o += w * v;
+            }
+        }
+    } else {
+        for (o, row) in out.iter_mut().zip(x.chunks_exact(shape.positions)) {
+            *o = dot(row, w);
+        }
+    }
 }
 
 /// ∂L/∂x_bnc = w_bn g_bc, in `x`'s layout.
@@ -60,17 +72,28 @@ pub(super) fn weights_backward<T: Real>(x: &[T], grad: &[T], shape: Shape3) -> V
     dw.par_chunks_mut(n).enumerate().for_each(|(b, dw)| {
         let x = &x[b * n * c..(b + 1) * n * c];
         let g = &grad[b * c..(b + 1) * c];
-        if shape.channels_last {
-            for (d, row) in dw.iter_mut().zip(x.chunks_exact(c)) {
-                *d = dot(row, g);
-            }
-        } else {
-            for (row, &g) in x.chunks_exact(n).zip(g) {
-                for (d, &v) in dw.iter_mut().zip(row) {
-                    *d += g * v;
-                }
-            }
-        }
+        weights_sample_wide(x, g, shape, dw);
     });
     dw
+}
+
+wide_kernel!(
+    /// [`weights_sample`], with wider vectors where the CPU has them.
+    fn weights_sample_wide<T: Real>(x: &[T], g: &[T], shape: Shape3, dw: &mut [T]) -> () => weights_sample
+);
+
+/// One sample's ∂L/∂w `[N]`: the dot products of its positions with ∂L/∂y.
+#[inline(always)]
+fn weights_sample<T: Real>(x: &[T], g: &[T], shape: Shape3, dw: &mut [T]) {
+    if shape.channels_last {
+        for (d, row) in dw.iter_mut().zip(x.chunks_exact(shape.channels)) {
+            *d = dot(row, g);
+        }
+    } else {
+        for (row, &g) in x.chunks_exact(shape.positions).zip(g) {
+            for (d, &v) in dw.iter_mut().zip(row) {
+                *d += g * v;
+            }
+        }
+    }
 }
