@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use super::Shape3;
 use super::product::{Strided, product};
 use super::real::{Real, dot, lane_sum};
+use super::simd::wide_kernel;
 use crate::transport::costs::MIN_ACTIVE_COST;
 
 /// The floor of the squared distance, as in the composite path.
@@ -21,6 +22,7 @@ struct Scales<T> {
 }
 
 /// Scales of the positions of one sample (`[N, C]` or `[C, N]`).
+#[inline(always)]
 fn position_scales<T: Real>(x: &[T], shape: Shape3) -> Scales<T> {
     let (n, c) = (shape.positions, shape.channels);
     let squared_norm: Vec<T> = if shape.channels_last {
@@ -37,6 +39,7 @@ fn position_scales<T: Real>(x: &[T], shape: Shape3) -> Scales<T> {
     scales_from_norms(squared_norm)
 }
 
+#[inline(always)]
 fn scales_from_norms<T: Real>(squared_norm: Vec<T>) -> Scales<T> {
     let one = T::from_f64(1.0);
     let scale = squared_norm
@@ -91,39 +94,13 @@ pub(super) fn forward<T: Real>(x: &[T], prototypes: &[T], count: usize, shape: S
         .zip(&prototype_scales.scale)
         .map(|(&q, &s)| q * s * s)
         .collect();
-    let floor = T::from_f64(MIN_SQUARED_DISTANCE);
-    let two = T::from_f64(2.0);
     let mut costs = vec![T::default(); shape.batch * count * n];
     costs
         .par_chunks_mut(count * n)
         .enumerate()
         .for_each(|(b, costs)| {
             let x = &x[b * n * c..(b + 1) * n * c];
-            let scales = position_scales(x, shape);
-            // ⟨φ(ω_k), x_j⟩ for all k, j: [K, C] · [C, N].
-            product(
-                [count, n, c],
-                costs,
-                (n, 1),
-                false,
-                Strided::rows(&normalized, c),
-                features_by_column(x, shape),
-                T::from_f64(1.0),
-            );
-            let feature_squares: Vec<T> = scales
-                .squared_norm
-                .iter()
-                .zip(&scales.scale)
-                .map(|(&q, &s)| q * s * s)
-                .collect();
-            for (row, &prototype_square) in costs.chunks_exact_mut(n).zip(&prototype_squares) {
-                for ((cost, &feature_square), &s) in
-                    row.iter_mut().zip(&feature_squares).zip(&scales.scale)
-                {
-                    let squared = prototype_square + feature_square - two * s * *cost;
-                    *cost = squared.max(floor).sqrt();
-                }
-            }
+            forward_sample_wide(x, &normalized, &prototype_squares, shape, costs);
         });
     costs
 }
@@ -156,52 +133,15 @@ pub(super) fn backward<T: Real>(
                 let x = &x[b * n * c..(b + 1) * n * c];
                 let costs = &costs[b * count * n..(b + 1) * count * n];
                 let grad = &grad[b * count * n..(b + 1) * count * n];
-                let scales = position_scales(x, shape);
-                let active = T::from_f64(MIN_ACTIVE_COST);
-                let mut a: Vec<T> = costs
-                    .iter()
-                    .zip(grad)
-                    .map(|(&cost, &g)| if cost > active { g / cost } else { zero })
-                    .collect();
-                let mut column_sums = vec![zero; n];
-                for (row, total) in a.chunks_exact(n).zip(row_sums.iter_mut()) {
-                    for (s, &v) in column_sums.iter_mut().zip(row) {
-                        *s += v;
-                    }
-                    *total += lane_sum(n, |j| row[j]);
-                }
-                // −Σ_k a_kj φ(ω_k) for all j: [N, K] · [K, C], into ∂L/∂x's layout.
-                let out_strides = if shape.channels_last { (c, 1) } else { (1, n) };
-                product(
-                    [n, c, count],
+                backward_sample_wide(
+                    x,
+                    costs,
+                    grad,
+                    &normalized,
+                    shape,
                     dx,
-                    out_strides,
-                    false,
-                    Strided::transposed(&a, n),
-                    Strided::rows(&normalized, c),
-                    T::from_f64(-1.0),
-                );
-                // Then + s_j x_j Σ_k a_kj, and φ's Jacobian.
-                let position_factor: Vec<T> = column_sums
-                    .iter()
-                    .zip(&scales.scale)
-                    .map(|(&sum, &s)| sum * s)
-                    .collect();
-                normalize_backward(x, dx, &position_factor, &scales, shape);
-                // Σ_j a_kj s_j x_j: [K, N] · [N, C], summed into the thread's total.
-                for row in a.chunks_exact_mut(n) {
-                    for (v, &s) in row.iter_mut().zip(&scales.scale) {
-                        *v = *v * s;
-                    }
-                }
-                product(
-                    [count, c, n],
                     &mut cross,
-                    (c, 1),
-                    true,
-                    Strided::rows(&a, n),
-                    features_by_row(x, shape),
-                    one,
+                    &mut row_sums,
                 );
                 (cross, row_sums)
             },
@@ -240,8 +180,140 @@ pub(super) fn backward<T: Real>(
     (dx, dprototypes)
 }
 
+wide_kernel!(
+    /// [`forward_sample`], with wider vectors where the CPU has them.
+    fn forward_sample_wide<T: Real>(
+        x: &[T],
+        normalized: &[T],
+        prototype_squares: &[T],
+        shape: Shape3,
+        costs: &mut [T],
+    ) -> () => forward_sample
+);
+
+/// One sample's costs `[K, N]` from its features and the normalised prototypes `[K, C]` with
+/// their squared norms.
+#[inline(always)]
+fn forward_sample<T: Real>(
+    x: &[T],
+    normalized: &[T],
+    prototype_squares: &[T],
+    shape: Shape3,
+    costs: &mut [T],
+) {
+    let (n, c) = (shape.positions, shape.channels);
+    let count = prototype_squares.len();
+    let floor = T::from_f64(MIN_SQUARED_DISTANCE);
+    let two = T::from_f64(2.0);
+    let scales = position_scales(x, shape);
+    // ⟨φ(ω_k), x_j⟩ for all k, j: [K, C] · [C, N].
+    product(
+        [count, n, c],
+        costs,
+        (n, 1),
+        false,
+        Strided::rows(normalized, c),
+        features_by_column(x, shape),
+        T::from_f64(1.0),
+    );
+    let feature_squares: Vec<T> = scales
+        .squared_norm
+        .iter()
+        .zip(&scales.scale)
+        .map(|(&q, &s)| q * s * s)
+        .collect();
+    for (row, &prototype_square) in costs.chunks_exact_mut(n).zip(prototype_squares) {
+        for ((cost, &feature_square), &s) in row.iter_mut().zip(&feature_squares).zip(&scales.scale)
+        {
+            let squared = prototype_square + feature_square - two * s * *cost;
+            *cost = squared.max(floor).sqrt();
+        }
+    }
+}
+
+wide_kernel!(
+    /// [`backward_sample`], with wider vectors where the CPU has them.
+    fn backward_sample_wide<T: Real>(
+        x: &[T],
+        costs: &[T],
+        grad: &[T],
+        normalized: &[T],
+        shape: Shape3,
+        dx: &mut [T],
+        cross: &mut [T],
+        row_sums: &mut [T],
+    ) -> () => backward_sample
+);
+
+/// One sample of [`backward`]: writes its ∂L/∂x into `dx` and adds its Σ_j a_kj φ(x_j)
+/// `[K, C]` and Σ_j a_kj `[K]` into `cross` and `row_sums`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_sample<T: Real>(
+    x: &[T],
+    costs: &[T],
+    grad: &[T],
+    normalized: &[T],
+    shape: Shape3,
+    dx: &mut [T],
+    cross: &mut [T],
+    row_sums: &mut [T],
+) {
+    let (n, c) = (shape.positions, shape.channels);
+    let count = row_sums.len();
+    let zero = T::default();
+    let scales = position_scales(x, shape);
+    let active = T::from_f64(MIN_ACTIVE_COST);
+    let mut a: Vec<T> = costs
+        .iter()
+        .zip(grad)
+        .map(|(&cost, &g)| if cost > active { g / cost } else { zero })
+        .collect();
+    let mut column_sums = vec![zero; n];
+    for (row, total) in a.chunks_exact(n).zip(row_sums.iter_mut()) {
+        for (s, &v) in column_sums.iter_mut().zip(row) {
+            *s += v;
+        }
+        *total += lane_sum(n, |j| row[j]);
+    }
+    // −Σ_k a_kj φ(ω_k) for all j: [N, K] · [K, C], into ∂L/∂x's layout.
+    let out_strides = if shape.channels_last { (c, 1) } else { (1, n) };
+    product(
+        [n, c, count],
+        dx,
+        out_strides,
+        false,
+        Strided::transposed(&a, n),
+        Strided::rows(normalized, c),
+        T::from_f64(-1.0),
+    );
+    // Then + s_j x_j Σ_k a_kj, and φ's Jacobian.
+    let position_factor: Vec<T> = column_sums
+        .iter()
+        .zip(&scales.scale)
+        .map(|(&sum, &s)| sum * s)
+        .collect();
+    normalize_backward(x, dx, &position_factor, &scales, shape);
+    // Σ_j a_kj s_j x_j: [K, N] · [N, C], summed into the thread's total.
+    for row in a.chunks_exact_mut(n) {
+        for (v, &s) in row.iter_mut().zip(&scales.scale) {
+            *v = *v * s;
+        }
+    }
+    product(
+        [count, c, n],
+        cross,
+        (c, 1),
+        true,
+        Strided::rows(&a, n),
+        features_by_row(x, shape),
+        T::from_f64(1.0),
+    );
+}
+
 /// In place on one sample's `dx` (holding −Σ_k a_kj φ(ω_k)): adds `factor_j · x_j` to get
 /// g_j = ∂L/∂φ(x_j), then applies φ's Jacobian g ↦ s g − s³ ⟨x, g⟩ x where ‖x_j‖ > 1.
+#[inline(always)]
 fn normalize_backward<T: Real>(
     x: &[T],
     dx: &mut [T],
