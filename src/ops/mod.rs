@@ -24,6 +24,12 @@ use burn::tensor::Device;
 
 use crate::transport::TransportSettings;
 
+/// Short names of the backend's primitives for the macro-generated impls.
+#[cfg(any(feature = "ndarray", feature = "wgpu"))]
+pub(crate) type Float<B> = FloatTensor<B>;
+#[cfg(any(feature = "ndarray", feature = "wgpu"))]
+pub(crate) type Int<B> = IntTensor<B>;
+
 #[cfg(all(test, feature = "autodiff"))]
 pub(crate) use backends::BACKWARD_CALLS;
 

@@ -14,7 +14,7 @@ use std::any::{Any, TypeId};
 
 use burn::backend::Cube;
 use burn::backend::cubecl::dtype_to_storage_type;
-use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::tensor::FloatTensor;
 use burn::tensor::{DType, Shape};
 use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::prelude::*;
@@ -24,62 +24,19 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
 use crate::ops::{PoolingOps, portable};
-use crate::transport::TransportSettings;
 
 impl PoolingOps for Cube {
-    fn transport_costs(
-        features: FloatTensor<Self>,
-        prototypes: FloatTensor<Self>,
-        channels_last: bool,
-    ) -> FloatTensor<Self> {
-        portable::transport_costs::<Self>(features, prototypes, channels_last)
-    }
-
-    fn transport_costs_backward(
-        features: FloatTensor<Self>,
-        prototypes: FloatTensor<Self>,
-        costs: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        channels_last: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        portable::transport_costs_backward::<Self>(features, prototypes, costs, grad, channels_last)
-    }
-
-    fn partial_transport(
-        costs: FloatTensor<Self>,
-        mass: FloatTensor<Self>,
-        settings: TransportSettings,
-    ) -> (FloatTensor<Self>, IntTensor<Self>) {
-        portable::partial_transport::<Self>(costs, mass, settings)
-    }
-
-    fn partial_transport_backward(
-        plan: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        mass: FloatTensor<Self>,
-        transport_ratio: f64,
-        epsilon: f64,
-    ) -> FloatTensor<Self> {
-        portable::partial_transport_backward::<Self>(plan, grad, mass, transport_ratio, epsilon)
-    }
-
-    fn transport_marginals(
-        costs: FloatTensor<Self>,
-        mass: FloatTensor<Self>,
-        settings: TransportSettings,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
-        portable::transport_marginals::<Self>(costs, mass, settings)
-    }
-
-    fn transport_marginals_backward(
-        plan: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        mass: FloatTensor<Self>,
-        transport_ratio: f64,
-        epsilon: f64,
-    ) -> FloatTensor<Self> {
-        portable::transport_marginals_backward::<Self>(plan, grad, mass, transport_ratio, epsilon)
-    }
+    portable_methods!(
+        transport_costs,
+        transport_costs_backward,
+        partial_transport,
+        partial_transport_backward,
+        transport_marginals,
+        transport_marginals_backward,
+        generalized_mean_backward,
+        weighted_sum_features_backward,
+        weighted_sum_weights_backward,
+    );
 
     fn generalized_mean(
         x: FloatTensor<Self>,
@@ -98,26 +55,6 @@ impl PoolingOps for Cube {
         }
     }
 
-    fn generalized_mean_backward(
-        x: FloatTensor<Self>,
-        powers: FloatTensor<Self>,
-        mask: FloatTensor<Self>,
-        output: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        eps: f64,
-        channels_last: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        portable::generalized_mean_backward::<Self>(
-            x,
-            powers,
-            mask,
-            output,
-            grad,
-            eps,
-            channels_last,
-        )
-    }
-
     fn weighted_sum(
         x: FloatTensor<Self>,
         weights: FloatTensor<Self>,
@@ -127,22 +64,6 @@ impl PoolingOps for Cube {
             Ok([x, weights]) => from_cube(launch_weighted_sum(x, weights, channels_last)),
             Err([x, weights]) => portable::weighted_sum::<Self>(x, weights, channels_last),
         }
-    }
-
-    fn weighted_sum_features_backward(
-        weights: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        channels_last: bool,
-    ) -> FloatTensor<Self> {
-        portable::weighted_sum_features_backward::<Self>(weights, grad, channels_last)
-    }
-
-    fn weighted_sum_weights_backward(
-        x: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        channels_last: bool,
-    ) -> FloatTensor<Self> {
-        portable::weighted_sum_weights_backward::<Self>(x, grad, channels_last)
     }
 }
 

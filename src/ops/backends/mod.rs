@@ -2,6 +2,153 @@
 //! every op (`flex`); Cube has CubeCL kernels (`cube`) for the forward generalized mean and
 //! weighted sum, and the portable bodies for the rest; NdArray uses the portable bodies.
 
+/// Methods of [`PoolingOps`](super::PoolingOps) that run the portable bodies, by name, for
+/// the impls of the backends without a kernel for them:
+/// `impl PoolingOps for B { portable_methods!(weighted_sum, ...); }`.
+#[cfg(any(feature = "ndarray", feature = "wgpu"))]
+macro_rules! portable_methods {
+    ($($op:ident),* $(,)?) => {
+        $(portable_methods!(@ $op);)*
+    };
+    (@ transport_costs) => {
+        fn transport_costs(
+            features: $crate::ops::Float<Self>,
+            prototypes: $crate::ops::Float<Self>,
+            channels_last: bool,
+        ) -> $crate::ops::Float<Self> {
+            $crate::ops::portable::transport_costs::<Self>(features, prototypes, channels_last)
+        }
+    };
+    (@ transport_costs_backward) => {
+        fn transport_costs_backward(
+            features: $crate::ops::Float<Self>,
+            prototypes: $crate::ops::Float<Self>,
+            costs: $crate::ops::Float<Self>,
+            grad: $crate::ops::Float<Self>,
+            channels_last: bool,
+        ) -> ($crate::ops::Float<Self>, $crate::ops::Float<Self>) {
+            $crate::ops::portable::transport_costs_backward::<Self>(
+                features,
+                prototypes,
+                costs,
+                grad,
+                channels_last,
+            )
+        }
+    };
+    (@ partial_transport) => {
+        fn partial_transport(
+            costs: $crate::ops::Float<Self>,
+            mass: $crate::ops::Float<Self>,
+            settings: $crate::transport::TransportSettings,
+        ) -> ($crate::ops::Float<Self>, $crate::ops::Int<Self>) {
+            $crate::ops::portable::partial_transport::<Self>(costs, mass, settings)
+        }
+    };
+    (@ partial_transport_backward) => {
+        fn partial_transport_backward(
+            plan: $crate::ops::Float<Self>,
+            grad: $crate::ops::Float<Self>,
+            mass: $crate::ops::Float<Self>,
+            transport_ratio: f64,
+            epsilon: f64,
+        ) -> $crate::ops::Float<Self> {
+            $crate::ops::portable::partial_transport_backward::<Self>(
+                plan,
+                grad,
+                mass,
+                transport_ratio,
+                epsilon,
+            )
+        }
+    };
+    (@ transport_marginals) => {
+        fn transport_marginals(
+            costs: $crate::ops::Float<Self>,
+            mass: $crate::ops::Float<Self>,
+            settings: $crate::transport::TransportSettings,
+        ) -> ($crate::ops::Float<Self>, $crate::ops::Float<Self>, $crate::ops::Int<Self>) {
+            $crate::ops::portable::transport_marginals::<Self>(costs, mass, settings)
+        }
+    };
+    (@ transport_marginals_backward) => {
+        fn transport_marginals_backward(
+            plan: $crate::ops::Float<Self>,
+            grad: $crate::ops::Float<Self>,
+            mass: $crate::ops::Float<Self>,
+            transport_ratio: f64,
+            epsilon: f64,
+        ) -> $crate::ops::Float<Self> {
+            $crate::ops::portable::transport_marginals_backward::<Self>(
+                plan,
+                grad,
+                mass,
+                transport_ratio,
+                epsilon,
+            )
+        }
+    };
+    (@ generalized_mean) => {
+        fn generalized_mean(
+            x: $crate::ops::Float<Self>,
+            powers: $crate::ops::Float<Self>,
+            mask: $crate::ops::Float<Self>,
+            eps: f64,
+            channels_last: bool,
+        ) -> $crate::ops::Float<Self> {
+            $crate::ops::portable::generalized_mean::<Self>(x, powers, mask, eps, channels_last)
+        }
+    };
+    (@ generalized_mean_backward) => {
+        fn generalized_mean_backward(
+            x: $crate::ops::Float<Self>,
+            powers: $crate::ops::Float<Self>,
+            mask: $crate::ops::Float<Self>,
+            output: $crate::ops::Float<Self>,
+            grad: $crate::ops::Float<Self>,
+            eps: f64,
+            channels_last: bool,
+        ) -> ($crate::ops::Float<Self>, $crate::ops::Float<Self>) {
+            $crate::ops::portable::generalized_mean_backward::<Self>(
+                x,
+                powers,
+                mask,
+                output,
+                grad,
+                eps,
+                channels_last,
+            )
+        }
+    };
+    (@ weighted_sum) => {
+        fn weighted_sum(
+            x: $crate::ops::Float<Self>,
+            weights: $crate::ops::Float<Self>,
+            channels_last: bool,
+        ) -> $crate::ops::Float<Self> {
+            $crate::ops::portable::weighted_sum::<Self>(x, weights, channels_last)
+        }
+    };
+    (@ weighted_sum_features_backward) => {
+        fn weighted_sum_features_backward(
+            weights: $crate::ops::Float<Self>,
+            grad: $crate::ops::Float<Self>,
+            channels_last: bool,
+        ) -> $crate::ops::Float<Self> {
+            $crate::ops::portable::weighted_sum_features_backward::<Self>(weights, grad, channels_last)
+        }
+    };
+    (@ weighted_sum_weights_backward) => {
+        fn weighted_sum_weights_backward(
+            x: $crate::ops::Float<Self>,
+            grad: $crate::ops::Float<Self>,
+            channels_last: bool,
+        ) -> $crate::ops::Float<Self> {
+            $crate::ops::portable::weighted_sum_weights_backward::<Self>(x, grad, channels_last)
+        }
+    };
+}
+
 #[cfg(feature = "autodiff")]
 mod autodiff;
 #[cfg(feature = "wgpu")]
@@ -13,146 +160,18 @@ mod flex;
 pub(crate) use autodiff::BACKWARD_CALLS;
 
 #[cfg(feature = "ndarray")]
-use burn::backend::tensor::{FloatTensor, IntTensor};
-
-#[cfg(feature = "ndarray")]
-use super::{PoolingOps, portable};
-#[cfg(feature = "ndarray")]
-use crate::transport::TransportSettings;
-
-/// Implements [`PoolingOps`](super::PoolingOps) for a backend with the portable bodies.
-#[cfg(feature = "ndarray")]
-macro_rules! portable_pooling_ops {
-    ($backend:ty) => {
-        impl PoolingOps for $backend {
-            fn transport_costs(
-                features: FloatTensor<Self>,
-                prototypes: FloatTensor<Self>,
-                channels_last: bool,
-            ) -> FloatTensor<Self> {
-                portable::transport_costs::<Self>(features, prototypes, channels_last)
-            }
-
-            fn transport_costs_backward(
-                features: FloatTensor<Self>,
-                prototypes: FloatTensor<Self>,
-                costs: FloatTensor<Self>,
-                grad: FloatTensor<Self>,
-                channels_last: bool,
-            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-                portable::transport_costs_backward::<Self>(
-                    features,
-                    prototypes,
-                    costs,
-                    grad,
-                    channels_last,
-                )
-            }
-
-            fn partial_transport(
-                costs: FloatTensor<Self>,
-                mass: FloatTensor<Self>,
-                settings: TransportSettings,
-            ) -> (FloatTensor<Self>, IntTensor<Self>) {
-                portable::partial_transport::<Self>(costs, mass, settings)
-            }
-
-            fn partial_transport_backward(
-                plan: FloatTensor<Self>,
-                grad: FloatTensor<Self>,
-                mass: FloatTensor<Self>,
-                transport_ratio: f64,
-                epsilon: f64,
-            ) -> FloatTensor<Self> {
-                portable::partial_transport_backward::<Self>(
-                    plan,
-                    grad,
-                    mass,
-                    transport_ratio,
-                    epsilon,
-                )
-            }
-
-            fn transport_marginals(
-                costs: FloatTensor<Self>,
-                mass: FloatTensor<Self>,
-                settings: TransportSettings,
-            ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
-                portable::transport_marginals::<Self>(costs, mass, settings)
-            }
-
-            fn transport_marginals_backward(
-                plan: FloatTensor<Self>,
-                grad: FloatTensor<Self>,
-                mass: FloatTensor<Self>,
-                transport_ratio: f64,
-                epsilon: f64,
-            ) -> FloatTensor<Self> {
-                portable::transport_marginals_backward::<Self>(
-                    plan,
-                    grad,
-                    mass,
-                    transport_ratio,
-                    epsilon,
-                )
-            }
-
-            fn generalized_mean(
-                x: FloatTensor<Self>,
-                powers: FloatTensor<Self>,
-                mask: FloatTensor<Self>,
-                eps: f64,
-                channels_last: bool,
-            ) -> FloatTensor<Self> {
-                portable::generalized_mean::<Self>(x, powers, mask, eps, channels_last)
-            }
-
-            fn generalized_mean_backward(
-                x: FloatTensor<Self>,
-                powers: FloatTensor<Self>,
-                mask: FloatTensor<Self>,
-                output: FloatTensor<Self>,
-                grad: FloatTensor<Self>,
-                eps: f64,
-                channels_last: bool,
-            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-                portable::generalized_mean_backward::<Self>(
-                    x,
-                    powers,
-                    mask,
-                    output,
-                    grad,
-                    eps,
-                    channels_last,
-                )
-            }
-
-            fn weighted_sum(
-                x: FloatTensor<Self>,
-                weights: FloatTensor<Self>,
-                channels_last: bool,
-            ) -> FloatTensor<Self> {
-                portable::weighted_sum::<Self>(x, weights, channels_last)
-            }
-
-            fn weighted_sum_features_backward(
-                weights: FloatTensor<Self>,
-                grad: FloatTensor<Self>,
-                channels_last: bool,
-            ) -> FloatTensor<Self> {
-                portable::weighted_sum_features_backward::<Self>(weights, grad, channels_last)
-            }
-
-            fn weighted_sum_weights_backward(
-                x: FloatTensor<Self>,
-                grad: FloatTensor<Self>,
-                channels_last: bool,
-            ) -> FloatTensor<Self> {
-                portable::weighted_sum_weights_backward::<Self>(x, grad, channels_last)
-            }
-        }
-    };
+impl super::PoolingOps for burn::backend::NdArray {
+    portable_methods!(
+        transport_costs,
+        transport_costs_backward,
+        partial_transport,
+        partial_transport_backward,
+        transport_marginals,
+        transport_marginals_backward,
+        generalized_mean,
+        generalized_mean_backward,
+        weighted_sum,
+        weighted_sum_features_backward,
+        weighted_sum_weights_backward,
+    );
 }
-
-#[cfg(feature = "ndarray")]
-portable_pooling_ops!(burn::backend::NdArray);
