@@ -359,3 +359,46 @@ fn normalize_backward<T: Real>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::backends::flex::simd::check::{agree, values};
+
+    /// The copy chosen at run time and the baseline build give the same costs and gradients.
+    #[test]
+    fn wide_copy_matches_baseline() {
+        let (n, c, k) = (9, 12, 4);
+        let prototypes = values(k * c, 7, -0.5, 0.5);
+        let (normalized, scales) = normalized_prototypes(&prototypes, c);
+        let squares: Vec<f32> = scales
+            .squared_norm
+            .iter()
+            .zip(&scales.scale)
+            .map(|(&q, &s)| q * s * s)
+            .collect();
+        let x = values(n * c, 8, -0.6, 0.6);
+        let grad = values(k * n, 9, -1.0, 1.0);
+        for channels_last in [false, true] {
+            let shape = Shape3 {
+                batch: 1,
+                positions: n,
+                channels: c,
+                channels_last,
+            };
+            let (mut wide, mut base) = (vec![0.0; k * n], vec![0.0; k * n]);
+            forward_sample_wide(&x, &normalized, &squares, shape, &mut wide);
+            forward_sample(&x, &normalized, &squares, shape, &mut base);
+            agree("costs", &wide, &base);
+            let mut out_wide = (vec![0.0; n * c], vec![0.0; k * c], vec![0.0; k]);
+            let mut out_base = (vec![0.0; n * c], vec![0.0; k * c], vec![0.0; k]);
+            let (dx, cross, sums) = (&mut out_wide.0, &mut out_wide.1, &mut out_wide.2);
+            backward_sample_wide(&x, &base, &grad, &normalized, shape, dx, cross, sums);
+            let (dx, cross, sums) = (&mut out_base.0, &mut out_base.1, &mut out_base.2);
+            backward_sample(&x, &base, &grad, &normalized, shape, dx, cross, sums);
+            agree("dx", &out_wide.0, &out_base.0);
+            agree("cross", &out_wide.1, &out_base.1);
+            agree("row sums", &out_wide.2, &out_base.2);
+        }
+    }
+}

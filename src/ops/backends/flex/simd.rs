@@ -30,3 +30,30 @@ macro_rules! wide_kernel {
 }
 
 pub(super) use wide_kernel;
+
+/// Test inputs and comparisons for the per-kernel checks that the AVX2 copy and the baseline
+/// build agree (the other tests run only the copy this machine picks).
+#[cfg(test)]
+pub(super) mod check {
+    /// `len` values in [lo, hi) from a fixed linear congruential sequence.
+    pub fn values(len: usize, seed: u32, lo: f32, hi: f32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(747_796_405).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                lo + (hi - lo) * (state >> 8) as f32 / (1u32 << 24) as f32
+            })
+            .collect()
+    }
+
+    /// Panics unless `a` and `b` agree to 1e-5 relative (1e-6 absolute), naming the place.
+    pub fn agree(what: &str, a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (i, (&a, &b)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6 + 1e-5 * b.abs(),
+                "{what}[{i}]: wide {a} vs baseline {b}"
+            );
+        }
+    }
+}

@@ -363,3 +363,29 @@ fn implicit_backward<'a, T: Real>(
         });
     dc
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::backends::flex::simd::check::{agree, values};
+
+    /// The copy chosen at run time and the baseline build solve to the same plan.
+    #[test]
+    fn wide_copy_matches_baseline() {
+        let (k, n) = (5, 11);
+        let costs = values(k * n, 6, 0.0, 2.0);
+        let mass = vec![1.0 / n as f64; n];
+        let settings = TransportSettings {
+            transport_ratio: 0.3,
+            epsilon: 0.2,
+            max_iterations: 100,
+            tolerance: 1e-6,
+            solver: TransportSolver::Newton,
+        };
+        let (mut wide, mut base) = (vec![0.0; (k + 1) * n], vec![0.0; (k + 1) * n]);
+        let steps_wide = solve_sample_wide(&costs, &mass, &mut wide, &settings);
+        let steps_base = solve_sample(&costs, &mass, &mut base, &settings);
+        assert_eq!(steps_wide, steps_base);
+        agree("plan", &wide, &base);
+    }
+}

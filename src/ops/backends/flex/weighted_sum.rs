@@ -97,3 +97,34 @@ fn weights_sample<T: Real>(x: &[T], g: &[T], shape: Shape3, dw: &mut [T]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::backends::flex::simd::check::{agree, values};
+
+    /// The copy chosen at run time and the baseline build give the same sums and ∂L/∂w.
+    #[test]
+    fn wide_copy_matches_baseline() {
+        let (n, c) = (49, 19);
+        let w = values(n, 3, 0.0, 0.1);
+        let g = values(c, 4, -1.0, 1.0);
+        let x = values(n * c, 5, -1.0, 1.0);
+        for channels_last in [false, true] {
+            let shape = Shape3 {
+                batch: 1,
+                positions: n,
+                channels: c,
+                channels_last,
+            };
+            let (mut wide, mut base) = (vec![0.0; c], vec![0.0; c]);
+            sum_sample_wide(&x, &w, shape, &mut wide);
+            sum_sample(&x, &w, shape, &mut base);
+            agree("sum", &wide, &base);
+            let (mut wide, mut base) = (vec![0.0; n], vec![0.0; n]);
+            weights_sample_wide(&x, &g, shape, &mut wide);
+            weights_sample(&x, &g, shape, &mut base);
+            agree("dw", &wide, &base);
+        }
+    }
+}
