@@ -73,7 +73,6 @@ pub trait PoolingOps: Backend {
         plan: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         mass: FloatTensor<Self>,
-        transport_ratio: f64,
         epsilon: f64,
     ) -> FloatTensor<Self>;
 
@@ -94,7 +93,6 @@ pub trait PoolingOps: Backend {
         plan: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         mass: FloatTensor<Self>,
-        transport_ratio: f64,
         epsilon: f64,
     ) -> FloatTensor<Self>;
 

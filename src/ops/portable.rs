@@ -51,7 +51,6 @@ pub fn partial_transport_backward<B: Backend>(
     plan: FloatTensor<B>,
     grad: FloatTensor<B>,
     mass: FloatTensor<B>,
-    transport_ratio: f64,
     epsilon: f64,
 ) -> FloatTensor<B>
 where
@@ -61,7 +60,6 @@ where
         wrap::<B, 3>(plan),
         wrap::<B, 3>(grad),
         wrap::<B, 2>(mass),
-        transport_ratio,
         epsilon,
     ))
 }
@@ -85,7 +83,6 @@ pub fn transport_marginals_backward<B: Backend>(
     plan: FloatTensor<B>,
     grad: FloatTensor<B>,
     mass: FloatTensor<B>,
-    transport_ratio: f64,
     epsilon: f64,
 ) -> FloatTensor<B>
 where
@@ -97,7 +94,6 @@ where
         plan,
         grad,
         wrap::<B, 2>(mass),
-        transport_ratio,
         epsilon,
     ))
 }

@@ -8,7 +8,7 @@ use crate::ops::{PoolingOps, extension_covers};
 
 /// Squared distances below this are treated as 0 (the norm's derivative is undefined there;
 /// its gradient is taken as 0).
-const MIN_SQUARED_DISTANCE: f64 = 1e-12;
+pub(crate) const MIN_SQUARED_DISTANCE: f64 = 1e-12;
 
 /// Costs at or below this came from a clamped squared distance, so their gradient is 0: the
 /// square root of [`MIN_SQUARED_DISTANCE`] with room for rounding.
@@ -190,7 +190,8 @@ mod tests {
                 .into_data()
                 .assert_approx_eq::<f32>(&composite.into_data(), tolerance);
             let cost = fused.clone().slice([0..1, 1..2, 0..1]).into_scalar::<f32>();
-            assert!(cost < 1e-5, "a position equal to a prototype costs {cost}");
+            // In f32 the squared distance cancels to within rounding, not necessarily to 0.
+            assert!(cost < 1e-3, "a position equal to a prototype costs {cost}");
             fused_dx
                 .clone()
                 .into_data()

@@ -5,15 +5,17 @@
 //! `[B, K+1, N]`, upstream g = ∂L/∂X and position masses a_j:
 //!
 //! ```text
-//! h    = X ⊙ g,   U_j = Σ_{k=0..K} h_kj
-//! λ    = ( Σ_j ρ_j U_j / a_j − Σ_j h_0j ) / ( 1 − μ − Σ_j ρ_j² / a_j )
+//! h    = X ⊙ g,   U_j = Σ_{k=0..K} h_kj,   t_j = Σ_{k=1..K} P_kj
+//! λ    = ( Σ_j ρ_j U_j / a_j − Σ_j h_0j ) / ( Σ_j ρ_j t_j / a_j )
 //! V_j  = ( U_j + λ ρ_j ) / a_j
 //! ∂L/∂c_kj = −(1/ε) ( h_kj − V_j P_kj ),   k = 1..K
 //! ```
 //!
-//! With a_j = 1/N this is the reference's formula; padded positions (a_j = 0) have X = 0 and
-//! drop out. The denominator vanishes as μ → 1 or ε → 0 (where the numerator vanishes too), so
-//! it is clamped away from zero.
+//! With a_j = 1/N this is the reference's formula (its denominator 1 − μ − N Σ ρ² equals
+//! Σ ρ t / a at the exact root; the form read from the plan does not depend on how tightly the
+//! solver met Σ t = μ, and has no cancellation). Padded positions (a_j = 0) have X = 0 and drop
+//! out. The denominator vanishes as μ → 1 or ε → 0 (where the numerator vanishes too), so it is
+//! clamped away from zero.
 
 use burn::tensor::Tensor;
 
@@ -28,7 +30,6 @@ pub(crate) fn implicit_cost_gradient(
     plan: Tensor<3>,
     grad: Tensor<3>,
     mass: Tensor<2>,
-    transport_ratio: f64,
     epsilon: f64,
 ) -> Tensor<3> {
     let [batch, rows, positions] = plan.dims();
@@ -43,10 +44,12 @@ pub(crate) fn implicit_cost_gradient(
 
     let numerator = (residual.clone() * column_sums.clone() * inverse_mass.clone()).sum_dim(2)
         - weighted_residual.sum_dim(2);
-    let denominator = (residual.clone().powi_scalar(2) * inverse_mass.clone())
+    // Σ_j ρ_j t_j / a_j (t_j = Σ_k P_kj): the slope Σ a σ(1 − σ) of the mass in β, which is
+    // 1 − μ − Σ ρ²/a at the exact root, read from the plan so that neither the solver's
+    // tolerance nor cancellation enters.
+    let sent = transported.clone().sum_dim(1);
+    let denominator = (residual.clone() * sent * inverse_mass.clone())
         .sum_dim(2)
-        .neg()
-        .add_scalar(1.0 - transport_ratio)
         .clamp_min(MIN_DENOMINATOR);
     let lambda = numerator / denominator; // [B, 1, 1]
     let v = (column_sums + residual * lambda) * inverse_mass; // [B, 1, N]

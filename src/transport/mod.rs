@@ -14,8 +14,9 @@
 //! - `costs`: φ-normalised distances between features and prototypes, and their gradient;
 //! - `solver`: the forward solve (Newton or Sinkhorn on the scalar dual β);
 //! - `implicit_backward`: the closed-form gradient at the fixed point;
-//! - [`PoolingOps`], the crate's backend-extension trait, carries
-//!   both (its autodiff implementation records the analytical backward);
+//! - `marginals`: the residual and per-prototype masses, all that GSP's pooling reads;
+//! - [`PoolingOps`], the crate's backend-extension trait, carries the costs, the solve and the
+//!   marginals as ops (its autodiff implementation records their analytical backwards);
 //! - `fallback`: one tracked Newton step, for backends the extension does not cover.
 
 pub(crate) mod costs;
@@ -167,7 +168,6 @@ mod tests {
                                 fused.plan.clone().into_dispatch(),
                                 marginals_grad.clone().into_dispatch(),
                                 mass.clone().into_dispatch(),
-                                transport_ratio,
                                 epsilon,
                             ),
                         );
@@ -178,7 +178,6 @@ mod tests {
                                 [b, k + 1, n],
                             ),
                             mass.clone(),
-                            transport_ratio,
                             epsilon,
                         );
                         fused_grad.into_data().assert_approx_eq::<f32>(
@@ -190,17 +189,11 @@ mod tests {
                                 fused.plan.clone().into_dispatch(),
                                 grad.clone().into_dispatch(),
                                 mass.clone().into_dispatch(),
-                                transport_ratio,
                                 epsilon,
                             ),
                         );
-                        let portable_grad = implicit_cost_gradient(
-                            portable,
-                            grad.clone(),
-                            mass.clone(),
-                            transport_ratio,
-                            epsilon,
-                        );
+                        let portable_grad =
+                            implicit_cost_gradient(portable, grad.clone(), mass.clone(), epsilon);
                         fused_grad.into_data().assert_approx_eq::<f32>(
                             &portable_grad.into_data(),
                             Tolerance::rel_abs(1e-3, 1e-5),

@@ -35,18 +35,17 @@ fn count(counter: &std::sync::atomic::AtomicUsize) {
 struct TransportBackward;
 
 impl<B: Backend + PoolingOps> Backward<B, 1> for TransportBackward {
-    /// Plan `[B, K+1, N]`, masses `[B, N]`, μ, ε.
-    type State = (FloatTensor<B>, FloatTensor<B>, f64, f64);
+    /// Plan `[B, K+1, N]`, masses `[B, N]`, ε.
+    type State = (FloatTensor<B>, FloatTensor<B>, f64);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         #[cfg(test)]
         count(&counters::TRANSPORT);
-        let (plan, mass, transport_ratio, epsilon) = ops.state;
+        let (plan, mass, epsilon) = ops.state;
         let [costs] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         if let Some(costs) = costs {
-            let cost_grad =
-                B::partial_transport_backward(plan, grad, mass, transport_ratio, epsilon);
+            let cost_grad = B::partial_transport_backward(plan, grad, mass, epsilon);
             grads.register::<B>(costs.id, cost_grad);
         }
     }
@@ -57,18 +56,17 @@ impl<B: Backend + PoolingOps> Backward<B, 1> for TransportBackward {
 struct MarginalsBackward;
 
 impl<B: Backend + PoolingOps> Backward<B, 1> for MarginalsBackward {
-    /// Plan `[B, K+1, N]`, masses `[B, N]`, μ, ε.
-    type State = (FloatTensor<B>, FloatTensor<B>, f64, f64);
+    /// Plan `[B, K+1, N]`, masses `[B, N]`, ε.
+    type State = (FloatTensor<B>, FloatTensor<B>, f64);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         #[cfg(test)]
         count(&counters::TRANSPORT);
-        let (plan, mass, transport_ratio, epsilon) = ops.state;
+        let (plan, mass, epsilon) = ops.state;
         let [costs] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         if let Some(costs) = costs {
-            let cost_grad =
-                B::transport_marginals_backward(plan, grad, mass, transport_ratio, epsilon);
+            let cost_grad = B::transport_marginals_backward(plan, grad, mass, epsilon);
             grads.register::<B>(costs.id, cost_grad);
         }
     }
@@ -137,18 +135,19 @@ impl<B: Backend + PoolingOps> Backward<B, 2> for GeneralizedMeanBackward {
 struct WeightedSumBackward;
 
 impl<B: Backend + PoolingOps> Backward<B, 2> for WeightedSumBackward {
-    /// x, weights, channels_last.
-    type State = (FloatTensor<B>, FloatTensor<B>, bool);
+    /// x (kept only if the weights are tracked), the weights (kept only if x is tracked),
+    /// channels_last: GAP's node does not hold on to its input.
+    type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>, bool);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (x, weights, channels_last) = ops.state;
         let [x_node, weights_node] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        if let Some(node) = weights_node {
+        if let (Some(node), Some(x)) = (weights_node, x) {
             let dw = B::weighted_sum_weights_backward(x, grad.clone(), channels_last);
             grads.register::<B>(node.id, dw);
         }
-        if let Some(node) = x_node {
+        if let (Some(node), Some(weights)) = (x_node, weights) {
             let dx = B::weighted_sum_features_backward(weights, grad, channels_last);
             grads.register::<B>(node.id, dx);
         }
@@ -211,15 +210,7 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(
-                (
-                    plan.clone(),
-                    mass,
-                    settings.transport_ratio,
-                    settings.epsilon,
-                ),
-                plan,
-            ),
+            OpsKind::Tracked(prep) => prep.finish((plan.clone(), mass, settings.epsilon), plan),
             OpsKind::UnTracked(prep) => prep.finish(plan),
         };
         (plan, iterations)
@@ -230,14 +221,12 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
         plan: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         mass: FloatTensor<Self>,
-        transport_ratio: f64,
         epsilon: f64,
     ) -> FloatTensor<Self> {
         <Self as AutodiffBackend>::from_inner(B::partial_transport_backward(
             plan.into_primitive(),
             grad.into_primitive(),
             mass.into_primitive(),
-            transport_ratio,
             epsilon,
         ))
     }
@@ -256,15 +245,9 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(
-                (
-                    plan.clone(),
-                    mass,
-                    settings.transport_ratio,
-                    settings.epsilon,
-                ),
-                marginals,
-            ),
+            OpsKind::Tracked(prep) => {
+                prep.finish((plan.clone(), mass, settings.epsilon), marginals)
+            }
             OpsKind::UnTracked(prep) => prep.finish(marginals),
         };
         (
@@ -279,14 +262,12 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
         plan: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         mass: FloatTensor<Self>,
-        transport_ratio: f64,
         epsilon: f64,
     ) -> FloatTensor<Self> {
         <Self as AutodiffBackend>::from_inner(B::transport_marginals_backward(
             plan.into_primitive(),
             grad.into_primitive(),
             mass.into_primitive(),
-            transport_ratio,
             epsilon,
         ))
     }
@@ -350,6 +331,7 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
         channels_last: bool,
     ) -> FloatTensor<Self> {
         let parents = [x.node(), weights.node()];
+        let (x_tracked, weights_tracked) = (x.is_tracked(), weights.is_tracked());
         let (x, weights) = (x.into_primitive(), weights.into_primitive());
         let output = B::weighted_sum(x.clone(), weights.clone(), channels_last);
         match WeightedSumBackward
@@ -357,7 +339,11 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish((x, weights, channels_last), output),
+            OpsKind::Tracked(prep) => {
+                let x = weights_tracked.then_some(x);
+                let weights = x_tracked.then_some(weights);
+                prep.finish((x, weights, channels_last), output)
+            }
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }

@@ -50,14 +50,12 @@ macro_rules! portable_methods {
             plan: $crate::ops::Float<Self>,
             grad: $crate::ops::Float<Self>,
             mass: $crate::ops::Float<Self>,
-            transport_ratio: f64,
             epsilon: f64,
         ) -> $crate::ops::Float<Self> {
             $crate::ops::portable::partial_transport_backward::<Self>(
                 plan,
                 grad,
                 mass,
-                transport_ratio,
                 epsilon,
             )
         }
@@ -76,14 +74,12 @@ macro_rules! portable_methods {
             plan: $crate::ops::Float<Self>,
             grad: $crate::ops::Float<Self>,
             mass: $crate::ops::Float<Self>,
-            transport_ratio: f64,
             epsilon: f64,
         ) -> $crate::ops::Float<Self> {
             $crate::ops::portable::transport_marginals_backward::<Self>(
                 plan,
                 grad,
                 mass,
-                transport_ratio,
                 epsilon,
             )
         }

@@ -10,10 +10,10 @@ use super::Shape3;
 use super::product::{Strided, product};
 use super::real::{Real, dot, lane_sum};
 use super::simd::wide_kernel;
-use crate::transport::costs::MIN_ACTIVE_COST;
+use crate::transport::costs::{MIN_ACTIVE_COST, MIN_SQUARED_DISTANCE};
 
-/// The floor of the squared distance, as in the composite path.
-const MIN_SQUARED_DISTANCE: f64 = 1e-12;
+/// Sample groups of the backward's prototype-gradient reduction (at most; fewer for B < 16).
+const GROUPS: usize = 16;
 
 /// Per vector: s = 1 / max(1, ‖v‖) and ‖v‖².
 struct Scales<T> {
@@ -123,13 +123,18 @@ pub(super) fn backward<T: Real>(
     let one = T::from_f64(1.0);
     let (normalized, prototype_scales) = normalized_prototypes(prototypes, c);
     let mut dx = vec![zero; x.len()];
-    // Per thread: Σ_b Σ_j a_kj φ(x_j) `[K, C]` and Σ_b Σ_j a_kj `[K]`.
-    let (cross, row_sums) = dx
-        .par_chunks_mut(n * c)
+    // Per group of samples: Σ_b Σ_j a_kj φ(x_j) `[K, C]` and Σ_b Σ_j a_kj `[K]`. The groups
+    // depend on B only, and their partial sums are added in order, so the prototypes' gradient
+    // does not change from run to run with the threads' scheduling.
+    let group = shape.batch.div_ceil(GROUPS).max(1);
+    let partials: Vec<(Vec<T>, Vec<T>)> = dx
+        .par_chunks_mut(group * n * c)
         .enumerate()
-        .fold(
-            || (vec![zero; count * c], vec![zero; count]),
-            |(mut cross, mut row_sums), (b, dx)| {
+        .map(|(g, dx)| {
+            let mut cross = vec![zero; count * c];
+            let mut row_sums = vec![zero; count];
+            for (i, dx) in dx.chunks_exact_mut(n * c).enumerate() {
+                let b = g * group + i;
                 let x = &x[b * n * c..(b + 1) * n * c];
                 let costs = &costs[b * count * n..(b + 1) * count * n];
                 let grad = &grad[b * count * n..(b + 1) * count * n];
@@ -143,20 +148,22 @@ pub(super) fn backward<T: Real>(
                     &mut cross,
                     &mut row_sums,
                 );
-                (cross, row_sums)
-            },
-        )
-        .reduce(
-            || (vec![zero; count * c], vec![zero; count]),
-            |(mut cross, mut sums), (other_cross, other_sums)| {
-                cross
-                    .iter_mut()
-                    .zip(&other_cross)
-                    .for_each(|(a, &b)| *a += b);
-                sums.iter_mut().zip(&other_sums).for_each(|(a, &b)| *a += b);
-                (cross, sums)
-            },
-        );
+            }
+            (cross, row_sums)
+        })
+        .collect();
+    let mut cross = vec![zero; count * c];
+    let mut row_sums = vec![zero; count];
+    for (group_cross, group_sums) in &partials {
+        cross
+            .iter_mut()
+            .zip(group_cross)
+            .for_each(|(a, &b)| *a += b);
+        row_sums
+            .iter_mut()
+            .zip(group_sums)
+            .for_each(|(a, &b)| *a += b);
+    }
     // ∂L/∂φ(ω_k) = φ(ω_k) Σ a_k· − cross_k, then φ's Jacobian per prototype.
     let mut dprototypes = vec![zero; count * c];
     for (k, d) in dprototypes.chunks_exact_mut(c).enumerate() {

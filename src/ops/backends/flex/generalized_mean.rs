@@ -69,10 +69,9 @@ fn forward_sample<T: Real>(
 fn moments<T: Real>(x: &[T], powers: &[T], mask: &[T], floor: T, shape: Shape3) -> Moments<T> {
     let (n, c) = (shape.positions, shape.channels);
     let zero = T::default();
-    let mut log_max = vec![floor; c];
     let mut sum = vec![zero; c];
-    if shape.channels_last {
-        log_max = column_log_max(x, mask, floor, c);
+    let log_max = if shape.channels_last {
+        let log_max = column_log_max(x, mask, floor, c);
         let mut log_x = vec![zero; c];
         let mut weight = vec![zero; c];
         for (row, &valid) in x.chunks_exact(c).zip(mask) {
@@ -83,14 +82,17 @@ fn moments<T: Real>(x: &[T], powers: &[T], mask: &[T], floor: T, shape: Shape3) 
                 }
             }
         }
+        log_max
     } else {
         let mut log_x = vec![zero; n];
         let mut weight = vec![zero; n];
+        let mut log_max = vec![zero; c];
         for (ch, row) in x.chunks_exact(n).enumerate() {
             log_max[ch] = weigh_row(row, mask, powers[ch], floor, &mut log_x, &mut weight);
             sum[ch] = lane_sum(n, |i| weight[i]);
         }
-    }
+        log_max
+    };
     Moments { log_max, sum }
 }
 

@@ -98,7 +98,6 @@ impl PoolingOps for Flex {
         plan: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         mass: FloatTensor<Self>,
-        transport_ratio: f64,
         epsilon: f64,
     ) -> FloatTensor<Self> {
         let [batch, rows, positions] = dims3(&plan);
@@ -110,7 +109,6 @@ impl PoolingOps for Flex {
                     view(&grad),
                     view(&mass),
                     [rows - 1, positions],
-                    transport_ratio,
                     epsilon,
                 ),
                 [batch, rows - 1, positions],
@@ -147,7 +145,6 @@ impl PoolingOps for Flex {
         plan: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         mass: FloatTensor<Self>,
-        transport_ratio: f64,
         epsilon: f64,
     ) -> FloatTensor<Self> {
         let [batch, rows, positions] = dims3(&plan);
@@ -159,7 +156,6 @@ impl PoolingOps for Flex {
                     view(&grad),
                     view(&mass),
                     [rows - 1, positions],
-                    transport_ratio,
                     epsilon,
                 ),
                 [batch, rows - 1, positions],

@@ -35,7 +35,14 @@ impl<'a, T> Strided<'a, T> {
 /// Panics unless every element of an `rows × columns` matrix with these strides is in `len`.
 fn check_extent(len: usize, rows: usize, columns: usize, row_stride: usize, column_stride: usize) {
     if rows > 0 && columns > 0 {
-        let last = (rows - 1) * row_stride + (columns - 1) * column_stride;
+        let last = (rows - 1)
+            .checked_mul(row_stride)
+            .and_then(|r| {
+                (columns - 1)
+                    .checked_mul(column_stride)
+                    .and_then(|c| r.checked_add(c))
+            })
+            .expect("matrix product: the matrix's extent overflows usize");
         assert!(
             last < len,
             "matrix product: a {rows}×{columns} matrix with strides ({row_stride}, {column_stride}) needs {} elements, the slice has {len}",

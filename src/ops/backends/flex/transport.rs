@@ -110,7 +110,7 @@ fn softplus(x: f64) -> f64 {
     x.max(0.0) + (-x.abs()).exp().ln_1p()
 }
 
-/// logsumexp over the valid positions of `values`.
+/// logsumexp of `values` (the caller passes the valid positions'); −∞ when there are none.
 fn logsumexp(values: impl Iterator<Item = f64> + Clone) -> f64 {
     let shift = values.clone().fold(f64::NEG_INFINITY, f64::max);
     if shift == f64::NEG_INFINITY {
@@ -121,7 +121,8 @@ fn logsumexp(values: impl Iterator<Item = f64> + Clone) -> f64 {
 
 /// Solves Σ_j a_j σ(β + ℓ_j) = μ for one sample, as `transport::solver::solve_beta` does for
 /// a batch: the same bracket, the same safeguarded Newton on the log of the mass (or the
-/// log-domain Sinkhorn iteration), the same stopping rules.
+/// log-domain Sinkhorn iteration), the same tolerance and stall test, applied to this sample
+/// alone (the portable solver stops when the whole batch meets them).
 fn solve_beta(log_mass: &[f64], mass: &[f64], settings: &TransportSettings) -> (f64, usize) {
     let mu = settings.transport_ratio;
     if mu >= 1.0 {
@@ -257,11 +258,10 @@ pub(super) fn backward<T: Real>(
     grad: &[T],
     mass: &[T],
     [count, n]: [usize; 2],
-    transport_ratio: f64,
     epsilon: f64,
 ) -> Vec<T> {
     let rows = (count + 1) * n;
-    implicit_backward(plan, mass, [count, n], transport_ratio, epsilon, |b| {
+    implicit_backward(plan, mass, [count, n], epsilon, |b| {
         Upstream::Plan(&grad[b * rows..(b + 1) * rows])
     })
 }
@@ -273,11 +273,10 @@ pub(super) fn marginals_backward<T: Real>(
     grad: &[T],
     mass: &[T],
     [count, n]: [usize; 2],
-    transport_ratio: f64,
     epsilon: f64,
 ) -> Vec<T> {
     let width = n + count;
-    implicit_backward(plan, mass, [count, n], transport_ratio, epsilon, |b| {
+    implicit_backward(plan, mass, [count, n], epsilon, |b| {
         let (residual, prototypes) = grad[b * width..(b + 1) * width].split_at(n);
         Upstream::Marginals {
             residual,
@@ -287,13 +286,12 @@ pub(super) fn marginals_backward<T: Real>(
 }
 
 /// The closed form of `transport::implicit_backward`, per sample, one pass over the plan:
-/// h = X ⊙ g, U_j = Σ_k h_kj, λ = (Σ ρU/a − Σ h_0) / (1 − μ − Σ ρ²/a), V = (U + λρ)/a,
-/// ∂L/∂c_kj = −(h_kj − V_j P_kj)/ε.
+/// h = X ⊙ g, U_j = Σ_k h_kj, t_j = Σ_k P_kj, λ = (Σ ρU/a − Σ h_0) / Σ ρt/a,
+/// V = (U + λρ)/a, ∂L/∂c_kj = −(h_kj − V_j P_kj)/ε.
 fn implicit_backward<'a, T: Real>(
     plan: &[T],
     mass: &[T],
     [count, n]: [usize; 2],
-    transport_ratio: f64,
     epsilon: f64,
     upstream: impl Fn(usize) -> Upstream<'a, T> + Sync,
 ) -> Vec<T> {
@@ -306,8 +304,14 @@ fn implicit_backward<'a, T: Real>(
             let plan = &plan[b * rows * n..(b + 1) * rows * n];
             let mass = &mass[b * n..(b + 1) * n];
             let upstream = upstream(b);
-            // U_j = Σ_k X_kj g_kj, and Σ_j h_0j.
+            // U_j = Σ_k X_kj g_kj, and t_j = Σ_{k≥1} P_kj.
             let mut column = vec![0.0f64; n];
+            let mut sent = vec![0.0f64; n];
+            for row in plan[n..].chunks_exact(n) {
+                for (t, &p) in sent.iter_mut().zip(row) {
+                    *t += p.to_f64();
+                }
+            }
             for (k, p) in plan.chunks_exact(n).enumerate() {
                 match upstream.row(k, n) {
                     Row::Values(g) => {
@@ -325,7 +329,10 @@ fn implicit_backward<'a, T: Real>(
             let Row::Values(residual_grad) = upstream.row(0, n) else {
                 unreachable!("row 0 always holds values")
             };
-            let (mut numerator, mut squares) = (0.0, 0.0);
+            // λ's denominator Σ_j ρ_j t_j / a_j is the slope Σ a σ(1 − σ) of the mass in β
+            // (1 − μ − Σ ρ²/a at the exact root), read from the plan: neither the solver's
+            // tolerance nor cancellation enters.
+            let (mut numerator, mut slope) = (0.0, 0.0);
             let mut inverse_mass = vec![0.0f64; n];
             for j in 0..n {
                 let a = mass[j].to_f64();
@@ -335,9 +342,9 @@ fn implicit_backward<'a, T: Real>(
                 let rho = plan[j].to_f64();
                 numerator +=
                     rho * column[j] * inverse_mass[j] - (plan[j] * residual_grad[j]).to_f64();
-                squares += rho * rho * inverse_mass[j];
+                slope += rho * sent[j] * inverse_mass[j];
             }
-            let lambda = numerator / (1.0 - transport_ratio - squares).max(MIN_DENOMINATOR);
+            let lambda = numerator / slope.max(MIN_DENOMINATOR);
             let v: Vec<T> = (0..n)
                 .map(|j| T::from_f64((column[j] + lambda * plan[j].to_f64()) * inverse_mass[j]))
                 .collect();
