@@ -7,7 +7,7 @@ use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{AutodiffBackend, Backend};
 
@@ -30,9 +30,12 @@ fn count(counter: &std::sync::atomic::AtomicUsize) {
     counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// The autodiff node of one transport solve.
+/// The autodiff node of one transport solve, whose output is the plan or its marginals.
 #[derive(Debug)]
-struct TransportBackward;
+enum TransportBackward {
+    Plan,
+    Marginals,
+}
 
 impl<B: Backend + PoolingOps> Backward<B, 1> for TransportBackward {
     /// Plan `[B, K+1, N]`, masses `[B, N]`, ε.
@@ -45,29 +48,30 @@ impl<B: Backend + PoolingOps> Backward<B, 1> for TransportBackward {
         let [costs] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         if let Some(costs) = costs {
-            let cost_grad = B::partial_transport_backward(plan, grad, mass, epsilon);
+            let cost_grad = match self {
+                TransportBackward::Plan => B::partial_transport_backward(plan, grad, mass, epsilon),
+                TransportBackward::Marginals => {
+                    B::transport_marginals_backward(plan, grad, mass, epsilon)
+                }
+            };
             grads.register::<B>(costs.id, cost_grad);
         }
     }
 }
 
-/// The autodiff node of one transport solve reduced to its marginals.
-#[derive(Debug)]
-struct MarginalsBackward;
-
-impl<B: Backend + PoolingOps> Backward<B, 1> for MarginalsBackward {
-    /// Plan `[B, K+1, N]`, masses `[B, N]`, ε.
-    type State = (FloatTensor<B>, FloatTensor<B>, f64);
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        #[cfg(test)]
-        count(&counters::TRANSPORT);
-        let (plan, mass, epsilon) = ops.state;
-        let [costs] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        if let Some(costs) = costs {
-            let cost_grad = B::transport_marginals_backward(plan, grad, mass, epsilon);
-            grads.register::<B>(costs.id, cost_grad);
+impl TransportBackward {
+    /// Records `output` (the plan or its marginals) as a node whose backward reads the plan.
+    fn record<B: Backend + PoolingOps, C: CheckpointStrategy>(
+        self,
+        costs: NodeGuard,
+        output: FloatTensor<B>,
+        plan: FloatTensor<B>,
+        mass: FloatTensor<B>,
+        epsilon: f64,
+    ) -> FloatTensor<Autodiff<B, C>> {
+        match self.prepare::<C>([costs]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((plan, mass, epsilon), output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
 }
@@ -205,14 +209,13 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
         let mass = mass.into_primitive();
         let (plan, iterations) =
             B::partial_transport(costs.into_primitive(), mass.clone(), settings);
-        let plan = match TransportBackward
-            .prepare::<C>([costs_node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((plan.clone(), mass, settings.epsilon), plan),
-            OpsKind::UnTracked(prep) => prep.finish(plan),
-        };
+        let plan = TransportBackward::Plan.record::<B, C>(
+            costs_node,
+            plan.clone(),
+            plan,
+            mass,
+            settings.epsilon,
+        );
         (plan, iterations)
     }
 
@@ -240,16 +243,13 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
         let mass = mass.into_primitive();
         let (marginals, plan, iterations) =
             B::transport_marginals(costs.into_primitive(), mass.clone(), settings);
-        let marginals = match MarginalsBackward
-            .prepare::<C>([costs_node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                prep.finish((plan.clone(), mass, settings.epsilon), marginals)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(marginals),
-        };
+        let marginals = TransportBackward::Marginals.record::<B, C>(
+            costs_node,
+            marginals,
+            plan.clone(),
+            mass,
+            settings.epsilon,
+        );
         (
             marginals,
             <Self as AutodiffBackend>::from_inner(plan),

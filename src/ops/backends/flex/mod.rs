@@ -100,20 +100,7 @@ impl PoolingOps for Flex {
         mass: FloatTensor<Self>,
         epsilon: f64,
     ) -> FloatTensor<Self> {
-        let [batch, rows, positions] = dims3(&plan);
-        let [plan, grad, mass] = [plan, grad, mass].map(|t| t.to_contiguous());
-        with_float!(plan.dtype(), "partial transport", T => {
-            tensor(
-                transport::backward::<T>(
-                    view(&plan),
-                    view(&grad),
-                    view(&mass),
-                    [rows - 1, positions],
-                    epsilon,
-                ),
-                [batch, rows - 1, positions],
-            )
-        })
+        transport_gradient(plan, grad, mass, epsilon, false)
     }
 
     fn transport_marginals(
@@ -121,24 +108,15 @@ impl PoolingOps for Flex {
         mass: FloatTensor<Self>,
         settings: TransportSettings,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
-        let [batch, count, positions] = dims3(&costs);
-        let (costs, mass) = (costs.to_contiguous(), mass.to_contiguous());
-        let (marginals, plan, iterations) = with_float!(costs.dtype(), "partial transport", T => {
-            let (plan, iterations) = transport::forward::<T>(
-                view(&costs),
-                view(&mass),
-                count,
-                positions,
-                &settings,
-            );
-            let marginals = transport::marginals::<T>(&plan, [count, positions]);
-            (
-                tensor(marginals, [batch, positions + count]),
-                tensor(plan, [batch, count + 1, positions]),
-                iterations,
+        let (plan, iterations) = Self::partial_transport(costs, mass, settings);
+        let [batch, rows, positions] = dims3(&plan);
+        let marginals = with_float!(plan.dtype(), "transport marginals", T => {
+            tensor(
+                transport::marginals::<T>(view(&plan), [rows - 1, positions]),
+                [batch, positions + rows - 1],
             )
         });
-        (marginals, plan, tensor(vec![iterations as i64], [1]))
+        (marginals, plan, iterations)
     }
 
     fn transport_marginals_backward(
@@ -147,20 +125,7 @@ impl PoolingOps for Flex {
         mass: FloatTensor<Self>,
         epsilon: f64,
     ) -> FloatTensor<Self> {
-        let [batch, rows, positions] = dims3(&plan);
-        let [plan, grad, mass] = [plan, grad, mass].map(|t| t.to_contiguous());
-        with_float!(plan.dtype(), "partial transport", T => {
-            tensor(
-                transport::marginals_backward::<T>(
-                    view(&plan),
-                    view(&grad),
-                    view(&mass),
-                    [rows - 1, positions],
-                    epsilon,
-                ),
-                [batch, rows - 1, positions],
-            )
-        })
+        transport_gradient(plan, grad, mass, epsilon, true)
     }
 
     fn generalized_mean(
@@ -266,6 +231,30 @@ impl PoolingOps for Flex {
             )
         })
     }
+}
+
+/// ∂L/∂costs `[B, K, N]` from the plan `[B, K+1, N]`, the masses and ∂L/∂plan, or
+/// ∂L/∂marginals `[B, N + K]` when `marginals`.
+fn transport_gradient(
+    plan: FlexTensor,
+    grad: FlexTensor,
+    mass: FlexTensor,
+    epsilon: f64,
+    marginals: bool,
+) -> FlexTensor {
+    let [batch, rows, positions] = dims3(&plan);
+    let [plan, grad, mass] = [plan, grad, mass].map(|t| t.to_contiguous());
+    with_float!(plan.dtype(), "partial transport", T => {
+        let kernel = if marginals {
+            transport::marginals_backward::<T>
+        } else {
+            transport::backward::<T>
+        };
+        tensor(
+            kernel(view(&plan), view(&grad), view(&mass), [rows - 1, positions], epsilon),
+            [batch, rows - 1, positions],
+        )
+    })
 }
 
 fn dims2(tensor: &FlexTensor) -> [usize; 2] {
