@@ -2,6 +2,10 @@
 //! backward: threads over the batch, plain element-wise loops that the compiler vectorises,
 //! matrix products through `gemm` on strided views (no transposed copies), f32 `ln`/`exp` as
 //! short polynomials. Every kernel is tested against the portable (composite) body.
+//!
+//! The kernels compute in f32 or f64. Half-precision tensors (f16, bf16) are widened to f32 on
+//! the way in and their results narrowed back on the way out, so a Flex device configured for
+//! halves runs the same kernels, with f32 accumulation.
 
 mod costs;
 mod generalized_mean;
@@ -14,13 +18,15 @@ mod weighted_sum;
 use burn::backend::Flex;
 use burn::backend::TensorMetadata;
 use burn::backend::flex::FlexTensor;
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::tensor::{DType, Element, TensorData};
+use burn::tensor::{DType, Element, FloatDType, TensorData};
 
 use crate::ops::PoolingOps;
 use crate::transport::TransportSettings;
 
-/// Runs `$body` with the type `$t` bound to the element type of `$dtype` (f32 or f64).
+/// Runs `$body` with the type `$t` bound to the element type of `$dtype` (f32 or f64; the
+/// inputs went through [`kernel_input`], so halves arrive as f32).
 macro_rules! with_float {
     ($dtype:expr, $op:literal, $t:ident => $body:expr) => {
         match $dtype {
@@ -45,13 +51,15 @@ impl PoolingOps for Flex {
     ) -> FloatTensor<Self> {
         let shape = Shape3::of(&features, channels_last);
         let [count, _] = dims2(&prototypes);
-        let (features, prototypes) = (features.to_contiguous(), prototypes.to_contiguous());
-        with_float!(features.dtype(), "transport costs", T => {
+        let dtype = features.dtype();
+        let [features, prototypes] = [features, prototypes].map(kernel_input);
+        let costs = with_float!(features.dtype(), "transport costs", T => {
             tensor(
                 costs::forward::<T>(view(&features), view(&prototypes), count, shape),
                 [shape.batch, count, shape.positions],
             )
-        })
+        });
+        kernel_output(costs, dtype)
     }
 
     fn transport_costs_backward(
@@ -64,9 +72,10 @@ impl PoolingOps for Flex {
         let shape = Shape3::of(&features, channels_last);
         let dims = features.shape().clone();
         let prototype_dims = dims2(&prototypes);
+        let dtype = features.dtype();
         let [features, prototypes, costs, grad] =
-            [features, prototypes, costs, grad].map(|t| t.to_contiguous());
-        with_float!(features.dtype(), "transport costs", T => {
+            [features, prototypes, costs, grad].map(kernel_input);
+        let (d_features, d_prototypes) = with_float!(features.dtype(), "transport costs", T => {
             let (d_features, d_prototypes) = costs::backward::<T>(
                 view(&features),
                 view(&prototypes),
@@ -76,7 +85,11 @@ impl PoolingOps for Flex {
                 shape,
             );
             (tensor(d_features, dims.clone()), tensor(d_prototypes, prototype_dims))
-        })
+        });
+        (
+            kernel_output(d_features, dtype),
+            kernel_output(d_prototypes, dtype),
+        )
     }
 
     fn partial_transport(
@@ -84,14 +97,9 @@ impl PoolingOps for Flex {
         mass: FloatTensor<Self>,
         settings: TransportSettings,
     ) -> (FloatTensor<Self>, IntTensor<Self>) {
-        let [batch, count, positions] = dims3(&costs);
-        let (costs, mass) = (costs.to_contiguous(), mass.to_contiguous());
-        let (plan, iterations) = with_float!(costs.dtype(), "partial transport", T => {
-            let (plan, iterations) =
-                transport::forward::<T>(view(&costs), view(&mass), count, positions, &settings);
-            (tensor(plan, [batch, count + 1, positions]), iterations)
-        });
-        (plan, tensor(vec![iterations as i64], [1]))
+        let dtype = costs.dtype();
+        let (plan, iterations) = solve(costs, mass, &settings);
+        (kernel_output(plan, dtype), iterations)
     }
 
     fn partial_transport_backward(
@@ -108,7 +116,8 @@ impl PoolingOps for Flex {
         mass: FloatTensor<Self>,
         settings: TransportSettings,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
-        let (plan, iterations) = Self::partial_transport(costs, mass, settings);
+        let dtype = costs.dtype();
+        let (plan, iterations) = solve(costs, mass, &settings);
         let [batch, rows, positions] = dims3(&plan);
         let marginals = with_float!(plan.dtype(), "transport marginals", T => {
             tensor(
@@ -116,7 +125,11 @@ impl PoolingOps for Flex {
                 [batch, positions + rows - 1],
             )
         });
-        (marginals, plan, iterations)
+        (
+            kernel_output(marginals, dtype),
+            kernel_output(plan, dtype),
+            iterations,
+        )
     }
 
     fn transport_marginals_backward(
@@ -136,17 +149,15 @@ impl PoolingOps for Flex {
         channels_last: bool,
     ) -> FloatTensor<Self> {
         let shape = Shape3::of(&x, channels_last);
-        let (x, powers, mask) = (
-            x.to_contiguous(),
-            powers.to_contiguous(),
-            mask.to_contiguous(),
-        );
-        with_float!(x.dtype(), "generalized mean", T => {
+        let dtype = x.dtype();
+        let [x, powers, mask] = [x, powers, mask].map(kernel_input);
+        let output = with_float!(x.dtype(), "generalized mean", T => {
             tensor(
                 generalized_mean::forward::<T>(view(&x), view(&powers), view(&mask), eps, shape),
                 [shape.batch, shape.channels],
             )
-        })
+        });
+        kernel_output(output, dtype)
     }
 
     fn generalized_mean_backward(
@@ -160,9 +171,9 @@ impl PoolingOps for Flex {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let shape = Shape3::of(&x, channels_last);
         let dims = x.shape().clone();
-        let [x, powers, mask, output, grad] =
-            [x, powers, mask, output, grad].map(|t| t.to_contiguous());
-        with_float!(x.dtype(), "generalized mean", T => {
+        let dtype = x.dtype();
+        let [x, powers, mask, output, grad] = [x, powers, mask, output, grad].map(kernel_input);
+        let (dx, dp) = with_float!(x.dtype(), "generalized mean", T => {
             let (dx, dp) = generalized_mean::backward::<T>(
                 view(&x),
                 view(&powers),
@@ -173,7 +184,8 @@ impl PoolingOps for Flex {
                 shape,
             );
             (tensor(dx, dims.clone()), tensor(dp, [shape.channels]))
-        })
+        });
+        (kernel_output(dx, dtype), kernel_output(dp, dtype))
     }
 
     fn weighted_sum(
@@ -182,13 +194,15 @@ impl PoolingOps for Flex {
         channels_last: bool,
     ) -> FloatTensor<Self> {
         let shape = Shape3::of(&x, channels_last);
-        let (x, weights) = (x.to_contiguous(), weights.to_contiguous());
-        with_float!(x.dtype(), "weighted sum", T => {
+        let dtype = x.dtype();
+        let [x, weights] = [x, weights].map(kernel_input);
+        let output = with_float!(x.dtype(), "weighted sum", T => {
             tensor(
                 weighted_sum::forward::<T>(view(&x), view(&weights), shape),
                 [shape.batch, shape.channels],
             )
-        })
+        });
+        kernel_output(output, dtype)
     }
 
     fn weighted_sum_features_backward(
@@ -208,13 +222,15 @@ impl PoolingOps for Flex {
         } else {
             [batch, channels, positions]
         };
-        let (weights, grad) = (weights.to_contiguous(), grad.to_contiguous());
-        with_float!(grad.dtype(), "weighted sum", T => {
+        let dtype = grad.dtype();
+        let [weights, grad] = [weights, grad].map(kernel_input);
+        let dx = with_float!(grad.dtype(), "weighted sum", T => {
             tensor(
                 weighted_sum::features_backward::<T>(view(&weights), view(&grad), shape),
                 dims,
             )
-        })
+        });
+        kernel_output(dx, dtype)
     }
 
     fn weighted_sum_weights_backward(
@@ -223,13 +239,15 @@ impl PoolingOps for Flex {
         channels_last: bool,
     ) -> FloatTensor<Self> {
         let shape = Shape3::of(&x, channels_last);
-        let (x, grad) = (x.to_contiguous(), grad.to_contiguous());
-        with_float!(x.dtype(), "weighted sum", T => {
+        let dtype = x.dtype();
+        let [x, grad] = [x, grad].map(kernel_input);
+        let dw = with_float!(x.dtype(), "weighted sum", T => {
             tensor(
                 weighted_sum::weights_backward::<T>(view(&x), view(&grad), shape),
                 [shape.batch, shape.positions],
             )
-        })
+        });
+        kernel_output(dw, dtype)
     }
 }
 
@@ -243,8 +261,9 @@ fn transport_gradient(
     marginals: bool,
 ) -> FlexTensor {
     let [batch, rows, positions] = dims3(&plan);
-    let [plan, grad, mass] = [plan, grad, mass].map(|t| t.to_contiguous());
-    with_float!(plan.dtype(), "partial transport", T => {
+    let dtype = plan.dtype();
+    let [plan, grad, mass] = [plan, grad, mass].map(kernel_input);
+    let gradient = with_float!(plan.dtype(), "partial transport", T => {
         let kernel = if marginals {
             transport::marginals_backward::<T>
         } else {
@@ -254,7 +273,42 @@ fn transport_gradient(
             kernel(view(&plan), view(&grad), view(&mass), [rows - 1, positions], epsilon),
             [batch, rows - 1, positions],
         )
-    })
+    });
+    kernel_output(gradient, dtype)
+}
+
+/// The plan `[B, K+1, N]` in the kernels' dtype and the iteration count.
+fn solve(
+    costs: FlexTensor,
+    mass: FlexTensor,
+    settings: &TransportSettings,
+) -> (FlexTensor, IntTensor<Flex>) {
+    let [batch, count, positions] = dims3(&costs);
+    let [costs, mass] = [costs, mass].map(kernel_input);
+    let (plan, iterations) = with_float!(costs.dtype(), "partial transport", T => {
+        let (plan, iterations) =
+            transport::forward::<T>(view(&costs), view(&mass), count, positions, settings);
+        (tensor(plan, [batch, count + 1, positions]), iterations)
+    });
+    (plan, tensor(vec![iterations as i64], [1]))
+}
+
+/// A contiguous input in a dtype the kernels take: halves are widened to f32.
+fn kernel_input(tensor: FlexTensor) -> FlexTensor {
+    let tensor = tensor.to_contiguous();
+    match tensor.dtype() {
+        DType::F16 | DType::BF16 => Flex::float_cast(tensor, FloatDType::F32).to_contiguous(),
+        _ => tensor,
+    }
+}
+
+/// A kernel's output narrowed back to the dtype of the op's inputs (a no-op for f32 and f64).
+fn kernel_output(tensor: FlexTensor, dtype: DType) -> FlexTensor {
+    if tensor.dtype() == dtype {
+        tensor
+    } else {
+        Flex::float_cast(tensor, FloatDType::from(dtype))
+    }
 }
 
 fn dims2(tensor: &FlexTensor) -> [usize; 2] {
@@ -300,6 +354,147 @@ impl Shape3 {
             positions,
             channels,
             channels_last,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::TransportSolver;
+    use simd::check::values;
+
+    fn f32_tensor(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
+        tensor(values, shape.to_vec())
+    }
+
+    fn cast(tensor: &FlexTensor, dtype: FloatDType) -> FlexTensor {
+        Flex::float_cast(tensor.clone(), dtype)
+    }
+
+    /// `half` (a kernel's output on half inputs) is `wide` (its output on those inputs widened
+    /// to f32) narrowed to `dtype`, element for element.
+    fn narrowed(op: &str, dtype: FloatDType, half: &FlexTensor, wide: &FlexTensor) {
+        assert_eq!(half.dtype(), DType::from(dtype), "{op}: output dtype");
+        assert_eq!(half.shape(), wide.shape(), "{op}: output shape");
+        let expected = cast(&cast(wide, dtype), FloatDType::F32);
+        let actual = cast(half, FloatDType::F32);
+        let (expected, actual) = (view::<f32>(&expected), view::<f32>(&actual));
+        for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+            assert!(
+                a.to_bits() == e.to_bits(),
+                "{op} ({dtype:?}) at {i}: {a} vs {e}"
+            );
+        }
+    }
+
+    /// f16 and bf16 tensors run every kernel in f32: each op's outputs are its f32 outputs on
+    /// the widened inputs, narrowed back to the inputs' dtype.
+    #[test]
+    fn halves_run_the_f32_kernels() {
+        let (b, n, c, k) = (2, 7, 5, 3);
+        let settings = TransportSettings {
+            transport_ratio: 0.3,
+            epsilon: 0.2,
+            max_iterations: 50,
+            tolerance: 1e-6,
+            solver: TransportSolver::Newton,
+        };
+        for dtype in [FloatDType::F16, FloatDType::BF16] {
+            // Half inputs, and the same values in f32.
+            let input = |values: Vec<f32>, shape: &[usize]| {
+                let half = cast(&f32_tensor(values, shape), dtype);
+                let wide = cast(&half, FloatDType::F32);
+                (half, wide)
+            };
+            let x = input(values(b * n * c, 1, -1.0, 2.0), &[b, n, c]);
+            let positive = input(values(b * n * c, 2, 0.1, 2.0), &[b, n, c]);
+            let prototypes = input(values(k * c, 3, -1.0, 1.0), &[k, c]);
+            let mass = input(vec![1.0 / n as f32; b * n], &[b, n]);
+            let weights = input(values(b * n, 4, 0.0, 0.3), &[b, n]);
+            let powers = input(values(c, 5, 1.0, 4.0), &[c]);
+            let mask = input(vec![1.0; b * n], &[b, n]);
+            let pooled_grad = input(values(b * c, 6, -1.0, 1.0), &[b, c]);
+            let costs_grad = input(values(b * k * n, 7, -1.0, 1.0), &[b, k, n]);
+            let plan_grad = input(values(b * (k + 1) * n, 8, -1.0, 1.0), &[b, k + 1, n]);
+            let marginals_grad = input(values(b * (n + k), 9, -1.0, 1.0), &[b, n + k]);
+
+            let run = |half: bool| {
+                let pick = |pair: &(FlexTensor, FlexTensor)| {
+                    if half { pair.0.clone() } else { pair.1.clone() }
+                };
+                let costs = Flex::transport_costs(pick(&x), pick(&prototypes), true);
+                // The later ops read the costs and plan of the half run, widened for f32.
+                let costs_in = (
+                    cast(&costs, dtype),
+                    cast(&cast(&costs, dtype), FloatDType::F32),
+                );
+                let (d_x, d_prototypes) = Flex::transport_costs_backward(
+                    pick(&x),
+                    pick(&prototypes),
+                    pick(&costs_in),
+                    pick(&costs_grad),
+                    true,
+                );
+                let (plan, _) = Flex::partial_transport(pick(&costs_in), pick(&mass), settings);
+                let plan_in = (
+                    cast(&plan, dtype),
+                    cast(&cast(&plan, dtype), FloatDType::F32),
+                );
+                let d_costs = Flex::partial_transport_backward(
+                    pick(&plan_in),
+                    pick(&plan_grad),
+                    pick(&mass),
+                    settings.epsilon,
+                );
+                let (marginals, marginal_plan, _) =
+                    Flex::transport_marginals(pick(&costs_in), pick(&mass), settings);
+                let d_costs_marginals = Flex::transport_marginals_backward(
+                    pick(&plan_in),
+                    pick(&marginals_grad),
+                    pick(&mass),
+                    settings.epsilon,
+                );
+                let mean =
+                    Flex::generalized_mean(pick(&positive), pick(&powers), pick(&mask), 1e-6, true);
+                let mean_in = (
+                    cast(&mean, dtype),
+                    cast(&cast(&mean, dtype), FloatDType::F32),
+                );
+                let (d_positive, d_powers) = Flex::generalized_mean_backward(
+                    pick(&positive),
+                    pick(&powers),
+                    pick(&mask),
+                    pick(&mean_in),
+                    pick(&pooled_grad),
+                    1e-6,
+                    true,
+                );
+                let sum = Flex::weighted_sum(pick(&x), pick(&weights), true);
+                let d_x_sum =
+                    Flex::weighted_sum_features_backward(pick(&weights), pick(&pooled_grad), true);
+                let d_weights =
+                    Flex::weighted_sum_weights_backward(pick(&x), pick(&pooled_grad), true);
+                [
+                    ("transport costs", costs),
+                    ("costs backward: features", d_x),
+                    ("costs backward: prototypes", d_prototypes),
+                    ("partial transport", plan),
+                    ("partial transport backward", d_costs),
+                    ("marginals", marginals),
+                    ("marginals: plan", marginal_plan),
+                    ("marginals backward", d_costs_marginals),
+                    ("generalized mean", mean),
+                    ("generalized mean backward: x", d_positive),
+                    ("generalized mean backward: powers", d_powers),
+                    ("weighted sum", sum),
+                    ("weighted sum backward: features", d_x_sum),
+                    ("weighted sum backward: weights", d_weights),
+                ]
+            };
+            for ((op, half), (_, wide)) in run(true).into_iter().zip(run(false)) {
+                narrowed(op, dtype, &half, &wide);
+            }
         }
     }
 }

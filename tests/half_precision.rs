@@ -1,0 +1,171 @@
+//! Every layer on a Flex device configured for f16 (its own test process: a device's dtype is
+//! set once per process). Flex's kernels widen halves to f32 and narrow the results back, so
+//! outputs and gradients stay f16, are finite, and match the f64 reference on the same
+//! f16-rounded inputs within half precision.
+
+mod common;
+mod reference;
+
+use std::sync::Once;
+
+use burn::module::Param;
+use burn::tensor::{DType, Device, FloatDType, Tensor};
+use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, GroupLayout, GspConfig};
+use common::{Rng, assert_close, tensor, values};
+
+const B: usize = 2;
+const N: usize = 12;
+const C: usize = 8;
+/// f16 keeps 11 significant bits (an ulp is ≤ 1e-3 relative): a few ulps of the reference.
+const RTOL: f64 = 4e-3;
+
+fn flex_f16() -> Device {
+    static CONFIGURE: Once = Once::new();
+    let mut device = Device::flex();
+    CONFIGURE.call_once(|| {
+        device
+            .configure(FloatDType::F16)
+            .expect("Flex accepts f16 as its float dtype")
+    });
+    device
+}
+
+/// A random `[B, N, C]` f16 input and its values after rounding to f16.
+fn input(rng: &mut Rng, lo: f64, hi: f64, device: &Device) -> (Tensor<3>, Vec<f64>) {
+    let raw: Vec<f64> = (0..B * N * C).map(|_| rng.uniform(lo, hi)).collect();
+    let x = tensor(raw, [B, N, C], device);
+    assert_eq!(
+        x.dtype(),
+        DType::F16,
+        "the configured device makes f16 tensors"
+    );
+    let rounded = values(x.clone());
+    (x.require_grad(), rounded)
+}
+
+/// Sample b's rows `[N][C]`.
+fn rows(x: &[f64], b: usize) -> Vec<Vec<f64>> {
+    x[b * N * C..(b + 1) * N * C]
+        .chunks(C)
+        .map(|r| r.to_vec())
+        .collect()
+}
+
+/// Sample b's channel c.
+fn channel(x: &[f64], b: usize, c: usize) -> Vec<f64> {
+    (0..N).map(|n| x[(b * N + n) * C + c]).collect()
+}
+
+/// The gradient of a half-precision run: f16, finite.
+fn half_gradient<const D: usize>(t: Tensor<D>, what: &str) -> Vec<f64> {
+    assert_eq!(t.dtype(), DType::F16, "{what}: gradient dtype");
+    let v = values(t);
+    assert!(
+        v.iter().all(|g| g.is_finite()),
+        "{what}: non-finite gradient"
+    );
+    v
+}
+
+#[test]
+fn gap_and_gem_in_f16_match_the_f64_reference() {
+    let device = flex_f16().autodiff();
+    let mut rng = Rng::new(61);
+    let (x, xs) = input(&mut rng, 0.05, 3.0, &device);
+
+    let gap = GapConfig::new().init().forward_tokens(x.clone());
+    let expected: Vec<f64> = (0..B).flat_map(|b| reference::gap(&rows(&xs, b))).collect();
+    assert_eq!(gap.dtype(), DType::F16);
+    assert_close(&values(gap), &expected, RTOL, 1e-3, "GAP");
+
+    let p = 3.0;
+    let gem = GemConfig::new().with_p(p).init(&device);
+    let y = gem.forward_tokens(x.clone());
+    assert_eq!(y.dtype(), DType::F16);
+    let grads = y.clone().sum().backward();
+    let dx = half_gradient(x.grad(&grads).unwrap(), "GeM dx");
+    let dp = half_gradient(gem.p.val().grad(&grads).unwrap(), "GeM dp");
+    let (mut expected_y, mut expected_dx, mut expected_dp) = (vec![], vec![0.0; B * N * C], 0.0);
+    for b in 0..B {
+        for c in 0..C {
+            let column = channel(&xs, b, c);
+            expected_y.push(reference::gem_channel(&column, p, 1e-6));
+            let (d, d_p) = reference::gem_channel_grad(&column, p, 1e-6);
+            for (n, d) in d.into_iter().enumerate() {
+                expected_dx[(b * N + n) * C + c] = d;
+            }
+            expected_dp += d_p;
+        }
+    }
+    assert_close(&values(y), &expected_y, RTOL, 1e-3, "GeM y");
+    assert_close(&dx, &expected_dx, 1e-2, 1e-3, "GeM dx");
+    assert_close(&dp, &[expected_dp], 1e-2, 1e-3, "GeM dp");
+}
+
+#[test]
+fn group_gem_in_f16_matches_the_f64_reference() {
+    let device = flex_f16().autodiff();
+    let mut rng = Rng::new(62);
+    let (x, xs) = input(&mut rng, 0.05, 3.0, &device);
+    let powers = [1.5, 4.0];
+    let mut layer = GroupGemConfig::new(2)
+        .with_layout(GroupLayout::Interleaved)
+        .init(&device);
+    layer.p = Param::from_tensor(tensor(powers.to_vec(), [2], &device));
+    let y = layer.forward_tokens(x.clone());
+    let grads = y.clone().sum().backward();
+    half_gradient(x.grad(&grads).unwrap(), "GGeM dx");
+    half_gradient(layer.p.val().grad(&grads).unwrap(), "GGeM dp");
+    let expected: Vec<f64> = (0..B)
+        .flat_map(|b| reference::group_gem(&rows(&xs, b), &powers, 1e-6, true))
+        .collect();
+    assert_close(&values(y), &expected, RTOL, 1e-3, "GGeM y");
+}
+
+/// GSP's forward against the reference, and its analytical gradient against central
+/// differences of the f64 reference at the f16-rounded point.
+#[test]
+fn gsp_in_f16_matches_the_f64_reference() {
+    let device = flex_f16().autodiff();
+    let mut rng = Rng::new(63);
+    let k = 4;
+    let (x, xs) = input(&mut rng, -1.0, 1.0, &device);
+    let prototype_values: Vec<f64> = (0..k * C).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let mut gsp = GspConfig::new(C).with_num_prototypes(k).init(&device);
+    gsp.prototypes = Param::from_tensor(tensor(prototype_values, [k, C], &device));
+    let prototypes: Vec<Vec<f64>> = values(gsp.prototypes.val())
+        .chunks(C)
+        .map(|r| r.to_vec())
+        .collect();
+    let (mu, epsilon) = (gsp.transport_ratio, gsp.epsilon);
+
+    let gy: Vec<f64> = (0..B * C).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let y = gsp.forward_tokens(x.clone());
+    assert_eq!(y.dtype(), DType::F16);
+    let grads = (y.clone() * tensor(gy.clone(), [B, C], &device))
+        .sum()
+        .backward();
+    let dx = half_gradient(x.grad(&grads).unwrap(), "GSP dx");
+    half_gradient(
+        gsp.prototypes.val().grad(&grads).unwrap(),
+        "GSP dprototypes",
+    );
+
+    let mass = reference::uniform_mass(N);
+    let mut expected_y = vec![];
+    let mut expected_dx = vec![];
+    for b in 0..B {
+        let sample = rows(&xs, b);
+        expected_y.extend(reference::gsp(&sample, &prototypes, &mass, mu, epsilon).pooled);
+        let g = &gy[b * C..(b + 1) * C];
+        let loss = |v: &[f64]| {
+            let v: Vec<Vec<f64>> = v.chunks(C).map(|r| r.to_vec()).collect();
+            let pooled = reference::gsp(&v, &prototypes, &mass, mu, epsilon).pooled;
+            pooled.iter().zip(g).map(|(a, b)| a * b).sum::<f64>()
+        };
+        expected_dx.extend(reference::central_difference(&loss, &sample.concat(), 1e-6));
+    }
+    assert_close(&values(y), &expected_y, RTOL, 2e-3, "GSP pooled");
+    let scale = expected_dx.iter().fold(0.0f64, |m, g| m.max(g.abs()));
+    assert_close(&dx, &expected_dx, 2e-2, 5e-3 * scale, "GSP dx");
+}
