@@ -135,3 +135,54 @@ fn backends_agree_on_outputs_and_gradients() {
         );
     }
 }
+
+/// A padded token far above every valid one, at a large p (200: (50 / 2)^199 overflows f32):
+/// `exp` overflows on it, and a mask
+/// multiplying the overflow gives 0·∞ = NaN. Every backend must give it zero gradient, keep
+/// the output and the other gradients finite, and agree with Flex.
+#[test]
+fn padded_outliers_get_zero_gradient_on_every_backend() {
+    let (b, n, c) = (2, 5, 4);
+    let mut x: Vec<f64> = (0..b * n * c)
+        .map(|i| 0.5 + (i % 7) as f64 * 0.25)
+        .collect();
+    let padded = |i: usize| (i / c).is_multiple_of(n);
+    for (i, v) in x.iter_mut().enumerate() {
+        if padded(i) {
+            *v = 50.0;
+        }
+    }
+    let keep: Vec<bool> = (0..b * n).map(|i| i % n != 0).collect();
+    let mut flex: Option<Vec<Vec<f64>>> = None;
+    for (name, device) in devices() {
+        let device = device.autodiff();
+        let gem = GemConfig::new().with_p(200.0).init(&device);
+        let tokens = floats(&x, [b, n, c], &device).require_grad();
+        let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep.clone(), [b, n]), &device);
+        let y = gem.forward_tokens_masked(tokens.clone(), mask);
+        let grads = y.clone().sum().backward();
+        let dx = values(tokens.grad(&grads).unwrap());
+        let outcome = vec![
+            values(y),
+            dx.clone(),
+            values(gem.p.val().grad(&grads).unwrap()),
+        ];
+        for (label, v) in ["y", "dx", "dp"].iter().zip(&outcome) {
+            assert!(v.iter().all(|v| v.is_finite()), "{name} {label}: {v:?}");
+        }
+        for (i, &d) in dx.iter().enumerate() {
+            assert!(
+                !padded(i) || d == 0.0,
+                "{name}: dx[{i}] of a padded token is {d}"
+            );
+        }
+        match &flex {
+            None => flex = Some(outcome),
+            Some(expected) => {
+                for ((label, a), e) in ["y", "dx", "dp"].iter().zip(&outcome).zip(expected) {
+                    assert_close(a, e, 1e-4, 1e-5, &format!("{name} vs flex: {label}"));
+                }
+            }
+        }
+    }
+}

@@ -108,17 +108,19 @@ pub(crate) fn composite_backward(
     let log_y = output.clone().log().unsqueeze_dim::<3>(axis);
     let grad = grad.unsqueeze_dim::<3>(axis);
     let active = x.clone().greater_elem(eps).float() * mask.clone();
-    let log_x = x.clamp_min(eps).log();
+    // Padding gets ln ε, as in the forward: a padded value above every valid one would
+    // overflow the `exp`s below, and the mask's 0 times ∞ is NaN.
+    let log_x = x
+        .clamp_min(eps)
+        .log()
+        .mask_fill(mask.clone().lower_elem(0.5), eps.ln());
     let dx = (log_x.clone() - log_y.clone())
         .mul(p.clone().sub_scalar(1.0))
         .exp()
         * active
         * grad.clone()
         / count;
-    let masked_log_x = log_x
-        .clone()
-        .mask_fill(mask.clone().lower_elem(0.5), eps.ln());
-    let log_max = masked_log_x.max_dim(axis);
+    let log_max = log_x.clone().max_dim(axis);
     let weights = (log_x.clone() - log_max).mul(p.clone()).exp() * mask;
     let mean_log = (weights.clone() * log_x).sum_dim(axis) / weights.sum_dim(axis);
     let y = output.unsqueeze_dim::<3>(axis);
@@ -133,8 +135,8 @@ mod tests {
     use burn::tensor::{Bool, Device, Distribution, TensorData, Tolerance};
 
     /// The fused Flex kernel and its analytical backward against the composite form under
-    /// autodiff and against the composite closed-form backward, both layouts, with a mask,
-    /// a clamped channel and powers from 1 to 200 (in f32, ∂y/∂x at p = 200 carries p times
+    /// autodiff and against the composite closed-form backward, both layouts, with a mask
+    /// (one padded position holding an outlier), a clamped channel and powers from 1 to 200 (in f32, ∂y/∂x at p = 200 carries p times
     /// the rounding of ln, hence 1e-4).
     #[test]
     fn fused_kernel_matches_composite_paths() {
@@ -146,6 +148,13 @@ mod tests {
             let x = Tensor::<3>::random(shape, Distribution::Uniform(-0.5, 3.0), &device);
             // Channel 0 entirely below the clamp.
             let x = x.slice_fill([0..b, 0..1, 0..1], -1.0);
+            // A padded position (sample 0, position 3) far above every valid value: at p = 40
+            // and 200 its power overflows f32, which must not reach any output or gradient.
+            let x = if axis == 1 {
+                x.slice_fill([0..1, 3..4, 0..c], 50.0)
+            } else {
+                x.slice_fill([0..1, 0..c, 3..4], 50.0)
+            };
             let powers = Tensor::<1>::from_floats([1.0, 2.5, 3.0, 40.0, 200.0], &device);
             let keep: Vec<bool> = (0..b * n).map(|i| i % 4 != 3).collect();
             let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep, [b, n]), &device);

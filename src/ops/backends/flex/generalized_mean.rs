@@ -117,7 +117,10 @@ fn weigh_row<T: Real>(
         log_max = if valid > zero { candidate } else { log_max };
     }
     for ((w, &l), &valid) in weight.iter_mut().zip(log_x.iter()).zip(mask) {
-        *w = valid * (p * (l - log_max)).exp();
+        // A select, not `valid * term`: a padded value above the maximum overflows the `exp`,
+        // and 0·∞ is NaN.
+        let term = valid * (p * (l - log_max)).exp();
+        *w = if valid > zero { term } else { zero };
     }
     log_max
 }
@@ -322,6 +325,53 @@ mod tests {
             );
             agree("dx", &dx_wide, &dx_base);
             agree("dp", &dp_wide, &dp_base);
+        }
+    }
+    /// A padded position's value does not matter: an outlier there (whose power overflows
+    /// f64 at p = 1000) leaves the output and ∂L/∂p unchanged and gets zero ∂L/∂x, in both
+    /// layouts.
+    #[test]
+    fn padded_values_do_not_matter() {
+        let (batch, n, c) = (2, 6, 3);
+        let powers = [1.0f64, 40.0, 1000.0];
+        let mask: Vec<f64> = (0..batch * n)
+            .map(|i| if i % n == 2 { 0.0 } else { 1.0 })
+            .collect();
+        let grad = [0.5f64, -1.0, 2.0, 1.0, 0.25, -0.5];
+        for channels_last in [false, true] {
+            let shape = Shape3 {
+                batch,
+                positions: n,
+                channels: c,
+                channels_last,
+            };
+            let position = |i: usize| {
+                if channels_last { i / c % n } else { i % n }
+            };
+            let plain: Vec<f64> = (0..batch * n * c)
+                .map(|i| 0.5 + (i % 5) as f64 * 0.3)
+                .collect();
+            let outlier: Vec<f64> = plain
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| if position(i) == 2 { 50.0 } else { v })
+                .collect();
+            let run = |x: &[f64]| {
+                let y = forward(x, &powers, &mask, 1e-6, shape);
+                let (dx, dp) = backward(x, &powers, &mask, &y, &grad, 1e-6, shape);
+                (y, dx, dp)
+            };
+            let (y, dx, dp) = run(&plain);
+            let (y_outlier, dx_outlier, dp_outlier) = run(&outlier);
+            assert_eq!(y, y_outlier, "channels_last = {channels_last}: y");
+            assert_eq!(dp, dp_outlier, "channels_last = {channels_last}: dp");
+            for (i, (&d, &d_outlier)) in dx.iter().zip(&dx_outlier).enumerate() {
+                let expected = if position(i) == 2 { 0.0 } else { d };
+                assert_eq!(
+                    d_outlier, expected,
+                    "channels_last = {channels_last}: dx[{i}]"
+                );
+            }
         }
     }
 }
