@@ -1,19 +1,23 @@
 //! [`PoolingOps`] for the CubeCL backend (`Cube`: the wgpu device in this crate): the generalized
-//! mean of GeM/GGeM and the weighted sum of GAP and GSP as CubeCL kernels. The portable bodies run these
-//! as a chain of element-wise kernels and reductions with several `[B, C, N]` intermediates; a
-//! kernel here reads the input once or twice and writes only the `[B, C]` result. One unit per
-//! output (b, c) loops over the N positions (N is small: the tokens or the cells of a feature
-//! map), reading `x` through its strides, so both layouts take the same kernel.
+//! mean of GeM/GGeM (forward and backward) and the weighted sum of GAP and GSP (forward and its
+//! weights' gradient) as CubeCL kernels. The portable bodies run these as a chain of
+//! element-wise kernels and reductions with several `[B, C, N]` intermediates; a kernel here
+//! reads the input once or twice and writes only its result. One unit per (b, c) (or per
+//! (b, n) for the weights' gradient) loops over the other axis, which is short (the tokens or
+//! the cells of a feature map; the channels), reading `x` through its strides, so both layouts
+//! take the same kernel.
 //!
 //! The kernels are generic over the float type (the floor ε is raised to the dtype's smallest
-//! normal value). The transport ops and the backward passes use the portable bodies, and so does
-//! every op when Burn's `fusion` feature (a default of `burn-wgpu`) wraps the backend: `Cube` is
-//! then `Fusion<CubeBackend>`, whose lazy tensors are not CubeCL buffers yet.
+//! normal value). The transport ops and the features' gradient of the weighted sum (already one
+//! broadcast product) use the portable bodies, and so does every op when Burn's `fusion`
+//! feature (a default of `burn-wgpu`) wraps the backend: `Cube` is then `Fusion<CubeBackend>`,
+//! whose lazy tensors are not CubeCL buffers yet.
 
 use std::any::{Any, TypeId};
 
 use burn::backend::Cube;
 use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::tensor::{DType, Shape};
 use burn_cubecl::cubecl;
@@ -33,9 +37,7 @@ impl PoolingOps for Cube {
         partial_transport_backward,
         transport_marginals,
         transport_marginals_backward,
-        generalized_mean_backward,
         weighted_sum_features_backward,
-        weighted_sum_weights_backward,
     );
 
     fn generalized_mean(
@@ -55,6 +57,46 @@ impl PoolingOps for Cube {
         }
     }
 
+    fn generalized_mean_backward(
+        x: FloatTensor<Self>,
+        powers: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+        channels_last: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match cube_tensors([x, powers, mask, output, grad]) {
+            Ok([x, powers, mask, output, grad]) => {
+                let channels = powers.meta.shape()[0];
+                let (dx, dp_per_sample) = launch_generalized_mean_backward(
+                    x,
+                    powers,
+                    mask,
+                    output,
+                    grad,
+                    eps,
+                    channels_last,
+                );
+                // ∂L/∂p sums the samples' terms: a `[B, C]` → `[C]` reduction.
+                let dp = Self::float_sum_dim(from_cube(dp_per_sample), 0);
+                (
+                    from_cube(dx),
+                    Self::float_reshape(dp, Shape::new([channels])),
+                )
+            }
+            Err([x, powers, mask, output, grad]) => portable::generalized_mean_backward::<Self>(
+                x,
+                powers,
+                mask,
+                output,
+                grad,
+                eps,
+                channels_last,
+            ),
+        }
+    }
+
     fn weighted_sum(
         x: FloatTensor<Self>,
         weights: FloatTensor<Self>,
@@ -63,6 +105,21 @@ impl PoolingOps for Cube {
         match cube_tensors([x, weights]) {
             Ok([x, weights]) => from_cube(launch_weighted_sum(x, weights, channels_last)),
             Err([x, weights]) => portable::weighted_sum::<Self>(x, weights, channels_last),
+        }
+    }
+
+    fn weighted_sum_weights_backward(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        channels_last: bool,
+    ) -> FloatTensor<Self> {
+        match cube_tensors([x, grad]) {
+            Ok([x, grad]) => {
+                from_cube(launch_weighted_sum_weights_backward(x, grad, channels_last))
+            }
+            Err([x, grad]) => {
+                portable::weighted_sum_weights_backward::<Self>(x, grad, channels_last)
+            }
         }
     }
 }
@@ -128,14 +185,14 @@ fn axes(channels_last: bool) -> (usize, usize) {
 fn output_and_grid(x: &CubeTensor, channels_last: bool) -> (CubeTensor, CubeCount, CubeDim) {
     let dims = x.meta.shape();
     let (batch, channels) = (dims[0], dims[axes(channels_last).1]);
-    let output = empty_device_dtype(
-        x.client.clone(),
-        x.device.clone(),
-        Shape::new([batch, channels]),
-        x.dtype,
-    );
+    let output = empty_like(x, Shape::new([batch, channels]));
     let (cube_count, cube_dim) = grid(&x.client, batch * channels);
     (output, cube_count, cube_dim)
+}
+
+/// An uninitialised tensor of `shape` on `like`'s device, in its dtype.
+fn empty_like(like: &CubeTensor, shape: Shape) -> CubeTensor {
+    empty_device_dtype(like.client.clone(), like.device.clone(), shape, like.dtype)
 }
 
 fn grid(client: &Client, units: usize) -> (CubeCount, CubeDim) {
@@ -196,6 +253,70 @@ fn launch_weighted_sum(x: CubeTensor, weights: CubeTensor, channels_last: bool) 
     output
 }
 
+/// (∂L/∂x in `x`'s layout, each sample's term of ∂L/∂p `[B, C]`).
+fn launch_generalized_mean_backward(
+    x: CubeTensor,
+    powers: CubeTensor,
+    mask: CubeTensor,
+    output: CubeTensor,
+    grad: CubeTensor,
+    eps: f64,
+    channels_last: bool,
+) -> (CubeTensor, CubeTensor) {
+    let [x, powers, mask, output, grad] = [x, powers, mask, output, grad].map(into_contiguous);
+    let dx = empty_like(&x, x.meta.shape().clone());
+    let (dp, cube_count, cube_dim) = output_and_grid(&x, channels_last);
+    let (position_axis, channel_axis) = axes(channels_last);
+    let dtype = dtype_to_storage_type(x.dtype);
+    let floor = InputScalar::new(floor(eps, x.dtype), dtype);
+    let client = x.client.clone();
+    generalized_mean_backward_kernel::launch(
+        &client,
+        cube_count,
+        cube_dim,
+        x.into_tensor_arg(),
+        powers.into_tensor_arg(),
+        mask.into_tensor_arg(),
+        output.into_tensor_arg(),
+        grad.into_tensor_arg(),
+        dx.clone().into_tensor_arg(),
+        dp.clone().into_tensor_arg(),
+        floor,
+        position_axis,
+        channel_axis,
+        dtype,
+    );
+    (dx, dp)
+}
+
+/// ∂L/∂weights `[B, N]`.
+fn launch_weighted_sum_weights_backward(
+    x: CubeTensor,
+    grad: CubeTensor,
+    channels_last: bool,
+) -> CubeTensor {
+    let [x, grad] = [x, grad].map(into_contiguous);
+    let (position_axis, channel_axis) = axes(channels_last);
+    let dims = x.meta.shape();
+    let (batch, positions) = (dims[0], dims[position_axis]);
+    let dw = empty_like(&x, Shape::new([batch, positions]));
+    let (cube_count, cube_dim) = grid(&x.client, batch * positions);
+    let dtype = dtype_to_storage_type(x.dtype);
+    let client = x.client.clone();
+    weighted_sum_weights_backward_kernel::launch(
+        &client,
+        cube_count,
+        cube_dim,
+        x.into_tensor_arg(),
+        grad.into_tensor_arg(),
+        dw.clone().into_tensor_arg(),
+        position_axis,
+        channel_axis,
+        dtype,
+    );
+    dw
+}
+
 /// `y[b, c] = exp(ln max + ln(Σ_n m_n exp(p_c (ln max(x_n, ε) − ln max)) / Σ_n m_n) / p_c)`,
 /// with `max` the largest `max(x_n, ε)` over the valid positions: every term is at most 1, so
 /// the sum stays finite for any p. Two passes over the row: the maximum, then the sum.
@@ -252,6 +373,82 @@ fn generalized_mean_kernel<F: Float>(
     output[at] = (log_max + (sum / count).ln() / p).exp();
 }
 
+/// The generalized mean's backward for one (b, c), with w_n = m_n exp(p (ln max(x_n, ε) − ln max))
+/// as in the forward:
+/// `∂L/∂x_n = g/count · (x_n/y)^(p−1)` where x_n > ε (else 0), computed as
+/// `g/count · exp(p (ln max − ln y)) · y · w_n / x_n`; and this sample's
+/// `∂L/∂p = g · (y/p) · (Σ w ln x / Σ w − ln y)`.
+#[cube(launch)]
+fn generalized_mean_backward_kernel<F: Float>(
+    x: &Tensor<F>,
+    powers: &Tensor<F>,
+    mask: &Tensor<F>,
+    output: &Tensor<F>,
+    grad: &Tensor<F>,
+    dx: &mut Tensor<F>,
+    dp: &mut Tensor<F>,
+    floor: InputScalar,
+    #[comptime] position_axis: usize,
+    #[comptime] channel_axis: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let channels = dp.shape(1);
+    if ABSOLUTE_POS >= dp.shape(0) * channels {
+        terminate!();
+    }
+    let b = ABSOLUTE_POS / channels;
+    let c = ABSOLUTE_POS % channels;
+    let positions = mask.shape(1);
+    let x_row = b * x.stride(0) + c * x.stride(channel_axis);
+    let x_step = x.stride(position_axis);
+    let dx_row = b * dx.stride(0) + c * dx.stride(channel_axis);
+    let dx_step = dx.stride(position_axis);
+    let mask_row = b * mask.stride(0);
+    let mask_step = mask.stride(1);
+    let floor = floor.get::<F>();
+    let zero = F::new(0.0);
+
+    let mut largest = floor;
+    let mut count = zero;
+    for n in 0..positions {
+        let valid = mask[mask_row + n * mask_step];
+        let value = x[x_row + n * x_step];
+        if valid > zero && value > largest {
+            largest = value;
+        }
+        count += valid;
+    }
+
+    let log_max = largest.ln();
+    let p = powers[c * powers.stride(0)];
+    let y = output[b * output.stride(0) + c * output.stride(1)];
+    let g = grad[b * grad.stride(0) + c * grad.stride(1)];
+    let log_y = y.ln();
+    let factor = g / count * (p * (log_max - log_y)).exp() * y;
+    let mut sum = zero;
+    let mut weighted_log = zero;
+    for n in 0..positions {
+        let valid = mask[mask_row + n * mask_step];
+        let raw = x[x_row + n * x_step];
+        let mut derivative = zero;
+        // A branch, not `valid * term`, as in the forward.
+        if valid > zero {
+            let value = raw.max(floor);
+            let log_value = value.ln();
+            let weight = valid * (p * (log_value - log_max)).exp();
+            sum += weight;
+            weighted_log += weight * log_value;
+            if raw > floor {
+                derivative = factor * weight / value;
+            }
+        }
+        dx[dx_row + n * dx_step] = derivative;
+    }
+
+    let at = b * dp.stride(0) + c * dp.stride(1);
+    dp[at] = g * y / p * (weighted_log / sum - log_y);
+}
+
 /// `y[b, c] = Σ_n w[b, n] x[b, c, n]`.
 #[cube(launch)]
 fn weighted_sum_kernel<F: Float>(
@@ -283,6 +480,37 @@ fn weighted_sum_kernel<F: Float>(
     output[at] = sum;
 }
 
+/// `∂L/∂w[b, n] = Σ_c g[b, c] x[b, c, n]`.
+#[cube(launch)]
+fn weighted_sum_weights_backward_kernel<F: Float>(
+    x: &Tensor<F>,
+    grad: &Tensor<F>,
+    dw: &mut Tensor<F>,
+    #[comptime] position_axis: usize,
+    #[comptime] channel_axis: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let positions = dw.shape(1);
+    if ABSOLUTE_POS >= dw.shape(0) * positions {
+        terminate!();
+    }
+    let b = ABSOLUTE_POS / positions;
+    let n = ABSOLUTE_POS % positions;
+    let channels = grad.shape(1);
+    let x_column = b * x.stride(0) + n * x.stride(position_axis);
+    let x_step = x.stride(channel_axis);
+    let grad_row = b * grad.stride(0);
+    let grad_step = grad.stride(1);
+
+    let mut sum = F::new(0.0);
+    for c in 0..channels {
+        sum += grad[grad_row + c * grad_step] * x[x_column + c * x_step];
+    }
+
+    let at = b * dw.stride(0) + n * dw.stride(1);
+    dw[at] = sum;
+}
+
 #[cfg(test)]
 mod tests {
     use burn::backend::Cube;
@@ -305,8 +533,8 @@ mod tests {
             .expect("a wgpu tensor")
     }
 
-    fn read(tensor: FloatTensor<Cube>) -> Vec<f32> {
-        Tensor::<2>::from_primitive::<Cube>(tensor)
+    fn read<const D: usize>(tensor: FloatTensor<Cube>) -> Vec<f32> {
+        Tensor::<D>::from_primitive::<Cube>(tensor)
             .into_data()
             .to_vec::<f32>()
             .expect("f32 values")
@@ -400,7 +628,7 @@ mod tests {
                 )
             };
             let (xs, ps, ms) = inputs();
-            let kernel = read(<Cube as PoolingOps>::generalized_mean(
+            let kernel = read::<2>(<Cube as PoolingOps>::generalized_mean(
                 xs,
                 ps,
                 ms,
@@ -408,7 +636,7 @@ mod tests {
                 channels_last,
             ));
             let (xs, ps, ms) = inputs();
-            let reference = read(portable::generalized_mean::<Cube>(
+            let reference = read::<2>(portable::generalized_mean::<Cube>(
                 xs,
                 ps,
                 ms,
@@ -439,18 +667,108 @@ mod tests {
                 .enumerate()
                 .map(|(i, &m)| m * (1.0 + (i % 7) as f32 / 10.0))
                 .collect();
-            let kernel = read(<Cube as PoolingOps>::weighted_sum(
+            let kernel = read::<2>(<Cube as PoolingOps>::weighted_sum(
                 primitive(&x, shape),
                 primitive(&weights, mask_shape),
                 channels_last,
             ));
-            let reference = read(portable::weighted_sum::<Cube>(
+            let reference = read::<2>(portable::weighted_sum::<Cube>(
                 primitive(&x, shape),
                 primitive(&weights, mask_shape),
                 channels_last,
             ));
             let label = format!("weighted sum (channels_last = {channels_last})");
             compare(&label, &kernel, &reference);
+        }
+    }
+    /// A deterministic upstream gradient in [-1, 1).
+    fn upstream(len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 37 % 101) as f32 / 50.5) - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn generalized_mean_backward_kernel_matches_portable() {
+        assert!(kernels_apply(), "Cube's primitive is not a CubeTensor");
+        let powers = [1.0f32, 3.0, 0.5, 1000.0, 7.5, 2.0];
+        let channels = powers.len();
+        for channels_last in [false, true] {
+            let (x, mask, shape, mask_shape) = mask_and_features(channels, channels_last);
+            let grad = upstream(shape[0] * channels);
+            let output = read::<2>(portable::generalized_mean::<Cube>(
+                primitive(&x, shape),
+                primitive(&powers, [channels]),
+                primitive(&mask, mask_shape),
+                EPS,
+                channels_last,
+            ));
+            let inputs = || {
+                (
+                    primitive(&x, shape),
+                    primitive(&powers, [channels]),
+                    primitive(&mask, mask_shape),
+                    primitive(&output, [shape[0], channels]),
+                    primitive(&grad, [shape[0], channels]),
+                )
+            };
+            let (xs, ps, ms, ys, gs) = inputs();
+            let (kernel_dx, kernel_dp) = <Cube as PoolingOps>::generalized_mean_backward(
+                xs,
+                ps,
+                ms,
+                ys,
+                gs,
+                EPS,
+                channels_last,
+            );
+            let (xs, ps, ms, ys, gs) = inputs();
+            let (reference_dx, reference_dp) =
+                portable::generalized_mean_backward::<Cube>(xs, ps, ms, ys, gs, EPS, channels_last);
+            let kernel_dx = read::<3>(kernel_dx);
+            // Padded positions and values at or below ε get no gradient.
+            for (i, (&dx, &v)) in kernel_dx.iter().zip(&x).enumerate() {
+                let n = if channels_last {
+                    i / channels % shape[1]
+                } else {
+                    i % shape[2]
+                };
+                let b = i / (shape[1] * shape[2]);
+                if mask[b * mask_shape[1] + n] == 0.0 || v as f64 <= EPS {
+                    assert_eq!(dx, 0.0, "dx[{i}] of a padded or clamped value");
+                }
+            }
+            let label = format!("generalized mean backward (channels_last = {channels_last})");
+            compare(
+                &format!("{label}: dx"),
+                &kernel_dx,
+                &read::<3>(reference_dx),
+            );
+            compare(
+                &format!("{label}: dp"),
+                &read::<1>(kernel_dp),
+                &read::<1>(reference_dp),
+            );
+        }
+    }
+
+    #[test]
+    fn weighted_sum_weights_backward_kernel_matches_portable() {
+        assert!(kernels_apply(), "Cube's primitive is not a CubeTensor");
+        let channels = 6;
+        for channels_last in [false, true] {
+            let (x, _, shape, _) = mask_and_features(channels, channels_last);
+            let grad = upstream(shape[0] * channels);
+            let run = |kernel: bool| {
+                let (xs, gs) = (primitive(&x, shape), primitive(&grad, [shape[0], channels]));
+                read::<2>(if kernel {
+                    <Cube as PoolingOps>::weighted_sum_weights_backward(xs, gs, channels_last)
+                } else {
+                    portable::weighted_sum_weights_backward::<Cube>(xs, gs, channels_last)
+                })
+            };
+            let label = format!("weighted sum backward: weights (channels_last = {channels_last})");
+            compare(&label, &run(true), &run(false));
         }
     }
 }
