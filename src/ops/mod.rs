@@ -4,8 +4,8 @@
 //!
 //! - `portable`: bodies written once with the `Tensor` API, valid on every backend;
 //! - `backends`: the implementations. Flex has fused CPU kernels for every op; Cube (wgpu)
-//!   has CubeCL kernels for the forward generalized mean and weighted sum, and portable bodies
-//!   for the rest; NdArray uses the portable bodies; `Autodiff<B, C>` runs the inner
+//!   has CubeCL kernels for the generalized mean (forward, backward) and the weighted sum
+//!   (forward, weights gradient), and portable bodies for the rest; NdArray uses the portable bodies; `Autodiff<B, C>` runs the inner
 //!   backend's forward off the tape and records one node whose backward is the closed form.
 //!
 //! Devices whose backend is not listed here (see [`extension_covers`]) take the layers'

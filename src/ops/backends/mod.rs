@@ -1,6 +1,7 @@
 //! [`PoolingOps`](super::PoolingOps) for each covered backend. Flex has fused CPU kernels for
-//! every op (`flex`); Cube has CubeCL kernels (`cube`) for the forward generalized mean and
-//! weighted sum, and the portable bodies for the rest; NdArray uses the portable bodies.
+//! every op (`flex`); Cube has CubeCL kernels (`cube`) for the generalized mean (forward,
+//! backward) and the weighted sum (forward, weights gradient), and the portable bodies for the
+//! rest; NdArray uses the portable bodies.
 
 /// Methods of [`PoolingOps`](super::PoolingOps) that run the portable bodies, by name, for
 /// the impls of the backends without a kernel for them:
