@@ -1,7 +1,8 @@
 //! Every layer on a Flex device configured for f16 (its own test process: a device's dtype is
 //! set once per process). Flex's kernels widen halves to f32 and narrow the results back, so
-//! outputs and gradients stay f16, are finite, and match the f64 reference on the same
-//! f16-rounded inputs within half precision.
+//! outputs and gradients stay f16, are finite, and match the f64 reference (closed forms, or
+//! central differences for GSP) on the same f16-rounded inputs within half precision,
+//! including a padded token far above the valid ones.
 
 mod common;
 mod reference;
@@ -9,7 +10,7 @@ mod reference;
 use std::sync::Once;
 
 use burn::module::Param;
-use burn::tensor::{DType, Device, FloatDType, Tensor};
+use burn::tensor::{Bool, DType, Device, FloatDType, Tensor, TensorData};
 use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, GroupLayout, GspConfig};
 use common::{Rng, assert_close, tensor, values};
 
@@ -76,7 +77,10 @@ fn gap_and_gem_in_f16_match_the_f64_reference() {
     let gap = GapConfig::new().init().forward_tokens(x.clone());
     let expected: Vec<f64> = (0..B).flat_map(|b| reference::gap(&rows(&xs, b))).collect();
     assert_eq!(gap.dtype(), DType::F16);
+    let grads = gap.clone().sum().backward();
+    let dx = half_gradient(x.grad(&grads).unwrap(), "GAP dx");
     assert_close(&values(gap), &expected, RTOL, 1e-3, "GAP");
+    assert_close(&dx, &vec![1.0 / N as f64; B * N * C], RTOL, 0.0, "GAP dx");
 
     let p = 3.0;
     let gem = GemConfig::new().with_p(p).init(&device);
@@ -102,24 +106,56 @@ fn gap_and_gem_in_f16_match_the_f64_reference() {
     assert_close(&dp, &[expected_dp], 1e-2, 1e-3, "GeM dp");
 }
 
+/// GGeM with one padded token far above the valid ones (its power overflows f32 at p = 40):
+/// forward, ∂L/∂x (zero on the padding) and ∂L/∂p against the closed forms on the valid tokens.
 #[test]
-fn group_gem_in_f16_matches_the_f64_reference() {
+fn masked_group_gem_in_f16_matches_the_f64_reference() {
     let device = flex_f16().autodiff();
     let mut rng = Rng::new(62);
-    let (x, xs) = input(&mut rng, 0.05, 3.0, &device);
-    let powers = [1.5, 4.0];
-    let mut layer = GroupGemConfig::new(2)
+    let padded = 3;
+    let raw: Vec<f64> = (0..B * N * C)
+        .map(|i| {
+            if i / C % N == padded {
+                50.0
+            } else {
+                rng.uniform(0.05, 3.0)
+            }
+        })
+        .collect();
+    let x = tensor(raw, [B, N, C], &device);
+    let xs = values(x.clone());
+    let x = x.require_grad();
+    let keep: Vec<bool> = (0..B * N).map(|i| i % N != padded).collect();
+    let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep, [B, N]), &device);
+    let (groups, powers) = (2, [1.5, 40.0]);
+    let mut layer = GroupGemConfig::new(groups)
         .with_layout(GroupLayout::Interleaved)
         .init(&device);
-    layer.p = Param::from_tensor(tensor(powers.to_vec(), [2], &device));
-    let y = layer.forward_tokens(x.clone());
+    layer.p = Param::from_tensor(tensor(powers.to_vec(), [groups], &device));
+    let y = layer.forward_tokens_masked(x.clone(), mask);
     let grads = y.clone().sum().backward();
-    half_gradient(x.grad(&grads).unwrap(), "GGeM dx");
-    half_gradient(layer.p.val().grad(&grads).unwrap(), "GGeM dp");
-    let expected: Vec<f64> = (0..B)
-        .flat_map(|b| reference::group_gem(&rows(&xs, b), &powers, 1e-6, true))
-        .collect();
-    assert_close(&values(y), &expected, RTOL, 1e-3, "GGeM y");
+    let dx = half_gradient(x.grad(&grads).unwrap(), "GGeM dx");
+    let dp = half_gradient(layer.p.val().grad(&grads).unwrap(), "GGeM dp");
+
+    let (mut expected_y, mut expected_dx, mut expected_dp) =
+        (vec![], vec![0.0; B * N * C], vec![0.0; groups]);
+    for b in 0..B {
+        for c in 0..C {
+            let group = reference::group_of(c, C, groups, true);
+            let valid: Vec<usize> = (0..N).filter(|&n| n != padded).collect();
+            let column: Vec<f64> = valid.iter().map(|&n| xs[(b * N + n) * C + c]).collect();
+            expected_y.push(reference::gem_channel(&column, powers[group], 1e-6));
+            let (d, d_p) = reference::gem_channel_grad(&column, powers[group], 1e-6);
+            for (&n, d) in valid.iter().zip(d) {
+                expected_dx[(b * N + n) * C + c] = d;
+            }
+            expected_dp[group] += d_p;
+        }
+    }
+    assert_close(&values(y), &expected_y, RTOL, 1e-3, "GGeM y");
+    // ∂y/∂x at p = 40 carries p times the rounding of ln x.
+    assert_close(&dx, &expected_dx, 3e-2, 1e-3, "GGeM dx");
+    assert_close(&dp, &expected_dp, 3e-2, 1e-3, "GGeM dp");
 }
 
 /// GSP's forward against the reference, and its analytical gradient against central
@@ -146,10 +182,7 @@ fn gsp_in_f16_matches_the_f64_reference() {
         .sum()
         .backward();
     let dx = half_gradient(x.grad(&grads).unwrap(), "GSP dx");
-    half_gradient(
-        gsp.prototypes.val().grad(&grads).unwrap(),
-        "GSP dprototypes",
-    );
+    let dprototypes = half_gradient(gsp.prototypes.val().grad(&grads).unwrap(), "GSP dw");
 
     let mass = reference::uniform_mass(N);
     let mut expected_y = vec![];
@@ -168,4 +201,19 @@ fn gsp_in_f16_matches_the_f64_reference() {
     assert_close(&values(y), &expected_y, RTOL, 2e-3, "GSP pooled");
     let scale = expected_dx.iter().fold(0.0f64, |m, g| m.max(g.abs()));
     assert_close(&dx, &expected_dx, 2e-2, 5e-3 * scale, "GSP dx");
+
+    let loss_of_prototypes = |w: &[f64]| {
+        let w: Vec<Vec<f64>> = w.chunks(C).map(|r| r.to_vec()).collect();
+        (0..B)
+            .map(|b| {
+                let pooled = reference::gsp(&rows(&xs, b), &w, &mass, mu, epsilon).pooled;
+                let g = &gy[b * C..(b + 1) * C];
+                pooled.iter().zip(g).map(|(a, b)| a * b).sum::<f64>()
+            })
+            .sum::<f64>()
+    };
+    let expected_dw =
+        reference::central_difference(&loss_of_prototypes, &prototypes.concat(), 1e-6);
+    let scale = expected_dw.iter().fold(0.0f64, |m, g| m.max(g.abs()));
+    assert_close(&dprototypes, &expected_dw, 2e-2, 5e-3 * scale, "GSP dw");
 }

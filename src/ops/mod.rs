@@ -98,7 +98,8 @@ pub trait PoolingOps: Backend {
 
     /// The clamped generalized mean `((Σ_n m_n max(x_n, ε)^p_c) / Σ_n m_n)^(1/p_c)` of
     /// `x` `[B, C, N]` (or `[B, N, C]` when `channels_last`), powers `[C]`, mask `[B, N]`
-    /// (1 valid, 0 padding): `[B, C]`.
+    /// (1 valid, 0 padding): `[B, C]`. Every mask row needs a valid position (the layers
+    /// check it); an all-padding row's mean is 0/0.
     fn generalized_mean(
         x: FloatTensor<Self>,
         powers: FloatTensor<Self>,

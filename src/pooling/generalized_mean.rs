@@ -146,7 +146,7 @@ mod tests {
         for axis in [1usize, 2] {
             let shape = if axis == 1 { [b, n, c] } else { [b, c, n] };
             let x = Tensor::<3>::random(shape, Distribution::Uniform(-0.5, 3.0), &device);
-            // Channel 0 entirely below the clamp.
+            // Channel 0 at the first position of each sample below the clamp.
             let x = x.slice_fill([0..b, 0..1, 0..1], -1.0);
             // A padded position (sample 0, position 3) far above every valid value: at p = 40
             // and 200 its power overflows f32, which must not reach any output or gradient.

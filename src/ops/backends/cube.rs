@@ -317,6 +317,32 @@ fn launch_weighted_sum_weights_backward(
     dw
 }
 
+/// The largest `max(x_n, ε)` over the valid positions of one (b, c) row, and the number of
+/// valid positions Σ_n m_n: the first pass of the generalized mean, forward and backward.
+#[cube]
+fn masked_max_and_count<F: Float>(
+    x: &Tensor<F>,
+    mask: &Tensor<F>,
+    x_row: usize,
+    x_step: usize,
+    mask_row: usize,
+    mask_step: usize,
+    floor: F,
+) -> (F, F) {
+    let zero = F::new(0.0);
+    let mut largest = floor;
+    let mut count = zero;
+    for n in 0..mask.shape(1) {
+        let valid = mask[mask_row + n * mask_step];
+        let value = x[x_row + n * x_step];
+        if valid > zero && value > largest {
+            largest = value;
+        }
+        count += valid;
+    }
+    (largest, count)
+}
+
 /// `y[b, c] = exp(ln max + ln(Σ_n m_n exp(p_c (ln max(x_n, ε) − ln max)) / Σ_n m_n) / p_c)`,
 /// with `max` the largest `max(x_n, ε)` over the valid positions: every term is at most 1, so
 /// the sum stays finite for any p. Two passes over the row: the maximum, then the sum.
@@ -345,16 +371,8 @@ fn generalized_mean_kernel<F: Float>(
     let floor = floor.get::<F>();
     let zero = F::new(0.0);
 
-    let mut largest = floor;
-    let mut count = zero;
-    for n in 0..positions {
-        let valid = mask[mask_row + n * mask_step];
-        let value = x[x_row + n * x_step];
-        if valid > zero && value > largest {
-            largest = value;
-        }
-        count += valid;
-    }
+    let (largest, count) =
+        masked_max_and_count::<F>(x, mask, x_row, x_step, mask_row, mask_step, floor);
 
     let log_max = largest.ln();
     let p = powers[c * powers.stride(0)];
@@ -408,16 +426,8 @@ fn generalized_mean_backward_kernel<F: Float>(
     let floor = floor.get::<F>();
     let zero = F::new(0.0);
 
-    let mut largest = floor;
-    let mut count = zero;
-    for n in 0..positions {
-        let valid = mask[mask_row + n * mask_step];
-        let value = x[x_row + n * x_step];
-        if valid > zero && value > largest {
-            largest = value;
-        }
-        count += valid;
-    }
+    let (largest, count) =
+        masked_max_and_count::<F>(x, mask, x_row, x_step, mask_row, mask_step, floor);
 
     let log_max = largest.ln();
     let p = powers[c * powers.stride(0)];

@@ -72,7 +72,7 @@ impl PoolingOps for Flex {
         let shape = Shape3::of(&features, channels_last);
         let dims = features.shape().clone();
         let prototype_dims = dims2(&prototypes);
-        let dtype = features.dtype();
+        let (dtype, prototype_dtype) = (features.dtype(), prototypes.dtype());
         let [features, prototypes, costs, grad] =
             [features, prototypes, costs, grad].map(kernel_input);
         let (d_features, d_prototypes) = with_float!(features.dtype(), "transport costs", T => {
@@ -88,7 +88,7 @@ impl PoolingOps for Flex {
         });
         (
             kernel_output(d_features, dtype),
-            kernel_output(d_prototypes, dtype),
+            kernel_output(d_prototypes, prototype_dtype),
         )
     }
 
@@ -171,7 +171,7 @@ impl PoolingOps for Flex {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let shape = Shape3::of(&x, channels_last);
         let dims = x.shape().clone();
-        let dtype = x.dtype();
+        let (dtype, power_dtype) = (x.dtype(), powers.dtype());
         let [x, powers, mask, output, grad] = [x, powers, mask, output, grad].map(kernel_input);
         let (dx, dp) = with_float!(x.dtype(), "generalized mean", T => {
             let (dx, dp) = generalized_mean::backward::<T>(
@@ -185,7 +185,7 @@ impl PoolingOps for Flex {
             );
             (tensor(dx, dims.clone()), tensor(dp, [shape.channels]))
         });
-        (kernel_output(dx, dtype), kernel_output(dp, dtype))
+        (kernel_output(dx, dtype), kernel_output(dp, power_dtype))
     }
 
     fn weighted_sum(
@@ -302,7 +302,8 @@ fn kernel_input(tensor: FlexTensor) -> FlexTensor {
     }
 }
 
-/// A kernel's output narrowed back to the dtype of the op's inputs (a no-op for f32 and f64).
+/// A kernel's output narrowed back to the dtype of the input it belongs to (a no-op for f32
+/// and f64).
 fn kernel_output(tensor: FlexTensor, dtype: DType) -> FlexTensor {
     if tensor.dtype() == dtype {
         tensor
@@ -381,6 +382,7 @@ mod tests {
         let actual = cast(half, FloatDType::F32);
         let (expected, actual) = (view::<f32>(&expected), view::<f32>(&actual));
         for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+            assert!(a.is_finite(), "{op} ({dtype:?}) at {i}: {a}");
             assert!(
                 a.to_bits() == e.to_bits(),
                 "{op} ({dtype:?}) at {i}: {a} vs {e}"
@@ -388,8 +390,9 @@ mod tests {
         }
     }
 
-    /// f16 and bf16 tensors run every kernel in f32: each op's outputs are its f32 outputs on
-    /// the widened inputs, narrowed back to the inputs' dtype.
+    /// f16 and bf16 tensors run every kernel in f32: each op's outputs are finite and are its
+    /// f32 outputs on the widened inputs, narrowed back to the inputs' dtype, in both layouts,
+    /// with a padded position.
     #[test]
     fn halves_run_the_f32_kernels() {
         let (b, n, c, k) = (2, 7, 5, 3);
@@ -400,20 +403,30 @@ mod tests {
             tolerance: 1e-6,
             solver: TransportSolver::Newton,
         };
-        for dtype in [FloatDType::F16, FloatDType::BF16] {
+        for (dtype, channels_last) in [
+            (FloatDType::F16, true),
+            (FloatDType::F16, false),
+            (FloatDType::BF16, true),
+            (FloatDType::BF16, false),
+        ] {
+            let layout = if channels_last { [b, n, c] } else { [b, c, n] };
             // Half inputs, and the same values in f32.
             let input = |values: Vec<f32>, shape: &[usize]| {
                 let half = cast(&f32_tensor(values, shape), dtype);
                 let wide = cast(&half, FloatDType::F32);
                 (half, wide)
             };
-            let x = input(values(b * n * c, 1, -1.0, 2.0), &[b, n, c]);
-            let positive = input(values(b * n * c, 2, 0.1, 2.0), &[b, n, c]);
+            let x = input(values(b * n * c, 1, -1.0, 2.0), &layout);
+            let positive = input(values(b * n * c, 2, 0.1, 2.0), &layout);
             let prototypes = input(values(k * c, 3, -1.0, 1.0), &[k, c]);
             let mass = input(vec![1.0 / n as f32; b * n], &[b, n]);
             let weights = input(values(b * n, 4, 0.0, 0.3), &[b, n]);
             let powers = input(values(c, 5, 1.0, 4.0), &[c]);
-            let mask = input(vec![1.0; b * n], &[b, n]);
+            // Position 2 of every sample padded.
+            let keep = (0..b * n)
+                .map(|i| if i % n == 2 { 0.0 } else { 1.0 })
+                .collect();
+            let mask = input(keep, &[b, n]);
             let pooled_grad = input(values(b * c, 6, -1.0, 1.0), &[b, c]);
             let costs_grad = input(values(b * k * n, 7, -1.0, 1.0), &[b, k, n]);
             let plan_grad = input(values(b * (k + 1) * n, 8, -1.0, 1.0), &[b, k + 1, n]);
@@ -423,7 +436,7 @@ mod tests {
                 let pick = |pair: &(FlexTensor, FlexTensor)| {
                     if half { pair.0.clone() } else { pair.1.clone() }
                 };
-                let costs = Flex::transport_costs(pick(&x), pick(&prototypes), true);
+                let costs = Flex::transport_costs(pick(&x), pick(&prototypes), channels_last);
                 // The later ops read the costs and plan of the half run, widened for f32.
                 let costs_in = (
                     cast(&costs, dtype),
@@ -434,7 +447,7 @@ mod tests {
                     pick(&prototypes),
                     pick(&costs_in),
                     pick(&costs_grad),
-                    true,
+                    channels_last,
                 );
                 let (plan, _) = Flex::partial_transport(pick(&costs_in), pick(&mass), settings);
                 let plan_in = (
@@ -455,8 +468,13 @@ mod tests {
                     pick(&mass),
                     settings.epsilon,
                 );
-                let mean =
-                    Flex::generalized_mean(pick(&positive), pick(&powers), pick(&mask), 1e-6, true);
+                let mean = Flex::generalized_mean(
+                    pick(&positive),
+                    pick(&powers),
+                    pick(&mask),
+                    1e-6,
+                    channels_last,
+                );
                 let mean_in = (
                     cast(&mean, dtype),
                     cast(&cast(&mean, dtype), FloatDType::F32),
@@ -468,13 +486,19 @@ mod tests {
                     pick(&mean_in),
                     pick(&pooled_grad),
                     1e-6,
-                    true,
+                    channels_last,
                 );
-                let sum = Flex::weighted_sum(pick(&x), pick(&weights), true);
-                let d_x_sum =
-                    Flex::weighted_sum_features_backward(pick(&weights), pick(&pooled_grad), true);
-                let d_weights =
-                    Flex::weighted_sum_weights_backward(pick(&x), pick(&pooled_grad), true);
+                let sum = Flex::weighted_sum(pick(&x), pick(&weights), channels_last);
+                let d_x_sum = Flex::weighted_sum_features_backward(
+                    pick(&weights),
+                    pick(&pooled_grad),
+                    channels_last,
+                );
+                let d_weights = Flex::weighted_sum_weights_backward(
+                    pick(&x),
+                    pick(&pooled_grad),
+                    channels_last,
+                );
                 [
                     ("transport costs", costs),
                     ("costs backward: features", d_x),
