@@ -103,7 +103,10 @@ impl PoolingOps for Cube {
         channels_last: bool,
     ) -> FloatTensor<Self> {
         match cube_tensors([x, weights]) {
-            Ok([x, weights]) => from_cube(launch_weighted_sum(x, weights, channels_last)),
+            Ok([x, weights]) => {
+                let (positions, channels) = axes(channels_last);
+                from_cube(launch_contraction(x, weights, channels, positions))
+            }
             Err([x, weights]) => portable::weighted_sum::<Self>(x, weights, channels_last),
         }
     }
@@ -115,7 +118,8 @@ impl PoolingOps for Cube {
     ) -> FloatTensor<Self> {
         match cube_tensors([x, grad]) {
             Ok([x, grad]) => {
-                from_cube(launch_weighted_sum_weights_backward(x, grad, channels_last))
+                let (positions, channels) = axes(channels_last);
+                from_cube(launch_contraction(x, grad, positions, channels))
             }
             Err([x, grad]) => {
                 portable::weighted_sum_weights_backward::<Self>(x, grad, channels_last)
@@ -233,21 +237,26 @@ fn launch_generalized_mean(
     output
 }
 
-fn launch_weighted_sum(x: CubeTensor, weights: CubeTensor, channels_last: bool) -> CubeTensor {
-    let [x, weights] = [x, weights].map(into_contiguous);
-    let (output, cube_count, cube_dim) = output_and_grid(&x, channels_last);
-    let (position_axis, channel_axis) = axes(channels_last);
+/// `out[b, i] = Σ_j v[b, j] x[b, ·, ·]` with i on `x`'s axis `kept` and j on its axis
+/// `summed`: the weighted sum (kept = channels, summed = positions, v = the weights) and its
+/// weights' gradient (kept = positions, summed = channels, v = ∂L/∂output).
+fn launch_contraction(x: CubeTensor, vector: CubeTensor, kept: usize, summed: usize) -> CubeTensor {
+    let [x, vector] = [x, vector].map(into_contiguous);
+    let dims = x.meta.shape();
+    let (batch, length) = (dims[0], dims[kept]);
+    let output = empty_like(&x, Shape::new([batch, length]));
+    let (cube_count, cube_dim) = grid(&x.client, batch * length);
     let dtype = dtype_to_storage_type(x.dtype);
     let client = x.client.clone();
-    weighted_sum_kernel::launch(
+    contraction_kernel::launch(
         &client,
         cube_count,
         cube_dim,
         x.into_tensor_arg(),
-        weights.into_tensor_arg(),
+        vector.into_tensor_arg(),
         output.clone().into_tensor_arg(),
-        position_axis,
-        channel_axis,
+        kept,
+        summed,
         dtype,
     );
     output
@@ -287,34 +296,6 @@ fn launch_generalized_mean_backward(
         dtype,
     );
     (dx, dp)
-}
-
-/// ∂L/∂weights `[B, N]`.
-fn launch_weighted_sum_weights_backward(
-    x: CubeTensor,
-    grad: CubeTensor,
-    channels_last: bool,
-) -> CubeTensor {
-    let [x, grad] = [x, grad].map(into_contiguous);
-    let (position_axis, channel_axis) = axes(channels_last);
-    let dims = x.meta.shape();
-    let (batch, positions) = (dims[0], dims[position_axis]);
-    let dw = empty_like(&x, Shape::new([batch, positions]));
-    let (cube_count, cube_dim) = grid(&x.client, batch * positions);
-    let dtype = dtype_to_storage_type(x.dtype);
-    let client = x.client.clone();
-    weighted_sum_weights_backward_kernel::launch(
-        &client,
-        cube_count,
-        cube_dim,
-        x.into_tensor_arg(),
-        grad.into_tensor_arg(),
-        dw.clone().into_tensor_arg(),
-        position_axis,
-        channel_axis,
-        dtype,
-    );
-    dw
 }
 
 /// The largest `max(x_n, ε)` over the valid positions of one (b, c) row, and the number of
@@ -459,66 +440,35 @@ fn generalized_mean_backward_kernel<F: Float>(
     dp[at] = g * y / p * (weighted_log / sum - log_y);
 }
 
-/// `y[b, c] = Σ_n w[b, n] x[b, c, n]`.
+/// `out[b, i] = Σ_j v[b, j] x[b, ·, ·]`, i on `x`'s axis `kept`, j on its axis `summed`
+/// (see [`launch_contraction`]).
 #[cube(launch)]
-fn weighted_sum_kernel<F: Float>(
+fn contraction_kernel<F: Float>(
     x: &Tensor<F>,
-    weights: &Tensor<F>,
+    vector: &Tensor<F>,
     output: &mut Tensor<F>,
-    #[comptime] position_axis: usize,
-    #[comptime] channel_axis: usize,
+    #[comptime] kept: usize,
+    #[comptime] summed: usize,
     #[define(F)] _dtype: ElemType,
 ) {
-    let channels = output.shape(1);
-    if ABSOLUTE_POS >= output.shape(0) * channels {
+    let length = output.shape(1);
+    if ABSOLUTE_POS >= output.shape(0) * length {
         terminate!();
     }
-    let b = ABSOLUTE_POS / channels;
-    let c = ABSOLUTE_POS % channels;
-    let positions = weights.shape(1);
-    let x_row = b * x.stride(0) + c * x.stride(channel_axis);
-    let x_step = x.stride(position_axis);
-    let weight_row = b * weights.stride(0);
-    let weight_step = weights.stride(1);
+    let b = ABSOLUTE_POS / length;
+    let i = ABSOLUTE_POS % length;
+    let x_start = b * x.stride(0) + i * x.stride(kept);
+    let x_step = x.stride(summed);
+    let vector_row = b * vector.stride(0);
+    let vector_step = vector.stride(1);
 
     let mut sum = F::new(0.0);
-    for n in 0..positions {
-        sum += weights[weight_row + n * weight_step] * x[x_row + n * x_step];
+    for j in 0..vector.shape(1) {
+        sum += vector[vector_row + j * vector_step] * x[x_start + j * x_step];
     }
 
-    let at = b * output.stride(0) + c * output.stride(1);
+    let at = b * output.stride(0) + i * output.stride(1);
     output[at] = sum;
-}
-
-/// `∂L/∂w[b, n] = Σ_c g[b, c] x[b, c, n]`.
-#[cube(launch)]
-fn weighted_sum_weights_backward_kernel<F: Float>(
-    x: &Tensor<F>,
-    grad: &Tensor<F>,
-    dw: &mut Tensor<F>,
-    #[comptime] position_axis: usize,
-    #[comptime] channel_axis: usize,
-    #[define(F)] _dtype: ElemType,
-) {
-    let positions = dw.shape(1);
-    if ABSOLUTE_POS >= dw.shape(0) * positions {
-        terminate!();
-    }
-    let b = ABSOLUTE_POS / positions;
-    let n = ABSOLUTE_POS % positions;
-    let channels = grad.shape(1);
-    let x_column = b * x.stride(0) + n * x.stride(position_axis);
-    let x_step = x.stride(channel_axis);
-    let grad_row = b * grad.stride(0);
-    let grad_step = grad.stride(1);
-
-    let mut sum = F::new(0.0);
-    for c in 0..channels {
-        sum += grad[grad_row + c * grad_step] * x[x_column + c * x_step];
-    }
-
-    let at = b * dw.stride(0) + n * dw.stride(1);
-    dw[at] = sum;
 }
 
 #[cfg(test)]
