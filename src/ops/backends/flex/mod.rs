@@ -323,10 +323,21 @@ fn dims3(tensor: &FlexTensor) -> [usize; 3] {
 }
 
 /// The elements of a contiguous Flex tensor.
+///
+/// # Panics
+///
+/// If the tensor's dtype is not `T`: an op's float inputs share one dtype (f16 and bf16 may
+/// mix with f32, as they are widened to it).
 fn view<T: Element + bytemuck::Pod>(tensor: &FlexTensor) -> &[T] {
-    tensor
-        .as_slice::<T>()
-        .expect("a contiguous tensor of the kernel's dtype")
+    match tensor.as_slice::<T>() {
+        Some(values) => values,
+        None => panic!(
+            "burn-pooling's Flex kernels: the op's float inputs must share one dtype, got {:?} \
+             where the kernel runs in {:?}",
+            tensor.dtype(),
+            T::dtype()
+        ),
+    }
 }
 
 fn tensor<T: Element, S: Into<burn::tensor::Shape>>(values: Vec<T>, shape: S) -> FlexTensor {
@@ -520,5 +531,14 @@ mod tests {
                 narrowed(op, dtype, &half, &wide);
             }
         }
+    }
+    /// Mixed dtypes other than half with f32 panic with a message that names them.
+    #[test]
+    #[should_panic(expected = "must share one dtype, got F32 where the kernel runs in F64")]
+    fn mixed_dtypes_panic_naming_them() {
+        let x = cast(&f32_tensor(vec![1.0; 6], &[1, 3, 2]), FloatDType::F64);
+        let powers = f32_tensor(vec![3.0; 2], &[2]);
+        let mask = cast(&f32_tensor(vec![1.0; 3], &[1, 3]), FloatDType::F64);
+        Flex::generalized_mean(x, powers, mask, 1e-6, true);
     }
 }
