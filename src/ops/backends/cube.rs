@@ -324,6 +324,19 @@ fn masked_max_and_count<F: Float>(
     (largest, count)
 }
 
+/// One position's term of the generalized mean's power sum, `m_n exp(p (ln max(x_n, ε) − ln max))`,
+/// and `ln max(x_n, ε)`, shared by the forward and the backward. A branch, not `m_n · term`:
+/// a padded value above the maximum gives an infinite term, and 0·∞ would poison the sums.
+#[cube]
+fn power_weight<F: Float>(valid: F, raw: F, floor: F, p: F, log_max: F) -> (F, F) {
+    let log_value = raw.max(floor).ln();
+    let mut weight = F::new(0.0);
+    if valid > F::new(0.0) {
+        weight = valid * (p * (log_value - log_max)).exp();
+    }
+    (weight, log_value)
+}
+
 /// `y[b, c] = exp(ln max + ln(Σ_n m_n exp(p_c (ln max(x_n, ε) − ln max)) / Σ_n m_n) / p_c)`,
 /// with `max` the largest `max(x_n, ε)` over the valid positions: every term is at most 1, so
 /// the sum stays finite for any p. Two passes over the row: the maximum, then the sum.
@@ -360,12 +373,8 @@ fn generalized_mean_kernel<F: Float>(
     let mut sum = zero;
     for n in 0..positions {
         let valid = mask[mask_row + n * mask_step];
-        // A branch, not `valid * term`: a padded value above the maximum gives an infinite
-        // term, and 0·∞ would poison the sum.
-        if valid > zero {
-            let value = x[x_row + n * x_step].max(floor);
-            sum += valid * (p * (value.ln() - log_max)).exp();
-        }
+        let (weight, _) = power_weight::<F>(valid, x[x_row + n * x_step], floor, p, log_max);
+        sum += weight;
     }
 
     let at = b * output.stride(0) + c * output.stride(1);
@@ -421,17 +430,13 @@ fn generalized_mean_backward_kernel<F: Float>(
     for n in 0..positions {
         let valid = mask[mask_row + n * mask_step];
         let raw = x[x_row + n * x_step];
+        let (weight, log_value) = power_weight::<F>(valid, raw, floor, p, log_max);
+        sum += weight;
+        weighted_log += weight * log_value;
+        // 0 on padding (weight 0) and at the clamp.
         let mut derivative = zero;
-        // A branch, not `valid * term`, as in the forward.
-        if valid > zero {
-            let value = raw.max(floor);
-            let log_value = value.ln();
-            let weight = valid * (p * (log_value - log_max)).exp();
-            sum += weight;
-            weighted_log += weight * log_value;
-            if raw > floor {
-                derivative = factor * weight / value;
-            }
+        if raw > floor {
+            derivative = factor * weight / raw;
         }
         dx[dx_row + n * dx_step] = derivative;
     }
