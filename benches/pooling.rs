@@ -8,6 +8,7 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 use burn::tensor::{Device, Distribution, Tensor};
+use burn_pooling::PoolingInput;
 use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, GspConfig};
 
 fn devices() -> Vec<(&'static str, Device)> {
@@ -110,7 +111,7 @@ fn gsp(c: &mut Criterion) {
                 |bench, x| {
                     bench.iter(|| {
                         let x = x.clone().require_grad();
-                        let out = layer_t.forward_tokens_detailed(x.clone(), None);
+                        let out = layer_t.forward_detailed(PoolingInput::tokens(x.clone()));
                         backward_sync(out.pooled.sum() + out.attributes.sum(), &x)
                     })
                 },

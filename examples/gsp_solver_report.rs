@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::tensor::{Device, Distribution, FloatDType, Tensor};
 use burn_pooling::GspConfig;
+use burn_pooling::PoolingInput;
 use burn_pooling::transport::{
     TransportSettings, TransportSolver, partial_transport, transport_costs,
 };
@@ -42,7 +43,7 @@ fn iterations(device: &Device, mu: f64, solver: TransportSolver, tolerance: f64)
     device.seed(3);
     let features = Tensor::<3>::random([64, 49, 512], Distribution::Normal(0.0, 0.1), device);
     let prototypes = Tensor::<2>::random([64, 512], Distribution::Normal(0.0, 0.1), device);
-    let costs = transport_costs(features, prototypes, 2);
+    let costs = transport_costs(features, prototypes, burn_pooling::Layout::ChannelsLast);
     let mass = Tensor::<2>::full([64, 49], 1.0 / 49.0, device);
     let settings = TransportSettings {
         transport_ratio: mu,
@@ -71,8 +72,8 @@ fn peak_forward_backward(max_iterations: usize) -> usize {
         Tensor::<3>::random([64, 49, 512], Distribution::Normal(0.0, 0.1), &device).require_grad();
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
-    let out = gsp.forward_tokens_detailed(x.clone(), None);
-    assert_eq!(out.iterations, max_iterations);
+    let out = gsp.forward_detailed(PoolingInput::tokens(x.clone()));
+    assert_eq!(out.iterations.into_scalar::<i64>() as usize, max_iterations);
     let grads = out.pooled.sum().backward();
     let grad = x.grad(&grads).unwrap();
     assert!(grad.is_finite().all().into_scalar::<bool>());

@@ -22,7 +22,7 @@
 //!   GAP-pooled features.
 //!
 //! Evaluation: 40 images of each of the 24 held-out classes; Recall@1 and MAP@R by cosine
-//! similarity (`burn_pooling::retrieval`).
+//! similarity (`examples/common/retrieval.rs`).
 //!
 //! Training uses a custom loop (see `examples/common/mod.rs` for why not burn-train's
 //! `Learner`). Run: `cargo run --release --example metric_learning` (a few minutes on 2 cores).
@@ -33,7 +33,7 @@ use std::time::Instant;
 
 use burn::tensor::Device;
 use burn_pooling::GspConfig;
-use burn_pooling::retrieval::RetrievalMetrics;
+use common::retrieval::RetrievalMetrics;
 use common::{Net, Pooling, Protocol, Split, evaluate_zero_shot, train};
 
 const CLASSES: usize = 48;

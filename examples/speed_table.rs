@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use burn::module::Param;
 use burn::tensor::{Device, Distribution, Tensor};
+use burn_pooling::PoolingInput;
 use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, Gsp, GspConfig};
 
 /// Median wall time in milliseconds of `f` over `reps` runs after `warm` runs.
@@ -122,7 +123,7 @@ fn main() {
             fwd: median_ms(10, 2, || sync(gsp.forward_tokens(x.clone()))),
             fwd_bwd: median_ms(10, 2, || {
                 let t = x_t.clone().require_grad();
-                let out = gsp_t.forward_tokens_detailed(t, None);
+                let out = gsp_t.forward_detailed(PoolingInput::tokens(t));
                 let _ = (out.pooled.sum() + out.attributes.sum()).backward();
             }),
         });

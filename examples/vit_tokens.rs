@@ -30,9 +30,10 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use burn_pooling::retrieval::{RetrievalMetrics, evaluate_tensor};
+use burn_pooling::PoolingInput;
 use burn_pooling::{Gap, GapConfig, GroupGem, GroupGemConfig, Gsp, GspConfig};
 use common::Rng;
+use common::retrieval::{RetrievalMetrics, evaluate_tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 
 const INPUT: usize = 16;
@@ -196,11 +197,11 @@ impl Model {
         let patches = || out.clone().slice([0..batch, 1..count + 1, 0..WIDTH]);
         let patch_valid = || valid.clone().slice([0..batch, 1..count + 1]);
         let pooled = if let Some(gap) = &self.gap {
-            gap.forward_tokens_masked(patches(), patch_valid())
+            gap.forward_input(PoolingInput::tokens(patches()).with_mask(patch_valid()))
         } else if let Some(ggem) = &self.ggem {
-            ggem.forward_tokens_masked(out.clone(), valid.clone())
+            ggem.forward_input(PoolingInput::tokens(out.clone()).with_mask(valid.clone()))
         } else if let Some(gsp) = &self.gsp {
-            gsp.forward_tokens_masked(patches(), patch_valid())
+            gsp.forward_input(PoolingInput::tokens(patches()).with_mask(patch_valid()))
         } else {
             out.clone().slice([0..batch, 0..1, 0..WIDTH]).squeeze_dim(1)
         };

@@ -1,10 +1,17 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
-pub mod loss;
+// The floor plan, bottom-up: `layout` and `maths` (the reference maths, a leaf), `ops` (the
+// backend-extension trait whose default bodies are those maths, one folder per backend, and
+// the routing between kernels and composites), then the public layers, transport API and
+// losses.
+mod layout;
+mod maths;
 pub mod ops;
+
+pub mod loss;
 pub mod pooling;
-pub mod retrieval;
 pub mod transport;
 
+pub use layout::Layout;
 pub use pooling::*;

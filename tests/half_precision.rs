@@ -11,6 +11,7 @@ use std::sync::Once;
 
 use burn::module::Param;
 use burn::tensor::{Bool, DType, Device, FloatDType, Tensor, TensorData};
+use burn_pooling::PoolingInput;
 use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, GroupLayout, GspConfig};
 use common::{Rng, assert_close, tensor, values};
 
@@ -132,7 +133,7 @@ fn masked_group_gem_in_f16_matches_the_f64_reference() {
         .with_layout(GroupLayout::Interleaved)
         .init(&device);
     layer.p = Param::from_tensor(tensor(powers.to_vec(), [groups], &device));
-    let y = layer.forward_tokens_masked(x.clone(), mask);
+    let y = layer.forward_input(PoolingInput::tokens(x.clone()).with_mask(mask));
     let grads = y.clone().sum().backward();
     let dx = half_gradient(x.grad(&grads).unwrap(), "GGeM dx");
     let dp = half_gradient(layer.p.val().grad(&grads).unwrap(), "GGeM dp");
@@ -173,7 +174,7 @@ fn gsp_in_f16_matches_the_f64_reference() {
         .chunks(C)
         .map(|r| r.to_vec())
         .collect();
-    let (mu, epsilon) = (gsp.transport_ratio, gsp.epsilon);
+    let (mu, epsilon) = (gsp.settings.transport_ratio, gsp.settings.epsilon);
 
     let gy: Vec<f64> = (0..B * C).map(|_| rng.uniform(-1.0, 1.0)).collect();
     let y = gsp.forward_tokens(x.clone());

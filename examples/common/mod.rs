@@ -11,6 +11,8 @@
 
 #![allow(dead_code)]
 
+pub mod retrieval;
+
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
@@ -18,9 +20,9 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_pooling::loss::{ZeroShotLoss, ZeroShotLossConfig, ZeroShotSplit};
-use burn_pooling::retrieval::{RetrievalMetrics, evaluate_tensor};
 use burn_pooling::{Gem, GemConfig, Gsp, GspConfig};
 use indicatif::{ProgressBar, ProgressStyle};
+use retrieval::{RetrievalMetrics, evaluate_tensor};
 
 // ---------------------------------------------------------------------------------------------
 // Deterministic RNG (SplitMix64): the data does not depend on any backend's generator.

@@ -2,52 +2,95 @@
 //! GSP's cost matrix and transport solve, each with its analytical backward, the generalized
 //! mean of GeM/GGeM with its analytical backward, and the weighted sum of GAP and GSP.
 //!
-//! - `portable`: bodies written once with the `Tensor` API, valid on every backend;
-//! - `backends`: the implementations. Flex has fused CPU kernels for every op; Cube (wgpu)
-//!   has CubeCL kernels for the generalized mean (forward, backward) and the weighted sum
-//!   (forward, weights gradient), and portable bodies for the rest; NdArray uses the portable bodies; `Autodiff<B, C>` runs the inner
-//!   backend's forward off the tape and records one node whose backward is the closed form.
+//! - [`PoolingOps`]: the ops. Each default body is the portable composite from the crate's
+//!   reference maths (`portable`), valid on every backend; a backend overrides what it has a
+//!   kernel for.
+//! - `backends`: one folder or file per backend. Flex overrides every op with fused CPU
+//!   kernels; Cube (wgpu) overrides the generalized mean and the weighted sum with CubeCL
+//!   kernels; NdArray keeps the defaults; `Autodiff<B, C>` runs the inner backend's forward off
+//!   the tape and records one node whose backward is the closed form.
+//! - `routing`: the `Tensor`-level entry points the layers call, which take the extension on
+//!   a device it covers ([`extension_covers`]) and the composites, differentiated by ordinary
+//!   autodiff, elsewhere.
 //!
-//! Devices whose backend is not listed here (see [`extension_covers`]) take the layers'
-//! composite paths, differentiated by ordinary autodiff.
+//! The list of covered backends is written once, in `pooling_extension!`: it generates the
+//! extension's dispatch, the [`TensorBridge`] of each backend and [`extension_covers`].
 
 // NdArray is deprecated in Burn 0.22 but still a supported backend of this crate; the
 // extension macro names it in generated code.
 #![allow(deprecated)]
 
 mod backends;
-pub(crate) mod portable;
+mod bridge;
+mod portable;
+pub(crate) mod routing;
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{Backend, DispatchDevice, backend_extension};
+use burn::backend::{DispatchDevice, backend_extension};
 use burn::tensor::Device;
 
-use crate::transport::TransportSettings;
+pub use bridge::TensorBridge;
 
-/// Short names of the backend's primitives for the macro-generated impls.
-#[cfg(any(feature = "ndarray", feature = "wgpu"))]
-pub(crate) type Float<B> = FloatTensor<B>;
-#[cfg(any(feature = "ndarray", feature = "wgpu"))]
-pub(crate) type Int<B> = IntTensor<B>;
+use crate::layout::Layout;
+use crate::maths::settings::TransportSettings;
 
 #[cfg(all(test, feature = "autodiff"))]
 pub(crate) use backends::BACKWARD_CALLS;
 
-/// Pooling kernels as backend ops.
-#[backend_extension(
+/// Declares the extension trait for the listed backends (each with the crate feature that
+/// enables it), and from the same list the [`TensorBridge`] of each backend and
+/// `backend_is_covered`, so that what [`extension_covers`] answers cannot drift from what the
+/// dispatch routes.
+macro_rules! pooling_extension {
+    ($($backend:ident: cfg $cfg:tt),+ ; $($trait:tt)*) => {
+        #[backend_extension($($backend: cfg $cfg,)+ Autodiff: cfg(feature = "autodiff"))]
+        $($trait)*
+
+        $(
+            #[cfg $cfg]
+            impl TensorBridge for burn::backend::$backend {
+                fn wrap<const D: usize>(primitive: FloatTensor<Self>) -> burn::tensor::Tensor<D> {
+                    bridge::wrap::<Self, D>(primitive)
+                }
+                fn unwrap<const D: usize>(tensor: burn::tensor::Tensor<D>) -> FloatTensor<Self> {
+                    bridge::unwrap::<Self, D>(tensor)
+                }
+                fn unwrap_int<const D: usize>(
+                    tensor: burn::tensor::Tensor<D, burn::tensor::Int>,
+                ) -> IntTensor<Self> {
+                    bridge::unwrap_int::<Self, D>(tensor)
+                }
+            }
+        )+
+
+        /// Whether the (inner) backend of `device` has a [`PoolingOps`] implementation.
+        fn backend_is_covered(device: &DispatchDevice) -> bool {
+            #[allow(unreachable_patterns)]
+            match device {
+                $(#[cfg $cfg] DispatchDevice::$backend(_) => true,)+
+                _ => false,
+            }
+        }
+    };
+}
+
+pooling_extension! {
     Flex: cfg(feature = "flex"),
     NdArray: cfg(feature = "ndarray"),
-    Cube: cfg(feature = "wgpu"),
-    Autodiff: cfg(feature = "autodiff"),
-)]
-pub trait PoolingOps: Backend {
+    Cube: cfg(feature = "wgpu");
+
+/// Pooling kernels as backend ops. Every method's default body is the portable composite
+/// (see [`TensorBridge`]); a backend overrides the methods it has a kernel for.
+pub trait PoolingOps: TensorBridge {
     /// GSP's costs c_kj = ‖φ(ω_k) − φ(x_j)‖₂ with φ(v) = v / max(1, ‖v‖₂), for features
-    /// `[B, N, C]` (`channels_last`) or `[B, C, N]` and prototypes `[K, C]`: `[B, K, N]`.
+    /// `[B, C, N]` or `[B, N, C]` (as `layout` says) and prototypes `[K, C]`: `[B, K, N]`.
     fn transport_costs(
         features: FloatTensor<Self>,
         prototypes: FloatTensor<Self>,
-        channels_last: bool,
-    ) -> FloatTensor<Self>;
+        layout: Layout,
+    ) -> FloatTensor<Self> {
+        portable::transport_costs::<Self>(features, prototypes, layout)
+    }
 
     /// (∂L/∂features, ∂L/∂prototypes) of [`transport_costs`](Self::transport_costs) given
     /// its output and ∂L/∂costs `[B, K, N]`.
@@ -56,8 +99,10 @@ pub trait PoolingOps: Backend {
         prototypes: FloatTensor<Self>,
         costs: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        channels_last: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+        layout: Layout,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        portable::transport_costs_backward::<Self>(features, prototypes, costs, grad, layout)
+    }
 
     /// Solves GSP's partial transport for costs `[B, K, N]` and position masses `[B, N]`;
     /// returns the plan `[B, K+1, N]` (row 0 = residual ρ) and the iteration count `[1]`.
@@ -65,7 +110,9 @@ pub trait PoolingOps: Backend {
         costs: FloatTensor<Self>,
         mass: FloatTensor<Self>,
         settings: TransportSettings,
-    ) -> (FloatTensor<Self>, IntTensor<Self>);
+    ) -> (FloatTensor<Self>, IntTensor<Self>) {
+        portable::partial_transport::<Self>(costs, mass, settings)
+    }
 
     /// ∂L/∂costs `[B, K, N]` from the plan, the upstream gradient ∂L/∂plan `[B, K+1, N]` and
     /// the masses, by implicit differentiation at the fixed point.
@@ -74,7 +121,9 @@ pub trait PoolingOps: Backend {
         grad: FloatTensor<Self>,
         mass: FloatTensor<Self>,
         epsilon: f64,
-    ) -> FloatTensor<Self>;
+    ) -> FloatTensor<Self> {
+        portable::partial_transport_backward::<Self>(plan, grad, mass, epsilon)
+    }
 
     /// GSP's transport reduced to its marginals, for costs `[B, K, N]` and masses `[B, N]`:
     /// `[B, N + K]`, per sample the residual masses ρ_j then the mass sent to each prototype
@@ -85,7 +134,9 @@ pub trait PoolingOps: Backend {
         costs: FloatTensor<Self>,
         mass: FloatTensor<Self>,
         settings: TransportSettings,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>);
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
+        portable::transport_marginals::<Self>(costs, mass, settings)
+    }
 
     /// ∂L/∂costs `[B, K, N]` from the plan, ∂L/∂marginals `[B, N + K]` and the masses, by
     /// implicit differentiation at the fixed point.
@@ -94,10 +145,12 @@ pub trait PoolingOps: Backend {
         grad: FloatTensor<Self>,
         mass: FloatTensor<Self>,
         epsilon: f64,
-    ) -> FloatTensor<Self>;
+    ) -> FloatTensor<Self> {
+        portable::transport_marginals_backward::<Self>(plan, grad, mass, epsilon)
+    }
 
     /// The clamped generalized mean `((Σ_n m_n max(x_n, ε)^p_c) / Σ_n m_n)^(1/p_c)` of
-    /// `x` `[B, C, N]` (or `[B, N, C]` when `channels_last`), powers `[C]`, mask `[B, N]`
+    /// `x` `[B, C, N]` or `[B, N, C]` (as `layout` says), powers `[C]`, mask `[B, N]`
     /// (1 valid, 0 padding): `[B, C]`. Every mask row needs a valid position (the layers
     /// check it); an all-padding row's mean is 0/0.
     fn generalized_mean(
@@ -105,8 +158,10 @@ pub trait PoolingOps: Backend {
         powers: FloatTensor<Self>,
         mask: FloatTensor<Self>,
         eps: f64,
-        channels_last: bool,
-    ) -> FloatTensor<Self>;
+        layout: Layout,
+    ) -> FloatTensor<Self> {
+        portable::generalized_mean::<Self>(x, powers, mask, eps, layout)
+    }
 
     /// (∂L/∂x, ∂L/∂powers) of [`generalized_mean`](Self::generalized_mean) given its output
     /// and ∂L/∂output `[B, C]`.
@@ -118,45 +173,47 @@ pub trait PoolingOps: Backend {
         output: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         eps: f64,
-        channels_last: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+        layout: Layout,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        portable::generalized_mean_backward::<Self>(x, powers, mask, output, grad, eps, layout)
+    }
 
     /// The weighted sum y_bc = Σ_n w_bn x_bnc of `x` `[B, C, N]` (or `[B, N, C]` when
     /// `channels_last`) with weights `[B, N]`: `[B, C]`. GAP's masked mean and GSP's pooling.
     fn weighted_sum(
         x: FloatTensor<Self>,
         weights: FloatTensor<Self>,
-        channels_last: bool,
-    ) -> FloatTensor<Self>;
+        layout: Layout,
+    ) -> FloatTensor<Self> {
+        portable::weighted_sum::<Self>(x, weights, layout)
+    }
 
     /// ∂L/∂x = w_bn ∂L/∂y_bc of [`weighted_sum`](Self::weighted_sum), in `x`'s layout.
     fn weighted_sum_features_backward(
         weights: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        channels_last: bool,
-    ) -> FloatTensor<Self>;
+        layout: Layout,
+    ) -> FloatTensor<Self> {
+        portable::weighted_sum_features_backward::<Self>(weights, grad, layout)
+    }
 
     /// ∂L/∂w_bn = Σ_c x_bnc ∂L/∂y_bc of [`weighted_sum`](Self::weighted_sum): `[B, N]`.
     fn weighted_sum_weights_backward(
         x: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        channels_last: bool,
-    ) -> FloatTensor<Self>;
+        layout: Layout,
+    ) -> FloatTensor<Self> {
+        portable::weighted_sum_weights_backward::<Self>(x, grad, layout)
+    }
+}
 }
 
-/// Whether [`PoolingOps`] has an implementation for the device's backend in this build.
+/// Whether [`PoolingOps`] has an implementation for the device's backend in this build (its
+/// autodiff wrapper included when the `autodiff` feature is on). Where it does not, the
+/// layers run the same maths as composites of tensor ops.
 pub fn extension_covers(device: &Device) -> bool {
     if device.is_autodiff() && !cfg!(feature = "autodiff") {
         return false;
     }
-    #[allow(unreachable_patterns)]
-    match device.as_dispatch().clone().inner() {
-        #[cfg(feature = "flex")]
-        DispatchDevice::Flex(_) => true,
-        #[cfg(feature = "ndarray")]
-        DispatchDevice::NdArray(_) => true,
-        #[cfg(feature = "wgpu")]
-        DispatchDevice::Cube(_) => true,
-        _ => false,
-    }
+    backend_is_covered(&device.as_dispatch().clone().inner())
 }

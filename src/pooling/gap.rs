@@ -2,9 +2,9 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::Tensor;
 
-use super::positions::PositionSet;
+use super::input::PoolingInput;
 
 /// Configuration of [`Gap`].
 #[derive(Config, Debug)]
@@ -35,54 +35,41 @@ pub struct Gap {
 }
 
 impl Gap {
-    /// Pools a batch of feature maps.
-    ///
-    /// # Shapes
-    ///
-    /// - input: `[B, C, H, W]`
-    /// - output: `[B, C]`
+    /// Pools a batch of feature maps `[B, C, H, W]` into `[B, C]`.
     ///
     /// # Panics
     ///
-    /// If `H·W == 0`.
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        PositionSet::from_maps("Gap", x).mean()
+    /// If `H·W == 0` or `C == 0`.
+    pub fn forward(&self, maps: Tensor<4>) -> Tensor<2> {
+        self.forward_input(PoolingInput::maps(maps))
     }
 
-    /// Pools a batch of token sets, skipping the first `num_prefix_tokens` tokens.
-    ///
-    /// # Shapes
-    ///
-    /// - input: `[B, N, C]`
-    /// - output: `[B, C]`
+    /// Pools a batch of token sets `[B, N, C]` into `[B, C]`, skipping the first
+    /// `num_prefix_tokens` tokens.
     ///
     /// # Panics
     ///
-    /// If `N ≤ num_prefix_tokens`.
-    pub fn forward_tokens(&self, x: Tensor<3>) -> Tensor<2> {
-        PositionSet::from_tokens("Gap", x, self.num_prefix_tokens, None).mean()
+    /// If `N ≤ num_prefix_tokens` or `C == 0`.
+    pub fn forward_tokens(&self, tokens: Tensor<3>) -> Tensor<2> {
+        self.forward_input(PoolingInput::tokens(tokens))
     }
 
-    /// Pools the valid tokens of each set: `y_c = Σ_n m_n x_{n,c} / Σ_n m_n`.
-    ///
-    /// # Shapes
-    ///
-    /// - input: `[B, N, C]`
-    /// - mask: `[B, N]`, `true` = valid position
-    /// - output: `[B, C]`
+    /// Pools maps or tokens, masked or not: `y_c = Σ_n m_n x_{n,c} / Σ_n m_n` over the valid
+    /// positions. See [`PoolingInput`] for the shapes.
     ///
     /// # Panics
     ///
-    /// If the mask is not `[B, N]` or a mask row has no valid position.
-    pub fn forward_tokens_masked(&self, x: Tensor<3>, mask: Tensor<2, Bool>) -> Tensor<2> {
-        PositionSet::from_tokens("Gap", x, self.num_prefix_tokens, Some(mask)).mean()
+    /// If no position is left to pool, the mask's shape does not match, or a mask row has no
+    /// valid position.
+    pub fn forward_input(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
+        input.into().resolve("Gap", self.num_prefix_tokens).mean()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, TensorData, Tolerance};
+    use burn::tensor::{Bool, Device, TensorData, Tolerance};
 
     #[test]
     fn maps_and_tokens_average_positions() {
@@ -108,7 +95,7 @@ mod tests {
         let mask = Tensor::<2, Bool>::from_bool(TensorData::from([[true, true, false]]), &device);
         GapConfig::new()
             .init()
-            .forward_tokens_masked(tokens, mask)
+            .forward_input(PoolingInput::tokens(tokens).with_mask(mask))
             .into_data()
             .assert_approx_eq::<f32>(&TensorData::from([[2.0f32, 15.0]]), Tolerance::default());
     }
@@ -119,7 +106,9 @@ mod tests {
         let device = Device::flex();
         let tokens = Tensor::<3>::ones([1, 3, 2], &device);
         let mask = Tensor::<2, Bool>::from_bool(TensorData::from([[true, true]]), &device);
-        GapConfig::new().init().forward_tokens_masked(tokens, mask);
+        GapConfig::new()
+            .init()
+            .forward_input(PoolingInput::tokens(tokens).with_mask(mask));
     }
 
     #[test]
@@ -133,7 +122,9 @@ mod tests {
             TensorData::from([[true, false], [false, false]]),
             &device,
         );
-        GapConfig::new().init().forward_tokens_masked(tokens, mask);
+        GapConfig::new()
+            .init()
+            .forward_input(PoolingInput::tokens(tokens).with_mask(mask));
     }
 
     #[test]

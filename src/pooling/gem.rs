@@ -2,10 +2,9 @@
 
 use burn::config::Config;
 use burn::module::{Content, DisplaySettings, Module, ModuleDisplay, Param};
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 
-use super::generalized_mean::generalized_mean;
-use super::positions::PositionSet;
+use super::input::PoolingInput;
 
 /// Configuration of [`Gem`]. Defaults follow Radenović et al. (TPAMI 2018).
 #[derive(Config, Debug)]
@@ -62,7 +61,7 @@ pub(crate) fn check_power(layer: &str, name: &str, value: f64) {
 /// The clamp discards every value below ε: harmless after a ReLU (CNN maps), but significant
 /// for signed features such as ViT tokens, where negative channels all count as ε.
 ///
-/// Computed in a max-normalised log form (see the crate's `generalized_mean`), so p up to
+/// Computed in a max-normalised log form (docs/maths.md §1), so p up to
 /// 1000 and channels entirely at or below ε give finite outputs and finite gradients in f32.
 ///
 /// Training hint from the paper: put `p` in its own parameter group with a 10× learning rate
@@ -91,68 +90,41 @@ impl ModuleDisplay for Gem {
 }
 
 impl Gem {
-    fn pool(&self, set: PositionSet) -> Tensor<2> {
-        let (_, _, channels) = set.dims();
+    /// Pools a batch of feature maps `[B, C, H, W]` into `[B, C]`.
+    ///
+    /// # Panics
+    ///
+    /// If `H·W == 0` or `C == 0`.
+    pub fn forward(&self, maps: Tensor<4>) -> Tensor<2> {
+        self.forward_input(PoolingInput::maps(maps))
+    }
+
+    /// Pools a batch of token sets `[B, N, C]` into `[B, C]`, skipping the first
+    /// `num_prefix_tokens` tokens.
+    ///
+    /// # Panics
+    ///
+    /// If `N ≤ num_prefix_tokens` or `C == 0`.
+    pub fn forward_tokens(&self, tokens: Tensor<3>) -> Tensor<2> {
+        self.forward_input(PoolingInput::tokens(tokens))
+    }
+
+    /// Pools maps or tokens, masked or not, over the valid positions (see [`PoolingInput`]).
+    ///
+    /// # Panics
+    ///
+    /// If no position is left to pool, the mask's shape does not match, or a mask row has no
+    /// valid position.
+    pub fn forward_input(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
+        let positions = input.into().resolve("Gem", self.num_prefix_tokens);
+        let (_, _, channels) = positions.dims();
         let powers = self.p.val().expand([channels]);
-        generalized_mean(set, powers, self.eps)
-    }
-
-    /// Pools a batch of feature maps.
-    ///
-    /// # Shapes
-    ///
-    /// - input: `[B, C, H, W]`
-    /// - output: `[B, C]`
-    ///
-    /// # Panics
-    ///
-    /// If `H·W == 0`.
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        self.pool(PositionSet::from_maps("Gem", x))
-    }
-
-    /// Pools a batch of token sets.
-    ///
-    /// # Shapes
-    ///
-    /// - input: `[B, N, C]`
-    /// - output: `[B, C]`
-    ///
-    /// # Panics
-    ///
-    /// If `N == 0`.
-    pub fn forward_tokens(&self, x: Tensor<3>) -> Tensor<2> {
-        self.pool(PositionSet::from_tokens(
-            "Gem",
-            x,
-            self.num_prefix_tokens,
-            None,
-        ))
-    }
-
-    /// Pools the valid tokens of each set.
-    ///
-    /// # Shapes
-    ///
-    /// - input: `[B, N, C]`
-    /// - mask: `[B, N]`, `true` = valid position
-    /// - output: `[B, C]`
-    ///
-    /// # Panics
-    ///
-    /// If the mask is not `[B, N]` or a mask row has no valid position.
-    pub fn forward_tokens_masked(&self, x: Tensor<3>, mask: Tensor<2, Bool>) -> Tensor<2> {
-        self.pool(PositionSet::from_tokens(
-            "Gem",
-            x,
-            self.num_prefix_tokens,
-            Some(mask),
-        ))
+        positions.generalized_mean(powers, self.eps)
     }
 }
 
 #[cfg(test)]
-// The reference values are quoted at the precision gem.md gives them.
+// The reference values are quoted at the precision of their source (docs/maths.md §1).
 #[allow(clippy::excessive_precision)]
 mod tests {
     use super::*;
@@ -166,7 +138,7 @@ mod tests {
         GemConfig::new().with_p(p).init(device)
     }
 
-    /// gem.md: x = [0.5, 1, 2, 4] for p in {1, 2, 3, 4, 8, 100, 1000}.
+    /// Reference values (docs/maths.md §1): x = [0.5, 1, 2, 4] for p in {1, 2, 3, 4, 8, 100, 1000}.
     #[test]
     fn reference_values() {
         let device = Device::flex();
@@ -190,7 +162,7 @@ mod tests {
         }
     }
 
-    /// gem.md: ∂y/∂p and ∂y/∂x at p = 3, and the signed-input vector.
+    /// Reference values (docs/maths.md §1): ∂y/∂p and ∂y/∂x at p = 3, and the signed-input vector.
     #[test]
     fn reference_gradients() {
         let device = Device::flex().autodiff();

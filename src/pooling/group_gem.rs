@@ -2,11 +2,10 @@
 
 use burn::config::Config;
 use burn::module::{Content, DisplaySettings, Module, ModuleDisplay, Param};
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 
 use super::gem::check_power;
-use super::generalized_mean::generalized_mean;
-use super::positions::PositionSet;
+use super::input::PoolingInput;
 
 /// How channels are assigned to the groups of [`GroupGem`]. Default: contiguous.
 #[derive(Config, Copy, Debug, PartialEq, Eq)]
@@ -138,69 +137,41 @@ impl GroupGem {
         }
     }
 
-    fn pool(&self, set: PositionSet) -> Tensor<2> {
-        let (_, _, channels) = set.dims();
-        let powers = self.channel_powers(channels);
-        generalized_mean(set, powers, self.eps)
-    }
-
-    /// Pools a batch of feature maps (no prefix tokens here).
-    ///
-    /// # Shapes
-    ///
-    /// - input: `[B, C, H, W]`, C divisible by `groups`
-    /// - output: `[B, C]`
+    /// Pools a batch of feature maps `[B, C, H, W]` into `[B, C]`, C divisible by `groups`.
     ///
     /// # Panics
     ///
     /// If `H·W == 0` or C is not divisible by `groups`.
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        self.pool(PositionSet::from_maps("GroupGem", x))
+    pub fn forward(&self, maps: Tensor<4>) -> Tensor<2> {
+        self.forward_input(PoolingInput::maps(maps))
     }
 
-    /// Pools a batch of token sets, skipping the first `num_prefix_tokens` tokens.
-    ///
-    /// # Shapes
-    ///
-    /// - input: `[B, N, C]`, C divisible by `groups`
-    /// - output: `[B, C]`
+    /// Pools a batch of token sets `[B, N, C]` into `[B, C]`, skipping the first
+    /// `num_prefix_tokens` tokens; C divisible by `groups`.
     ///
     /// # Panics
     ///
     /// If `N ≤ num_prefix_tokens` or C is not divisible by `groups`.
-    pub fn forward_tokens(&self, x: Tensor<3>) -> Tensor<2> {
-        self.pool(PositionSet::from_tokens(
-            "GroupGem",
-            x,
-            self.num_prefix_tokens,
-            None,
-        ))
+    pub fn forward_tokens(&self, tokens: Tensor<3>) -> Tensor<2> {
+        self.forward_input(PoolingInput::tokens(tokens))
     }
 
-    /// Pools the valid tokens of each set, skipping the first `num_prefix_tokens` tokens.
-    ///
-    /// # Shapes
-    ///
-    /// - input: `[B, N, C]`, C divisible by `groups`
-    /// - mask: `[B, N]` over all N tokens (prefix included), `true` = valid position
-    /// - output: `[B, C]`
+    /// Pools maps or tokens, masked or not, over the valid positions (see [`PoolingInput`]).
     ///
     /// # Panics
     ///
-    /// If the mask is not `[B, N]`, a mask row has no valid token after the prefix,
-    /// `N ≤ num_prefix_tokens`, or C is not divisible by `groups`.
-    pub fn forward_tokens_masked(&self, x: Tensor<3>, mask: Tensor<2, Bool>) -> Tensor<2> {
-        self.pool(PositionSet::from_tokens(
-            "GroupGem",
-            x,
-            self.num_prefix_tokens,
-            Some(mask),
-        ))
+    /// If no position is left to pool, the mask's shape does not match, a mask row has no
+    /// valid position, or C is not divisible by `groups`.
+    pub fn forward_input(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
+        let positions = input.into().resolve("GroupGem", self.num_prefix_tokens);
+        let (_, _, channels) = positions.dims();
+        let powers = self.channel_powers(channels);
+        positions.generalized_mean(powers, self.eps)
     }
 }
 
 #[cfg(test)]
-// The reference values are quoted at the precision gem.md gives them.
+// The reference values are quoted at the precision of their source (docs/maths.md §1).
 #[allow(clippy::excessive_precision)]
 mod tests {
     use super::*;
@@ -224,7 +195,7 @@ mod tests {
         }
     }
 
-    /// gem.md GGeM vectors: outputs and ∂(Σy)/∂p for both layouts.
+    /// Reference GGeM vectors (docs/maths.md §1): outputs and ∂(Σy)/∂p for both layouts.
     #[test]
     fn reference_values_both_layouts() {
         let device = Device::flex().autodiff();
@@ -257,7 +228,7 @@ mod tests {
         }
     }
 
-    /// A class-token row of 9s must be skipped; including it gives gem.md's wrong values.
+    /// A class-token row of 9s must be skipped; including it gives the wrong values of the reference vectors.
     #[test]
     fn prefix_token_is_skipped() {
         let device = Device::flex();

@@ -4,12 +4,12 @@
 use burn::config::Config;
 use burn::module::{Content, DisplaySettings, Module, ModuleDisplay, Param};
 use burn::nn::Initializer;
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 
-use super::positions::PositionSet;
-use crate::transport::{
-    TransportSettings, TransportSolver, lipschitz_normalize, transport_costs, transport_marginals,
-};
+use super::input::{PoolingInput, Positions};
+use crate::maths::costs::lipschitz_normalize;
+use crate::maths::settings::{TransportSettings, TransportSolver};
+use crate::ops::routing::{transport_costs, transport_marginals};
 
 /// Configuration of [`Gsp`]. Defaults are the reference's for CUB/Cars196 (Gürbüz et al.,
 /// ICCV 2023): K = 64, μ = 0.3, γ = 5 (ε = 0.2), 100 iterations.
@@ -48,7 +48,8 @@ pub struct GspConfig {
 }
 
 impl GspConfig {
-    fn settings(&self) -> TransportSettings {
+    /// The transport settings this config gives the layer.
+    pub fn settings(&self) -> TransportSettings {
         TransportSettings {
             transport_ratio: self.transport_ratio,
             epsilon: self.epsilon,
@@ -82,11 +83,7 @@ impl GspConfig {
         );
         Gsp {
             prototypes,
-            transport_ratio: self.transport_ratio,
-            epsilon: self.epsilon,
-            max_iterations: self.max_iterations,
-            tolerance: self.tolerance,
-            solver: self.solver,
+            settings: self.settings(),
             num_prefix_tokens: self.num_prefix_tokens,
         }
     }
@@ -103,8 +100,12 @@ pub struct GspOutput {
     /// `[B, K]`: mass per prototype z_k = Σ_n P_kn / μ, rows sum to 1 (the input of
     /// [`ZeroShotLoss`](crate::loss::ZeroShotLoss)).
     pub attributes: Tensor<2>,
-    /// Solver iterations run for this batch.
-    pub iterations: usize,
+    /// `[1]`: solver iterations run for this batch (the most over its samples). A tensor, so
+    /// that a forward never waits for the device unless this is read.
+    pub iterations: Tensor<1, Int>,
+    /// `[1]`: whether the solve stopped within `max_iterations` (false when it used them all,
+    /// which includes meeting the tolerance on the very last one).
+    pub converged: Tensor<1, Bool>,
 }
 
 /// Generalized sum pooling (Gürbüz, Şener, Alatan, "Generalized Sum Pooling for Metric
@@ -134,17 +135,9 @@ pub struct GspOutput {
 pub struct Gsp {
     /// The prototypes ω, `[K, C]`.
     pub prototypes: Param<Tensor<2>>,
-    /// μ.
-    pub transport_ratio: f64,
-    /// ε.
-    pub epsilon: f64,
-    /// Solver iteration bound.
-    pub max_iterations: usize,
-    /// Solver tolerance on the transported mass.
-    pub tolerance: f64,
-    /// The β solver.
+    /// μ, ε and the solver's settings.
     #[module(skip)]
-    pub solver: TransportSolver,
+    pub settings: TransportSettings,
     /// Leading tokens skipped by the token paths.
     pub num_prefix_tokens: usize,
 }
@@ -161,130 +154,91 @@ impl ModuleDisplay for Gsp {
         content
             .add("channels", &channels)
             .add("num_prototypes", &prototypes)
-            .add("transport_ratio", &self.transport_ratio)
-            .add("epsilon", &self.epsilon)
-            .add("solver", &format!("{:?}", self.solver))
+            .add("transport_ratio", &self.settings.transport_ratio)
+            .add("epsilon", &self.settings.epsilon)
+            .add("solver", &format!("{:?}", self.settings.solver))
+            .add("num_prefix_tokens", &self.num_prefix_tokens)
             .optional()
     }
 }
 
 impl Gsp {
-    /// The solve's settings.
-    pub fn settings(&self) -> TransportSettings {
-        TransportSettings {
-            transport_ratio: self.transport_ratio,
-            epsilon: self.epsilon,
-            max_iterations: self.max_iterations,
-            tolerance: self.tolerance,
-            solver: self.solver,
-        }
-    }
-
     fn dims(&self) -> [usize; 2] {
         self.prototypes.shape().dims()
     }
 
-    fn pool(&self, set: PositionSet) -> GspOutput {
-        let (batch, positions, channels) = set.dims();
+    fn pool(&self, positions: Positions) -> GspOutput {
+        let (batch, count, channels) = positions.dims();
         let [_, expected] = self.dims();
         assert!(
             channels == expected,
             "Gsp: channel mismatch: expected C = {expected} (the prototypes' width), got {channels}"
         );
-        let mu = self.transport_ratio;
-        let mass = set.mean_weights();
+        let mu = self.settings.transport_ratio;
+        let mass = positions.mean_weights();
         let costs = transport_costs(
-            set.features.clone(),
+            positions.features.clone(),
             self.prototypes.val(),
-            set.channel_axis(),
+            positions.layout,
         );
-        let (marginals, iterations) = transport_marginals(costs, mass.clone(), &self.settings());
+        let (marginals, iterations) = transport_marginals(costs, mass.clone(), &self.settings);
         let [_, width] = marginals.dims();
-        let residual = marginals.clone().slice([0..batch, 0..positions]);
+        let residual = marginals.clone().slice([0..batch, 0..count]);
         // w = t / μ with t = a − ρ: the reference's form, so the gradient reaches ρ.
         let weights = (mass - residual).div_scalar(mu);
-        let attributes = marginals.slice([0..batch, positions..width]).div_scalar(mu);
-        let pooled = set.weighted_sum(weights.clone());
+        let attributes = marginals.slice([0..batch, count..width]).div_scalar(mu);
+        let pooled = positions.weighted_sum(weights.clone());
+        let converged = iterations
+            .clone()
+            .lower_elem(self.settings.max_iterations as i64);
         GspOutput {
             pooled,
             weights,
             attributes,
-            iterations: iterations.into_scalar::<i64>() as usize,
+            iterations,
+            converged,
         }
     }
 
-    /// Pools a batch of feature maps.
-    ///
-    /// # Shapes
-    ///
-    /// - input: `[B, C, H, W]`
-    /// - output: `[B, C]`
+    /// Pools a batch of feature maps `[B, C, H, W]` into `[B, C]`.
     ///
     /// # Panics
     ///
     /// If `H·W == 0` or C differs from the prototypes' width.
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        self.forward_detailed(x).pooled
+    pub fn forward(&self, maps: Tensor<4>) -> Tensor<2> {
+        self.forward_input(PoolingInput::maps(maps))
     }
 
-    /// Pools a batch of token sets.
-    ///
-    /// # Shapes
-    ///
-    /// - input: `[B, N, C]`
-    /// - output: `[B, C]`
+    /// Pools a batch of token sets `[B, N, C]` into `[B, C]`, skipping the first
+    /// `num_prefix_tokens` tokens.
     ///
     /// # Panics
     ///
-    /// If `N == 0` or C differs from the prototypes' width.
-    pub fn forward_tokens(&self, x: Tensor<3>) -> Tensor<2> {
-        self.forward_tokens_detailed(x, None).pooled
+    /// If `N ≤ num_prefix_tokens` or C differs from the prototypes' width.
+    pub fn forward_tokens(&self, tokens: Tensor<3>) -> Tensor<2> {
+        self.forward_input(PoolingInput::tokens(tokens))
     }
 
-    /// Pools the valid tokens of each set (each valid token holds mass 1/N_valid).
-    ///
-    /// # Shapes
-    ///
-    /// - input: `[B, N, C]`
-    /// - mask: `[B, N]`, `true` = valid position
-    /// - output: `[B, C]`
+    /// Pools maps or tokens, masked or not (each valid position holds mass 1/N_valid; see
+    /// [`PoolingInput`]).
     ///
     /// # Panics
     ///
-    /// If the mask is not `[B, N]`, a mask row has no valid position, or C differs from the
-    /// prototypes' width.
-    pub fn forward_tokens_masked(&self, x: Tensor<3>, mask: Tensor<2, Bool>) -> Tensor<2> {
-        self.forward_tokens_detailed(x, Some(mask)).pooled
+    /// If no position is left to pool, the mask's shape does not match, a mask row has no
+    /// valid position, or C differs from the prototypes' width.
+    pub fn forward_input(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
+        self.forward_detailed(input).pooled
     }
 
-    /// [`forward`](Self::forward) with the weights, attributes and iteration count.
+    /// [`forward_input`](Self::forward_input) with the pooling weights, the attributes and
+    /// the solver's iteration count.
     ///
     /// # Shapes
     ///
-    /// - input: `[B, C, H, W]`
-    /// - output: pooled `[B, C]`, weights `[B, H·W]`, attributes `[B, K]`
-    pub fn forward_detailed(&self, x: Tensor<4>) -> GspOutput {
-        self.pool(PositionSet::from_maps("Gsp", x))
-    }
-
-    /// [`forward_tokens`](Self::forward_tokens) (masked if `mask` is given) with the weights,
-    /// attributes and iteration count.
-    ///
-    /// # Shapes
-    ///
-    /// - input: `[B, N, C]`; mask: `[B, N]`
-    /// - output: pooled `[B, C]`, weights `[B, N]`, attributes `[B, K]`
-    pub fn forward_tokens_detailed(
-        &self,
-        x: Tensor<3>,
-        mask: Option<Tensor<2, Bool>>,
-    ) -> GspOutput {
-        self.pool(PositionSet::from_tokens(
-            "Gsp",
-            x,
-            self.num_prefix_tokens,
-            mask,
-        ))
+    /// - output: pooled `[B, C]`, weights `[B, N]` (N = H·W for maps, the tokens after the
+    ///   prefix for token sets), attributes `[B, K]`, iterations and converged `[1]`
+    pub fn forward_detailed(&self, input: impl Into<PoolingInput>) -> GspOutput {
+        self.pool(input.into().resolve("Gsp", self.num_prefix_tokens))
     }
 
     /// Sets the prototypes to K of the given feature vectors chosen by greedy k-center
@@ -370,7 +324,7 @@ mod tests {
         let before = BACKWARD_CALLS::TRANSPORT.load(Ordering::SeqCst);
         let grads = gsp.forward_tokens(x.clone()).sum().backward();
         assert!(BACKWARD_CALLS::TRANSPORT.load(Ordering::SeqCst) > before);
-        assert!(crate::transport::extension_covers(&device));
+        assert!(crate::ops::extension_covers(&device));
         let grad = x.grad(&grads).unwrap();
         assert!(grad.is_finite().all().into_scalar::<bool>());
         assert!(gsp.prototypes.val().grad(&grads).is_some());
@@ -382,11 +336,9 @@ mod tests {
         let gsp = small(&device);
         let x = Tensor::<4>::random([3, 8, 4, 4], Distribution::Normal(0.0, 2.0), &device);
         let out = gsp.forward_detailed(x);
-        assert!(
-            out.iterations > 0 && out.iterations < 20,
-            "{}",
-            out.iterations
-        );
+        let iterations = out.iterations.into_scalar::<i64>();
+        assert!(iterations > 0 && iterations < 20, "{iterations}");
+        assert!(out.converged.into_scalar::<bool>());
         assert!(
             out.weights
                 .clone()

@@ -9,10 +9,11 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{AutodiffBackend, Backend};
+use burn::backend::{AutodiffBackend, Backend, DispatchKindConversion, DispatchTensor};
 
+use crate::layout::Layout;
+use crate::maths::settings::TransportSettings;
 use crate::ops::PoolingOps;
-use crate::transport::TransportSettings;
 
 /// How often each analytical backward ran (tests check that it, not a fallback, was used).
 #[cfg(test)]
@@ -81,17 +82,17 @@ impl TransportBackward {
 struct CostsBackward;
 
 impl<B: Backend + PoolingOps> Backward<B, 2> for CostsBackward {
-    /// Features, prototypes, costs, channels_last.
-    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, bool);
+    /// Features, prototypes, costs, layout.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, Layout);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         #[cfg(test)]
         count(&counters::COSTS);
-        let (features, prototypes, costs, channels_last) = ops.state;
+        let (features, prototypes, costs, layout) = ops.state;
         let [features_node, prototypes_node] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let (d_features, d_prototypes) =
-            B::transport_costs_backward(features, prototypes, costs, grad, channels_last);
+            B::transport_costs_backward(features, prototypes, costs, grad, layout);
         if let Some(node) = features_node {
             grads.register::<B>(node.id, d_features);
         }
@@ -106,24 +107,23 @@ impl<B: Backend + PoolingOps> Backward<B, 2> for CostsBackward {
 struct GeneralizedMeanBackward;
 
 impl<B: Backend + PoolingOps> Backward<B, 2> for GeneralizedMeanBackward {
-    /// x, powers, mask, output, ε, channels_last.
+    /// x, powers, mask, output, ε, layout.
     type State = (
         FloatTensor<B>,
         FloatTensor<B>,
         FloatTensor<B>,
         FloatTensor<B>,
         f64,
-        bool,
+        Layout,
     );
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         #[cfg(test)]
         count(&counters::GENERALIZED_MEAN);
-        let (x, powers, mask, output, eps, channels_last) = ops.state;
+        let (x, powers, mask, output, eps, layout) = ops.state;
         let [x_node, powers_node] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        let (dx, dp) =
-            B::generalized_mean_backward(x, powers, mask, output, grad, eps, channels_last);
+        let (dx, dp) = B::generalized_mean_backward(x, powers, mask, output, grad, eps, layout);
         if let Some(node) = x_node {
             grads.register::<B>(node.id, dx);
         }
@@ -140,40 +140,43 @@ struct WeightedSumBackward;
 
 impl<B: Backend + PoolingOps> Backward<B, 2> for WeightedSumBackward {
     /// x (kept only if the weights are tracked), the weights (kept only if x is tracked),
-    /// channels_last: GAP's node does not hold on to its input.
-    type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>, bool);
+    /// layout: GAP's node does not hold on to its input.
+    type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>, Layout);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (x, weights, channels_last) = ops.state;
+        let (x, weights, layout) = ops.state;
         let [x_node, weights_node] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         if let (Some(node), Some(x)) = (weights_node, x) {
-            let dw = B::weighted_sum_weights_backward(x, grad.clone(), channels_last);
+            let dw = B::weighted_sum_weights_backward(x, grad.clone(), layout);
             grads.register::<B>(node.id, dw);
         }
         if let (Some(node), Some(weights)) = (x_node, weights) {
-            let dx = B::weighted_sum_features_backward(weights, grad, channels_last);
+            let dx = B::weighted_sum_features_backward(weights, grad, layout);
             grads.register::<B>(node.id, dx);
         }
     }
 }
 
-impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, C> {
+impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, C>
+where
+    DispatchTensor: DispatchKindConversion<Self>,
+{
     fn transport_costs(
         features: FloatTensor<Self>,
         prototypes: FloatTensor<Self>,
-        channels_last: bool,
+        layout: Layout,
     ) -> FloatTensor<Self> {
         let parents = [features.node(), prototypes.node()];
         let (features, prototypes) = (features.into_primitive(), prototypes.into_primitive());
-        let costs = B::transport_costs(features.clone(), prototypes.clone(), channels_last);
+        let costs = B::transport_costs(features.clone(), prototypes.clone(), layout);
         match CostsBackward
             .prepare::<C>(parents)
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                prep.finish((features, prototypes, costs.clone(), channels_last), costs)
+                prep.finish((features, prototypes, costs.clone(), layout), costs)
             }
             OpsKind::UnTracked(prep) => prep.finish(costs),
         }
@@ -185,14 +188,14 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
         prototypes: FloatTensor<Self>,
         costs: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        channels_last: bool,
+        layout: Layout,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (d_features, d_prototypes) = B::transport_costs_backward(
             features.into_primitive(),
             prototypes.into_primitive(),
             costs.into_primitive(),
             grad.into_primitive(),
-            channels_last,
+            layout,
         );
         (
             <Self as AutodiffBackend>::from_inner(d_features),
@@ -277,7 +280,7 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
         powers: FloatTensor<Self>,
         mask: FloatTensor<Self>,
         eps: f64,
-        channels_last: bool,
+        layout: Layout,
     ) -> FloatTensor<Self> {
         let parents = [x.node(), powers.node()];
         let (x, powers, mask) = (
@@ -285,17 +288,15 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
             powers.into_primitive(),
             mask.into_primitive(),
         );
-        let output =
-            B::generalized_mean(x.clone(), powers.clone(), mask.clone(), eps, channels_last);
+        let output = B::generalized_mean(x.clone(), powers.clone(), mask.clone(), eps, layout);
         match GeneralizedMeanBackward
             .prepare::<C>(parents)
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(
-                (x, powers, mask, output.clone(), eps, channels_last),
-                output,
-            ),
+            OpsKind::Tracked(prep) => {
+                prep.finish((x, powers, mask, output.clone(), eps, layout), output)
+            }
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
@@ -308,7 +309,7 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
         output: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         eps: f64,
-        channels_last: bool,
+        layout: Layout,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (dx, dp) = B::generalized_mean_backward(
             x.into_primitive(),
@@ -317,7 +318,7 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
             output.into_primitive(),
             grad.into_primitive(),
             eps,
-            channels_last,
+            layout,
         );
         (
             <Self as AutodiffBackend>::from_inner(dx),
@@ -328,12 +329,12 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
     fn weighted_sum(
         x: FloatTensor<Self>,
         weights: FloatTensor<Self>,
-        channels_last: bool,
+        layout: Layout,
     ) -> FloatTensor<Self> {
         let parents = [x.node(), weights.node()];
         let (x_tracked, weights_tracked) = (x.is_tracked(), weights.is_tracked());
         let (x, weights) = (x.into_primitive(), weights.into_primitive());
-        let output = B::weighted_sum(x.clone(), weights.clone(), channels_last);
+        let output = B::weighted_sum(x.clone(), weights.clone(), layout);
         match WeightedSumBackward
             .prepare::<C>(parents)
             .compute_bound()
@@ -342,7 +343,7 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
             OpsKind::Tracked(prep) => {
                 let x = weights_tracked.then_some(x);
                 let weights = x_tracked.then_some(weights);
-                prep.finish((x, weights, channels_last), output)
+                prep.finish((x, weights, layout), output)
             }
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
@@ -352,12 +353,12 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
     fn weighted_sum_features_backward(
         weights: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        channels_last: bool,
+        layout: Layout,
     ) -> FloatTensor<Self> {
         <Self as AutodiffBackend>::from_inner(B::weighted_sum_features_backward(
             weights.into_primitive(),
             grad.into_primitive(),
-            channels_last,
+            layout,
         ))
     }
 
@@ -365,12 +366,12 @@ impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, 
     fn weighted_sum_weights_backward(
         x: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        channels_last: bool,
+        layout: Layout,
     ) -> FloatTensor<Self> {
         <Self as AutodiffBackend>::from_inner(B::weighted_sum_weights_backward(
             x.into_primitive(),
             grad.into_primitive(),
-            channels_last,
+            layout,
         ))
     }
 }

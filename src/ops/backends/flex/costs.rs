@@ -10,7 +10,9 @@ use super::Shape3;
 use super::product::{Strided, product};
 use super::real::{Real, dot, lane_sum};
 use super::simd::wide_kernel;
-use crate::transport::costs::{MIN_ACTIVE_COST, MIN_SQUARED_DISTANCE};
+#[cfg(test)]
+use crate::layout::Layout;
+use crate::maths::costs::{MIN_ACTIVE_COST, MIN_SQUARED_DISTANCE};
 
 /// Sample groups of the backward's prototype-gradient reduction (at most; fewer for B < 16).
 const GROUPS: usize = 16;
@@ -25,7 +27,7 @@ struct Scales<T> {
 #[inline(always)]
 fn position_scales<T: Real>(x: &[T], shape: Shape3) -> Scales<T> {
     let (n, c) = (shape.positions, shape.channels);
-    let squared_norm: Vec<T> = if shape.channels_last {
+    let squared_norm: Vec<T> = if shape.layout.is_channels_last() {
         x.chunks_exact(c).map(|row| dot(row, row)).collect()
     } else {
         let mut sums = vec![T::default(); n];
@@ -68,7 +70,7 @@ fn normalized_prototypes<T: Real>(prototypes: &[T], channels: usize) -> (Vec<T>,
 
 /// One sample's features as the `[C, N]` right operand (column j = position j).
 fn features_by_column<T>(x: &[T], shape: Shape3) -> Strided<'_, T> {
-    if shape.channels_last {
+    if shape.layout.is_channels_last() {
         Strided::transposed(x, shape.channels)
     } else {
         Strided::rows(x, shape.positions)
@@ -77,7 +79,7 @@ fn features_by_column<T>(x: &[T], shape: Shape3) -> Strided<'_, T> {
 
 /// One sample's features as the `[N, C]` operand (row j = position j).
 fn features_by_row<T>(x: &[T], shape: Shape3) -> Strided<'_, T> {
-    if shape.channels_last {
+    if shape.layout.is_channels_last() {
         Strided::rows(x, shape.channels)
     } else {
         Strided::transposed(x, shape.positions)
@@ -284,7 +286,11 @@ fn backward_sample<T: Real>(
         *total += lane_sum(n, |j| row[j]);
     }
     // −Σ_k a_kj φ(ω_k) for all j: [N, K] · [K, C], into ∂L/∂x's layout.
-    let out_strides = if shape.channels_last { (c, 1) } else { (1, n) };
+    let out_strides = if shape.layout.is_channels_last() {
+        (c, 1)
+    } else {
+        (1, n)
+    };
     product(
         [n, c, count],
         dx,
@@ -335,7 +341,7 @@ fn normalize_backward<T: Real>(
         let s = scales.scale[j];
         if s < one { s * s * s * dot } else { zero }
     };
-    if shape.channels_last {
+    if shape.layout.is_channels_last() {
         for (j, (d, v)) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).enumerate() {
             for (d, &v) in d.iter_mut().zip(v) {
                 *d += factor[j] * v;
@@ -386,12 +392,12 @@ mod tests {
             .collect();
         let x = values(n * c, 8, -0.6, 0.6);
         let grad = values(k * n, 9, -1.0, 1.0);
-        for channels_last in [false, true] {
+        for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
             let shape = Shape3 {
                 batch: 1,
                 positions: n,
                 channels: c,
-                channels_last,
+                layout,
             };
             let (mut wide, mut base) = (vec![0.0; k * n], vec![0.0; k * n]);
             forward_sample_wide(&x, &normalized, &squares, shape, &mut wide);

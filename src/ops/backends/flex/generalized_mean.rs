@@ -6,6 +6,8 @@ use rayon::prelude::*;
 use super::Shape3;
 use super::real::{Real, lane_sum};
 use super::simd::wide_kernel;
+#[cfg(test)]
+use crate::layout::Layout;
 
 /// Per-sample, per-channel statistics of the forward: the log of the largest valid value and
 /// the scaled power sum Σ m·exp(p·(ln x − ln max)).
@@ -70,7 +72,7 @@ fn moments<T: Real>(x: &[T], powers: &[T], mask: &[T], floor: T, shape: Shape3) 
     let (n, c) = (shape.positions, shape.channels);
     let zero = T::default();
     let mut sum = vec![zero; c];
-    let log_max = if shape.channels_last {
+    let log_max = if shape.layout.is_channels_last() {
         let log_max = column_log_max(x, mask, floor, c);
         let mut log_x = vec![zero; c];
         let mut weight = vec![zero; c];
@@ -235,7 +237,7 @@ fn backward_sample<T: Real>(
         |ch: usize, log_max: T| g[ch] / count * (powers[ch] * (log_max - log_y[ch])).exp() * y[ch];
     let mut sum = vec![zero; c];
     let mut weighted_log = vec![zero; c];
-    if shape.channels_last {
+    if shape.layout.is_channels_last() {
         let log_max = column_log_max(x, mask, floor, c);
         let factors: Vec<T> = (0..c).map(|ch| factor(ch, log_max[ch])).collect();
         let mut log_x = vec![zero; c];
@@ -284,12 +286,12 @@ mod tests {
         let powers: Vec<f32> = (0..c).map(|i| 1.0 + 3.0 * i as f32).collect();
         let mut mask = vec![1.0f32; n];
         mask[4] = 0.0;
-        for channels_last in [false, true] {
+        for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
             let shape = Shape3 {
                 batch: 1,
                 positions: n,
                 channels: c,
-                channels_last,
+                layout,
             };
             let x = values(n * c, 1, -0.2, 2.0);
             let g = values(c, 2, -1.0, 1.0);
@@ -338,15 +340,19 @@ mod tests {
             .map(|i| if i % n == 2 { 0.0 } else { 1.0 })
             .collect();
         let grad = [0.5f64, -1.0, 2.0, 1.0, 0.25, -0.5];
-        for channels_last in [false, true] {
+        for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
             let shape = Shape3 {
                 batch,
                 positions: n,
                 channels: c,
-                channels_last,
+                layout,
             };
             let position = |i: usize| {
-                if channels_last { i / c % n } else { i % n }
+                if layout.is_channels_last() {
+                    i / c % n
+                } else {
+                    i % n
+                }
             };
             let plain: Vec<f64> = (0..batch * n * c)
                 .map(|i| 0.5 + (i % 5) as f64 * 0.3)
@@ -363,14 +369,11 @@ mod tests {
             };
             let (y, dx, dp) = run(&plain);
             let (y_outlier, dx_outlier, dp_outlier) = run(&outlier);
-            assert_eq!(y, y_outlier, "channels_last = {channels_last}: y");
-            assert_eq!(dp, dp_outlier, "channels_last = {channels_last}: dp");
+            assert_eq!(y, y_outlier, "{layout:?}: y");
+            assert_eq!(dp, dp_outlier, "{layout:?}: dp");
             for (i, (&d, &d_outlier)) in dx.iter().zip(&dx_outlier).enumerate() {
                 let expected = if position(i) == 2 { 0.0 } else { d };
-                assert_eq!(
-                    d_outlier, expected,
-                    "channels_last = {channels_last}: dx[{i}]"
-                );
+                assert_eq!(d_outlier, expected, "{layout:?}: dx[{i}]");
             }
         }
     }

@@ -22,8 +22,9 @@ use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Element, FloatDType, TensorData};
 
+use crate::layout::Layout;
+use crate::maths::settings::TransportSettings;
 use crate::ops::PoolingOps;
-use crate::transport::TransportSettings;
 
 /// Runs `$body` with the type `$t` bound to the element type of `$dtype` (f32 or f64; the
 /// inputs went through [`kernel_input`], so halves arrive as f32).
@@ -47,9 +48,9 @@ impl PoolingOps for Flex {
     fn transport_costs(
         features: FloatTensor<Self>,
         prototypes: FloatTensor<Self>,
-        channels_last: bool,
+        layout: Layout,
     ) -> FloatTensor<Self> {
-        let shape = Shape3::of(&features, channels_last);
+        let shape = Shape3::of(&features, layout);
         let [count, _] = dims2(&prototypes);
         let dtype = features.dtype();
         let [features, prototypes] = [features, prototypes].map(kernel_input);
@@ -67,9 +68,9 @@ impl PoolingOps for Flex {
         prototypes: FloatTensor<Self>,
         costs: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        channels_last: bool,
+        layout: Layout,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let shape = Shape3::of(&features, channels_last);
+        let shape = Shape3::of(&features, layout);
         let dims = features.shape().clone();
         let prototype_dims = dims2(&prototypes);
         let (dtype, prototype_dtype) = (features.dtype(), prototypes.dtype());
@@ -146,9 +147,9 @@ impl PoolingOps for Flex {
         powers: FloatTensor<Self>,
         mask: FloatTensor<Self>,
         eps: f64,
-        channels_last: bool,
+        layout: Layout,
     ) -> FloatTensor<Self> {
-        let shape = Shape3::of(&x, channels_last);
+        let shape = Shape3::of(&x, layout);
         let dtype = x.dtype();
         let [x, powers, mask] = [x, powers, mask].map(kernel_input);
         let output = with_float!(x.dtype(), "generalized mean", T => {
@@ -167,9 +168,9 @@ impl PoolingOps for Flex {
         output: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         eps: f64,
-        channels_last: bool,
+        layout: Layout,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let shape = Shape3::of(&x, channels_last);
+        let shape = Shape3::of(&x, layout);
         let dims = x.shape().clone();
         let (dtype, power_dtype) = (x.dtype(), powers.dtype());
         let [x, powers, mask, output, grad] = [x, powers, mask, output, grad].map(kernel_input);
@@ -191,9 +192,9 @@ impl PoolingOps for Flex {
     fn weighted_sum(
         x: FloatTensor<Self>,
         weights: FloatTensor<Self>,
-        channels_last: bool,
+        layout: Layout,
     ) -> FloatTensor<Self> {
-        let shape = Shape3::of(&x, channels_last);
+        let shape = Shape3::of(&x, layout);
         let dtype = x.dtype();
         let [x, weights] = [x, weights].map(kernel_input);
         let output = with_float!(x.dtype(), "weighted sum", T => {
@@ -208,20 +209,16 @@ impl PoolingOps for Flex {
     fn weighted_sum_features_backward(
         weights: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        channels_last: bool,
+        layout: Layout,
     ) -> FloatTensor<Self> {
         let ([batch, positions], [_, channels]) = (dims2(&weights), dims2(&grad));
         let shape = Shape3 {
             batch,
             positions,
             channels,
-            channels_last,
+            layout,
         };
-        let dims = if channels_last {
-            [batch, positions, channels]
-        } else {
-            [batch, channels, positions]
-        };
+        let dims = layout.dims(batch, positions, channels);
         let dtype = grad.dtype();
         let [weights, grad] = [weights, grad].map(kernel_input);
         let dx = with_float!(grad.dtype(), "weighted sum", T => {
@@ -236,9 +233,9 @@ impl PoolingOps for Flex {
     fn weighted_sum_weights_backward(
         x: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        channels_last: bool,
+        layout: Layout,
     ) -> FloatTensor<Self> {
-        let shape = Shape3::of(&x, channels_last);
+        let shape = Shape3::of(&x, layout);
         let dtype = x.dtype();
         let [x, grad] = [x, grad].map(kernel_input);
         let dw = with_float!(x.dtype(), "weighted sum", T => {
@@ -350,22 +347,18 @@ struct Shape3 {
     batch: usize,
     positions: usize,
     channels: usize,
-    channels_last: bool,
+    layout: Layout,
 }
 
 impl Shape3 {
-    fn of(x: &FlexTensor, channels_last: bool) -> Self {
-        let dims = x.shape();
-        let (positions, channels) = if channels_last {
-            (dims[1], dims[2])
-        } else {
-            (dims[2], dims[1])
-        };
+    fn of(x: &FlexTensor, layout: Layout) -> Self {
+        let dims = dims3(x);
+        let (batch, positions, channels) = layout.split(dims);
         Self {
-            batch: dims[0],
+            batch,
             positions,
             channels,
-            channels_last,
+            layout,
         }
     }
 }
@@ -373,7 +366,7 @@ impl Shape3 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::TransportSolver;
+    use crate::maths::settings::TransportSolver;
     use simd::check::values;
 
     fn f32_tensor(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
@@ -414,21 +407,21 @@ mod tests {
             tolerance: 1e-6,
             solver: TransportSolver::Newton,
         };
-        for (dtype, channels_last) in [
-            (FloatDType::F16, true),
-            (FloatDType::F16, false),
-            (FloatDType::BF16, true),
-            (FloatDType::BF16, false),
+        for (dtype, layout) in [
+            (FloatDType::F16, Layout::ChannelsLast),
+            (FloatDType::F16, Layout::ChannelsFirst),
+            (FloatDType::BF16, Layout::ChannelsLast),
+            (FloatDType::BF16, Layout::ChannelsFirst),
         ] {
-            let layout = if channels_last { [b, n, c] } else { [b, c, n] };
+            let dims = layout.dims(b, n, c);
             // Half inputs, and the same values in f32.
             let input = |values: Vec<f32>, shape: &[usize]| {
                 let half = cast(&f32_tensor(values, shape), dtype);
                 let wide = cast(&half, FloatDType::F32);
                 (half, wide)
             };
-            let x = input(values(b * n * c, 1, -1.0, 2.0), &layout);
-            let positive = input(values(b * n * c, 2, 0.1, 2.0), &layout);
+            let x = input(values(b * n * c, 1, -1.0, 2.0), &dims);
+            let positive = input(values(b * n * c, 2, 0.1, 2.0), &dims);
             let prototypes = input(values(k * c, 3, -1.0, 1.0), &[k, c]);
             let mass = input(vec![1.0 / n as f32; b * n], &[b, n]);
             let weights = input(values(b * n, 4, 0.0, 0.3), &[b, n]);
@@ -447,7 +440,7 @@ mod tests {
                 let pick = |pair: &(FlexTensor, FlexTensor)| {
                     if half { pair.0.clone() } else { pair.1.clone() }
                 };
-                let costs = Flex::transport_costs(pick(&x), pick(&prototypes), channels_last);
+                let costs = Flex::transport_costs(pick(&x), pick(&prototypes), layout);
                 // The later ops read the costs and plan of the half run, widened for f32.
                 let costs_in = (
                     cast(&costs, dtype),
@@ -458,7 +451,7 @@ mod tests {
                     pick(&prototypes),
                     pick(&costs_in),
                     pick(&costs_grad),
-                    channels_last,
+                    layout,
                 );
                 let (plan, _) = Flex::partial_transport(pick(&costs_in), pick(&mass), settings);
                 let plan_in = (
@@ -484,7 +477,7 @@ mod tests {
                     pick(&powers),
                     pick(&mask),
                     1e-6,
-                    channels_last,
+                    layout,
                 );
                 let mean_in = (
                     cast(&mean, dtype),
@@ -497,19 +490,16 @@ mod tests {
                     pick(&mean_in),
                     pick(&pooled_grad),
                     1e-6,
-                    channels_last,
+                    layout,
                 );
-                let sum = Flex::weighted_sum(pick(&x), pick(&weights), channels_last);
+                let sum = Flex::weighted_sum(pick(&x), pick(&weights), layout);
                 let d_x_sum = Flex::weighted_sum_features_backward(
                     pick(&weights),
                     pick(&pooled_grad),
-                    channels_last,
+                    layout,
                 );
-                let d_weights = Flex::weighted_sum_weights_backward(
-                    pick(&x),
-                    pick(&pooled_grad),
-                    channels_last,
-                );
+                let d_weights =
+                    Flex::weighted_sum_weights_backward(pick(&x), pick(&pooled_grad), layout);
                 [
                     ("transport costs", costs),
                     ("costs backward: features", d_x),
@@ -539,6 +529,6 @@ mod tests {
         let x = cast(&f32_tensor(vec![1.0; 6], &[1, 3, 2]), FloatDType::F64);
         let powers = f32_tensor(vec![3.0; 2], &[2]);
         let mask = cast(&f32_tensor(vec![1.0; 3], &[1, 3]), FloatDType::F64);
-        Flex::generalized_mean(x, powers, mask, 1e-6, true);
+        Flex::generalized_mean(x, powers, mask, 1e-6, Layout::ChannelsLast);
     }
 }

@@ -8,9 +8,9 @@ use rayon::prelude::*;
 
 use super::real::{Real, lane_sum};
 use super::simd::wide_kernel;
-use crate::transport::implicit_backward::MIN_DENOMINATOR;
-use crate::transport::solver::BETA_AT_FULL_TRANSPORT;
-use crate::transport::{TransportSettings, TransportSolver};
+use crate::maths::implicit_backward::MIN_DENOMINATOR;
+use crate::maths::settings::{TransportSettings, TransportSolver};
+use crate::maths::solver::BETA_AT_FULL_TRANSPORT;
 
 /// The plan `[B, K+1, N]` (row 0 = ρ) and the largest iteration count over the batch.
 pub(super) fn forward<T: Real>(

@@ -7,6 +7,8 @@ use rayon::prelude::*;
 use super::Shape3;
 use super::real::{Real, dot};
 use super::simd::wide_kernel;
+#[cfg(test)]
+use crate::layout::Layout;
 
 /// y_bc = Σ_n w_bn x_bnc: `[B, C]`.
 pub(super) fn forward<T: Real>(x: &[T], weights: &[T], shape: Shape3) -> Vec<T> {
@@ -28,7 +30,7 @@ wide_kernel!(
 /// One sample's weighted sum `[C]` of `x` (`[N, C]` or `[C, N]`).
 #[inline(always)]
 fn sum_sample<T: Real>(x: &[T], w: &[T], shape: Shape3, out: &mut [T]) {
-    if shape.channels_last {
+    if shape.layout.is_channels_last() {
         for (row, &w) in x.chunks_exact(shape.channels).zip(w) {
             for (o, &v) in out.iter_mut().zip(row) {
                 *o += w * v;
@@ -48,7 +50,7 @@ pub(super) fn features_backward<T: Real>(weights: &[T], grad: &[T], shape: Shape
     dx.par_chunks_mut(n * c).enumerate().for_each(|(b, dx)| {
         let w = &weights[b * n..(b + 1) * n];
         let g = &grad[b * c..(b + 1) * c];
-        if shape.channels_last {
+        if shape.layout.is_channels_last() {
             for (row, &w) in dx.chunks_exact_mut(c).zip(w) {
                 for (d, &g) in row.iter_mut().zip(g) {
                     *d = w * g;
@@ -85,7 +87,7 @@ wide_kernel!(
 /// One sample's ∂L/∂w `[N]`: the dot products of its positions with ∂L/∂y.
 #[inline(always)]
 fn weights_sample<T: Real>(x: &[T], g: &[T], shape: Shape3, dw: &mut [T]) {
-    if shape.channels_last {
+    if shape.layout.is_channels_last() {
         for (d, row) in dw.iter_mut().zip(x.chunks_exact(shape.channels)) {
             *d = dot(row, g);
         }
@@ -110,12 +112,12 @@ mod tests {
         let w = values(n, 3, 0.0, 0.1);
         let g = values(c, 4, -1.0, 1.0);
         let x = values(n * c, 5, -1.0, 1.0);
-        for channels_last in [false, true] {
+        for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
             let shape = Shape3 {
                 batch: 1,
                 positions: n,
                 channels: c,
-                channels_last,
+                layout,
             };
             let (mut wide, mut base) = (vec![0.0; c], vec![0.0; c]);
             sum_sample_wide(&x, &w, shape, &mut wide);

@@ -19,7 +19,6 @@ pub(crate) fn marginals_of(plan: Tensor<3>) -> Tensor<2> {
 
 /// ∂L/∂marginals `[B, N + K]` as the ∂L/∂plan `[B, K+1, N]` it stands for (row 0 from the
 /// residual part, each prototype's row constant).
-#[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
 pub(crate) fn marginals_gradient_as_plan_gradient(
     grad: Tensor<2>,
     [batch, rows, positions]: [usize; 3],

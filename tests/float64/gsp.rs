@@ -2,14 +2,14 @@
 //! loops): outputs, the analytical gradients against central finite differences, and the
 //! tracked-Newton-step fallback against the analytical backward.
 
-mod common;
-mod reference;
-
+use crate::{common, reference};
 use burn::module::Param;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn_pooling::Layout;
+use burn_pooling::PoolingInput;
+use burn_pooling::transport::fallback::partial_transport_newton_step;
 use burn_pooling::transport::{
-    TransportSettings, TransportSolver, partial_transport, partial_transport_newton_step,
-    transport_costs,
+    TransportSettings, TransportSolver, partial_transport, transport_costs,
 };
 use burn_pooling::{Gsp, GspConfig};
 use common::{Rng, assert_close, batch_tensor, flex_f64, matrix_tensor, tensor, values};
@@ -62,7 +62,8 @@ fn forward_matches_reference_for_both_solvers_and_masks() {
             );
             let mask =
                 Tensor::<2, Bool>::from_bool(TensorData::new(masks.concat(), [2, N]), &device);
-            let out = gsp.forward_tokens_detailed(batch_tensor(&x, &device), Some(mask));
+            let out = gsp
+                .forward_detailed(PoolingInput::tokens(batch_tensor(&x, &device)).with_mask(mask));
             let pooled = values(out.pooled);
             let weights = values(out.weights);
             let attributes = values(out.attributes);
@@ -106,10 +107,11 @@ trait WithIterations {
 
 impl WithIterations for Gsp {
     fn with_max_iterations(self, iterations: usize) -> Self {
-        Gsp {
+        let settings = TransportSettings {
             max_iterations: iterations,
-            ..self
-        }
+            ..self.settings
+        };
+        Gsp { settings, ..self }
     }
 }
 
@@ -122,7 +124,7 @@ fn map_and_token_layouts_agree() {
     let tokens = batch_tensor(&x, &device); // [2, N=6, C]
     let maps = tokens.clone().swap_dims(1, 2).reshape([2, C, 2, 3]);
     let a = gsp.forward_detailed(maps);
-    let b = gsp.forward_tokens_detailed(tokens, None);
+    let b = gsp.forward_detailed(PoolingInput::tokens(tokens));
     assert_close(&values(a.pooled), &values(b.pooled), 1e-12, 1e-14, "pooled");
     assert_close(
         &values(a.weights),
@@ -151,7 +153,7 @@ fn analytical_gradients_match_finite_differences() {
         let gz: Vec<f64> = (0..K).map(|_| rng.uniform(-1.0, 1.0)).collect();
         let gsp = layer(&prototypes, mu, eps, TransportSolver::Newton, &device);
         let input = batch_tensor(&x, &device).require_grad();
-        let out = gsp.forward_tokens_detailed(input.clone(), None);
+        let out = gsp.forward_detailed(PoolingInput::tokens(input.clone()));
         let loss = (out.pooled * tensor(gy.clone(), [1, C], &device)).sum()
             + (out.attributes * tensor(gz.clone(), [1, K], &device)).sum();
         let grads = loss.backward();
@@ -210,7 +212,12 @@ fn analytical_backward_matches_newton_step_fallback() {
     let mut rng = Rng::new(4);
     let (x, prototypes) = sample(&mut rng);
     let features = batch_tensor(&x, &device);
-    let costs = transport_costs(features, matrix_tensor(&prototypes, &device), 2).detach();
+    let costs = transport_costs(
+        features,
+        matrix_tensor(&prototypes, &device),
+        Layout::ChannelsLast,
+    )
+    .detach();
     let mass = tensor(
         [vec![1.0 / 4.0; 4], vec![0.0; 2], vec![1.0 / 6.0; 6]].concat(),
         [2, N],
@@ -234,11 +241,11 @@ fn analytical_backward_matches_newton_step_fallback() {
         let gradient = |fallback: bool| {
             let costs = costs.clone().require_grad();
             let plan = if fallback {
-                partial_transport_newton_step(costs.clone(), mass.clone(), &settings)
+                partial_transport_newton_step(costs.clone(), mass.clone(), &settings).0
             } else {
-                partial_transport(costs.clone(), mass.clone(), &settings)
+                partial_transport(costs.clone(), mass.clone(), &settings).plan
             };
-            let grads = (plan.plan * upstream.clone()).sum().backward();
+            let grads = (plan * upstream.clone()).sum().backward();
             values(costs.grad(&grads).unwrap())
         };
         let analytical = gradient(false);
@@ -278,7 +285,10 @@ fn small_epsilon_approaches_hard_selection() {
             };
             let w = values(
                 layer
-                    .forward_tokens_detailed(batch_tensor(std::slice::from_ref(&x), &device), None)
+                    .forward_detailed(PoolingInput::tokens(batch_tensor(
+                        std::slice::from_ref(&x),
+                        &device,
+                    )))
                     .weights,
             );
             errors.push(
@@ -304,7 +314,7 @@ fn small_transport_ratio_approaches_attention_pooling() {
     for mu in [1e-2, 1e-4, 1e-6] {
         let gsp = layer(&prototypes, mu, 0.2, TransportSolver::Newton, &device);
         let w = values(
-            gsp.forward_tokens_detailed(batch_tensor(&x[..1], &device), None)
+            gsp.forward_detailed(PoolingInput::tokens(batch_tensor(&x[..1], &device)))
                 .weights,
         );
         errors.push(

@@ -3,12 +3,12 @@
 //! analytical backward on every backend here (`extension_covers` is asserted).
 #![cfg(any(feature = "ndarray", feature = "wgpu"))]
 
-mod common;
-
+use crate::common;
 use burn::module::Param;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn_pooling::PoolingInput;
 use burn_pooling::loss::{ZeroShotLossConfig, ZeroShotSplit};
-use burn_pooling::transport::extension_covers;
+use burn_pooling::ops::extension_covers;
 use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, Gsp, GspConfig};
 use common::{Rng, assert_close, values};
 
@@ -66,7 +66,7 @@ fn outcome(device: &Device) -> Vec<(&'static str, Vec<f64>)> {
         ),
         &device,
     );
-    let y = ggem.forward_tokens_masked(tokens.clone(), mask.clone());
+    let y = ggem.forward_input(PoolingInput::tokens(tokens.clone()).with_mask(mask.clone()));
     out.push(("ggem y", values(y.clone())));
     let grads = y.sum().backward();
     out.push(("ggem dx", values(tokens.grad(&grads).unwrap())));
@@ -83,7 +83,7 @@ fn outcome(device: &Device) -> Vec<(&'static str, Vec<f64>)> {
     out.push(("gsp y", values(detailed.pooled.clone())));
     out.push(("gsp w", values(detailed.weights.clone())));
     let tokens = floats(&x, [b, n, c], &device).require_grad();
-    let masked = gsp.forward_tokens_detailed(tokens.clone(), Some(mask));
+    let masked = gsp.forward_detailed(PoolingInput::tokens(tokens.clone()).with_mask(mask));
     out.push(("gsp masked y", values(masked.pooled.clone())));
 
     let zsr = ZeroShotLossConfig::new(4, 5).init(&device);
@@ -159,7 +159,7 @@ fn padded_outliers_get_zero_gradient_on_every_backend() {
         let gem = GemConfig::new().with_p(200.0).init(&device);
         let tokens = floats(&x, [b, n, c], &device).require_grad();
         let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep.clone(), [b, n]), &device);
-        let y = gem.forward_tokens_masked(tokens.clone(), mask);
+        let y = gem.forward_input(PoolingInput::tokens(tokens.clone()).with_mask(mask));
         let grads = y.clone().sum().backward();
         let dx = values(tokens.grad(&grads).unwrap());
         let outcome = vec![

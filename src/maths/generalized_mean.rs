@@ -20,52 +20,28 @@
 //!
 //! with (x_n / y)^(p−1) ≤ N, so they are finite too.
 
-use burn::backend::Dispatch;
 use burn::tensor::Tensor;
 
-use super::positions::PositionSet;
-use crate::ops::{PoolingOps, extension_covers};
+use crate::layout::Layout;
 
-/// Generalized mean over the positions of `set` with one power per channel (`powers: [C]`):
-/// `[B, C]`. Runs the backend's kernel (with its analytical backward) when the crate's
-/// extension covers the device, else the composite form under ordinary autodiff.
-pub(crate) fn generalized_mean(set: PositionSet, powers: Tensor<1>, eps: f64) -> Tensor<2> {
-    if extension_covers(&set.features.device()) {
-        let mask = set.float_mask_or_ones();
-        Tensor::from_dispatch(<Dispatch as PoolingOps>::generalized_mean(
-            set.features.into_dispatch(),
-            powers.into_dispatch(),
-            mask.into_dispatch(),
-            eps,
-            set.axis == 1,
-        ))
-    } else {
-        let float_mask = set.mask.map(|mask| mask.float());
-        composite_forward(set.features, powers, float_mask, eps, set.axis)
-    }
-}
-
-/// `[C]` powers shaped to broadcast against features whose positions are on `axis`.
-fn broadcast_powers(powers: Tensor<1>, axis: usize) -> Tensor<3> {
+/// `[C]` powers shaped to broadcast against features of `layout`.
+fn broadcast_powers(powers: Tensor<1>, layout: Layout) -> Tensor<3> {
     let [channels] = powers.dims();
-    if axis == 1 {
-        powers.reshape([1, 1, channels])
-    } else {
-        powers.reshape([1, channels, 1])
-    }
+    powers.reshape(layout.dims(1, 1, channels))
 }
 
-/// The stable form with tensor ops (differentiable by autodiff). `x` is `[B, C, N]`
-/// (`axis == 2`) or `[B, N, C]` (`axis == 1`); `mask` `[B, N]` holds 1 for valid positions.
+/// The stable form with tensor ops (differentiable by autodiff). `x` is `[B, C, N]` or
+/// `[B, N, C]` as `layout` says; `mask` `[B, N]` holds 1 for valid positions.
 pub(crate) fn composite_forward(
     x: Tensor<3>,
     powers: Tensor<1>,
     mask: Option<Tensor<2>>,
     eps: f64,
-    axis: usize,
+    layout: Layout,
 ) -> Tensor<2> {
-    let p = broadcast_powers(powers, axis);
-    let mask = mask.map(|mask| mask.unsqueeze_dim::<3>(3 - axis));
+    let axis = layout.position_axis();
+    let p = broadcast_powers(powers, layout);
+    let mask = mask.map(|mask| mask.unsqueeze_dim::<3>(layout.channel_axis()));
     let mut log_x = x.clamp_min(eps).log();
     if let Some(mask) = &mask {
         // Padding must not raise the maximum: give it the smallest value a valid position can
@@ -88,10 +64,6 @@ pub(crate) fn composite_forward(
 /// The closed-form gradients (∂L/∂x, ∂L/∂powers) with tensor ops (the portable backward of the
 /// backends without a fused kernel), given the output `y` and
 /// ∂L/∂y (`[B, C]`), for the same arguments as [`composite_forward`].
-#[cfg_attr(
-    not(any(feature = "ndarray", feature = "wgpu", test)),
-    allow(dead_code)
-)]
 pub(crate) fn composite_backward(
     x: Tensor<3>,
     powers: Tensor<1>,
@@ -99,10 +71,10 @@ pub(crate) fn composite_backward(
     output: Tensor<2>,
     grad: Tensor<2>,
     eps: f64,
-    axis: usize,
+    layout: Layout,
 ) -> (Tensor<3>, Tensor<1>) {
-    let channel_axis = 3 - axis;
-    let p = broadcast_powers(powers.clone(), axis);
+    let (axis, channel_axis) = (layout.position_axis(), layout.channel_axis());
+    let p = broadcast_powers(powers.clone(), layout);
     let mask = mask.unsqueeze_dim::<3>(channel_axis);
     let count = mask.clone().sum_dim(axis);
     let log_y = output.clone().log().unsqueeze_dim::<3>(axis);
@@ -134,6 +106,8 @@ mod tests {
     use super::*;
     use burn::tensor::{Bool, Device, Distribution, TensorData, Tolerance};
 
+    use crate::ops::routing::generalized_mean;
+
     /// The fused Flex kernel and its analytical backward against the composite form under
     /// autodiff and against the composite closed-form backward, both layouts, with a mask
     /// (one padded position holding an outlier), a clamped channel and powers from 1 to 200 (in f32, ∂y/∂x at p = 200 carries p times
@@ -143,14 +117,14 @@ mod tests {
         let device = Device::flex().autodiff();
         device.seed(1);
         let (b, n, c) = (3, 7, 5);
-        for axis in [1usize, 2] {
-            let shape = if axis == 1 { [b, n, c] } else { [b, c, n] };
+        for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+            let shape = layout.dims(b, n, c);
             let x = Tensor::<3>::random(shape, Distribution::Uniform(-0.5, 3.0), &device);
             // Channel 0 at the first position of each sample below the clamp.
             let x = x.slice_fill([0..b, 0..1, 0..1], -1.0);
             // A padded position (sample 0, position 3) far above every valid value: at p = 40
             // and 200 its power overflows f32, which must not reach any output or gradient.
-            let x = if axis == 1 {
+            let x = if layout.is_channels_last() {
                 x.slice_fill([0..1, 3..4, 0..c], 50.0)
             } else {
                 x.slice_fill([0..1, 0..c, 3..4], 50.0)
@@ -158,17 +132,18 @@ mod tests {
             let powers = Tensor::<1>::from_floats([1.0, 2.5, 3.0, 40.0, 200.0], &device);
             let keep: Vec<bool> = (0..b * n).map(|i| i % 4 != 3).collect();
             let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep, [b, n]), &device);
-            let set = PositionSet {
-                features: x.clone().require_grad(),
-                axis,
-                mask: Some(mask.clone()),
-            };
+            let features = x.clone().require_grad();
             let p = powers.clone().require_grad();
-            let fused = generalized_mean(set.clone(), p.clone(), 1e-6);
+            let fused = generalized_mean(
+                features.clone(),
+                p.clone(),
+                Some(mask.clone().float()),
+                1e-6,
+                layout,
+            );
             let weights = Tensor::<2>::random([b, c], Distribution::Uniform(-1.0, 1.0), &device);
             let grads = (fused.clone() * weights.clone()).sum().backward();
-            let (fused_dx, fused_dp) =
-                (set.features.grad(&grads).unwrap(), p.grad(&grads).unwrap());
+            let (fused_dx, fused_dp) = (features.grad(&grads).unwrap(), p.grad(&grads).unwrap());
 
             let xc = x.clone().require_grad();
             let pc = powers.clone().require_grad();
@@ -177,7 +152,7 @@ mod tests {
                 pc.clone(),
                 Some(mask.clone().float()),
                 1e-6,
-                axis,
+                layout,
             );
             let grads = (composite.clone() * weights.clone()).sum().backward();
             let tolerance = Tolerance::rel_abs(1e-4, 1e-6);
@@ -202,7 +177,7 @@ mod tests {
                 fused.inner(),
                 weights.inner(),
                 1e-6,
-                axis,
+                layout,
             );
             closed_dx
                 .into_data()
@@ -219,13 +194,9 @@ mod tests {
         use std::sync::atomic::Ordering;
         let device = Device::flex().autodiff();
         let x = Tensor::<3>::ones([2, 3, 4], &device).require_grad();
-        let set = PositionSet {
-            features: x.clone(),
-            axis: 2,
-            mask: None,
-        };
         let before = BACKWARD_CALLS::GENERALIZED_MEAN.load(Ordering::SeqCst);
-        let grads = generalized_mean(set, Tensor::ones([3], &device), 1e-6)
+        let powers = Tensor::ones([3], &device);
+        let grads = generalized_mean(x.clone(), powers, None, 1e-6, Layout::ChannelsFirst)
             .sum()
             .backward();
         assert!(BACKWARD_CALLS::GENERALIZED_MEAN.load(Ordering::SeqCst) > before);

@@ -1,10 +1,9 @@
 //! Property tests of the identities in gem.md and gsp.md §7, in f64 on Flex.
 
-mod common;
-mod reference;
-
+use crate::{common, reference};
 use burn::module::Param;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn_pooling::PoolingInput;
 use burn_pooling::transport::{TransportSettings, TransportSolver, partial_transport};
 use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, Gsp, GspConfig};
 use common::{assert_close, flex_f64, tensor, values};
@@ -125,16 +124,16 @@ proptest! {
         let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep.repeat(b), [b, n]), &device);
 
         let gap = GapConfig::new().init();
-        assert_close(&values(gap.forward_tokens_masked(full.clone(), mask.clone())),
+        assert_close(&values(gap.forward_input(PoolingInput::tokens(full.clone()).with_mask(mask.clone()))),
             &values(gap.forward_tokens(subset.clone())), 1e-12, 1e-14, "GAP");
         let gem = GemConfig::new().with_p(p).init(&device);
-        assert_close(&values(gem.forward_tokens_masked(full.clone(), mask.clone())),
+        assert_close(&values(gem.forward_input(PoolingInput::tokens(full.clone()).with_mask(mask.clone()))),
             &values(gem.forward_tokens(subset.clone())), 1e-12, 1e-14, "GeM");
         let ggem = GroupGemConfig::new(1).with_p(p).init(&device);
-        assert_close(&values(ggem.forward_tokens_masked(full.clone(), mask.clone())),
+        assert_close(&values(ggem.forward_input(PoolingInput::tokens(full.clone()).with_mask(mask.clone()))),
             &values(ggem.forward_tokens(subset.clone())), 1e-12, 1e-14, "GGeM");
         let gsp = gsp_layer(vec![0.3; 2 * c], 2, c, 0.4, 0.2, &device);
-        assert_close(&values(gsp.forward_tokens_masked(full, mask)),
+        assert_close(&values(gsp.forward_input(PoolingInput::tokens(full).with_mask(mask))),
             &values(gsp.forward_tokens(subset)), 1e-9, 1e-11, "GSP");
     }
 
@@ -195,8 +194,8 @@ proptest! {
         let gsp = gsp_layer(protos[..3 * c].to_vec(), 3, c, 0.3, 0.2, &device);
         let x = tensor(x, dims, &device);
         let rolled = x.clone().roll_dim(shift as i64, 1);
-        let a = gsp.forward_tokens_detailed(x, None);
-        let r = gsp.forward_tokens_detailed(rolled, None);
+        let a = gsp.forward_detailed(PoolingInput::tokens(x));
+        let r = gsp.forward_detailed(PoolingInput::tokens(rolled));
         assert_close(&values(r.pooled), &values(a.pooled), 1e-10, 1e-12, "pooled");
         assert_close(&values(r.weights), &values(a.weights.roll_dim(shift as i64, 1)), 1e-10, 1e-12, "weights");
         let _ = (b, n);
@@ -234,7 +233,7 @@ proptest! {
         let device = flex_f64();
         let [b, _, c] = dims;
         let gsp = gsp_layer(protos[..3 * c].to_vec(), 3, c, mu, eps, &device);
-        let out = gsp.forward_tokens_detailed(tensor(x, dims, &device), None);
+        let out = gsp.forward_detailed(PoolingInput::tokens(tensor(x, dims, &device)));
         prop_assert!(values(out.weights.clone()).iter().all(|&w| w >= 0.0));
         assert_close(&values(out.weights.sum_dim(1)), &vec![1.0; b], 1e-10, 1e-12, "Σ w");
         assert_close(&values(out.attributes.sum_dim(1)), &vec![1.0; b], 1e-10, 1e-12, "Σ z");
@@ -256,6 +255,6 @@ proptest! {
         let gsp = gsp_layer(vec![0.25; 2 * c], 2, c, 0.3, 0.2, &device);
         let gsp_prefixed = Gsp { num_prefix_tokens: 1, ..gsp_layer(vec![0.25; 2 * c], 2, c, 0.3, 0.2, &device) };
         let mask = Tensor::<2, Bool>::from_bool(TensorData::new(vec![true; b * (n + 1)], [b, n + 1]), &device);
-        assert_close(&values(gsp_prefixed.forward_tokens_masked(with_class, mask)), &values(gsp.forward_tokens(patches)), 1e-10, 1e-12, "GSP");
+        assert_close(&values(gsp_prefixed.forward_input(PoolingInput::tokens(with_class).with_mask(mask))), &values(gsp.forward_tokens(patches)), 1e-10, 1e-12, "GSP");
     }
 }

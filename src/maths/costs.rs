@@ -1,10 +1,8 @@
-//! Transport costs between features and prototypes (gsp.md §3), and their closed-form
-//! gradient.
+//! Transport costs between features and prototypes, and their closed-form gradient.
 
-use burn::backend::Dispatch;
 use burn::tensor::Tensor;
 
-use crate::ops::{PoolingOps, extension_covers};
+use crate::layout::Layout;
 
 /// Squared distances below this are treated as 0 (the norm's derivative is undefined there;
 /// its gradient is taken as 0).
@@ -28,55 +26,33 @@ fn normalize_with_scale<const D: usize>(v: Tensor<D>, axis: usize) -> (Tensor<D>
     (v / scale.clone(), scale)
 }
 
-/// c_kj = ‖φ(ω_k) − φ(x_j)‖₂ (not squared) for features in either layout.
-///
-/// Runs as one op of the crate's backend extension, with a closed-form backward, when
-/// [`extension_covers`] the device; otherwise as the composite of tensor ops that autodiff
-/// differentiates op by op.
-///
-/// # Shapes
-///
-/// - features: `[B, C, N]` when `channel_axis == 1`, `[B, N, C]` when `channel_axis == 2`
-/// - prototypes: `[K, C]`
-/// - output: `[B, K, N]`
-pub fn transport_costs(
-    features: Tensor<3>,
-    prototypes: Tensor<2>,
-    channel_axis: usize,
-) -> Tensor<3> {
-    if extension_covers(&features.device()) {
-        Tensor::from_dispatch(<Dispatch as PoolingOps>::transport_costs(
-            features.into_dispatch(),
-            prototypes.into_dispatch(),
-            channel_axis == 2,
-        ))
-    } else {
-        composite_costs(features, prototypes, channel_axis)
-    }
-}
-
 /// Features as one `[B·N, C]` matrix of positions.
-fn positions_as_rows(features: Tensor<3>, channel_axis: usize) -> Tensor<2> {
-    let tokens = if channel_axis == 2 {
-        features
-    } else {
-        features.swap_dims(1, 2)
+fn positions_as_rows(features: Tensor<3>, layout: Layout) -> Tensor<2> {
+    let tokens = match layout {
+        Layout::ChannelsLast => features,
+        Layout::ChannelsFirst => features.swap_dims(1, 2),
     };
     let [batch, positions, channels] = tokens.dims();
     tokens.reshape([batch * positions, channels])
 }
 
-/// [`transport_costs`] written with tensor ops.
+/// c_kj = ‖φ(ω_k) − φ(x_j)‖₂ (not squared) with tensor ops, differentiable by autodiff.
+///
+/// # Shapes
+///
+/// - features: `[B, C, N]` or `[B, N, C]` as `layout` says
+/// - prototypes: `[K, C]`
+/// - output: `[B, K, N]`
 pub(crate) fn composite_costs(
     features: Tensor<3>,
     prototypes: Tensor<2>,
-    channel_axis: usize,
+    layout: Layout,
 ) -> Tensor<3> {
     let [batch, _, _] = features.dims();
     let [count, _] = prototypes.dims();
     // One [B·N, C] matrix, so the cross products (and their gradients) are single 2-D matmuls
     // rather than a batched one broadcasting the prototypes.
-    let flat = lipschitz_normalize(positions_as_rows(features, channel_axis), 1);
+    let flat = lipschitz_normalize(positions_as_rows(features, layout), 1);
     let prototypes = lipschitz_normalize(prototypes, 1);
     let positions = flat.dims()[0] / batch;
     let feature_norms = flat.clone().square().sum_dim(1); // [B·N, 1]
@@ -90,7 +66,7 @@ pub(crate) fn composite_costs(
         .swap_dims(1, 2)
 }
 
-/// (∂L/∂features, ∂L/∂prototypes) of [`transport_costs`] from its output and ∂L/∂costs,
+/// (∂L/∂features, ∂L/∂prototypes) of [`composite_costs`] from its output and ∂L/∂costs,
 /// written with tensor ops. With a_kj = (∂L/∂c_kj) / c_kj (0 where the distance was clamped):
 ///
 /// ```text
@@ -103,11 +79,11 @@ pub(crate) fn costs_gradient(
     prototypes: Tensor<2>,
     costs: Tensor<3>,
     grad: Tensor<3>,
-    channel_axis: usize,
+    layout: Layout,
 ) -> (Tensor<3>, Tensor<2>) {
     let dims = features.dims();
     let [batch, count, positions] = costs.dims();
-    let (flat, flat_scale) = normalize_with_scale(positions_as_rows(features, channel_axis), 1);
+    let (flat, flat_scale) = normalize_with_scale(positions_as_rows(features, layout), 1);
     let (prototypes, prototype_scale) = normalize_with_scale(prototypes, 1);
     let clamped = costs.clone().lower_equal_elem(MIN_ACTIVE_COST);
     let a = (grad / costs)
@@ -119,11 +95,10 @@ pub(crate) fn costs_gradient(
         prototypes.clone() * a.clone().sum_dim(0).transpose() - a.transpose().matmul(flat.clone());
     let flat_grad = normalize_backward(flat, flat_scale, flat_grad);
     let prototype_grad = normalize_backward(prototypes, prototype_scale, prototype_grad);
-    let tokens = flat_grad.reshape([batch, positions, dims[channel_axis]]);
-    let features_grad = if channel_axis == 2 {
-        tokens
-    } else {
-        tokens.swap_dims(1, 2)
+    let tokens = flat_grad.reshape([batch, positions, dims[layout.channel_axis()]]);
+    let features_grad = match layout {
+        Layout::ChannelsLast => tokens,
+        Layout::ChannelsFirst => tokens.swap_dims(1, 2),
     };
     (features_grad, prototype_grad)
 }
@@ -144,6 +119,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use crate::ops::BACKWARD_CALLS;
+    use crate::transport::transport_costs;
 
     /// The fused Flex kernel and its backward against the composite form under autodiff and
     /// against the closed-form `costs_gradient`, both layouts, with features and prototypes
@@ -157,32 +133,29 @@ mod tests {
         let prototypes = Tensor::<2>::random([k, c], Distribution::Uniform(-0.6, 0.6), &device);
         // Prototype 0 outside the unit ball.
         let prototypes = prototypes.slice_fill([0..1, 0..c], 0.9);
-        for channel_axis in [1usize, 2] {
-            let shape = if channel_axis == 2 {
-                [b, n, c]
-            } else {
-                [b, c, n]
-            };
+        for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+            let shape = layout.dims(b, n, c);
             // Rows of either norm: values up to 0.8 give norms on both sides of 1.
             let x = Tensor::<3>::random(shape, Distribution::Uniform(-0.8, 0.8), &device);
             // Position 0 of sample 0 equal to prototype 1 (inside the ball).
             let copy = prototypes.clone().slice([1..2, 0..c]);
-            let x = if channel_axis == 2 {
-                x.slice_assign([0..1, 0..1, 0..c], copy.unsqueeze_dim(0))
-            } else {
-                x.slice_assign([0..1, 0..c, 0..1], copy.transpose().unsqueeze_dim(0))
+            let x = match layout {
+                Layout::ChannelsLast => x.slice_assign([0..1, 0..1, 0..c], copy.unsqueeze_dim(0)),
+                Layout::ChannelsFirst => {
+                    x.slice_assign([0..1, 0..c, 0..1], copy.transpose().unsqueeze_dim(0))
+                }
             };
             let weights = Tensor::<3>::random([b, k, n], Distribution::Uniform(-1.0, 1.0), &device);
 
             let (xf, pf) = (x.clone().require_grad(), prototypes.clone().require_grad());
             let before = BACKWARD_CALLS::COSTS.load(Ordering::SeqCst);
-            let fused = transport_costs(xf.clone(), pf.clone(), channel_axis);
+            let fused = transport_costs(xf.clone(), pf.clone(), layout);
             let grads = (fused.clone() * weights.clone()).sum().backward();
             assert!(BACKWARD_CALLS::COSTS.load(Ordering::SeqCst) > before);
             let (fused_dx, fused_dp) = (xf.grad(&grads).unwrap(), pf.grad(&grads).unwrap());
 
             let (xc, pc) = (x.clone().require_grad(), prototypes.clone().require_grad());
-            let composite = composite_costs(xc.clone(), pc.clone(), channel_axis);
+            let composite = composite_costs(xc.clone(), pc.clone(), layout);
             let grads = (composite.clone() * weights.clone()).sum().backward();
             let tolerance = Tolerance::rel_abs(1e-4, 1e-5);
             fused
@@ -206,7 +179,7 @@ mod tests {
                 prototypes.clone().inner(),
                 fused.inner(),
                 weights.inner(),
-                channel_axis,
+                layout,
             );
             closed_dx
                 .into_data()

@@ -5,30 +5,28 @@
 //! derivative at the fixed point is the implicit one (detaching β without that step gives a
 //! gradient about 5 % off). The tape holds one step, not the iterations, so memory stays flat.
 //!
-//! Used when the device's backend is not covered by [`PoolingOps`](crate::ops::PoolingOps),
-//! and as an independent oracle for the analytical backward in tests.
+//! Used when the device's backend is not covered by the extension, and as an independent
+//! oracle for the analytical backward in tests.
 
 use burn::tensor::Tensor;
 
-use super::solver::{kernel, plan_from_beta, sigmoid, solve_beta};
-use super::{TransportPlan, TransportSettings};
+use burn::tensor::Int;
+
+use super::settings::TransportSettings;
+use super::solver::{iterations_tensor, kernel, plan_from_beta, sigmoid, solve_beta};
 
 /// Smallest f'(β) divided by in the tracked step (f' = 0 only when every σ saturated, where
 /// f = 0 too).
 const MIN_SLOPE: f64 = 1e-30;
 
-/// [`partial_transport`](super::partial_transport) with gradients from one tracked Newton step.
-///
-/// # Shapes
-///
-/// - costs: `[B, K, N]`
-/// - mass: `[B, N]`, rows summing to 1 (0 = padded position)
-/// - plan: `[B, K+1, N]`
+/// The transport plan `[B, K+1, N]` for costs `[B, K, N]` and masses `[B, N]` (rows summing
+/// to 1, 0 = padded position), with gradients from one tracked Newton step; also the
+/// iterations run `[1]`.
 pub fn partial_transport_newton_step(
     costs: Tensor<3>,
     mass: Tensor<2>,
     settings: &TransportSettings,
-) -> TransportPlan {
+) -> (Tensor<3>, Tensor<1, Int>) {
     let mass = mass.detach();
     let (log_mass, softmax) = kernel(costs, settings.epsilon);
     let (beta, iterations) = solve_beta(log_mass.clone().detach(), mass.clone(), settings);
@@ -42,8 +40,5 @@ pub fn partial_transport_newton_step(
     let beta = beta - residual / slope;
     let plan = plan_from_beta(softmax, log_mass, beta, mass);
     let device = plan.device();
-    TransportPlan {
-        plan,
-        iterations: super::solver::iterations_tensor(iterations, &device),
-    }
+    (plan, iterations_tensor(iterations, &device))
 }

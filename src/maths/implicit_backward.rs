@@ -1,4 +1,4 @@
-//! The analytical gradient of the transport plan with respect to the costs (gsp.md §6).
+//! The analytical gradient of the transport plan with respect to the costs (docs/maths.md §4).
 //!
 //! Implicit differentiation of the optimality conditions at the fixed point, so no iteration
 //! is replayed and backward memory does not depend on the iteration count. With X = [ρ; P]
@@ -24,8 +24,6 @@ pub(crate) const MIN_DENOMINATOR: f64 = 1e-20;
 
 /// ∂L/∂costs `[B, K, N]` from the saved plan `[B, K+1, N]`, the upstream gradient of the same
 /// shape and the position masses `[B, N]`.
-// The body of the backends without a fused kernel (NdArray, Cube) and a test oracle.
-#[cfg_attr(not(any(feature = "ndarray", feature = "wgpu")), allow(dead_code))]
 pub(crate) fn implicit_cost_gradient(
     plan: Tensor<3>,
     grad: Tensor<3>,

@@ -15,8 +15,7 @@
 
 #![allow(clippy::needless_range_loop)] // index loops mirror the formulas
 
-mod reference;
-
+use crate::reference;
 use reference::*;
 
 // ---------------------------------------------------------------------------------------------

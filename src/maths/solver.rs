@@ -1,7 +1,7 @@
 //! The forward solve: costs to transport plan, on plain (untracked) tensors.
 //!
 //! Per sample, with position masses a_j (1/N, or 0 for padding) and
-//! ℓ_j = logsumexp_k(−c_kj / ε), the optimum of gsp.md §4 is closed-form up to one scalar β:
+//! ℓ_j = logsumexp_k(−c_kj / ε), the optimum of the problem (docs/maths.md §3) is closed-form up to one scalar β:
 //!
 //! ```text
 //! t_j  = a_j σ(β + ℓ_j)                 mass sent by position j

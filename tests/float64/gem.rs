@@ -1,11 +1,10 @@
 //! GeM and GGeM gradients in f64 against central finite differences of the independent
 //! reference (`tests/reference`), for both group layouts and masked tokens.
 
-mod common;
-mod reference;
-
+use crate::{common, reference};
 use burn::module::Param;
 use burn::tensor::{Bool, Tensor, TensorData};
+use burn_pooling::PoolingInput;
 use burn_pooling::{GemConfig, GroupGemConfig, GroupLayout};
 use common::{Rng, assert_close, flex_f64, tensor, values};
 
@@ -33,7 +32,7 @@ fn gem_gradients_match_finite_differences() {
         let layer = GemConfig::new().with_p(p).init(&device);
         let input = tensor(x.clone(), [1, N, C], &device).require_grad();
         let mask = Tensor::<2, Bool>::from_bool(TensorData::new(valid.to_vec(), [1, N]), &device);
-        let y = layer.forward_tokens_masked(input.clone(), mask);
+        let y = layer.forward_input(PoolingInput::tokens(input.clone()).with_mask(mask));
         let grads = (y * tensor(g.clone(), [1, C], &device)).sum().backward();
         let dx = values(input.grad(&grads).unwrap());
         let dp = values(layer.p.val().grad(&grads).unwrap());

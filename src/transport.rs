@@ -1,5 +1,5 @@
 //! Entropy-smoothed partial optimal transport with a free target marginal, the engine of
-//! [`Gsp`](crate::pooling::Gsp) (gsp.md §4–6).
+//! [`Gsp`](crate::pooling::Gsp) (docs/maths.md §2–4).
 //!
 //! Per sample, position j holds mass a_j (1/N, or 0 for padding); a fraction μ of the total is
 //! moved onto K prototypes at cost c `[K, N]`, with entropy weight ε:
@@ -9,32 +9,19 @@
 //! s.t.      ρ_j + Σ_k P_kj = a_j,   Σ P = μ,   P, ρ ≥ 0
 //! ```
 //!
-//! The layout of the module:
-//! - [`settings`](TransportSettings): μ, ε and the solver's settings;
-//! - `costs`: φ-normalised distances between features and prototypes, and their gradient;
-//! - `solver`: the forward solve (Newton or Sinkhorn on the scalar dual β);
-//! - `implicit_backward`: the closed-form gradient at the fixed point;
-//! - `marginals`: the residual and per-prototype masses, all that GSP's pooling reads;
-//! - [`PoolingOps`], the crate's backend-extension trait, carries the costs, the solve and the
-//!   marginals as ops (its autodiff implementation records their analytical backwards);
-//! - `fallback`: one tracked Newton step, for backends the extension does not cover.
+//! The optimum is closed-form up to one scalar dual β per sample, found by Newton (or
+//! Sinkhorn) iterations; the gradient with respect to the costs comes from implicit
+//! differentiation at the fixed point, so backward memory does not grow with the iterations.
+//! On a device the crate's extension does not cover, the same plan is differentiated through
+//! one tracked Newton step, which gives the same first derivative.
 
-pub(crate) mod costs;
-mod fallback;
-pub(crate) mod implicit_backward;
-pub(crate) mod marginals;
-mod settings;
-pub(crate) mod solver;
-
-use burn::backend::Dispatch;
 use burn::tensor::{Int, Tensor};
 
-pub use costs::{lipschitz_normalize, transport_costs};
-pub use fallback::partial_transport_newton_step;
-pub use settings::{TransportSettings, TransportSolver};
+use crate::layout::Layout;
+use crate::ops::routing;
 
-use crate::ops::PoolingOps;
-pub use crate::ops::extension_covers;
+pub use crate::maths::costs::lipschitz_normalize;
+pub use crate::maths::settings::{TransportSettings, TransportSolver};
 
 /// A solved transport problem.
 #[derive(Debug, Clone)]
@@ -45,58 +32,70 @@ pub struct TransportPlan {
     pub iterations: Tensor<1, Int>,
 }
 
-/// Solves the partial transport problem, with the analytical backward when the backend is
-/// covered by [`PoolingOps`] (Flex, NdArray, wgpu and their autodiff devices, as enabled by
-/// this crate's features), else with [`partial_transport_newton_step`].
+/// c_kj = ‖φ(ω_k) − φ(x_j)‖₂ (not squared), φ(v) = v / max(1, ‖v‖₂), between every position
+/// of `features` and every prototype: GSP's costs, each in [0, 2].
+///
+/// # Shapes
+///
+/// - features: `[B, C, N]` or `[B, N, C]` as `layout` says
+/// - prototypes: `[K, C]`
+/// - output: `[B, K, N]`
+///
+/// # Panics
+///
+/// If the features' and the prototypes' channel counts differ.
+pub fn transport_costs(features: Tensor<3>, prototypes: Tensor<2>, layout: Layout) -> Tensor<3> {
+    let (_, _, channels) = layout.split(features.dims());
+    let [_, width] = prototypes.dims();
+    assert!(
+        channels == width,
+        "transport_costs: channel mismatch: the features have C = {channels} ({layout:?}), the prototypes [K, C] have C = {width}"
+    );
+    routing::transport_costs(features, prototypes, layout)
+}
+
+/// Solves the partial transport problem, with the analytical backward.
 ///
 /// # Shapes
 ///
 /// - costs: `[B, K, N]`
-/// - mass: `[B, N]`, each row sums to 1; 0 marks a padded position
+/// - mass: `[B, N]`, each row non-negative and summing to 1; 0 marks a padded position
 /// - output plan: `[B, K+1, N]`
+///
+/// # Panics
+///
+/// If a setting is invalid (μ outside (0, 1], ε, `max_iterations` or `tolerance` not
+/// positive), the shapes do not match, or a mass row is negative somewhere or does not sum
+/// to 1 (within 1e-3). Checking the masses reads `[B]` values back from the device.
 pub fn partial_transport(
     costs: Tensor<3>,
     mass: Tensor<2>,
     settings: &TransportSettings,
 ) -> TransportPlan {
-    if extension_covers(&costs.device()) {
-        let (plan, iterations) = <Dispatch as PoolingOps>::partial_transport(
-            costs.into_dispatch(),
-            mass.into_dispatch(),
-            *settings,
-        );
-        TransportPlan {
-            plan: Tensor::from_dispatch(plan),
-            iterations: Tensor::from_dispatch(iterations),
-        }
-    } else {
-        partial_transport_newton_step(costs, mass, settings)
-    }
+    settings.validate("partial_transport");
+    let [batch, _, positions] = costs.dims();
+    let dims = mass.dims();
+    assert!(
+        dims == [batch, positions],
+        "partial_transport: mass shape mismatch: expected [B, N] = [{batch}, {positions}] (from the costs [B, K, N]), got {dims:?}"
+    );
+    check_masses(&mass);
+    let (plan, iterations) = routing::partial_transport(costs, mass, settings);
+    TransportPlan { plan, iterations }
 }
 
-/// The marginals `[B, N + K]` of the solved transport (per sample the residual masses ρ_j,
-/// then Σ_j P_kj per prototype) and the iterations run: what GSP's pooling reads. Through the
-/// backend extension when it covers the device (its backward never expands the marginals'
-/// gradient to the plan's size), else from [`partial_transport_newton_step`].
-pub(crate) fn transport_marginals(
-    costs: Tensor<3>,
-    mass: Tensor<2>,
-    settings: &TransportSettings,
-) -> (Tensor<2>, Tensor<1, Int>) {
-    if extension_covers(&costs.device()) {
-        let (marginals, _plan, iterations) = <Dispatch as PoolingOps>::transport_marginals(
-            costs.into_dispatch(),
-            mass.into_dispatch(),
-            *settings,
+/// Panics, naming the first offending row, unless every row of `mass` `[B, N]` is
+/// non-negative and sums to 1 within 1e-3.
+fn check_masses(mass: &Tensor<2>) {
+    let detached = mass.clone().detach();
+    let sums = detached.clone().sum_dim(1).into_data().convert::<f64>();
+    let minima = detached.min_dim(1).into_data().convert::<f64>();
+    let sums = sums.iter::<f64>();
+    for (row, (sum, minimum)) in sums.zip(minima.iter::<f64>()).enumerate() {
+        assert!(
+            minimum >= 0.0 && (sum - 1.0).abs() <= 1e-3,
+            "partial_transport: every mass row must be non-negative and sum to 1, got row {row} with sum {sum} and minimum {minimum}"
         );
-        (
-            Tensor::from_dispatch(marginals),
-            Tensor::from_dispatch(iterations),
-        )
-    } else {
-        let TransportPlan { plan, iterations } =
-            partial_transport_newton_step(costs, mass, settings);
-        (marginals::marginals_of(plan), iterations)
     }
 }
 
@@ -105,9 +104,12 @@ mod tests {
     use super::*;
     use burn::tensor::{Bool, Device, Distribution, TensorData, Tolerance};
 
-    use crate::transport::implicit_backward::implicit_cost_gradient;
-    use crate::transport::marginals::{marginals_gradient_as_plan_gradient, marginals_of};
-    use crate::transport::solver::solve;
+    use burn::backend::Dispatch;
+
+    use crate::maths::implicit_backward::implicit_cost_gradient;
+    use crate::maths::marginals::{marginals_gradient_as_plan_gradient, marginals_of};
+    use crate::maths::solver::solve;
+    use crate::ops::PoolingOps;
 
     /// The fused Flex solve and backward, and its marginals with their backward, against the
     /// portable ones (tensor ops), for both solvers, transport ratios from 0.05 to 1, a small
@@ -203,4 +205,76 @@ mod tests {
             }
         }
     }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod validation {
+    use super::*;
+    use burn::tensor::Device;
+
+    fn settings() -> TransportSettings {
+        TransportSettings {
+            transport_ratio: 0.3,
+            epsilon: 0.2,
+            max_iterations: 50,
+            tolerance: 1e-6,
+            solver: TransportSolver::Newton,
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "partial_transport: `transport_ratio` must be in (0, 1], got 0")]
+    fn invalid_settings_panic() {
+        let device = Device::flex();
+        let settings = TransportSettings {
+            transport_ratio: 0.0,
+            ..settings()
+        };
+        partial_transport(
+            Tensor::zeros([1, 2, 3], &device),
+            Tensor::full([1, 3], 1.0 / 3.0, &device),
+            &settings,
+        );
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "partial_transport: mass shape mismatch: expected [B, N] = [1, 3] (from the costs [B, K, N]), got [1, 4]"
+    )]
+    fn mass_of_wrong_shape_panics() {
+        let device = Device::flex();
+        partial_transport(
+            Tensor::zeros([1, 2, 3], &device),
+            Tensor::full([1, 4], 0.25, &device),
+            &settings(),
+        );
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "partial_transport: every mass row must be non-negative and sum to 1, got row 1 with sum 2"
+    )]
+    fn mass_not_summing_to_one_panics() {
+        let device = Device::flex();
+        let mass = Tensor::<2>::from_data([[0.5, 0.5], [1.0, 1.0]], &device);
+        partial_transport(Tensor::zeros([2, 2, 2], &device), mass, &settings());
+    }
+
+    #[test]
+    #[should_panic(expected = "transport_costs: channel mismatch")]
+    fn costs_channel_mismatch_panics() {
+        let device = Device::flex();
+        transport_costs(
+            Tensor::zeros([1, 3, 4], &device),
+            Tensor::zeros([2, 4], &device),
+            Layout::ChannelsFirst,
+        );
+    }
+}
+
+/// Not API: the route that devices outside the extension take, for the integration tests'
+/// f64 process, which checks it against the analytical backward. Hidden, and free to change.
+#[doc(hidden)]
+pub mod fallback {
+    pub use crate::maths::newton_step::partial_transport_newton_step;
 }

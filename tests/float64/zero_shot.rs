@@ -1,9 +1,7 @@
 //! ZeroShotLoss: a value by hand, gradients against f64 finite differences of the independent
 //! reference, and its input checks.
 
-mod common;
-mod reference;
-
+use crate::{common, reference};
 use burn::module::Param;
 use burn::tensor::{Int, Tensor};
 use burn_pooling::loss::{ZeroShotLoss, ZeroShotLossConfig, ZeroShotSplit};

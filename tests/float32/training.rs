@@ -2,12 +2,12 @@
 //! class-independent nuisance, a few hundred Adam steps on a classification loss move GSP's
 //! weight mass onto the informative positions. The prototypes start next to the nuisance.
 
-mod common;
-
+use crate::common;
 use burn::module::{Module, Param};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_pooling::PoolingInput;
 use burn_pooling::{Gsp, GspConfig};
 use common::Rng;
 
@@ -58,7 +58,10 @@ fn batch(rng: &mut Rng, device: &Device) -> (Tensor<3>, Tensor<1, Int>) {
 /// Mean share of GSP's weight on the informative positions.
 fn informative_share(head: &Head, rng: &mut Rng, device: &Device) -> f32 {
     let (tokens, _) = batch(rng, device);
-    let weights = head.gsp.forward_tokens_detailed(tokens, None).weights;
+    let weights = head
+        .gsp
+        .forward_detailed(PoolingInput::tokens(tokens))
+        .weights;
     weights
         .slice([0..BATCH, 0..INFORMATIVE])
         .sum_dim(1)

@@ -1,0 +1,237 @@
+//! The generalized mean of GeM/GGeM and its backward as CubeCL kernels: one unit per (b, c)
+//! loops over the positions of its row, reading `x` through its strides.
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::tensor::DType;
+use burn_cubecl::cubecl;
+use burn_cubecl::cubecl::prelude::*;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+
+use super::tensors::{empty_like, output_and_grid};
+use crate::layout::Layout;
+
+/// The clamp floor of the generalized mean: `eps`, at least the dtype's smallest normal value
+/// (so `ln` of it is finite).
+fn floor(eps: f64, dtype: DType) -> f64 {
+    let min_positive = match dtype {
+        DType::F64 => f64::MIN_POSITIVE,
+        DType::F32 | DType::Flex32 | DType::BF16 => f32::MIN_POSITIVE as f64,
+        DType::F16 => 6.103_515_625e-5, // 2⁻¹⁴
+        dtype => panic!("generalized mean: unsupported float dtype {dtype:?}"),
+    };
+    eps.max(min_positive)
+}
+
+pub(super) fn launch_generalized_mean(
+    x: CubeTensor,
+    powers: CubeTensor,
+    mask: CubeTensor,
+    eps: f64,
+    layout: Layout,
+) -> CubeTensor {
+    // A no-op for the usual tensors; un-tiles a storage-tiled one, which kernels cannot read.
+    let [x, powers, mask] = [x, powers, mask].map(into_contiguous);
+    let (output, cube_count, cube_dim) = output_and_grid(&x, layout);
+    let (position_axis, channel_axis) = (layout.position_axis(), layout.channel_axis());
+    let dtype = dtype_to_storage_type(x.dtype);
+    let floor = InputScalar::new(floor(eps, x.dtype), dtype);
+    let client = x.client.clone();
+    generalized_mean_kernel::launch(
+        &client,
+        cube_count,
+        cube_dim,
+        x.into_tensor_arg(),
+        powers.into_tensor_arg(),
+        mask.into_tensor_arg(),
+        output.clone().into_tensor_arg(),
+        floor,
+        position_axis,
+        channel_axis,
+        dtype,
+    );
+    output
+}
+
+/// (∂L/∂x in `x`'s layout, each sample's term of ∂L/∂p `[B, C]`).
+pub(super) fn launch_generalized_mean_backward(
+    x: CubeTensor,
+    powers: CubeTensor,
+    mask: CubeTensor,
+    output: CubeTensor,
+    grad: CubeTensor,
+    eps: f64,
+    layout: Layout,
+) -> (CubeTensor, CubeTensor) {
+    let [x, powers, mask, output, grad] = [x, powers, mask, output, grad].map(into_contiguous);
+    let dx = empty_like(&x, x.meta.shape().clone());
+    let (dp, cube_count, cube_dim) = output_and_grid(&x, layout);
+    let (position_axis, channel_axis) = (layout.position_axis(), layout.channel_axis());
+    let dtype = dtype_to_storage_type(x.dtype);
+    let floor = InputScalar::new(floor(eps, x.dtype), dtype);
+    let client = x.client.clone();
+    generalized_mean_backward_kernel::launch(
+        &client,
+        cube_count,
+        cube_dim,
+        x.into_tensor_arg(),
+        powers.into_tensor_arg(),
+        mask.into_tensor_arg(),
+        output.into_tensor_arg(),
+        grad.into_tensor_arg(),
+        dx.clone().into_tensor_arg(),
+        dp.clone().into_tensor_arg(),
+        floor,
+        position_axis,
+        channel_axis,
+        dtype,
+    );
+    (dx, dp)
+}
+
+/// The largest `max(x_n, ε)` over the valid positions of one (b, c) row, and the number of
+/// valid positions Σ_n m_n: the first pass of the generalized mean, forward and backward.
+#[cube]
+fn masked_max_and_count<F: Float>(
+    x: &Tensor<F>,
+    mask: &Tensor<F>,
+    x_row: usize,
+    x_step: usize,
+    mask_row: usize,
+    mask_step: usize,
+    floor: F,
+) -> (F, F) {
+    let zero = F::new(0.0);
+    let mut largest = floor;
+    let mut count = zero;
+    for n in 0..mask.shape(1) {
+        let valid = mask[mask_row + n * mask_step];
+        let value = x[x_row + n * x_step];
+        if valid > zero && value > largest {
+            largest = value;
+        }
+        count += valid;
+    }
+    (largest, count)
+}
+
+/// One position's term of the generalized mean's power sum, `m_n exp(p (ln max(x_n, ε) − ln max))`,
+/// and `ln max(x_n, ε)`, shared by the forward and the backward. A branch, not `m_n · term`:
+/// a padded value above the maximum gives an infinite term, and 0·∞ would poison the sums.
+#[cube]
+fn power_weight<F: Float>(valid: F, raw: F, floor: F, p: F, log_max: F) -> (F, F) {
+    let log_value = raw.max(floor).ln();
+    let mut weight = F::new(0.0);
+    if valid > F::new(0.0) {
+        weight = valid * (p * (log_value - log_max)).exp();
+    }
+    (weight, log_value)
+}
+
+/// `y[b, c] = exp(ln max + ln(Σ_n m_n exp(p_c (ln max(x_n, ε) − ln max)) / Σ_n m_n) / p_c)`,
+/// with `max` the largest `max(x_n, ε)` over the valid positions: every term is at most 1, so
+/// the sum stays finite for any p. Two passes over the row: the maximum, then the sum.
+#[cube(launch)]
+fn generalized_mean_kernel<F: Float>(
+    x: &Tensor<F>,
+    powers: &Tensor<F>,
+    mask: &Tensor<F>,
+    output: &mut Tensor<F>,
+    floor: InputScalar,
+    #[comptime] position_axis: usize,
+    #[comptime] channel_axis: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let channels = output.shape(1);
+    if ABSOLUTE_POS >= output.shape(0) * channels {
+        terminate!();
+    }
+    let b = ABSOLUTE_POS / channels;
+    let c = ABSOLUTE_POS % channels;
+    let positions = mask.shape(1);
+    let x_row = b * x.stride(0) + c * x.stride(channel_axis);
+    let x_step = x.stride(position_axis);
+    let mask_row = b * mask.stride(0);
+    let mask_step = mask.stride(1);
+    let floor = floor.get::<F>();
+    let zero = F::new(0.0);
+
+    let (largest, count) =
+        masked_max_and_count::<F>(x, mask, x_row, x_step, mask_row, mask_step, floor);
+
+    let log_max = largest.ln();
+    let p = powers[c * powers.stride(0)];
+    let mut sum = zero;
+    for n in 0..positions {
+        let valid = mask[mask_row + n * mask_step];
+        let (weight, _) = power_weight::<F>(valid, x[x_row + n * x_step], floor, p, log_max);
+        sum += weight;
+    }
+
+    let at = b * output.stride(0) + c * output.stride(1);
+    output[at] = (log_max + (sum / count).ln() / p).exp();
+}
+
+/// The generalized mean's backward for one (b, c), with w_n = m_n exp(p (ln max(x_n, ε) − ln max))
+/// as in the forward:
+/// `∂L/∂x_n = g/count · (x_n/y)^(p−1)` where x_n > ε (else 0), computed as
+/// `g/count · exp(p (ln max − ln y)) · y · w_n / x_n`; and this sample's
+/// `∂L/∂p = g · (y/p) · (Σ w ln x / Σ w − ln y)`.
+#[cube(launch)]
+fn generalized_mean_backward_kernel<F: Float>(
+    x: &Tensor<F>,
+    powers: &Tensor<F>,
+    mask: &Tensor<F>,
+    output: &Tensor<F>,
+    grad: &Tensor<F>,
+    dx: &mut Tensor<F>,
+    dp: &mut Tensor<F>,
+    floor: InputScalar,
+    #[comptime] position_axis: usize,
+    #[comptime] channel_axis: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let channels = dp.shape(1);
+    if ABSOLUTE_POS >= dp.shape(0) * channels {
+        terminate!();
+    }
+    let b = ABSOLUTE_POS / channels;
+    let c = ABSOLUTE_POS % channels;
+    let positions = mask.shape(1);
+    let x_row = b * x.stride(0) + c * x.stride(channel_axis);
+    let x_step = x.stride(position_axis);
+    let dx_row = b * dx.stride(0) + c * dx.stride(channel_axis);
+    let dx_step = dx.stride(position_axis);
+    let mask_row = b * mask.stride(0);
+    let mask_step = mask.stride(1);
+    let floor = floor.get::<F>();
+    let zero = F::new(0.0);
+
+    let (largest, count) =
+        masked_max_and_count::<F>(x, mask, x_row, x_step, mask_row, mask_step, floor);
+
+    let log_max = largest.ln();
+    let p = powers[c * powers.stride(0)];
+    let y = output[b * output.stride(0) + c * output.stride(1)];
+    let g = grad[b * grad.stride(0) + c * grad.stride(1)];
+    let log_y = y.ln();
+    let factor = g / count * (p * (log_max - log_y)).exp() * y;
+    let mut sum = zero;
+    let mut weighted_log = zero;
+    for n in 0..positions {
+        let valid = mask[mask_row + n * mask_step];
+        let raw = x[x_row + n * x_step];
+        let (weight, log_value) = power_weight::<F>(valid, raw, floor, p, log_max);
+        sum += weight;
+        weighted_log += weight * log_value;
+        // 0 on padding (weight 0) and at the clamp.
+        let mut derivative = zero;
+        if raw > floor {
+            derivative = factor * weight / raw;
+        }
+        dx[dx_row + n * dx_step] = derivative;
+    }
+
+    let at = b * dp.stride(0) + c * dp.stride(1);
+    dp[at] = g * y / p * (weighted_log / sum - log_y);
+}

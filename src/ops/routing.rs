@@ -1,0 +1,116 @@
+//! The `Tensor`-level face of the extension, what the layers and the public transport API
+//! call: each op runs on [`PoolingOps`] where [`extension_covers`] the device (a kernel with
+//! its analytical backward), and as the reference composite, differentiated by ordinary
+//! autodiff, elsewhere. This file is the only place that makes that choice.
+
+use burn::backend::Dispatch;
+use burn::tensor::{Int, Tensor};
+
+use super::{PoolingOps, extension_covers};
+use crate::layout::Layout;
+use crate::maths::costs::composite_costs;
+use crate::maths::generalized_mean::composite_forward;
+use crate::maths::marginals::marginals_of;
+use crate::maths::newton_step::partial_transport_newton_step;
+use crate::maths::settings::TransportSettings;
+use crate::maths::weighted_sum;
+
+/// GSP's costs `[B, K, N]` of features `[B, C, N]` or `[B, N, C]` and prototypes `[K, C]`.
+pub(crate) fn transport_costs(
+    features: Tensor<3>,
+    prototypes: Tensor<2>,
+    layout: Layout,
+) -> Tensor<3> {
+    if extension_covers(&features.device()) {
+        Tensor::from_dispatch(<Dispatch as PoolingOps>::transport_costs(
+            features.into_dispatch(),
+            prototypes.into_dispatch(),
+            layout,
+        ))
+    } else {
+        composite_costs(features, prototypes, layout)
+    }
+}
+
+/// The plan `[B, K+1, N]` and the iterations run `[1]`.
+pub(crate) fn partial_transport(
+    costs: Tensor<3>,
+    mass: Tensor<2>,
+    settings: &TransportSettings,
+) -> (Tensor<3>, Tensor<1, Int>) {
+    if extension_covers(&costs.device()) {
+        let (plan, iterations) = <Dispatch as PoolingOps>::partial_transport(
+            costs.into_dispatch(),
+            mass.into_dispatch(),
+            *settings,
+        );
+        (
+            Tensor::from_dispatch(plan),
+            Tensor::from_dispatch(iterations),
+        )
+    } else {
+        partial_transport_newton_step(costs, mass, settings)
+    }
+}
+
+/// The marginals `[B, N + K]` (residual masses, then the mass sent to each prototype) and the
+/// iterations run `[1]`: all GSP's pooling reads of the plan.
+pub(crate) fn transport_marginals(
+    costs: Tensor<3>,
+    mass: Tensor<2>,
+    settings: &TransportSettings,
+) -> (Tensor<2>, Tensor<1, Int>) {
+    if extension_covers(&costs.device()) {
+        let (marginals, _plan, iterations) = <Dispatch as PoolingOps>::transport_marginals(
+            costs.into_dispatch(),
+            mass.into_dispatch(),
+            *settings,
+        );
+        (
+            Tensor::from_dispatch(marginals),
+            Tensor::from_dispatch(iterations),
+        )
+    } else {
+        let (plan, iterations) = partial_transport_newton_step(costs, mass, settings);
+        (marginals_of(plan), iterations)
+    }
+}
+
+/// The generalized mean `[B, C]` of features in `layout` with powers `[C]` over the positions
+/// where `mask` `[B, N]` is 1 (all of them when `mask` is `None`).
+pub(crate) fn generalized_mean(
+    x: Tensor<3>,
+    powers: Tensor<1>,
+    mask: Option<Tensor<2>>,
+    eps: f64,
+    layout: Layout,
+) -> Tensor<2> {
+    if extension_covers(&x.device()) {
+        let mask = mask.unwrap_or_else(|| {
+            let (batch, positions, _) = layout.split(x.dims());
+            Tensor::ones([batch, positions], &x.device())
+        });
+        Tensor::from_dispatch(<Dispatch as PoolingOps>::generalized_mean(
+            x.into_dispatch(),
+            powers.into_dispatch(),
+            mask.into_dispatch(),
+            eps,
+            layout,
+        ))
+    } else {
+        composite_forward(x, powers, mask, eps, layout)
+    }
+}
+
+/// Σ_n w_bn x_bn `[B, C]` for features in `layout` and weights `[B, N]`.
+pub(crate) fn weighted_sum(x: Tensor<3>, weights: Tensor<2>, layout: Layout) -> Tensor<2> {
+    if extension_covers(&x.device()) {
+        Tensor::from_dispatch(<Dispatch as PoolingOps>::weighted_sum(
+            x.into_dispatch(),
+            weights.into_dispatch(),
+            layout,
+        ))
+    } else {
+        weighted_sum::weighted_sum(x, weights, layout)
+    }
+}

@@ -1,0 +1,14 @@
+//! The tests that need f64 floats: Flex is configured for f64 once in this process (a
+//! device's float dtype is process-wide), and the independent f64 oracle (`tests/reference`)
+//! is compiled once for all of them.
+
+#[path = "../common/mod.rs"]
+mod common;
+#[path = "../reference/mod.rs"]
+mod reference;
+
+mod gem;
+mod gsp;
+mod properties;
+mod reference_selfcheck;
+mod zero_shot;
