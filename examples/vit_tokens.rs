@@ -197,11 +197,11 @@ impl Model {
         let patches = || out.clone().slice([0..batch, 1..count + 1, 0..WIDTH]);
         let patch_valid = || valid.clone().slice([0..batch, 1..count + 1]);
         let pooled = if let Some(gap) = &self.gap {
-            gap.forward_input(PoolingInput::tokens(patches()).with_mask(patch_valid()))
+            gap.forward(PoolingInput::tokens(patches()).with_mask(patch_valid()))
         } else if let Some(ggem) = &self.ggem {
-            ggem.forward_input(PoolingInput::tokens(out.clone()).with_mask(valid.clone()))
+            ggem.forward(PoolingInput::tokens(out.clone()).with_mask(valid.clone()))
         } else if let Some(gsp) = &self.gsp {
-            gsp.forward_input(PoolingInput::tokens(patches()).with_mask(patch_valid()))
+            gsp.forward(PoolingInput::tokens(patches()).with_mask(patch_valid()))
         } else {
             out.clone().slice([0..batch, 0..1, 0..WIDTH]).squeeze_dim(1)
         };

@@ -109,7 +109,7 @@ mod tests {
     use crate::maths::implicit_backward::implicit_cost_gradient;
     use crate::maths::marginals::{marginals_gradient_as_plan_gradient, marginals_of};
     use crate::maths::solver::solve;
-    use crate::ops::PoolingOps;
+    use crate::ops::{PoolingOps, TransportOutput};
 
     /// The fused Flex solve and backward, and its marginals with their backward, against the
     /// portable ones (tensor ops), for both solvers, transport ratios from 0.05 to 1, a small
@@ -153,10 +153,11 @@ mod tests {
                             "{case}: Σ P = {t}"
                         );
                     }
-                    let (marginals, _, _) = <Dispatch as PoolingOps>::transport_marginals(
+                    let (marginals, _, _) = <Dispatch as PoolingOps>::partial_transport(
                         costs.clone().into_dispatch(),
                         mass.clone().into_dispatch(),
                         settings,
+                        TransportOutput::Marginals,
                     );
                     Tensor::<2>::from_dispatch(marginals)
                         .into_data()
@@ -166,11 +167,12 @@ mod tests {
                         );
                     if transport_ratio < 1.0 {
                         let fused_grad = Tensor::<3>::from_dispatch(
-                            <Dispatch as PoolingOps>::transport_marginals_backward(
+                            <Dispatch as PoolingOps>::partial_transport_backward(
                                 fused.plan.clone().into_dispatch(),
                                 marginals_grad.clone().into_dispatch(),
                                 mass.clone().into_dispatch(),
                                 epsilon,
+                                TransportOutput::Marginals,
                             ),
                         );
                         let portable_grad = implicit_cost_gradient(
@@ -192,6 +194,7 @@ mod tests {
                                 grad.clone().into_dispatch(),
                                 mass.clone().into_dispatch(),
                                 epsilon,
+                                TransportOutput::Plan,
                             ),
                         );
                         let portable_grad =

@@ -116,9 +116,7 @@ pub struct ZeroShotLoss {
 
 impl ModuleDisplay for ZeroShotLoss {
     fn custom_settings(&self) -> Option<DisplaySettings> {
-        DisplaySettings::new()
-            .with_new_line_after_attribute(false)
-            .optional()
+        crate::display::one_line()
     }
 
     fn custom_content(&self, content: Content) -> Option<Content> {

@@ -19,6 +19,11 @@
 // NdArray is deprecated in Burn 0.22 but still a supported backend of this crate; the
 // extension macro names it in generated code.
 #![allow(deprecated)]
+// With no backend compiled in, the generated dispatch has nothing to route its arguments to.
+#![cfg_attr(
+    not(any(feature = "flex", feature = "ndarray", feature = "wgpu")),
+    allow(unused_variables)
+)]
 
 mod backends;
 mod bridge;
@@ -104,49 +109,31 @@ pub trait PoolingOps: TensorBridge {
         portable::transport_costs_backward::<Self>(features, prototypes, costs, grad, layout)
     }
 
-    /// Solves GSP's partial transport for costs `[B, K, N]` and position masses `[B, N]`;
-    /// returns the plan `[B, K+1, N]` (row 0 = residual ρ) and the iteration count `[1]`.
+    /// Solves GSP's partial transport for costs `[B, K, N]` and position masses `[B, N]`.
+    /// Returns `output`: the plan `[B, K+1, N]` (row 0 = residual ρ), or its marginals
+    /// `[B, N + K]` (per sample the residual masses ρ_j, then the mass Σ_j P_kj sent to each
+    /// prototype: all GSP's pooling reads); then the plan (never tracked: what the backward
+    /// reads) and the iteration count `[1]`.
     fn partial_transport(
         costs: FloatTensor<Self>,
         mass: FloatTensor<Self>,
         settings: TransportSettings,
-    ) -> (FloatTensor<Self>, IntTensor<Self>) {
-        portable::partial_transport::<Self>(costs, mass, settings)
+        output: TransportOutput,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
+        portable::partial_transport::<Self>(costs, mass, settings, output)
     }
 
-    /// ∂L/∂costs `[B, K, N]` from the plan, the upstream gradient ∂L/∂plan `[B, K+1, N]` and
-    /// the masses, by implicit differentiation at the fixed point.
+    /// ∂L/∂costs `[B, K, N]` from the plan, the upstream gradient of `output` and the masses,
+    /// by implicit differentiation at the fixed point. The marginals' gradient is never
+    /// expanded to the plan's size.
     fn partial_transport_backward(
         plan: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         mass: FloatTensor<Self>,
         epsilon: f64,
+        output: TransportOutput,
     ) -> FloatTensor<Self> {
-        portable::partial_transport_backward::<Self>(plan, grad, mass, epsilon)
-    }
-
-    /// GSP's transport reduced to its marginals, for costs `[B, K, N]` and masses `[B, N]`:
-    /// `[B, N + K]`, per sample the residual masses ρ_j then the mass sent to each prototype
-    /// Σ_j P_kj; also the plan `[B, K+1, N]` (never tracked: what the backward needs) and the
-    /// iteration count `[1]`. GSP's pooling needs only the marginals, and their backward never
-    /// expands their gradient to the plan's size.
-    fn transport_marginals(
-        costs: FloatTensor<Self>,
-        mass: FloatTensor<Self>,
-        settings: TransportSettings,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
-        portable::transport_marginals::<Self>(costs, mass, settings)
-    }
-
-    /// ∂L/∂costs `[B, K, N]` from the plan, ∂L/∂marginals `[B, N + K]` and the masses, by
-    /// implicit differentiation at the fixed point.
-    fn transport_marginals_backward(
-        plan: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        mass: FloatTensor<Self>,
-        epsilon: f64,
-    ) -> FloatTensor<Self> {
-        portable::transport_marginals_backward::<Self>(plan, grad, mass, epsilon)
+        portable::partial_transport_backward::<Self>(plan, grad, mass, epsilon, output)
     }
 
     /// The clamped generalized mean `((Σ_n m_n max(x_n, ε)^p_c) / Σ_n m_n)^(1/p_c)` of
@@ -206,6 +193,15 @@ pub trait PoolingOps: TensorBridge {
         portable::weighted_sum_weights_backward::<Self>(x, grad, layout)
     }
 }
+}
+
+/// What [`PoolingOps::partial_transport`] returns first, and so what its gradient is of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportOutput {
+    /// The plan `[B, K+1, N]`.
+    Plan,
+    /// Its marginals `[B, N + K]`.
+    Marginals,
 }
 
 /// Whether [`PoolingOps`] has an implementation for the device's backend in this build (its

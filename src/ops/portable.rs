@@ -4,7 +4,7 @@
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 
-use super::TensorBridge;
+use super::{TensorBridge, TransportOutput};
 use crate::layout::Layout;
 use crate::maths::costs::{composite_costs, costs_gradient};
 use crate::maths::generalized_mean::{composite_backward, composite_forward};
@@ -47,14 +47,17 @@ pub(crate) fn partial_transport<B: TensorBridge>(
     costs: FloatTensor<B>,
     mass: FloatTensor<B>,
     settings: TransportSettings,
-) -> (FloatTensor<B>, IntTensor<B>) {
+    output: TransportOutput,
+) -> (FloatTensor<B>, FloatTensor<B>, IntTensor<B>) {
     let costs = B::wrap::<3>(costs);
     let device = costs.device();
     let (plan, iterations) = solve(costs, B::wrap(mass), &settings);
-    (
-        B::unwrap(plan),
-        B::unwrap_int(iterations_tensor(iterations, &device)),
-    )
+    let first = match output {
+        TransportOutput::Plan => B::unwrap(plan.clone()),
+        TransportOutput::Marginals => B::unwrap(marginals_of(plan.clone())),
+    };
+    let iterations = B::unwrap_int(iterations_tensor(iterations, &device));
+    (first, B::unwrap(plan), iterations)
 }
 
 pub(crate) fn partial_transport_backward<B: TensorBridge>(
@@ -62,33 +65,15 @@ pub(crate) fn partial_transport_backward<B: TensorBridge>(
     grad: FloatTensor<B>,
     mass: FloatTensor<B>,
     epsilon: f64,
-) -> FloatTensor<B> {
-    B::unwrap(implicit_cost_gradient(
-        B::wrap(plan),
-        B::wrap(grad),
-        B::wrap(mass),
-        epsilon,
-    ))
-}
-
-pub(crate) fn transport_marginals<B: TensorBridge>(
-    costs: FloatTensor<B>,
-    mass: FloatTensor<B>,
-    settings: TransportSettings,
-) -> (FloatTensor<B>, FloatTensor<B>, IntTensor<B>) {
-    let (plan, iterations) = partial_transport::<B>(costs, mass, settings);
-    let marginals = marginals_of(B::wrap(plan.clone()));
-    (B::unwrap(marginals), plan, iterations)
-}
-
-pub(crate) fn transport_marginals_backward<B: TensorBridge>(
-    plan: FloatTensor<B>,
-    grad: FloatTensor<B>,
-    mass: FloatTensor<B>,
-    epsilon: f64,
+    output: TransportOutput,
 ) -> FloatTensor<B> {
     let plan = B::wrap::<3>(plan);
-    let grad = marginals_gradient_as_plan_gradient(B::wrap(grad), plan.dims());
+    let grad = match output {
+        TransportOutput::Plan => B::wrap(grad),
+        TransportOutput::Marginals => {
+            marginals_gradient_as_plan_gradient(B::wrap(grad), plan.dims())
+        }
+    };
     B::unwrap(implicit_cost_gradient(plan, grad, B::wrap(mass), epsilon))
 }
 

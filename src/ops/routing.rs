@@ -6,7 +6,7 @@
 use burn::backend::Dispatch;
 use burn::tensor::{Int, Tensor};
 
-use super::{PoolingOps, extension_covers};
+use super::{PoolingOps, TransportOutput, extension_covers};
 use crate::layout::Layout;
 use crate::maths::costs::composite_costs;
 use crate::maths::generalized_mean::composite_forward;
@@ -39,10 +39,11 @@ pub(crate) fn partial_transport(
     settings: &TransportSettings,
 ) -> (Tensor<3>, Tensor<1, Int>) {
     if extension_covers(&costs.device()) {
-        let (plan, iterations) = <Dispatch as PoolingOps>::partial_transport(
+        let (plan, _, iterations) = <Dispatch as PoolingOps>::partial_transport(
             costs.into_dispatch(),
             mass.into_dispatch(),
             *settings,
+            TransportOutput::Plan,
         );
         (
             Tensor::from_dispatch(plan),
@@ -61,10 +62,11 @@ pub(crate) fn transport_marginals(
     settings: &TransportSettings,
 ) -> (Tensor<2>, Tensor<1, Int>) {
     if extension_covers(&costs.device()) {
-        let (marginals, _plan, iterations) = <Dispatch as PoolingOps>::transport_marginals(
+        let (marginals, _plan, iterations) = <Dispatch as PoolingOps>::partial_transport(
             costs.into_dispatch(),
             mass.into_dispatch(),
             *settings,
+            TransportOutput::Marginals,
         );
         (
             Tensor::from_dispatch(marginals),

@@ -1,7 +1,7 @@
 //! Global average pooling, the baseline every other layer here generalises.
 
 use burn::config::Config;
-use burn::module::Module;
+use burn::module::{Content, DisplaySettings, Module, ModuleDisplay};
 use burn::tensor::Tensor;
 
 use super::input::PoolingInput;
@@ -29,40 +29,40 @@ impl GapConfig {
 /// only, when masked). [`Gem`](super::Gem) with p = 1 and [`Gsp`](super::Gsp) with
 /// `transport_ratio = 1` reduce to it.
 #[derive(Module, Debug, Default)]
+#[module(custom_display)]
 pub struct Gap {
     /// Leading tokens skipped by the token paths.
     pub num_prefix_tokens: usize,
 }
 
+impl ModuleDisplay for Gap {
+    fn custom_settings(&self) -> Option<DisplaySettings> {
+        crate::display::one_line()
+    }
+
+    fn custom_content(&self, content: Content) -> Option<Content> {
+        content
+            .add("num_prefix_tokens", &self.num_prefix_tokens)
+            .optional()
+    }
+}
+
 impl Gap {
-    /// Pools a batch of feature maps `[B, C, H, W]` into `[B, C]`.
-    ///
-    /// # Panics
-    ///
-    /// If `H·W == 0` or `C == 0`.
-    pub fn forward(&self, maps: Tensor<4>) -> Tensor<2> {
-        self.forward_input(PoolingInput::maps(maps))
-    }
-
-    /// Pools a batch of token sets `[B, N, C]` into `[B, C]`, skipping the first
-    /// `num_prefix_tokens` tokens.
-    ///
-    /// # Panics
-    ///
-    /// If `N ≤ num_prefix_tokens` or `C == 0`.
-    pub fn forward_tokens(&self, tokens: Tensor<3>) -> Tensor<2> {
-        self.forward_input(PoolingInput::tokens(tokens))
-    }
-
-    /// Pools maps or tokens, masked or not: `y_c = Σ_n m_n x_{n,c} / Σ_n m_n` over the valid
-    /// positions. See [`PoolingInput`] for the shapes.
+    /// Pools feature maps `[B, C, H, W]`, a token set `[B, N, C]` (skipping the first
+    /// `num_prefix_tokens` tokens) or any [`PoolingInput`] (masked, with its own prefix) into
+    /// `[B, C]`.
     ///
     /// # Panics
     ///
     /// If no position is left to pool, the mask's shape does not match, or a mask row has no
     /// valid position.
-    pub fn forward_input(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
+    pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
         input.into().resolve("Gap", self.num_prefix_tokens).mean()
+    }
+
+    /// [`forward`](Self::forward) for a token set `[B, N, C]`, spelled out.
+    pub fn forward_tokens(&self, tokens: Tensor<3>) -> Tensor<2> {
+        self.forward(tokens)
     }
 }
 
@@ -95,7 +95,7 @@ mod tests {
         let mask = Tensor::<2, Bool>::from_bool(TensorData::from([[true, true, false]]), &device);
         GapConfig::new()
             .init()
-            .forward_input(PoolingInput::tokens(tokens).with_mask(mask))
+            .forward(PoolingInput::tokens(tokens).with_mask(mask))
             .into_data()
             .assert_approx_eq::<f32>(&TensorData::from([[2.0f32, 15.0]]), Tolerance::default());
     }
@@ -108,7 +108,7 @@ mod tests {
         let mask = Tensor::<2, Bool>::from_bool(TensorData::from([[true, true]]), &device);
         GapConfig::new()
             .init()
-            .forward_input(PoolingInput::tokens(tokens).with_mask(mask));
+            .forward(PoolingInput::tokens(tokens).with_mask(mask));
     }
 
     #[test]
@@ -124,7 +124,7 @@ mod tests {
         );
         GapConfig::new()
             .init()
-            .forward_input(PoolingInput::tokens(tokens).with_mask(mask));
+            .forward(PoolingInput::tokens(tokens).with_mask(mask));
     }
 
     #[test]
@@ -142,7 +142,11 @@ mod tests {
     fn display_and_json() {
         let gap = GapConfig::new().init();
         assert_eq!(gap.num_params(), 0);
-        assert!(format!("{gap}").starts_with("Gap"));
+        let shown = format!("{gap}");
+        assert!(
+            shown.starts_with("Gap") && shown.contains("num_prefix_tokens: 0"),
+            "{shown}"
+        );
         let json = GapConfig::new().to_string();
         assert!(GapConfig::load_binary(json.as_bytes()).is_ok());
     }

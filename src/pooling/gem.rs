@@ -79,9 +79,7 @@ pub struct Gem {
 
 impl ModuleDisplay for Gem {
     fn custom_settings(&self) -> Option<DisplaySettings> {
-        DisplaySettings::new()
-            .with_new_line_after_attribute(false)
-            .optional()
+        crate::display::one_line()
     }
 
     fn custom_content(&self, content: Content) -> Option<Content> {
@@ -90,36 +88,24 @@ impl ModuleDisplay for Gem {
 }
 
 impl Gem {
-    /// Pools a batch of feature maps `[B, C, H, W]` into `[B, C]`.
-    ///
-    /// # Panics
-    ///
-    /// If `H·W == 0` or `C == 0`.
-    pub fn forward(&self, maps: Tensor<4>) -> Tensor<2> {
-        self.forward_input(PoolingInput::maps(maps))
-    }
-
-    /// Pools a batch of token sets `[B, N, C]` into `[B, C]`, skipping the first
-    /// `num_prefix_tokens` tokens.
-    ///
-    /// # Panics
-    ///
-    /// If `N ≤ num_prefix_tokens` or `C == 0`.
-    pub fn forward_tokens(&self, tokens: Tensor<3>) -> Tensor<2> {
-        self.forward_input(PoolingInput::tokens(tokens))
-    }
-
-    /// Pools maps or tokens, masked or not, over the valid positions (see [`PoolingInput`]).
+    /// Pools feature maps `[B, C, H, W]`, a token set `[B, N, C]` (skipping the first
+    /// `num_prefix_tokens` tokens) or any [`PoolingInput`] (masked, with its own prefix) into
+    /// `[B, C]`.
     ///
     /// # Panics
     ///
     /// If no position is left to pool, the mask's shape does not match, or a mask row has no
     /// valid position.
-    pub fn forward_input(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
+    pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
         let positions = input.into().resolve("Gem", self.num_prefix_tokens);
         let (_, _, channels) = positions.dims();
         let powers = self.p.val().expand([channels]);
         positions.generalized_mean(powers, self.eps)
+    }
+
+    /// [`forward`](Self::forward) for a token set `[B, N, C]`, spelled out.
+    pub fn forward_tokens(&self, tokens: Tensor<3>) -> Tensor<2> {
+        self.forward(tokens)
     }
 }
 

@@ -144,9 +144,7 @@ pub struct Gsp {
 
 impl ModuleDisplay for Gsp {
     fn custom_settings(&self) -> Option<DisplaySettings> {
-        DisplaySettings::new()
-            .with_new_line_after_attribute(false)
-            .optional()
+        crate::display::one_line()
     }
 
     fn custom_content(&self, content: Content) -> Option<Content> {
@@ -200,37 +198,24 @@ impl Gsp {
         }
     }
 
-    /// Pools a batch of feature maps `[B, C, H, W]` into `[B, C]`.
-    ///
-    /// # Panics
-    ///
-    /// If `H·W == 0` or C differs from the prototypes' width.
-    pub fn forward(&self, maps: Tensor<4>) -> Tensor<2> {
-        self.forward_input(PoolingInput::maps(maps))
-    }
-
-    /// Pools a batch of token sets `[B, N, C]` into `[B, C]`, skipping the first
-    /// `num_prefix_tokens` tokens.
-    ///
-    /// # Panics
-    ///
-    /// If `N ≤ num_prefix_tokens` or C differs from the prototypes' width.
-    pub fn forward_tokens(&self, tokens: Tensor<3>) -> Tensor<2> {
-        self.forward_input(PoolingInput::tokens(tokens))
-    }
-
-    /// Pools maps or tokens, masked or not (each valid position holds mass 1/N_valid; see
-    /// [`PoolingInput`]).
+    /// Pools feature maps `[B, C, H, W]`, a token set `[B, N, C]` (skipping the first
+    /// `num_prefix_tokens` tokens) or any [`PoolingInput`] (masked, with its own prefix) into
+    /// `[B, C]`. Each valid position holds mass 1/N_valid.
     ///
     /// # Panics
     ///
     /// If no position is left to pool, the mask's shape does not match, a mask row has no
     /// valid position, or C differs from the prototypes' width.
-    pub fn forward_input(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
+    pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
         self.forward_detailed(input).pooled
     }
 
-    /// [`forward_input`](Self::forward_input) with the pooling weights, the attributes and
+    /// [`forward`](Self::forward) for a token set `[B, N, C]`, spelled out.
+    pub fn forward_tokens(&self, tokens: Tensor<3>) -> Tensor<2> {
+        self.forward(tokens)
+    }
+
+    /// [`forward`](Self::forward) with the pooling weights, the attributes and
     /// the solver's iteration count.
     ///
     /// # Shapes

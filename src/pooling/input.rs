@@ -25,7 +25,7 @@ use crate::ops::routing;
 ///     &device,
 /// );
 /// let input = PoolingInput::tokens(tokens).with_prefix_tokens(1).with_mask(mask);
-/// assert_eq!(gem.forward_input(input).dims(), [2, 8]);
+/// assert_eq!(gem.forward(input).dims(), [2, 8]);
 /// ```
 ///
 /// # Shapes

@@ -7,7 +7,7 @@
 //! | [`GroupGem`] | the generalized mean, one `p` per channel group | `p: [groups]` |
 //! | [`Gsp`] | weights from partial optimal transport onto prototypes | `prototypes: [K, C]` |
 //!
-//! Every layer has `forward(maps)`, `forward_tokens(tokens)` and `forward_input(input)` for a
+//! Every layer has `forward(maps)`, `forward_tokens(tokens)` and `forward(input)` for a
 //! [`PoolingInput`] (maps or tokens, with a mask, with prefix tokens).
 
 mod gap;

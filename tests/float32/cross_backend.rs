@@ -66,7 +66,7 @@ fn outcome(device: &Device) -> Vec<(&'static str, Vec<f64>)> {
         ),
         &device,
     );
-    let y = ggem.forward_input(PoolingInput::tokens(tokens.clone()).with_mask(mask.clone()));
+    let y = ggem.forward(PoolingInput::tokens(tokens.clone()).with_mask(mask.clone()));
     out.push(("ggem y", values(y.clone())));
     let grads = y.sum().backward();
     out.push(("ggem dx", values(tokens.grad(&grads).unwrap())));
@@ -159,7 +159,7 @@ fn padded_outliers_get_zero_gradient_on_every_backend() {
         let gem = GemConfig::new().with_p(200.0).init(&device);
         let tokens = floats(&x, [b, n, c], &device).require_grad();
         let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep.clone(), [b, n]), &device);
-        let y = gem.forward_input(PoolingInput::tokens(tokens.clone()).with_mask(mask));
+        let y = gem.forward(PoolingInput::tokens(tokens.clone()).with_mask(mask));
         let grads = y.clone().sum().backward();
         let dx = values(tokens.grad(&grads).unwrap());
         let outcome = vec![

@@ -32,7 +32,7 @@ fn gem_gradients_match_finite_differences() {
         let layer = GemConfig::new().with_p(p).init(&device);
         let input = tensor(x.clone(), [1, N, C], &device).require_grad();
         let mask = Tensor::<2, Bool>::from_bool(TensorData::new(valid.to_vec(), [1, N]), &device);
-        let y = layer.forward_input(PoolingInput::tokens(input.clone()).with_mask(mask));
+        let y = layer.forward(PoolingInput::tokens(input.clone()).with_mask(mask));
         let grads = (y * tensor(g.clone(), [1, C], &device)).sum().backward();
         let dx = values(input.grad(&grads).unwrap());
         let dp = values(layer.p.val().grad(&grads).unwrap());

@@ -124,16 +124,16 @@ proptest! {
         let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep.repeat(b), [b, n]), &device);
 
         let gap = GapConfig::new().init();
-        assert_close(&values(gap.forward_input(PoolingInput::tokens(full.clone()).with_mask(mask.clone()))),
+        assert_close(&values(gap.forward(PoolingInput::tokens(full.clone()).with_mask(mask.clone()))),
             &values(gap.forward_tokens(subset.clone())), 1e-12, 1e-14, "GAP");
         let gem = GemConfig::new().with_p(p).init(&device);
-        assert_close(&values(gem.forward_input(PoolingInput::tokens(full.clone()).with_mask(mask.clone()))),
+        assert_close(&values(gem.forward(PoolingInput::tokens(full.clone()).with_mask(mask.clone()))),
             &values(gem.forward_tokens(subset.clone())), 1e-12, 1e-14, "GeM");
         let ggem = GroupGemConfig::new(1).with_p(p).init(&device);
-        assert_close(&values(ggem.forward_input(PoolingInput::tokens(full.clone()).with_mask(mask.clone()))),
+        assert_close(&values(ggem.forward(PoolingInput::tokens(full.clone()).with_mask(mask.clone()))),
             &values(ggem.forward_tokens(subset.clone())), 1e-12, 1e-14, "GGeM");
         let gsp = gsp_layer(vec![0.3; 2 * c], 2, c, 0.4, 0.2, &device);
-        assert_close(&values(gsp.forward_input(PoolingInput::tokens(full).with_mask(mask))),
+        assert_close(&values(gsp.forward(PoolingInput::tokens(full).with_mask(mask))),
             &values(gsp.forward_tokens(subset)), 1e-9, 1e-11, "GSP");
     }
 
@@ -255,6 +255,6 @@ proptest! {
         let gsp = gsp_layer(vec![0.25; 2 * c], 2, c, 0.3, 0.2, &device);
         let gsp_prefixed = Gsp { num_prefix_tokens: 1, ..gsp_layer(vec![0.25; 2 * c], 2, c, 0.3, 0.2, &device) };
         let mask = Tensor::<2, Bool>::from_bool(TensorData::new(vec![true; b * (n + 1)], [b, n + 1]), &device);
-        assert_close(&values(gsp_prefixed.forward_input(PoolingInput::tokens(with_class).with_mask(mask))), &values(gsp.forward_tokens(patches)), 1e-10, 1e-12, "GSP");
+        assert_close(&values(gsp_prefixed.forward(PoolingInput::tokens(with_class).with_mask(mask))), &values(gsp.forward_tokens(patches)), 1e-10, 1e-12, "GSP");
     }
 }

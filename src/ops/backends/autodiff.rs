@@ -13,7 +13,7 @@ use burn::backend::{AutodiffBackend, Backend, DispatchKindConversion, DispatchTe
 
 use crate::layout::Layout;
 use crate::maths::settings::TransportSettings;
-use crate::ops::PoolingOps;
+use crate::ops::{PoolingOps, TransportOutput};
 
 /// How often each analytical backward ran (tests check that it, not a fallback, was used).
 #[cfg(test)]
@@ -33,10 +33,7 @@ fn count(counter: &std::sync::atomic::AtomicUsize) {
 
 /// The autodiff node of one transport solve, whose output is the plan or its marginals.
 #[derive(Debug)]
-enum TransportBackward {
-    Plan,
-    Marginals,
-}
+struct TransportBackward(TransportOutput);
 
 impl<B: Backend + PoolingOps> Backward<B, 1> for TransportBackward {
     /// Plan `[B, K+1, N]`, masses `[B, N]`, ε.
@@ -49,12 +46,7 @@ impl<B: Backend + PoolingOps> Backward<B, 1> for TransportBackward {
         let [costs] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         if let Some(costs) = costs {
-            let cost_grad = match self {
-                TransportBackward::Plan => B::partial_transport_backward(plan, grad, mass, epsilon),
-                TransportBackward::Marginals => {
-                    B::transport_marginals_backward(plan, grad, mass, epsilon)
-                }
-            };
+            let cost_grad = B::partial_transport_backward(plan, grad, mass, epsilon, self.0);
             grads.register::<B>(costs.id, cost_grad);
         }
     }
@@ -207,19 +199,24 @@ where
         costs: FloatTensor<Self>,
         mass: FloatTensor<Self>,
         settings: TransportSettings,
-    ) -> (FloatTensor<Self>, IntTensor<Self>) {
+        output: TransportOutput,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
         let costs_node = costs.node();
         let mass = mass.into_primitive();
-        let (plan, iterations) =
-            B::partial_transport(costs.into_primitive(), mass.clone(), settings);
-        let plan = TransportBackward::Plan.record::<B, C>(
+        let (first, plan, iterations) =
+            B::partial_transport(costs.into_primitive(), mass.clone(), settings, output);
+        let first = TransportBackward(output).record::<B, C>(
             costs_node,
+            first,
             plan.clone(),
-            plan,
             mass,
             settings.epsilon,
         );
-        (plan, iterations)
+        (
+            first,
+            <Self as AutodiffBackend>::from_inner(plan),
+            iterations,
+        )
     }
 
     /// First-order only: the backward is computed on the inner backend and not recorded.
@@ -228,50 +225,14 @@ where
         grad: FloatTensor<Self>,
         mass: FloatTensor<Self>,
         epsilon: f64,
+        output: TransportOutput,
     ) -> FloatTensor<Self> {
         <Self as AutodiffBackend>::from_inner(B::partial_transport_backward(
             plan.into_primitive(),
             grad.into_primitive(),
             mass.into_primitive(),
             epsilon,
-        ))
-    }
-
-    fn transport_marginals(
-        costs: FloatTensor<Self>,
-        mass: FloatTensor<Self>,
-        settings: TransportSettings,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
-        let costs_node = costs.node();
-        let mass = mass.into_primitive();
-        let (marginals, plan, iterations) =
-            B::transport_marginals(costs.into_primitive(), mass.clone(), settings);
-        let marginals = TransportBackward::Marginals.record::<B, C>(
-            costs_node,
-            marginals,
-            plan.clone(),
-            mass,
-            settings.epsilon,
-        );
-        (
-            marginals,
-            <Self as AutodiffBackend>::from_inner(plan),
-            iterations,
-        )
-    }
-
-    /// First-order only: the backward is computed on the inner backend and not recorded.
-    fn transport_marginals_backward(
-        plan: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        mass: FloatTensor<Self>,
-        epsilon: f64,
-    ) -> FloatTensor<Self> {
-        <Self as AutodiffBackend>::from_inner(B::transport_marginals_backward(
-            plan.into_primitive(),
-            grad.into_primitive(),
-            mass.into_primitive(),
-            epsilon,
+            output,
         ))
     }
 

@@ -415,3 +415,86 @@ mod tests {
         }
     }
 }
+
+/// The fused kernel and its backward against the reference composites.
+#[cfg(all(test, feature = "autodiff"))]
+mod against_composite {
+    use burn::tensor::Tensor;
+
+    use crate::layout::Layout;
+    use crate::maths::costs::{composite_costs, costs_gradient};
+    use burn::tensor::{Device, Distribution, Tolerance};
+    use std::sync::atomic::Ordering;
+
+    use crate::ops::BACKWARD_CALLS;
+    use crate::transport::transport_costs;
+
+    /// The fused Flex kernel and its backward against the composite form under autodiff and
+    /// against the closed-form `costs_gradient`, both layouts, with features and prototypes
+    /// inside and outside the unit ball and one position equal to a prototype (its distance
+    /// is clamped, so its gradient is 0).
+    #[test]
+    fn fused_kernel_matches_composite_paths() {
+        let device = Device::flex().autodiff();
+        device.seed(4);
+        let (b, n, c, k) = (3, 7, 6, 4);
+        let prototypes = Tensor::<2>::random([k, c], Distribution::Uniform(-0.6, 0.6), &device);
+        // Prototype 0 outside the unit ball.
+        let prototypes = prototypes.slice_fill([0..1, 0..c], 0.9);
+        for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+            let shape = layout.dims(b, n, c);
+            // Rows of either norm: values up to 0.8 give norms on both sides of 1.
+            let x = Tensor::<3>::random(shape, Distribution::Uniform(-0.8, 0.8), &device);
+            // Position 0 of sample 0 equal to prototype 1 (inside the ball).
+            let copy = prototypes.clone().slice([1..2, 0..c]);
+            let x = match layout {
+                Layout::ChannelsLast => x.slice_assign([0..1, 0..1, 0..c], copy.unsqueeze_dim(0)),
+                Layout::ChannelsFirst => {
+                    x.slice_assign([0..1, 0..c, 0..1], copy.transpose().unsqueeze_dim(0))
+                }
+            };
+            let weights = Tensor::<3>::random([b, k, n], Distribution::Uniform(-1.0, 1.0), &device);
+
+            let (xf, pf) = (x.clone().require_grad(), prototypes.clone().require_grad());
+            let before = BACKWARD_CALLS::COSTS.load(Ordering::SeqCst);
+            let fused = transport_costs(xf.clone(), pf.clone(), layout);
+            let grads = (fused.clone() * weights.clone()).sum().backward();
+            assert!(BACKWARD_CALLS::COSTS.load(Ordering::SeqCst) > before);
+            let (fused_dx, fused_dp) = (xf.grad(&grads).unwrap(), pf.grad(&grads).unwrap());
+
+            let (xc, pc) = (x.clone().require_grad(), prototypes.clone().require_grad());
+            let composite = composite_costs(xc.clone(), pc.clone(), layout);
+            let grads = (composite.clone() * weights.clone()).sum().backward();
+            let tolerance = Tolerance::rel_abs(1e-4, 1e-5);
+            fused
+                .clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&composite.into_data(), tolerance);
+            let cost = fused.clone().slice([0..1, 1..2, 0..1]).into_scalar::<f32>();
+            // In f32 the squared distance cancels to within rounding, not necessarily to 0.
+            assert!(cost < 1e-3, "a position equal to a prototype costs {cost}");
+            fused_dx
+                .clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&xc.grad(&grads).unwrap().into_data(), tolerance);
+            fused_dp
+                .clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&pc.grad(&grads).unwrap().into_data(), tolerance);
+
+            let (closed_dx, closed_dp) = costs_gradient(
+                x.inner(),
+                prototypes.clone().inner(),
+                fused.inner(),
+                weights.inner(),
+                layout,
+            );
+            closed_dx
+                .into_data()
+                .assert_approx_eq::<f32>(&fused_dx.into_data(), tolerance);
+            closed_dp
+                .into_data()
+                .assert_approx_eq::<f32>(&fused_dp.into_data(), tolerance);
+        }
+    }
+}

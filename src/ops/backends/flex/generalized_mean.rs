@@ -378,3 +378,110 @@ mod tests {
         }
     }
 }
+
+/// The fused kernel and its backward against the reference composites.
+#[cfg(all(test, feature = "autodiff"))]
+mod against_composite {
+    use burn::tensor::Tensor;
+
+    use crate::layout::Layout;
+    use crate::maths::generalized_mean::{composite_backward, composite_forward};
+    use burn::tensor::{Bool, Device, Distribution, TensorData, Tolerance};
+
+    use crate::ops::routing::generalized_mean;
+
+    /// The fused Flex kernel and its analytical backward against the composite form under
+    /// autodiff and against the composite closed-form backward, both layouts, with a mask
+    /// (one padded position holding an outlier), a clamped channel and powers from 1 to 200 (in f32, ∂y/∂x at p = 200 carries p times
+    /// the rounding of ln, hence 1e-4).
+    #[test]
+    fn fused_kernel_matches_composite_paths() {
+        let device = Device::flex().autodiff();
+        device.seed(1);
+        let (b, n, c) = (3, 7, 5);
+        for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+            let shape = layout.dims(b, n, c);
+            let x = Tensor::<3>::random(shape, Distribution::Uniform(-0.5, 3.0), &device);
+            // Channel 0 at the first position of each sample below the clamp.
+            let x = x.slice_fill([0..b, 0..1, 0..1], -1.0);
+            // A padded position (sample 0, position 3) far above every valid value: at p = 40
+            // and 200 its power overflows f32, which must not reach any output or gradient.
+            let x = if layout.is_channels_last() {
+                x.slice_fill([0..1, 3..4, 0..c], 50.0)
+            } else {
+                x.slice_fill([0..1, 0..c, 3..4], 50.0)
+            };
+            let powers = Tensor::<1>::from_floats([1.0, 2.5, 3.0, 40.0, 200.0], &device);
+            let keep: Vec<bool> = (0..b * n).map(|i| i % 4 != 3).collect();
+            let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep, [b, n]), &device);
+            let features = x.clone().require_grad();
+            let p = powers.clone().require_grad();
+            let fused = generalized_mean(
+                features.clone(),
+                p.clone(),
+                Some(mask.clone().float()),
+                1e-6,
+                layout,
+            );
+            let weights = Tensor::<2>::random([b, c], Distribution::Uniform(-1.0, 1.0), &device);
+            let grads = (fused.clone() * weights.clone()).sum().backward();
+            let (fused_dx, fused_dp) = (features.grad(&grads).unwrap(), p.grad(&grads).unwrap());
+
+            let xc = x.clone().require_grad();
+            let pc = powers.clone().require_grad();
+            let composite = composite_forward(
+                xc.clone(),
+                pc.clone(),
+                Some(mask.clone().float()),
+                1e-6,
+                layout,
+            );
+            let grads = (composite.clone() * weights.clone()).sum().backward();
+            let tolerance = Tolerance::rel_abs(1e-4, 1e-6);
+            fused
+                .clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&composite.into_data(), tolerance);
+            let composite_dx = xc.grad(&grads).unwrap();
+            fused_dx
+                .clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&composite_dx.into_data(), tolerance);
+            fused_dp.clone().into_data().assert_approx_eq::<f32>(
+                &pc.grad(&grads).unwrap().into_data(),
+                Tolerance::rel_abs(1e-4, 1e-5),
+            );
+
+            let (closed_dx, closed_dp) = composite_backward(
+                x.inner(),
+                powers.inner(),
+                mask.float().inner(),
+                fused.inner(),
+                weights.inner(),
+                1e-6,
+                layout,
+            );
+            closed_dx
+                .into_data()
+                .assert_approx_eq::<f32>(&fused_dx.into_data(), tolerance);
+            closed_dp
+                .into_data()
+                .assert_approx_eq::<f32>(&fused_dp.into_data(), Tolerance::rel_abs(1e-4, 1e-5));
+        }
+    }
+
+    #[test]
+    fn generalized_mean_backward_runs_the_analytical_node() {
+        use crate::ops::BACKWARD_CALLS;
+        use std::sync::atomic::Ordering;
+        let device = Device::flex().autodiff();
+        let x = Tensor::<3>::ones([2, 3, 4], &device).require_grad();
+        let before = BACKWARD_CALLS::GENERALIZED_MEAN.load(Ordering::SeqCst);
+        let powers = Tensor::ones([3], &device);
+        let grads = generalized_mean(x.clone(), powers, None, 1e-6, Layout::ChannelsFirst)
+            .sum()
+            .backward();
+        assert!(BACKWARD_CALLS::GENERALIZED_MEAN.load(Ordering::SeqCst) > before);
+        assert!(x.grad(&grads).is_some());
+    }
+}

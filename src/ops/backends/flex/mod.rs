@@ -24,7 +24,7 @@ use burn::tensor::{DType, Element, FloatDType, TensorData};
 
 use crate::layout::Layout;
 use crate::maths::settings::TransportSettings;
-use crate::ops::PoolingOps;
+use crate::ops::{PoolingOps, TransportOutput};
 
 /// Runs `$body` with the type `$t` bound to the element type of `$dtype` (f32 or f64; the
 /// inputs went through [`kernel_input`], so halves arrive as f32).
@@ -97,10 +97,27 @@ impl PoolingOps for Flex {
         costs: FloatTensor<Self>,
         mass: FloatTensor<Self>,
         settings: TransportSettings,
-    ) -> (FloatTensor<Self>, IntTensor<Self>) {
+        output: TransportOutput,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
         let dtype = costs.dtype();
         let (plan, iterations) = solve(costs, mass, &settings);
-        (kernel_output(plan, dtype), iterations)
+        let first = match output {
+            TransportOutput::Plan => plan.clone(),
+            TransportOutput::Marginals => {
+                let [batch, rows, positions] = dims3(&plan);
+                with_float!(plan.dtype(), "transport marginals", T => {
+                    tensor(
+                        transport::marginals::<T>(view(&plan), [rows - 1, positions]),
+                        [batch, positions + rows - 1],
+                    )
+                })
+            }
+        };
+        (
+            kernel_output(first, dtype),
+            kernel_output(plan, dtype),
+            iterations,
+        )
     }
 
     fn partial_transport_backward(
@@ -108,38 +125,9 @@ impl PoolingOps for Flex {
         grad: FloatTensor<Self>,
         mass: FloatTensor<Self>,
         epsilon: f64,
+        output: TransportOutput,
     ) -> FloatTensor<Self> {
-        transport_gradient(plan, grad, mass, epsilon, false)
-    }
-
-    fn transport_marginals(
-        costs: FloatTensor<Self>,
-        mass: FloatTensor<Self>,
-        settings: TransportSettings,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
-        let dtype = costs.dtype();
-        let (plan, iterations) = solve(costs, mass, &settings);
-        let [batch, rows, positions] = dims3(&plan);
-        let marginals = with_float!(plan.dtype(), "transport marginals", T => {
-            tensor(
-                transport::marginals::<T>(view(&plan), [rows - 1, positions]),
-                [batch, positions + rows - 1],
-            )
-        });
-        (
-            kernel_output(marginals, dtype),
-            kernel_output(plan, dtype),
-            iterations,
-        )
-    }
-
-    fn transport_marginals_backward(
-        plan: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        mass: FloatTensor<Self>,
-        epsilon: f64,
-    ) -> FloatTensor<Self> {
-        transport_gradient(plan, grad, mass, epsilon, true)
+        transport_gradient(plan, grad, mass, epsilon, output)
     }
 
     fn generalized_mean(
@@ -248,23 +236,22 @@ impl PoolingOps for Flex {
     }
 }
 
-/// ∂L/∂costs `[B, K, N]` from the plan `[B, K+1, N]`, the masses and ∂L/∂plan, or
-/// ∂L/∂marginals `[B, N + K]` when `marginals`.
+/// ∂L/∂costs `[B, K, N]` from the plan `[B, K+1, N]`, the masses and the gradient of the
+/// solve's `output` (∂L/∂plan, or ∂L/∂marginals `[B, N + K]`).
 fn transport_gradient(
     plan: FlexTensor,
     grad: FlexTensor,
     mass: FlexTensor,
     epsilon: f64,
-    marginals: bool,
+    output: TransportOutput,
 ) -> FlexTensor {
     let [batch, rows, positions] = dims3(&plan);
     let dtype = plan.dtype();
     let [plan, grad, mass] = [plan, grad, mass].map(kernel_input);
     let gradient = with_float!(plan.dtype(), "partial transport", T => {
-        let kernel = if marginals {
-            transport::marginals_backward::<T>
-        } else {
-            transport::backward::<T>
+        let kernel = match output {
+            TransportOutput::Marginals => transport::marginals_backward::<T>,
+            TransportOutput::Plan => transport::backward::<T>,
         };
         tensor(
             kernel(view(&plan), view(&grad), view(&mass), [rows - 1, positions], epsilon),
@@ -453,7 +440,12 @@ mod tests {
                     pick(&costs_grad),
                     layout,
                 );
-                let (plan, _) = Flex::partial_transport(pick(&costs_in), pick(&mass), settings);
+                let (plan, _, _) = Flex::partial_transport(
+                    pick(&costs_in),
+                    pick(&mass),
+                    settings,
+                    TransportOutput::Plan,
+                );
                 let plan_in = (
                     cast(&plan, dtype),
                     cast(&cast(&plan, dtype), FloatDType::F32),
@@ -463,14 +455,20 @@ mod tests {
                     pick(&plan_grad),
                     pick(&mass),
                     settings.epsilon,
+                    TransportOutput::Plan,
                 );
-                let (marginals, marginal_plan, _) =
-                    Flex::transport_marginals(pick(&costs_in), pick(&mass), settings);
-                let d_costs_marginals = Flex::transport_marginals_backward(
+                let (marginals, marginal_plan, _) = Flex::partial_transport(
+                    pick(&costs_in),
+                    pick(&mass),
+                    settings,
+                    TransportOutput::Marginals,
+                );
+                let d_costs_marginals = Flex::partial_transport_backward(
                     pick(&plan_in),
                     pick(&marginals_grad),
                     pick(&mass),
                     settings.epsilon,
+                    TransportOutput::Marginals,
                 );
                 let mean = Flex::generalized_mean(
                     pick(&positive),
