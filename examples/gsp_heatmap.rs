@@ -34,16 +34,7 @@ fn main() {
         .unwrap_or(300);
     let device = Device::flex().autodiff();
     let split = Split::new(CLASSES, 2023);
-    let protocol = Protocol {
-        steps,
-        classes_per_batch: 16,
-        samples_per_class: 4,
-        learning_rate: 2e-3,
-        scale: 16.0,
-        gsp_warmup: steps / 8,
-        zsr_weight: 0.1,
-        seed: 42,
-    };
+    let protocol = Protocol::recipe(steps);
     let config = GspConfig::new(common::FEATURES)
         .with_num_prototypes(16)
         .with_transport_ratio(0.3)

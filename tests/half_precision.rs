@@ -23,13 +23,7 @@ const RTOL: f64 = 4e-3;
 
 fn flex_f16() -> Device {
     static CONFIGURE: Once = Once::new();
-    let mut device = Device::flex();
-    CONFIGURE.call_once(|| {
-        device
-            .configure(FloatDType::F16)
-            .expect("Flex accepts f16 as its float dtype")
-    });
-    device
+    common::flex_with(FloatDType::F16, &CONFIGURE)
 }
 
 /// A random `[B, N, C]` f16 input and its values after rounding to f16.

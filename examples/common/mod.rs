@@ -356,6 +356,23 @@ pub struct Protocol {
     pub seed: u64,
 }
 
+impl Protocol {
+    /// The examples' recipe: 16 classes × 4 images per batch, Adam at 2e-3, a cosine scale of
+    /// 16, GSP pooling as GAP for the first eighth of the steps, 0.1 · ZSR, seed 42.
+    pub fn recipe(steps: usize) -> Self {
+        Self {
+            steps,
+            classes_per_batch: 16,
+            samples_per_class: 4,
+            learning_rate: 2e-3,
+            scale: 16.0,
+            gsp_warmup: steps / 8,
+            zsr_weight: 0.1,
+            seed: 42,
+        }
+    }
+}
+
 /// Trains `pooling` from `seed` (same backbone and data order for every head) and returns the
 /// trained net and the final mean loss.
 pub fn train(

@@ -1,12 +1,13 @@
 //! GSP's zero-shot regularisation loss (gsp.md §8).
 
 use burn::config::Config;
-use burn::module::{Content, DisplaySettings, Module, ModuleDisplay, Param};
+use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor};
 
 use super::cholesky::solve_spd;
+use crate::display::one_line_display;
 
 /// How a batch is split into two class-disjoint halves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,21 +115,12 @@ pub struct ZeroShotLoss {
     pub logit_scale: f64,
 }
 
-impl ModuleDisplay for ZeroShotLoss {
-    fn custom_settings(&self) -> Option<DisplaySettings> {
-        crate::display::one_line()
-    }
-
-    fn custom_content(&self, content: Content) -> Option<Content> {
-        let [classes, dim] = self.embeddings.shape().dims();
-        content
-            .add("num_classes", &classes)
-            .add("embedding_dim", &dim)
-            .add("ridge", &self.ridge)
-            .add("logit_scale", &self.logit_scale)
-            .optional()
-    }
-}
+one_line_display!(ZeroShotLoss, |loss|
+    "num_classes" => loss.embeddings.shape().dims::<2>()[0],
+    "embedding_dim" => loss.embeddings.shape().dims::<2>()[1],
+    "ridge" => loss.ridge,
+    "logit_scale" => loss.logit_scale,
+);
 
 impl ZeroShotLoss {
     /// The loss of a batch.

@@ -1,10 +1,11 @@
 //! Global average pooling, the baseline every other layer here generalises.
 
 use burn::config::Config;
-use burn::module::{Content, DisplaySettings, Module, ModuleDisplay};
+use burn::module::Module;
 use burn::tensor::Tensor;
 
 use super::input::PoolingInput;
+use crate::display::one_line_display;
 
 /// Configuration of [`Gap`].
 #[derive(Config, Debug)]
@@ -35,17 +36,7 @@ pub struct Gap {
     pub num_prefix_tokens: usize,
 }
 
-impl ModuleDisplay for Gap {
-    fn custom_settings(&self) -> Option<DisplaySettings> {
-        crate::display::one_line()
-    }
-
-    fn custom_content(&self, content: Content) -> Option<Content> {
-        content
-            .add("num_prefix_tokens", &self.num_prefix_tokens)
-            .optional()
-    }
-}
+one_line_display!(Gap, |gap| "num_prefix_tokens" => gap.num_prefix_tokens);
 
 impl Gap {
     /// Pools feature maps `[B, C, H, W]`, a token set `[B, N, C]` (skipping the first

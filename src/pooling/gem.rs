@@ -1,10 +1,11 @@
 //! Generalized mean (GeM) pooling with a learnable power.
 
 use burn::config::Config;
-use burn::module::{Content, DisplaySettings, Module, ModuleDisplay, Param};
+use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 
 use super::input::PoolingInput;
+use crate::display::one_line_display;
 
 /// Configuration of [`Gem`]. Defaults follow Radenović et al. (TPAMI 2018).
 #[derive(Config, Debug)]
@@ -77,15 +78,10 @@ pub struct Gem {
     pub num_prefix_tokens: usize,
 }
 
-impl ModuleDisplay for Gem {
-    fn custom_settings(&self) -> Option<DisplaySettings> {
-        crate::display::one_line()
-    }
-
-    fn custom_content(&self, content: Content) -> Option<Content> {
-        content.add("eps", &self.eps).optional()
-    }
-}
+one_line_display!(Gem, |gem|
+    "eps" => gem.eps,
+    "num_prefix_tokens" => gem.num_prefix_tokens,
+);
 
 impl Gem {
     /// Pools feature maps `[B, C, H, W]`, a token set `[B, N, C]` (skipping the first
@@ -98,9 +94,7 @@ impl Gem {
     /// valid position.
     pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
         let positions = input.into().resolve("Gem", self.num_prefix_tokens);
-        let (_, _, channels) = positions.dims();
-        let powers = self.p.val().expand([channels]);
-        positions.generalized_mean(powers, self.eps)
+        positions.generalized_mean(|channels| self.p.val().expand([channels]), self.eps)
     }
 
     /// [`forward`](Self::forward) for a token set `[B, N, C]`, spelled out.

@@ -1,11 +1,12 @@
 //! Group generalized mean (GGeM) pooling: GeM with one learnable power per channel group.
 
 use burn::config::Config;
-use burn::module::{Content, DisplaySettings, Module, ModuleDisplay, Param};
+use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 
 use super::gem::check_power;
 use super::input::PoolingInput;
+use crate::display::one_line_display;
 
 /// How channels are assigned to the groups of [`GroupGem`]. Default: contiguous.
 #[derive(Config, Copy, Debug, PartialEq, Eq)]
@@ -92,21 +93,12 @@ pub struct GroupGem {
     pub num_prefix_tokens: usize,
 }
 
-impl ModuleDisplay for GroupGem {
-    fn custom_settings(&self) -> Option<DisplaySettings> {
-        crate::display::one_line()
-    }
-
-    fn custom_content(&self, content: Content) -> Option<Content> {
-        let [groups] = self.p.shape().dims();
-        content
-            .add("groups", &groups)
-            .add("eps", &self.eps)
-            .add("layout", &format!("{:?}", self.layout))
-            .add("num_prefix_tokens", &self.num_prefix_tokens)
-            .optional()
-    }
-}
+one_line_display!(GroupGem, |ggem|
+    "groups" => ggem.groups(),
+    "eps" => ggem.eps,
+    "layout" => format!("{:?}", ggem.layout),
+    "num_prefix_tokens" => ggem.num_prefix_tokens,
+);
 
 impl GroupGem {
     /// Number of channel groups.
@@ -145,9 +137,7 @@ impl GroupGem {
     /// valid position, or C is not divisible by `groups`.
     pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
         let positions = input.into().resolve("GroupGem", self.num_prefix_tokens);
-        let (_, _, channels) = positions.dims();
-        let powers = self.channel_powers(channels);
-        positions.generalized_mean(powers, self.eps)
+        positions.generalized_mean(|channels| self.channel_powers(channels), self.eps)
     }
 
     /// [`forward`](Self::forward) for a token set `[B, N, C]`, spelled out.

@@ -2,11 +2,12 @@
 //! transport of the features onto learnable prototypes.
 
 use burn::config::Config;
-use burn::module::{Content, DisplaySettings, Module, ModuleDisplay, Param};
+use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::{Bool, Device, Int, Tensor};
 
 use super::input::{PoolingInput, Positions};
+use crate::display::one_line_display;
 use crate::maths::costs::lipschitz_normalize;
 use crate::maths::settings::{TransportSettings, TransportSolver};
 use crate::ops::routing::{transport_costs, transport_marginals};
@@ -142,23 +143,14 @@ pub struct Gsp {
     pub num_prefix_tokens: usize,
 }
 
-impl ModuleDisplay for Gsp {
-    fn custom_settings(&self) -> Option<DisplaySettings> {
-        crate::display::one_line()
-    }
-
-    fn custom_content(&self, content: Content) -> Option<Content> {
-        let [prototypes, channels] = self.prototypes.shape().dims();
-        content
-            .add("channels", &channels)
-            .add("num_prototypes", &prototypes)
-            .add("transport_ratio", &self.settings.transport_ratio)
-            .add("epsilon", &self.settings.epsilon)
-            .add("solver", &format!("{:?}", self.settings.solver))
-            .add("num_prefix_tokens", &self.num_prefix_tokens)
-            .optional()
-    }
-}
+one_line_display!(Gsp, |gsp|
+    "channels" => gsp.prototypes.shape().dims::<2>()[1],
+    "num_prototypes" => gsp.prototypes.shape().dims::<2>()[0],
+    "transport_ratio" => gsp.settings.transport_ratio,
+    "epsilon" => gsp.settings.epsilon,
+    "solver" => format!("{:?}", gsp.settings.solver),
+    "num_prefix_tokens" => gsp.num_prefix_tokens,
+);
 
 impl Gsp {
     fn dims(&self) -> [usize; 2] {

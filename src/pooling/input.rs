@@ -223,9 +223,11 @@ impl Positions {
         }
     }
 
-    /// The generalized mean `[B, C]` with one power per channel (`powers: [C]`) and clamp
-    /// `eps`, over the valid positions.
-    pub fn generalized_mean(self, powers: Tensor<1>, eps: f64) -> Tensor<2> {
+    /// The generalized mean `[B, C]` with clamp `eps` over the valid positions, with one power
+    /// per channel: `powers(C)` gives them, `[C]`.
+    pub fn generalized_mean(self, powers: impl FnOnce(usize) -> Tensor<1>, eps: f64) -> Tensor<2> {
+        let (_, _, channels) = self.dims();
+        let powers = powers(channels);
         let mask = self.float_mask();
         routing::generalized_mean(self.features, powers, mask, eps, self.layout)
     }

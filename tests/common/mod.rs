@@ -9,11 +9,17 @@ use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 /// The Flex device with f64 floats (configured once per test process).
 pub fn flex_f64() -> Device {
     static CONFIGURE: Once = Once::new();
+    flex_with(FloatDType::F64, &CONFIGURE)
+}
+
+/// The Flex device with `dtype` floats, configured the first time `once` runs (a device's
+/// float dtype holds for the whole process).
+pub fn flex_with(dtype: FloatDType, once: &Once) -> Device {
     let mut device = Device::flex();
-    CONFIGURE.call_once(|| {
+    once.call_once(|| {
         device
-            .configure(FloatDType::F64)
-            .expect("Flex accepts f64 as its float dtype")
+            .configure(dtype)
+            .unwrap_or_else(|err| panic!("Flex accepts {dtype:?} as its float dtype: {err:?}"))
     });
     device
 }

@@ -150,15 +150,18 @@ impl<B: Backend + PoolingOps> Backward<B, 2> for WeightedSumBackward {
     }
 }
 
+/// A float primitive of the autodiff backend.
+type Tracked<B, C> = FloatTensor<Autodiff<B, C>>;
+
 impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, C>
 where
     DispatchTensor: DispatchKindConversion<Self>,
 {
     fn transport_costs(
-        features: FloatTensor<Self>,
-        prototypes: FloatTensor<Self>,
+        features: Tracked<B, C>,
+        prototypes: Tracked<B, C>,
         layout: Layout,
-    ) -> FloatTensor<Self> {
+    ) -> Tracked<B, C> {
         let parents = [features.node(), prototypes.node()];
         let (features, prototypes) = (features.into_primitive(), prototypes.into_primitive());
         let costs = B::transport_costs(features.clone(), prototypes.clone(), layout);
@@ -176,12 +179,12 @@ where
 
     /// First-order only: the backward is computed on the inner backend and not recorded.
     fn transport_costs_backward(
-        features: FloatTensor<Self>,
-        prototypes: FloatTensor<Self>,
-        costs: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
+        features: Tracked<B, C>,
+        prototypes: Tracked<B, C>,
+        costs: Tracked<B, C>,
+        grad: Tracked<B, C>,
         layout: Layout,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    ) -> (Tracked<B, C>, Tracked<B, C>) {
         let (d_features, d_prototypes) = B::transport_costs_backward(
             features.into_primitive(),
             prototypes.into_primitive(),
@@ -196,11 +199,11 @@ where
     }
 
     fn partial_transport(
-        costs: FloatTensor<Self>,
-        mass: FloatTensor<Self>,
+        costs: Tracked<B, C>,
+        mass: Tracked<B, C>,
         settings: TransportSettings,
         output: TransportOutput,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
+    ) -> (Tracked<B, C>, Tracked<B, C>, IntTensor<B>) {
         let costs_node = costs.node();
         let mass = mass.into_primitive();
         let (first, plan, iterations) =
@@ -221,12 +224,12 @@ where
 
     /// First-order only: the backward is computed on the inner backend and not recorded.
     fn partial_transport_backward(
-        plan: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        mass: FloatTensor<Self>,
+        plan: Tracked<B, C>,
+        grad: Tracked<B, C>,
+        mass: Tracked<B, C>,
         epsilon: f64,
         output: TransportOutput,
-    ) -> FloatTensor<Self> {
+    ) -> Tracked<B, C> {
         <Self as AutodiffBackend>::from_inner(B::partial_transport_backward(
             plan.into_primitive(),
             grad.into_primitive(),
@@ -237,12 +240,12 @@ where
     }
 
     fn generalized_mean(
-        x: FloatTensor<Self>,
-        powers: FloatTensor<Self>,
-        mask: FloatTensor<Self>,
+        x: Tracked<B, C>,
+        powers: Tracked<B, C>,
+        mask: Tracked<B, C>,
         eps: f64,
         layout: Layout,
-    ) -> FloatTensor<Self> {
+    ) -> Tracked<B, C> {
         let parents = [x.node(), powers.node()];
         let (x, powers, mask) = (
             x.into_primitive(),
@@ -264,14 +267,14 @@ where
 
     /// First-order only: the backward is computed on the inner backend and not recorded.
     fn generalized_mean_backward(
-        x: FloatTensor<Self>,
-        powers: FloatTensor<Self>,
-        mask: FloatTensor<Self>,
-        output: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
+        x: Tracked<B, C>,
+        powers: Tracked<B, C>,
+        mask: Tracked<B, C>,
+        output: Tracked<B, C>,
+        grad: Tracked<B, C>,
         eps: f64,
         layout: Layout,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    ) -> (Tracked<B, C>, Tracked<B, C>) {
         let (dx, dp) = B::generalized_mean_backward(
             x.into_primitive(),
             powers.into_primitive(),
@@ -287,11 +290,7 @@ where
         )
     }
 
-    fn weighted_sum(
-        x: FloatTensor<Self>,
-        weights: FloatTensor<Self>,
-        layout: Layout,
-    ) -> FloatTensor<Self> {
+    fn weighted_sum(x: Tracked<B, C>, weights: Tracked<B, C>, layout: Layout) -> Tracked<B, C> {
         let parents = [x.node(), weights.node()];
         let (x_tracked, weights_tracked) = (x.is_tracked(), weights.is_tracked());
         let (x, weights) = (x.into_primitive(), weights.into_primitive());
@@ -312,10 +311,10 @@ where
 
     /// First-order only: the backward is computed on the inner backend and not recorded.
     fn weighted_sum_features_backward(
-        weights: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
+        weights: Tracked<B, C>,
+        grad: Tracked<B, C>,
         layout: Layout,
-    ) -> FloatTensor<Self> {
+    ) -> Tracked<B, C> {
         <Self as AutodiffBackend>::from_inner(B::weighted_sum_features_backward(
             weights.into_primitive(),
             grad.into_primitive(),
@@ -325,10 +324,10 @@ where
 
     /// First-order only: the backward is computed on the inner backend and not recorded.
     fn weighted_sum_weights_backward(
-        x: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
+        x: Tracked<B, C>,
+        grad: Tracked<B, C>,
         layout: Layout,
-    ) -> FloatTensor<Self> {
+    ) -> Tracked<B, C> {
         <Self as AutodiffBackend>::from_inner(B::weighted_sum_weights_backward(
             x.into_primitive(),
             grad.into_primitive(),

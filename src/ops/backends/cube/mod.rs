@@ -31,14 +31,11 @@ use weighted_sum::launch_contraction;
 use crate::layout::Layout;
 use crate::ops::{PoolingOps, portable};
 
+/// The float primitive of the impl below.
+type Float = FloatTensor<Cube>;
+
 impl PoolingOps for Cube {
-    fn generalized_mean(
-        x: FloatTensor<Self>,
-        powers: FloatTensor<Self>,
-        mask: FloatTensor<Self>,
-        eps: f64,
-        layout: Layout,
-    ) -> FloatTensor<Self> {
+    fn generalized_mean(x: Float, powers: Float, mask: Float, eps: f64, layout: Layout) -> Float {
         match cube_tensors([x, powers, mask]) {
             Ok([x, powers, mask]) => {
                 from_cube(launch_generalized_mean(x, powers, mask, eps, layout))
@@ -50,14 +47,14 @@ impl PoolingOps for Cube {
     }
 
     fn generalized_mean_backward(
-        x: FloatTensor<Self>,
-        powers: FloatTensor<Self>,
-        mask: FloatTensor<Self>,
-        output: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
+        x: Float,
+        powers: Float,
+        mask: Float,
+        output: Float,
+        grad: Float,
         eps: f64,
         layout: Layout,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    ) -> (Float, Float) {
         match cube_tensors([x, powers, mask, output, grad]) {
             Ok([x, powers, mask, output, grad]) => {
                 let channels = powers.meta.shape()[0];
@@ -76,11 +73,7 @@ impl PoolingOps for Cube {
         }
     }
 
-    fn weighted_sum(
-        x: FloatTensor<Self>,
-        weights: FloatTensor<Self>,
-        layout: Layout,
-    ) -> FloatTensor<Self> {
+    fn weighted_sum(x: Float, weights: Float, layout: Layout) -> Float {
         match cube_tensors([x, weights]) {
             Ok([x, weights]) => {
                 let (positions, channels) = (layout.position_axis(), layout.channel_axis());
@@ -90,11 +83,7 @@ impl PoolingOps for Cube {
         }
     }
 
-    fn weighted_sum_weights_backward(
-        x: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        layout: Layout,
-    ) -> FloatTensor<Self> {
+    fn weighted_sum_weights_backward(x: Float, grad: Float, layout: Layout) -> Float {
         match cube_tensors([x, grad]) {
             Ok([x, grad]) => {
                 let (positions, channels) = (layout.position_axis(), layout.channel_axis());

@@ -189,20 +189,9 @@ pub(super) fn backward<T: Real>(
     (dx, dprototypes)
 }
 
-wide_kernel!(
-    /// [`forward_sample`], with wider vectors where the CPU has them.
-    fn forward_sample_wide<T: Real>(
-        x: &[T],
-        normalized: &[T],
-        prototype_squares: &[T],
-        shape: Shape3,
-        costs: &mut [T],
-    ) -> () => forward_sample
-);
-
+wide_kernel! {
 /// One sample's costs `[K, N]` from its features and the normalised prototypes `[K, C]` with
 /// their squared norms.
-#[inline(always)]
 fn forward_sample<T: Real>(
     x: &[T],
     normalized: &[T],
@@ -239,25 +228,12 @@ fn forward_sample<T: Real>(
         }
     }
 }
+=> forward_sample_wide
+}
 
-wide_kernel!(
-    /// [`backward_sample`], with wider vectors where the CPU has them.
-    fn backward_sample_wide<T: Real>(
-        x: &[T],
-        costs: &[T],
-        grad: &[T],
-        normalized: &[T],
-        shape: Shape3,
-        dx: &mut [T],
-        cross: &mut [T],
-        row_sums: &mut [T],
-    ) -> () => backward_sample
-);
-
+wide_kernel! {
 /// One sample of [`backward`]: writes its ∂L/∂x into `dx` and adds its Σ_j a_kj φ(x_j)
 /// `[K, C]` and Σ_j a_kj `[K]` into `cross` and `row_sums`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn backward_sample<T: Real>(
     x: &[T],
     costs: &[T],
@@ -322,6 +298,8 @@ fn backward_sample<T: Real>(
         features_by_row(x, shape),
         T::from_f64(1.0),
     );
+}
+=> backward_sample_wide
 }
 
 /// In place on one sample's `dx` (holding −Σ_k a_kj φ(ω_k)): adds `factor_j · x_j` to get

@@ -34,20 +34,8 @@ pub(super) fn forward<T: Real>(
     out
 }
 
-wide_kernel!(
-    /// [`forward_sample`], with wider vectors where the CPU has them.
-    fn forward_sample_wide<T: Real>(
-        x: &[T],
-        powers: &[T],
-        mask: &[T],
-        floor: T,
-        shape: Shape3,
-        out: &mut [T],
-    ) -> () => forward_sample
-);
-
+wide_kernel! {
 /// The output `[C]` of one sample `x` (`[C, N]` or `[N, C]`).
-#[inline(always)]
 fn forward_sample<T: Real>(
     x: &[T],
     powers: &[T],
@@ -62,6 +50,8 @@ fn forward_sample<T: Real>(
         let mean = moments.sum[ch] / count;
         *out = (moments.log_max[ch] + mean.ln() / powers[ch]).exp();
     }
+}
+=> forward_sample_wide
 }
 
 /// Max pass then power-sum pass over one sample `x` (`[C, N]` or `[N, C]`). Each pass is a
@@ -198,25 +188,9 @@ pub(super) fn backward<T: Real>(
     (dx, dp)
 }
 
-wide_kernel!(
-    /// [`backward_sample`], with wider vectors where the CPU has them.
-    fn backward_sample_wide<T: Real>(
-        x: &[T],
-        powers: &[T],
-        mask: &[T],
-        y: &[T],
-        g: &[T],
-        floor: T,
-        shape: Shape3,
-        dx: &mut [T],
-        dp: &mut [T],
-    ) -> () => backward_sample
-);
-
+wide_kernel! {
 /// ∂L/∂x `[C, N]` or `[N, C]` and this sample's term of ∂L/∂p `[C]`, for one sample with
 /// output `y` and upstream gradient `g`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn backward_sample<T: Real>(
     x: &[T],
     powers: &[T],
@@ -272,6 +246,8 @@ fn backward_sample<T: Real>(
         let mean_log = weighted_log[ch] / sum[ch];
         dp[ch] = g[ch] * y[ch] / powers[ch] * (mean_log - log_y[ch]);
     }
+}
+=> backward_sample_wide
 }
 
 #[cfg(test)]

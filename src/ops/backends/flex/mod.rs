@@ -44,12 +44,12 @@ macro_rules! with_float {
     };
 }
 
+/// The primitives of the impl below.
+type Float = FloatTensor<Flex>;
+type Int = IntTensor<Flex>;
+
 impl PoolingOps for Flex {
-    fn transport_costs(
-        features: FloatTensor<Self>,
-        prototypes: FloatTensor<Self>,
-        layout: Layout,
-    ) -> FloatTensor<Self> {
+    fn transport_costs(features: Float, prototypes: Float, layout: Layout) -> Float {
         let shape = Shape3::of(&features, layout);
         let [count, _] = dims2(&prototypes);
         let dtype = features.dtype();
@@ -64,12 +64,12 @@ impl PoolingOps for Flex {
     }
 
     fn transport_costs_backward(
-        features: FloatTensor<Self>,
-        prototypes: FloatTensor<Self>,
-        costs: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
+        features: Float,
+        prototypes: Float,
+        costs: Float,
+        grad: Float,
         layout: Layout,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    ) -> (Float, Float) {
         let shape = Shape3::of(&features, layout);
         let dims = features.shape().clone();
         let prototype_dims = dims2(&prototypes);
@@ -94,11 +94,11 @@ impl PoolingOps for Flex {
     }
 
     fn partial_transport(
-        costs: FloatTensor<Self>,
-        mass: FloatTensor<Self>,
+        costs: Float,
+        mass: Float,
         settings: TransportSettings,
         output: TransportOutput,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
+    ) -> (Float, Float, Int) {
         let dtype = costs.dtype();
         let (plan, iterations) = solve(costs, mass, &settings);
         let first = match output {
@@ -121,22 +121,16 @@ impl PoolingOps for Flex {
     }
 
     fn partial_transport_backward(
-        plan: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        mass: FloatTensor<Self>,
+        plan: Float,
+        grad: Float,
+        mass: Float,
         epsilon: f64,
         output: TransportOutput,
-    ) -> FloatTensor<Self> {
+    ) -> Float {
         transport_gradient(plan, grad, mass, epsilon, output)
     }
 
-    fn generalized_mean(
-        x: FloatTensor<Self>,
-        powers: FloatTensor<Self>,
-        mask: FloatTensor<Self>,
-        eps: f64,
-        layout: Layout,
-    ) -> FloatTensor<Self> {
+    fn generalized_mean(x: Float, powers: Float, mask: Float, eps: f64, layout: Layout) -> Float {
         let shape = Shape3::of(&x, layout);
         let dtype = x.dtype();
         let [x, powers, mask] = [x, powers, mask].map(kernel_input);
@@ -150,14 +144,14 @@ impl PoolingOps for Flex {
     }
 
     fn generalized_mean_backward(
-        x: FloatTensor<Self>,
-        powers: FloatTensor<Self>,
-        mask: FloatTensor<Self>,
-        output: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
+        x: Float,
+        powers: Float,
+        mask: Float,
+        output: Float,
+        grad: Float,
         eps: f64,
         layout: Layout,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    ) -> (Float, Float) {
         let shape = Shape3::of(&x, layout);
         let dims = x.shape().clone();
         let (dtype, power_dtype) = (x.dtype(), powers.dtype());
@@ -177,11 +171,7 @@ impl PoolingOps for Flex {
         (kernel_output(dx, dtype), kernel_output(dp, power_dtype))
     }
 
-    fn weighted_sum(
-        x: FloatTensor<Self>,
-        weights: FloatTensor<Self>,
-        layout: Layout,
-    ) -> FloatTensor<Self> {
+    fn weighted_sum(x: Float, weights: Float, layout: Layout) -> Float {
         let shape = Shape3::of(&x, layout);
         let dtype = x.dtype();
         let [x, weights] = [x, weights].map(kernel_input);
@@ -194,11 +184,7 @@ impl PoolingOps for Flex {
         kernel_output(output, dtype)
     }
 
-    fn weighted_sum_features_backward(
-        weights: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        layout: Layout,
-    ) -> FloatTensor<Self> {
+    fn weighted_sum_features_backward(weights: Float, grad: Float, layout: Layout) -> Float {
         let ([batch, positions], [_, channels]) = (dims2(&weights), dims2(&grad));
         let shape = Shape3 {
             batch,
@@ -218,11 +204,7 @@ impl PoolingOps for Flex {
         kernel_output(dx, dtype)
     }
 
-    fn weighted_sum_weights_backward(
-        x: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        layout: Layout,
-    ) -> FloatTensor<Self> {
+    fn weighted_sum_weights_backward(x: Float, grad: Float, layout: Layout) -> Float {
         let shape = Shape3::of(&x, layout);
         let dtype = x.dtype();
         let [x, grad] = [x, grad].map(kernel_input);

@@ -39,18 +39,8 @@ pub(super) fn forward<T: Real>(
     (plan, iterations)
 }
 
-wide_kernel!(
-    /// [`solve_sample`], with wider vectors where the CPU has them.
-    fn solve_sample_wide<T: Real>(
-        costs: &[T],
-        mass: &[f64],
-        plan: &mut [T],
-        settings: &TransportSettings,
-    ) -> usize => solve_sample
-);
-
+wide_kernel! {
 /// Solves one sample into `plan` `[K+1, N]`; returns the iterations run.
-#[inline(always)]
 fn solve_sample<T: Real>(
     costs: &[T],
     mass: &[f64],
@@ -95,6 +85,8 @@ fn solve_sample<T: Real>(
         }
     }
     iterations
+}
+=> solve_sample_wide
 }
 
 fn sigmoid(x: f64) -> f64 {

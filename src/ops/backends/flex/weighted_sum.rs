@@ -22,13 +22,8 @@ pub(super) fn forward<T: Real>(x: &[T], weights: &[T], shape: Shape3) -> Vec<T> 
     out
 }
 
-wide_kernel!(
-    /// [`sum_sample`], with wider vectors where the CPU has them.
-    fn sum_sample_wide<T: Real>(x: &[T], w: &[T], shape: Shape3, out: &mut [T]) -> () => sum_sample
-);
-
+wide_kernel! {
 /// One sample's weighted sum `[C]` of `x` (`[N, C]` or `[C, N]`).
-#[inline(always)]
 fn sum_sample<T: Real>(x: &[T], w: &[T], shape: Shape3, out: &mut [T]) {
     if shape.layout.is_channels_last() {
         for (row, &w) in x.chunks_exact(shape.channels).zip(w) {
@@ -41,6 +36,8 @@ fn sum_sample<T: Real>(x: &[T], w: &[T], shape: Shape3, out: &mut [T]) {
             *o = dot(row, w);
         }
     }
+}
+=> sum_sample_wide
 }
 
 /// ∂L/∂x_bnc = w_bn g_bc, in `x`'s layout.
@@ -79,13 +76,8 @@ pub(super) fn weights_backward<T: Real>(x: &[T], grad: &[T], shape: Shape3) -> V
     dw
 }
 
-wide_kernel!(
-    /// [`weights_sample`], with wider vectors where the CPU has them.
-    fn weights_sample_wide<T: Real>(x: &[T], g: &[T], shape: Shape3, dw: &mut [T]) -> () => weights_sample
-);
-
+wide_kernel! {
 /// One sample's ∂L/∂w `[N]`: the dot products of its positions with ∂L/∂y.
-#[inline(always)]
 fn weights_sample<T: Real>(x: &[T], g: &[T], shape: Shape3, dw: &mut [T]) {
     if shape.layout.is_channels_last() {
         for (d, row) in dw.iter_mut().zip(x.chunks_exact(shape.channels)) {
@@ -98,6 +90,8 @@ fn weights_sample<T: Real>(x: &[T], g: &[T], shape: Shape3, dw: &mut [T]) {
             }
         }
     }
+}
+=> weights_sample_wide
 }
 
 #[cfg(test)]
