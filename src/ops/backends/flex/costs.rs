@@ -405,7 +405,7 @@ mod against_composite {
     use std::sync::atomic::Ordering;
 
     use crate::ops::BACKWARD_CALLS;
-    use crate::transport::transport_costs;
+    use crate::ops::routing::transport_costs;
 
     /// The fused Flex kernel and its backward against the composite form under autodiff and
     /// against the closed-form `costs_gradient`, both layouts, with features and prototypes
