@@ -17,7 +17,7 @@
 //! * GSP + ZSR: K = 16 prototypes, μ = 0.3 (the object overlaps about a quarter of the 8×8
 //!   map), ε = 0.05 (picked from {0.02, 0.05, 0.2, 0.5} in short runs on this data; 0.2 gave
 //!   Recall@1 56 % against 67 % for 0.05 at 200 steps); loss 0.9·metric + 0.1·`ZeroShotLoss` on GSP's attributes with the batch split into
-//!   its two class-disjoint halves. As in the reference (gsp.md §9) the layer pools as GAP for a
+//!   its two class-disjoint halves. As in the reference (docs/maths.md §6) the layer pools as GAP for a
 //!   warm-up, then its prototypes are set by greedy k-center over the memory of the last 1024
 //!   GAP-pooled features.
 //!

@@ -458,7 +458,7 @@ pub fn train(
         trainee = optimizer.step(lr, trainee, grads);
 
         if pooling == Pooling::Gsp && step + 1 == protocol.gsp_warmup {
-            // Warm-up over: prototypes by greedy k-center over the memory (gsp.md §9).
+            // Warm-up over: prototypes by greedy k-center over the memory (docs/maths.md §6).
             let features = Tensor::cat(std::mem::take(&mut memory), 0);
             let gsp = trainee.net.gsp.take().expect("GSP head");
             trainee.net.gsp = Some(gsp.init_prototypes_kcenter(features));

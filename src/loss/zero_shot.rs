@@ -1,4 +1,4 @@
-//! GSP's zero-shot regularisation loss (gsp.md §8).
+//! GSP's zero-shot regularisation loss (docs/maths.md §5).
 
 use burn::config::Config;
 use burn::module::{Module, Param};

@@ -2,7 +2,7 @@
 
 use burn::config::Config;
 
-/// Which iteration finds the scalar dual β of each sample (see [`partial_transport`](super::partial_transport)).
+/// Which iteration finds the scalar dual β of each sample (see [`partial_transport`](crate::transport::partial_transport)).
 ///
 /// Both solve the same fixed point and give the same plan; they differ in speed.
 #[derive(Config, Copy, Debug, PartialEq, Eq)]

@@ -92,7 +92,7 @@ fn group_gem_gradients_match_finite_differences_in_both_layouts() {
     }
 }
 
-/// p = 1000 in f64 (the naive form overflows there) matches gem.md.
+/// p = 1000 in f64 (the naive form overflows there) matches docs/maths.md §1.
 #[test]
 fn gem_at_p_1000_in_f64() {
     let device = flex_f64();

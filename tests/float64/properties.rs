@@ -1,4 +1,4 @@
-//! Property tests of the identities in gem.md and gsp.md §7, in f64 on Flex.
+//! Property tests of the identities in docs/maths.md §1 and docs/maths.md §3, in f64 on Flex.
 
 use crate::{common, reference};
 use burn::module::Param;

@@ -1,7 +1,7 @@
 //! Self-check of the `f64` reference oracle in `tests/reference/mod.rs`: the test vectors of
-//! `docs/gem.md`, the closed-form gradients against central differences, the GSP mass
-//! constraints, optimality conditions and limits of `docs/gsp.md` §7, the implicit backward
-//! of §6 against central differences, and the ZSR loss of §8 against hand computations.
+//! `docs/maths.md` §1, the closed-form gradients against central differences, the GSP mass
+//! constraints, optimality conditions and limits of `docs/maths.md` §3, the implicit backward
+//! of §4 against central differences, and the ZSR loss of §5 against hand computations.
 //!
 //! Tolerances (all `f64`):
 //! * doc test vectors printed with 10 decimals: `1e-9` absolute (class-token vector, 4
@@ -121,7 +121,7 @@ fn unflatten(v: &[f64], rows: usize, cols: usize) -> Vec<Vec<f64>> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// GAP / GeM (gem.md)
+// GAP / GeM (docs/maths.md §1)
 // ---------------------------------------------------------------------------------------------
 
 const DOC_X: [f64; 4] = [0.5, 1.0, 2.0, 4.0];
@@ -257,7 +257,7 @@ fn gem_gradients_match_central_differences() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// GGeM (gem.md)
+// GGeM (docs/maths.md §1)
 // ---------------------------------------------------------------------------------------------
 
 fn doc_tokens() -> Vec<Vec<f64>> {
@@ -358,7 +358,7 @@ fn ggem_special_cases() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// GSP forward (gsp.md §3–5, §7)
+// GSP forward (docs/maths.md §2–3)
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -646,7 +646,7 @@ fn gsp_small_mu_is_attention() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// GSP implicit backward (gsp.md §6)
+// GSP implicit backward (docs/maths.md §4)
 // ---------------------------------------------------------------------------------------------
 
 /// `L(c) = Σ_{k=0..K} Σ_j G_kj X_kj(c)`, `X = [ρ; P]`.
@@ -727,7 +727,7 @@ fn gsp_implicit_backward_uniform_is_doc_formula() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// ZSR (gsp.md §8)
+// ZSR (docs/maths.md §5)
 // ---------------------------------------------------------------------------------------------
 
 fn ce(logits: &[f64], label: usize) -> f64 {

@@ -1,6 +1,6 @@
 //! Independent plain-Rust `f64` reference implementation (test oracle) of the poolings in
 //! `burn-pooling`: GAP, GeM, GGeM, GSP (forward, limits, implicit backward) and the
-//! zero-shot regularisation loss. Written from `docs/gem.md` and `docs/gsp.md` only: std only,
+//! zero-shot regularisation loss. Written from the maths notes (`docs/maths.md`) only: std only,
 //! scalar loops, clarity over speed. The β of GSP is found by plain bisection so that it does
 //! not share a solver with the library (which uses Newton / Sinkhorn).
 //!
@@ -15,9 +15,9 @@
 
 /// The GeM clamp of the docs.
 pub const GEM_EPS: f64 = 1e-6;
-/// The ZSR ridge weight of the reference (gsp.md §8).
+/// The ZSR ridge weight of the reference (docs/maths.md §5).
 pub const ZSR_LAMBDA: f64 = 0.05;
-/// The ZSR logit scale of the reference (gsp.md §8).
+/// The ZSR logit scale of the reference (docs/maths.md §5).
 pub const ZSR_SCALE: f64 = 9.5;
 
 // ---------------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ fn check_rectangular(x: &[Vec<f64>]) -> (usize, usize) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// GAP, GeM, GGeM (gem.md)
+// GAP, GeM, GGeM (docs/maths.md §1)
 // ---------------------------------------------------------------------------------------------
 
 /// Global average pooling over tokens: `x` is N×C, returns the C channel means.
@@ -100,7 +100,7 @@ pub fn gap(x: &[Vec<f64>]) -> Vec<f64> {
 }
 
 /// GeM of one channel, `( (1/N) Σ_n max(x_n, eps)^p )^(1/p)`, in the stable log-domain form
-/// of gem.md: `ln y = ln m + (1/p) ln( (1/N) Σ exp(p (ln x_n − ln m)) )`, `m = max_n x_n`
+/// of docs/maths.md §1: `ln y = ln m + (1/p) ln( (1/N) Σ exp(p (ln x_n − ln m)) )`, `m = max_n x_n`
 /// (after the clamp). Requires `p > 0`, `eps > 0`.
 pub fn gem_channel(values: &[f64], p: f64, eps: f64) -> f64 {
     gem_channel_ln(values, p, eps).exp()
@@ -120,7 +120,7 @@ pub fn gem_channel_ln(values: &[f64], p: f64, eps: f64) -> f64 {
     ln_m + mean.ln() / p
 }
 
-/// Closed-form gradients of [`gem_channel`] (gem.md):
+/// Closed-form gradients of [`gem_channel`] (docs/maths.md §1):
 /// `∂y/∂x_n = (1/N) y^(1−p) x_n^(p−1) = (1/N) exp((p−1)(ln x_n − ln y))` where `x_n > eps`,
 /// `0` where the clamp is active (`x_n <= eps`);
 /// `∂y/∂p = (y/p) (Σ_n x_n^p ln x_n / Σ_n x_n^p − ln y)`, with the clamped values `eps`
@@ -177,7 +177,7 @@ pub fn group_gem(x: &[Vec<f64>], p: &[f64], eps: f64, interleaved: bool) -> Vec<
 }
 
 // ---------------------------------------------------------------------------------------------
-// GSP (gsp.md §3–7)
+// GSP (docs/maths.md §2–4)
 // ---------------------------------------------------------------------------------------------
 
 /// `φ(v) = v / max(1, ‖v‖₂)`.
@@ -236,7 +236,7 @@ pub struct GspReference {
 }
 
 impl GspReference {
-    /// `X = [ρ; P]`, (K+1)×N with row 0 = ρ (the layout of gsp.md §6).
+    /// `X = [ρ; P]`, (K+1)×N with row 0 = ρ (the layout of docs/maths.md §4).
     pub fn plan_with_residual(&self) -> Vec<Vec<f64>> {
         let mut out = vec![self.residual.clone()];
         out.extend(self.plan.iter().cloned());
@@ -244,7 +244,7 @@ impl GspReference {
     }
 }
 
-/// Solves the entropic partial transport of gsp.md §4–5 for a given K×N cost matrix with
+/// Solves the entropic partial transport of docs/maths.md §3 for a given K×N cost matrix with
 /// general position masses `mass[j] = a_j >= 0` (`Σ a_j = 1`; uniform `1/N` is the doc's
 /// case, `0` masks a position out). Solution: `t_j = a_j σ(β+ℓ_j)`, `P_kj = t_j
 /// softmax_k(−c_kj/ε)`, `ρ_j = a_j − t_j`, β the root of `Σ_j a_j σ(β+ℓ_j) = μ`, found by
@@ -362,7 +362,7 @@ pub fn gsp_from_costs(costs: &[Vec<f64>], mass: &[f64], mu: f64, epsilon: f64) -
     }
 }
 
-/// GSP forward for one sample (gsp.md §3–5): `x` N×C features, `prototypes` K×C, `mass` the N
+/// GSP forward for one sample (docs/maths.md §2–3): `x` N×C features, `prototypes` K×C, `mass` the N
 /// position masses (`Σ = 1`, `0` = masked out; uniform `1/N` is the doc's case), transport
 /// ratio `mu` in (0, 1], entropy weight `epsilon > 0` (the reference's γ is `1/ε`).
 /// Costs from [`gsp_costs`], transport from [`gsp_from_costs`], `pooled = Σ_j w_j x_j` on the
@@ -392,7 +392,7 @@ pub fn uniform_mass(n: usize) -> Vec<f64> {
     vec![1.0 / n as f64; n]
 }
 
-/// The ε → 0 limit of GSP with uniform masses (gsp.md §7): with `d_j = min_k c_kj`, positions
+/// The ε → 0 limit of GSP with uniform masses (docs/maths.md §3): with `d_j = min_k c_kj`, positions
 /// in ascending `d_j` order get weight `1/(μN)` each until the mass μ is used up (the last one
 /// partially), the rest 0. Assumes no ties.
 pub fn gsp_hard_selection_weights(x: &[Vec<f64>], prototypes: &[Vec<f64>], mu: f64) -> Vec<f64> {
@@ -417,14 +417,14 @@ pub fn gsp_hard_selection_weights(x: &[Vec<f64>], prototypes: &[Vec<f64>], mu: f
     w
 }
 
-/// The μ → 0 limit of GSP with uniform masses (gsp.md §7): `softmax_j(ℓ_j)`,
+/// The μ → 0 limit of GSP with uniform masses (docs/maths.md §3): `softmax_j(ℓ_j)`,
 /// `ℓ_j = logsumexp_k(−c_kj/ε)`.
 pub fn attention_weights(x: &[Vec<f64>], prototypes: &[Vec<f64>], epsilon: f64) -> Vec<f64> {
     let costs = gsp_costs(x, prototypes);
     softmax(&gsp_log_kernel(&costs, epsilon))
 }
 
-/// Analytical backward of the transport (gsp.md §6) generalised to masses `a_j`.
+/// Analytical backward of the transport (docs/maths.md §4) generalised to masses `a_j`.
 /// Inputs: `X = [ρ; P]` (K+1)×N (row 0 = ρ), upstream `g = ∂L/∂X` (K+1)×N. With `h = X ⊙ g`,
 /// `U_j = Σ_{k=0..K} h_kj`,
 /// `λ = (Σ_j ρ_j U_j / a_j − Σ_j h_0j) / ((1−μ) − Σ_j ρ_j²/a_j)`,
@@ -481,7 +481,7 @@ pub fn gsp_implicit_backward(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Zero-shot regularisation loss (gsp.md §8)
+// Zero-shot regularisation loss (docs/maths.md §5)
 // ---------------------------------------------------------------------------------------------
 
 /// Cholesky factor `L` (lower triangular, `A = L Lᵀ`) of a symmetric positive-definite matrix.
@@ -592,7 +592,7 @@ pub fn zero_shot_loss_direction(
     total / nt as f64
 }
 
-/// ZSR loss (gsp.md §8) for two class-disjoint halves (`z1` n1×K with `labels1`, `z2` n2×K
+/// ZSR loss (docs/maths.md §5) for two class-disjoint halves (`z1` n1×K with `labels1`, `z2` n2×K
 /// with `labels2`), class embeddings `embeddings` (num_classes×D):
 /// `loss_a` = [`zero_shot_loss_direction`] trained on half 2, tested on half 1;
 /// `loss_b` = trained on half 1, tested on half 2; returns exactly `(loss_a + loss_b) / 2`.
