@@ -233,11 +233,8 @@ mod validation {
             transport_ratio: 0.0,
             ..settings()
         };
-        partial_transport(
-            Tensor::zeros([1, 2, 3], &device),
-            Tensor::full([1, 3], 1.0 / 3.0, &device),
-            &settings,
-        );
+        let mass = Tensor::full([1, 3], 1.0 / 3.0, &device);
+        partial_transport(Tensor::zeros([1, 2, 3], &device), mass, &settings);
     }
 
     #[test]
@@ -246,11 +243,8 @@ mod validation {
     )]
     fn mass_of_wrong_shape_panics() {
         let device = Device::flex();
-        partial_transport(
-            Tensor::zeros([1, 2, 3], &device),
-            Tensor::full([1, 4], 0.25, &device),
-            &settings(),
-        );
+        let mass = Tensor::full([1, 4], 0.25, &device);
+        partial_transport(Tensor::zeros([1, 2, 3], &device), mass, &settings());
     }
 
     #[test]

@@ -94,12 +94,15 @@ mod tests {
     #[test]
     #[should_panic(expected = "Gap: mask shape mismatch: expected [B, N] = [1, 3], got [1, 2]")]
     fn mask_of_wrong_shape_panics() {
+        pool_masked([1, 3, 2], TensorData::from([[true, true]]));
+    }
+
+    /// GAP of ones `[B, N, C]` with a mask of the given values.
+    fn pool_masked(dims: [usize; 3], mask: TensorData) -> Tensor<2> {
         let device = Device::flex();
-        let tokens = Tensor::<3>::ones([1, 3, 2], &device);
-        let mask = Tensor::<2, Bool>::from_bool(TensorData::from([[true, true]]), &device);
-        GapConfig::new()
-            .init()
-            .forward(PoolingInput::tokens(tokens).with_mask(mask));
+        let mask = Tensor::<2, Bool>::from_bool(mask, &device);
+        let input = PoolingInput::tokens(Tensor::ones(dims, &device)).with_mask(mask);
+        GapConfig::new().init().forward(input)
     }
 
     #[test]
@@ -107,15 +110,7 @@ mod tests {
         expected = "Gap: every mask row needs at least one valid position (true), got rows [1] with none"
     )]
     fn empty_mask_row_panics() {
-        let device = Device::flex();
-        let tokens = Tensor::<3>::ones([2, 2, 2], &device);
-        let mask = Tensor::<2, Bool>::from_bool(
-            TensorData::from([[true, false], [false, false]]),
-            &device,
-        );
-        GapConfig::new()
-            .init()
-            .forward(PoolingInput::tokens(tokens).with_mask(mask));
+        pool_masked([2, 2, 2], TensorData::from([[true, false], [false, false]]));
     }
 
     #[test]
