@@ -809,6 +809,34 @@ fn main() {
             cell(seeds.iter().map(|m| m.map_at_r).collect()),
         );
     }
+    if let Some(gap) = options.heads.iter().position(|&h| h == Head::Gap) {
+        // Paired by seed: both heads start from the same weights and see the same batches.
+        println!();
+        println!("Paired differences to GAP (points, mean ± std over the seeds):");
+        let gap = &results[gap + 1];
+        for (row, &head) in options.heads.iter().enumerate() {
+            if head == Head::Gap {
+                continue;
+            }
+            let seeds = &results[row + 1];
+            let diff = |metric: fn(&Metrics) -> f64| {
+                let d: Vec<f64> = seeds
+                    .iter()
+                    .zip(gap)
+                    .map(|(a, b)| metric(a) - metric(b))
+                    .collect();
+                let (mean, std) = mean_std(&d);
+                format!("{:+.2} ± {:.2}", 100.0 * mean, 100.0 * std)
+            };
+            println!(
+                "  {:<9} Recall@1 {}  Recall@4 {}  MAP@R {}",
+                head.name(),
+                diff(|m| m.recall_at_1),
+                diff(|m| m.recall_at_4),
+                diff(|m| m.map_at_r)
+            );
+        }
+    }
     if !gsp_garment.is_empty() {
         let weight: Vec<f64> = gsp_garment.iter().map(|g| g.0).collect();
         let cells: Vec<f64> = gsp_garment.iter().map(|g| g.1).collect();
