@@ -1,0 +1,852 @@
+//! Zero-shot retrieval on real images: Fashion-MNIST, every pooling head over several seeds.
+//!
+//! The protocol of the GSP paper: train on the train-split images of some classes, evaluate
+//! Recall@1, Recall@4 and MAP@R (cosine similarity, `burn_pooling::retrieval`) on the
+//! test-split images of the *other* classes, which the network never saw.
+//!
+//! The data: Fashion-MNIST (Xiao, Rasul, Vollgraf 2017; MIT), 60 000 + 10 000 grayscale 28×28
+//! images of 10 classes, from the Debian package `dataset-fashion-mnist`
+//! (`/usr/share/datasets/fashion-mnist/`, gzip-compressed IDX files, read by
+//! `examples/common/idx.rs`). Classes: 0 T-shirt/top, 1 trouser, 2 pullover, 3 dress, 4 coat,
+//! 5 sandal, 6 shirt, 7 sneaker, 8 bag, 9 ankle boot. The default split trains on 0–4 (30 000
+//! images) and evaluates on the 5 000 test images of 5–9.
+//!
+//! The model and recipe (one for every head, untuned, taken from `metric_learning`): a 4-layer
+//! CNN with batch norm (`[B, 1, 28, 28]` → `[B, 64, 7, 7]`, or 14×14 with `--map-side 14`),
+//! the pooling, a linear embedding (64); a normalized-softmax proxy loss (cosine logits,
+//! scale 16), Adam at 2·10⁻³ with cosine decay, class-blocked batches of 64 images (4 classes
+//! × 16 with 5 training classes). Every head of a seed starts from the same backbone,
+//! embedding and proxies, and sees the same batches. Heads:
+//!
+//! * GAP: the mean.
+//! * GeM: learnable p (initially 3).
+//! * GGeM: 8 groups of 8 channels, one learnable p each (initially 3).
+//! * GSP + ZSR: K = 16 prototypes, μ = 0.3, ε = 0.05 (the `metric_learning` settings), loss
+//!   0.9·metric + 0.1·`ZeroShotLoss` over the batch's two class-disjoint halves; it pools as
+//!   GAP for the first eighth of the steps, then its prototypes are set by greedy k-center over
+//!   the last 1024 GAP-pooled features (gsp.md §9).
+//!
+//! GMP and GAP+GMP are not in the crate, so not here.
+//!
+//! Run: `cargo run --release --example fashion_mnist` (defaults: `--train-classes 0,1,2,3,4
+//! --seeds 1,2,3 --steps 500`); `--help` lists the options, including GSP's ablations.
+
+mod common;
+#[path = "common/idx.rs"]
+mod idx;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::activation::{log_softmax, relu};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_pooling::loss::{ZeroShotLoss, ZeroShotLossConfig, ZeroShotSplit};
+use burn_pooling::{GapConfig, Gem, GemConfig, GroupGem, GroupGemConfig, Gsp, GspConfig};
+use common::Rng;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Feature channels of the backbone's last map.
+const FEATURES: usize = 64;
+/// Embedding width.
+const EMBEDDING: usize = 64;
+/// Images per training batch.
+const BATCH: usize = 64;
+/// Channel groups of GGeM.
+const GGEM_GROUPS: usize = 8;
+/// Fashion-MNIST's pixel mean and standard deviation (of the train split, in [0, 1]).
+const PIXEL_MEAN: f32 = 0.286;
+const PIXEL_STD: f32 = 0.353;
+const CLASS_NAMES: [&str; 10] = [
+    "T-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+];
+
+// ---------------------------------------------------------------------------------------------
+// Retrieval metrics: imported here only (they may move to `examples/common/retrieval.rs`).
+
+/// Recall@1, Recall@4 and MAP@R of a set of embeddings.
+#[derive(Clone, Copy, Debug)]
+struct Metrics {
+    recall_at_1: f64,
+    recall_at_4: f64,
+    map_at_r: f64,
+}
+
+fn retrieval_metrics(embeddings: Tensor<2>, labels: &[usize]) -> Metrics {
+    use burn_pooling::retrieval::{recall_at_k, tensor_rows};
+    let rows = tensor_rows(embeddings);
+    let both = burn_pooling::retrieval::evaluate(&rows, labels);
+    Metrics {
+        recall_at_1: both.recall_at_1,
+        recall_at_4: recall_at_k(&rows, labels, 4),
+        map_at_r: both.map_at_r,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GSP: every call specific to its API is in this section (the API will change).
+
+/// GSP's hyper-parameters as the options give them.
+#[derive(Clone, Debug)]
+struct GspSettings {
+    prototypes: usize,
+    ratio: f64,
+    epsilon: f64,
+    /// Set the prototypes by k-center after the warm-up (else keep their Glorot init).
+    kcenter: bool,
+    /// Fraction of the steps GSP pools as GAP first.
+    warmup: f64,
+    zsr_weight: f64,
+}
+
+fn gsp_init(settings: &GspSettings, device: &Device) -> Gsp {
+    GspConfig::new(FEATURES)
+        .with_num_prototypes(settings.prototypes)
+        .with_transport_ratio(settings.ratio)
+        .with_epsilon(settings.epsilon)
+        .init(device)
+}
+
+/// GSP's pooled features `[B, C]`, attributes `[B, K]` and weights `[B, H·W]`.
+fn gsp_pool(gsp: &Gsp, maps: Tensor<4>) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
+    let out = gsp.forward_detailed(maps);
+    (out.pooled, out.attributes, out.weights)
+}
+
+/// The prototypes by greedy k-center over `features` `[N, C]`.
+fn gsp_kcenter(gsp: Gsp, features: Tensor<2>) -> Gsp {
+    gsp.init_prototypes_kcenter(features)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Head {
+    Gap,
+    Gem,
+    Ggem,
+    Gsp,
+}
+
+impl Head {
+    const ALL: [Head; 4] = [Head::Gap, Head::Gem, Head::Ggem, Head::Gsp];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Gap => "GAP",
+            Self::Gem => "GeM",
+            Self::Ggem => "GGeM",
+            Self::Gsp => "GSP + ZSR",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "gap" => Ok(Self::Gap),
+            "gem" => Ok(Self::Gem),
+            "ggem" => Ok(Self::Ggem),
+            "gsp" => Ok(Self::Gsp),
+            other => Err(format!("unknown head `{other}` (gap, gem, ggem, gsp)")),
+        }
+    }
+}
+
+/// A 4-layer CNN with batch norm: `[B, 1, 28, 28]` → `[B, 64, S, S]`, S = 7 or 14
+/// (non-negative). The layers of `examples/common`'s `Backbone`, with the third stride set by
+/// the map side.
+#[derive(Module, Debug)]
+struct Backbone {
+    conv1: Conv2d,
+    norm1: BatchNorm,
+    conv2: Conv2d,
+    norm2: BatchNorm,
+    conv3: Conv2d,
+    norm3: BatchNorm,
+    conv4: Conv2d,
+    norm4: BatchNorm,
+}
+
+impl Backbone {
+    fn new(map_side: usize, device: &Device) -> Self {
+        let conv = |input: usize, output: usize, stride: usize| {
+            Conv2dConfig::new([input, output], [3, 3])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_bias(false)
+                .init(device)
+        };
+        let norm = |channels: usize| BatchNormConfig::new(channels).init(device);
+        let third_stride = if map_side == 7 { 2 } else { 1 };
+        Self {
+            conv1: conv(1, 16, 1),
+            norm1: norm(16),
+            conv2: conv(16, 32, 2),
+            norm2: norm(32),
+            conv3: conv(32, FEATURES, third_stride),
+            norm3: norm(FEATURES),
+            conv4: conv(FEATURES, FEATURES, 1),
+            norm4: norm(FEATURES),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = (x - PIXEL_MEAN) / PIXEL_STD;
+        let x = relu(self.norm1.forward(self.conv1.forward(x)));
+        let x = relu(self.norm2.forward(self.conv2.forward(x)));
+        let x = relu(self.norm3.forward(self.conv3.forward(x)));
+        relu(self.norm4.forward(self.conv4.forward(x)))
+    }
+}
+
+/// Backbone, global pooling (GAP when no head layer is set), linear embedding.
+#[derive(Module, Debug)]
+struct Net {
+    backbone: Backbone,
+    embed: Linear,
+    gem: Option<Gem>,
+    ggem: Option<GroupGem>,
+    gsp: Option<Gsp>,
+}
+
+struct Embedded {
+    /// `[B, EMBEDDING]`, not normalized.
+    embeddings: Tensor<2>,
+    /// The pooled features `[B, FEATURES]`.
+    pooled: Tensor<2>,
+    /// GSP's attributes `[B, K]` and weights `[B, H·W]`, when GSP pooled.
+    gsp: Option<(Tensor<2>, Tensor<2>)>,
+}
+
+impl Net {
+    fn new(head: Head, map_side: usize, gsp: &GspSettings, device: &Device) -> Self {
+        // Backbone and embedding first: the same initialisation for every head of a seed.
+        let backbone = Backbone::new(map_side, device);
+        let embed = LinearConfig::new(FEATURES, EMBEDDING)
+            .with_bias(false)
+            .init(device);
+        Self {
+            backbone,
+            embed,
+            gem: (head == Head::Gem).then(|| GemConfig::new().init(device)),
+            ggem: (head == Head::Ggem).then(|| GroupGemConfig::new(GGEM_GROUPS).init(device)),
+            gsp: (head == Head::Gsp).then(|| gsp_init(gsp, device)),
+        }
+    }
+
+    /// Embeds a batch; `as_gap` pools with the mean even when a head layer is set (warm-up).
+    fn forward(&self, images: Tensor<4>, as_gap: bool) -> Embedded {
+        let maps = self.backbone.forward(images);
+        let (pooled, gsp) = match (&self.gem, &self.ggem, &self.gsp) {
+            _ if as_gap => (GapConfig::new().init().forward(maps), None),
+            (Some(gem), _, _) => (gem.forward(maps), None),
+            (_, Some(ggem), _) => (ggem.forward(maps), None),
+            (_, _, Some(gsp)) => {
+                let (pooled, attributes, weights) = gsp_pool(gsp, maps);
+                (pooled, Some((attributes, weights)))
+            }
+            _ => (GapConfig::new().init().forward(maps), None),
+        };
+        Embedded {
+            embeddings: self.embed.forward(pooled.clone()),
+            pooled,
+            gsp,
+        }
+    }
+}
+
+fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
+    let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
+    x / norm
+}
+
+/// Everything the optimizer trains: the net, the loss's class proxies, GSP's ZSR embeddings.
+#[derive(Module, Debug)]
+struct Trainee {
+    net: Net,
+    proxies: Param<Tensor<2>>,
+    zsr: Option<ZeroShotLoss>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The data.
+
+/// Images of some classes, as bytes, with their labels (indices into the class list).
+struct Subset {
+    side: usize,
+    pixels: Vec<u8>,
+    labels: Vec<usize>,
+    /// The image indices of each class.
+    by_class: Vec<Vec<usize>>,
+}
+
+impl Subset {
+    fn new(split: &idx::IdxSplit, classes: &[usize]) -> Self {
+        let side = split.images.rows;
+        let mut subset = Self {
+            side,
+            pixels: Vec::new(),
+            labels: Vec::new(),
+            by_class: vec![Vec::new(); classes.len()],
+        };
+        for (i, &label) in split.labels.iter().enumerate() {
+            if let Some(c) = classes.iter().position(|&c| c == label as usize) {
+                subset.by_class[c].push(subset.labels.len());
+                subset.labels.push(c);
+                subset.pixels.extend_from_slice(split.images.image(i));
+            }
+        }
+        subset
+    }
+
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// The images `indices` as a `[B, 1, side, side]` batch in [0, 1].
+    fn batch(&self, indices: &[usize], device: &Device) -> Tensor<4> {
+        let size = self.side * self.side;
+        let values: Vec<f32> = indices
+            .iter()
+            .flat_map(|&i| self.pixels[i * size..(i + 1) * size].iter())
+            .map(|&p| p as f32 / 255.0)
+            .collect();
+        Tensor::from_data(
+            TensorData::new(values, [indices.len(), 1, self.side, self.side]),
+            device,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training and evaluation.
+
+#[derive(Clone, Debug)]
+struct Recipe {
+    steps: usize,
+    classes_per_batch: usize,
+    samples_per_class: usize,
+    learning_rate: f64,
+    scale: f64,
+    map_side: usize,
+    gsp: GspSettings,
+}
+
+/// Trains `head` from `seed` and returns the trained net and its final mean loss.
+fn train(
+    head: Head,
+    seed: u64,
+    train: &Subset,
+    recipe: &Recipe,
+    bar: &ProgressBar,
+    device: &Device,
+) -> (Net, f32) {
+    let classes = train.by_class.len();
+    device.seed(seed);
+    let net = Net::new(head, recipe.map_side, &recipe.gsp, device);
+    let proxies = Initializer::XavierUniform { gain: 1.0 }.init_with(
+        [classes, EMBEDDING],
+        Some(EMBEDDING),
+        Some(classes),
+        device,
+    );
+    let zsr = (head == Head::Gsp).then(|| ZeroShotLossConfig::new(classes, EMBEDDING).init(device));
+    let mut trainee = Trainee { net, proxies, zsr };
+    let mut optimizer = AdamConfig::new().init();
+    let mut rng = Rng::new(seed);
+    let warmup = if head == Head::Gsp {
+        ((recipe.steps as f64 * recipe.gsp.warmup).round() as usize).min(recipe.steps)
+    } else {
+        0
+    };
+    // The reference's memory of ~1024 GAP-pooled features (the last batches of the warm-up).
+    let memory_batches = 1024usize.div_ceil(recipe.classes_per_batch * recipe.samples_per_class);
+    let mut memory: Vec<Tensor<2>> = Vec::new();
+    let mut recent = Vec::new();
+    let mut last_mean = f32::NAN;
+    for step in 0..recipe.steps {
+        // Class-blocked: classes_per_batch distinct classes, samples_per_class images each.
+        let chosen = rng.choose(classes, recipe.classes_per_batch);
+        let mut labels = Vec::new();
+        let mut indices = Vec::new();
+        for &c in &chosen {
+            for _ in 0..recipe.samples_per_class {
+                let pool = &train.by_class[c];
+                indices.push(pool[rng.below(pool.len())]);
+                labels.push(c);
+            }
+        }
+        let batch = train.batch(&indices, device);
+        let label_tensor = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                labels.iter().map(|&l| l as i64).collect::<Vec<_>>(),
+                [labels.len()],
+            ),
+            device,
+        );
+
+        let warming_up = step < warmup;
+        let out = trainee.net.forward(batch, warming_up);
+        if warming_up && recipe.gsp.kcenter && step + memory_batches >= warmup {
+            memory.push(out.pooled.clone().detach());
+        }
+        let embeddings = l2_normalize(out.embeddings);
+        let proxies = l2_normalize(trainee.proxies.val());
+        let logits = embeddings
+            .matmul(proxies.transpose())
+            .mul_scalar(recipe.scale);
+        let metric = log_softmax(logits, 1)
+            .gather(1, label_tensor.clone().unsqueeze_dim(1))
+            .mean()
+            .neg();
+        let loss = match (&trainee.zsr, out.gsp) {
+            (Some(zsr), Some((attributes, _))) => {
+                let regulariser = zsr.forward(attributes, label_tensor, &ZeroShotSplit::Halves);
+                metric.mul_scalar(1.0 - recipe.gsp.zsr_weight)
+                    + regulariser.mul_scalar(recipe.gsp.zsr_weight)
+            }
+            _ => metric,
+        };
+        recent.push(loss.clone().into_scalar::<f32>());
+        let grads = GradientsParams::from_grads(loss.backward(), &trainee);
+        let progress = step as f64 / recipe.steps as f64;
+        let lr = recipe.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        trainee = optimizer.step(lr, trainee, grads);
+
+        if step + 1 == warmup && recipe.gsp.kcenter {
+            let features = Tensor::cat(std::mem::take(&mut memory), 0);
+            let gsp = trainee.net.gsp.take().expect("GSP head");
+            trainee.net.gsp = Some(gsp_kcenter(gsp, features));
+        }
+        if recent.len() == 20 || step + 1 == recipe.steps {
+            last_mean = recent.iter().sum::<f32>() / recent.len() as f32;
+            recent.clear();
+        }
+        bar.set_message(format!("seed {seed} {} loss {last_mean:.3}", head.name()));
+        bar.inc(1);
+    }
+    (trainee.net, last_mean)
+}
+
+/// What an evaluation measures.
+struct Evaluation {
+    metrics: Metrics,
+    /// GSP only: the share of its weight on map cells that the garment overlaps, and the share
+    /// of such cells.
+    gsp_on_garment: Option<(f64, f64)>,
+}
+
+/// Embeds every image of `test` (a held-out class set) and measures retrieval.
+fn evaluate(net: &Net, test: &Subset, device: &Device) -> Evaluation {
+    let net = net.valid();
+    let device = device.clone().inner();
+    let all: Vec<usize> = (0..test.len()).collect();
+    let mut chunks = Vec::new();
+    let (mut on_garment, mut garment_cells, mut cells) = (0.0f64, 0usize, 0usize);
+    for indices in all.chunks(500) {
+        let batch = test.batch(indices, &device);
+        let out = net.forward(batch, false);
+        if let Some((_, weights)) = out.gsp {
+            // A map cell overlaps the garment when any of its pixels is above 10 % grey.
+            let [_, n] = weights.dims();
+            let weights: Vec<f32> = weights
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("f32");
+            let map_side = (n as f64).sqrt().round() as usize;
+            let pool = test.side / map_side;
+            for (row, &image) in indices.iter().enumerate() {
+                let pixels = &test.pixels[image * test.side * test.side..][..test.side * test.side];
+                for cell in 0..n {
+                    let (cy, cx) = (cell / map_side, cell % map_side);
+                    let garment = (0..pool * pool).any(|k| {
+                        let (y, x) = (cy * pool + k / pool, cx * pool + k % pool);
+                        pixels[y * test.side + x] > 25
+                    });
+                    if garment {
+                        on_garment += weights[row * n + cell] as f64;
+                        garment_cells += 1;
+                    }
+                }
+                cells += n;
+            }
+        }
+        chunks.push(out.embeddings);
+    }
+    let metrics = retrieval_metrics(Tensor::cat(chunks, 0), &test.labels);
+    let gsp_on_garment = (cells > 0).then(|| {
+        (
+            on_garment / test.len() as f64,
+            garment_cells as f64 / cells as f64,
+        )
+    });
+    Evaluation {
+        metrics,
+        gsp_on_garment,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Options.
+
+struct Options {
+    data: PathBuf,
+    train_classes: Vec<usize>,
+    seeds: Vec<u64>,
+    steps: usize,
+    heads: Vec<Head>,
+    map_side: usize,
+    gsp: GspSettings,
+}
+
+const USAGE: &str = "\
+usage: fashion_mnist [options]
+  --train-classes LIST   training classes, e.g. 0,1,2,3,4 (default); the others are evaluated
+  --seeds LIST           seeds, e.g. 1,2,3 (default)
+  --steps N              training steps per head and seed (default 500)
+  --data DIR             the IDX files (default /usr/share/datasets/fashion-mnist)
+  --heads LIST           among gap,gem,ggem,gsp (default: all)
+  --map-side S           the backbone's map side, 7 (default) or 14
+GSP ablations (defaults are the recipe's):
+  --gsp-prototypes K     number of prototypes (16)
+  --gsp-ratio MU         transport ratio mu (0.3)
+  --gsp-epsilon EPS      entropy smoothing epsilon (0.05)
+  --gsp-init I           kcenter (default: k-center after the GAP warm-up) or random
+                         (the Glorot-uniform prototypes, still after the warm-up)
+  --gsp-warmup F         fraction of the steps GSP pools as GAP first (0.125)
+  --zsr-weight W         weight of ZeroShotLoss, (1 - W) metric + W ZSR (0.1)";
+
+fn parse_list<T: std::str::FromStr>(option: &str, text: &str) -> Result<Vec<T>, String> {
+    text.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.trim()
+                .parse()
+                .map_err(|_| format!("{option}: cannot parse `{s}` in `{text}`"))
+        })
+        .collect()
+}
+
+fn parse_value<T: std::str::FromStr>(option: &str, text: &str) -> Result<T, String> {
+    text.parse()
+        .map_err(|_| format!("{option}: cannot parse `{text}`"))
+}
+
+fn parse_options() -> Result<Options, String> {
+    let mut options = Options {
+        data: PathBuf::from(idx::DEBIAN_FASHION_MNIST),
+        train_classes: vec![0, 1, 2, 3, 4],
+        seeds: vec![1, 2, 3],
+        steps: 500,
+        heads: Head::ALL.to_vec(),
+        map_side: 7,
+        gsp: GspSettings {
+            prototypes: 16,
+            ratio: 0.3,
+            epsilon: 0.05,
+            kcenter: true,
+            warmup: 0.125,
+            zsr_weight: 0.1,
+        },
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(option) = args.next() {
+        if option == "--help" || option == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
+        let value = args
+            .next()
+            .ok_or_else(|| format!("{option} needs a value\n{USAGE}"))?;
+        let o = option.as_str();
+        match o {
+            "--train-classes" => options.train_classes = parse_list(o, &value)?,
+            "--seeds" => options.seeds = parse_list(o, &value)?,
+            "--steps" => options.steps = parse_value(o, &value)?,
+            "--data" => options.data = PathBuf::from(value),
+            "--heads" => {
+                options.heads = value
+                    .split(',')
+                    .map(Head::parse)
+                    .collect::<Result<_, _>>()?
+            }
+            "--map-side" => options.map_side = parse_value(o, &value)?,
+            "--gsp-prototypes" => options.gsp.prototypes = parse_value(o, &value)?,
+            "--gsp-ratio" => options.gsp.ratio = parse_value(o, &value)?,
+            "--gsp-epsilon" => options.gsp.epsilon = parse_value(o, &value)?,
+            "--gsp-init" => {
+                options.gsp.kcenter = match value.as_str() {
+                    "kcenter" => true,
+                    "random" => false,
+                    other => return Err(format!("--gsp-init: `{other}` (kcenter or random)")),
+                }
+            }
+            "--gsp-warmup" => options.gsp.warmup = parse_value(o, &value)?,
+            "--zsr-weight" => options.gsp.zsr_weight = parse_value(o, &value)?,
+            _ => return Err(format!("unknown option `{option}`\n{USAGE}")),
+        }
+    }
+    let classes = &mut options.train_classes;
+    classes.sort_unstable();
+    classes.dedup();
+    if let Some(bad) = classes.iter().find(|&&c| c >= 10) {
+        return Err(format!("--train-classes: class {bad} out of range 0..=9"));
+    }
+    if classes.len() < 2 || classes.len() > 8 {
+        return Err(format!(
+            "--train-classes: need 2 to 8 training classes (a proxy loss needs two, \
+             retrieval needs two held out), got {classes:?}"
+        ));
+    }
+    if options.seeds.is_empty() || options.heads.is_empty() || options.steps == 0 {
+        return Err("--seeds, --heads and --steps must not be empty or zero".into());
+    }
+    if options.map_side != 7 && options.map_side != 14 {
+        return Err(format!("--map-side: 7 or 14, got {}", options.map_side));
+    }
+    if !(0.0..1.0).contains(&options.gsp.warmup) {
+        return Err("--gsp-warmup: a fraction in [0, 1)".into());
+    }
+    if options.gsp.kcenter && options.heads.contains(&Head::Gsp) {
+        let warmup = (options.steps as f64 * options.gsp.warmup).round() as usize;
+        if warmup == 0 {
+            return Err(
+                "k-center needs a warm-up of at least one step: raise --gsp-warmup \
+                        or use --gsp-init random"
+                    .into(),
+            );
+        }
+    }
+    Ok(options)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Mean and sample standard deviation (0 for a single value).
+fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    if values.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+fn main() {
+    let options = parse_options().unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    });
+    let start = Instant::now();
+    let load = |split: &str| {
+        idx::read_fashion_mnist(&options.data, split, None).unwrap_or_else(|e| {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        })
+    };
+    let (train_split, test_split) = (load("train"), load("t10k"));
+    let test_classes: Vec<usize> = (0..10)
+        .filter(|c| !options.train_classes.contains(c))
+        .collect();
+    let train_set = Subset::new(&train_split, &options.train_classes);
+    let test_set = Subset::new(&test_split, &test_classes);
+    drop((train_split, test_split));
+    let names = |classes: &[usize]| {
+        classes
+            .iter()
+            .map(|&c| format!("{c} {}", CLASS_NAMES[c]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+
+    // The batch: an even number of classes (ZSR's two class-disjoint halves), 64 images.
+    let classes_per_batch = (options.train_classes.len().min(8)) / 2 * 2;
+    let recipe = Recipe {
+        steps: options.steps,
+        classes_per_batch,
+        samples_per_class: BATCH / classes_per_batch,
+        learning_rate: 2e-3,
+        scale: 16.0,
+        map_side: options.map_side,
+        gsp: options.gsp.clone(),
+    };
+    println!(
+        "Fashion-MNIST zero-shot: train on {} ({} train-split images), evaluate on {} ({} \
+         test-split images)",
+        names(&options.train_classes),
+        train_set.len(),
+        names(&test_classes),
+        test_set.len()
+    );
+    println!(
+        "{} steps of {} classes × {} images, {}×{} maps, seeds {:?}; GSP: K = {}, μ = {}, \
+         ε = {}, {} init, warm-up {} steps, ZSR weight {}",
+        recipe.steps,
+        recipe.classes_per_batch,
+        recipe.samples_per_class,
+        recipe.map_side,
+        recipe.map_side,
+        options.seeds,
+        recipe.gsp.prototypes,
+        recipe.gsp.ratio,
+        recipe.gsp.epsilon,
+        if recipe.gsp.kcenter {
+            "k-center"
+        } else {
+            "random (Glorot)"
+        },
+        (recipe.steps as f64 * recipe.gsp.warmup).round(),
+        recipe.gsp.zsr_weight,
+    );
+    if test_classes.len() < 2 {
+        println!("note: a single held-out class makes retrieval trivial (every item is relevant)");
+    }
+
+    let device = Device::flex().autodiff();
+    let runs = options.seeds.len() * options.heads.len();
+    let bar = ProgressBar::new((runs * recipe.steps) as u64).with_style(
+        ProgressStyle::default_bar()
+            .template("[{bar:30}] {pos}/{len} steps, {msg} ({elapsed} < {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    // rows[0] is the untrained network, then one row per head; each holds one entry per seed.
+    let mut names_rows = vec!["untrained CNN + GAP".to_string()];
+    names_rows.extend(options.heads.iter().map(|h| h.name().to_string()));
+    let mut results: Vec<Vec<Metrics>> = vec![Vec::new(); names_rows.len()];
+    let mut gsp_garment: Vec<(f64, f64)> = Vec::new();
+    for &seed in &options.seeds {
+        device.seed(seed);
+        let untrained = Net::new(Head::Gap, recipe.map_side, &recipe.gsp, &device);
+        let began = Instant::now();
+        results[0].push(evaluate(&untrained, &test_set, &device).metrics);
+        let evaluation_seconds = began.elapsed().as_secs_f64();
+        if seed == options.seeds[0] {
+            println!("(one evaluation: {evaluation_seconds:.1} s)");
+        }
+        for (row, &head) in options.heads.iter().enumerate() {
+            let began = Instant::now();
+            let (net, loss) = train(head, seed, &train_set, &recipe, &bar, &device);
+            let evaluation = evaluate(&net, &test_set, &device);
+            let m = evaluation.metrics;
+            let mut line = format!(
+                "seed {seed} {:<9} R@1 {:5.2}  R@4 {:5.2}  MAP@R {:5.2}  (loss {loss:.3}, {:.0} s)",
+                head.name(),
+                100.0 * m.recall_at_1,
+                100.0 * m.recall_at_4,
+                100.0 * m.map_at_r,
+                began.elapsed().as_secs_f64()
+            );
+            if let Some(gem) = &net.gem {
+                let p: f32 = gem.p.val().into_scalar();
+                line += &format!("  p = {p:.2}");
+            }
+            if let Some(ggem) = &net.ggem {
+                let p: Vec<f32> = ggem
+                    .p
+                    .val()
+                    .into_data()
+                    .convert::<f32>()
+                    .try_into_vec::<f32>()
+                    .unwrap_or_default();
+                let p: Vec<String> = p.iter().map(|v| format!("{v:.1}")).collect();
+                line += &format!("  p = [{}]", p.join(" "));
+            }
+            if let Some((weight, cells)) = evaluation.gsp_on_garment {
+                line += &format!(
+                    "  weight on garment cells {:.1} % (they are {:.1} % of the cells)",
+                    100.0 * weight,
+                    100.0 * cells
+                );
+                gsp_garment.push((weight, cells));
+            }
+            // Above the bar on a terminal; plain lines when the bar is hidden (a pipe).
+            if bar.is_hidden() {
+                println!("{line}");
+            } else {
+                bar.println(line);
+            }
+            results[row + 1].push(m);
+        }
+    }
+    bar.finish_and_clear();
+
+    println!();
+    println!(
+        "Zero-shot retrieval on the {} test images of classes {:?}, mean ± std over seeds {:?} \
+         ({} steps):",
+        test_set.len(),
+        test_classes,
+        options.seeds,
+        recipe.steps
+    );
+    println!();
+    println!("| head | Recall@1 (%) | Recall@4 (%) | MAP@R (%) |");
+    println!("|---|---:|---:|---:|");
+    let cell = |values: Vec<f64>| {
+        let (mean, std) = mean_std(&values);
+        format!("{:.2} ± {:.2}", 100.0 * mean, 100.0 * std)
+    };
+    for (name, seeds) in names_rows.iter().zip(&results) {
+        println!(
+            "| {name} | {} | {} | {} |",
+            cell(seeds.iter().map(|m| m.recall_at_1).collect()),
+            cell(seeds.iter().map(|m| m.recall_at_4).collect()),
+            cell(seeds.iter().map(|m| m.map_at_r).collect()),
+        );
+    }
+    if let Some(gap) = options.heads.iter().position(|&h| h == Head::Gap) {
+        // Paired by seed: both heads start from the same weights and see the same batches.
+        println!();
+        println!("Paired differences to GAP (points, mean ± std over the seeds):");
+        let gap = &results[gap + 1];
+        for (row, &head) in options.heads.iter().enumerate() {
+            if head == Head::Gap {
+                continue;
+            }
+            let seeds = &results[row + 1];
+            let diff = |metric: fn(&Metrics) -> f64| {
+                let d: Vec<f64> = seeds
+                    .iter()
+                    .zip(gap)
+                    .map(|(a, b)| metric(a) - metric(b))
+                    .collect();
+                let (mean, std) = mean_std(&d);
+                format!("{:+.2} ± {:.2}", 100.0 * mean, 100.0 * std)
+            };
+            println!(
+                "  {:<9} Recall@1 {}  Recall@4 {}  MAP@R {}",
+                head.name(),
+                diff(|m| m.recall_at_1),
+                diff(|m| m.recall_at_4),
+                diff(|m| m.map_at_r)
+            );
+        }
+    }
+    if !gsp_garment.is_empty() {
+        let weight: Vec<f64> = gsp_garment.iter().map(|g| g.0).collect();
+        let cells: Vec<f64> = gsp_garment.iter().map(|g| g.1).collect();
+        println!();
+        println!(
+            "GSP's weight on map cells the garment overlaps: {} % (such cells: {} % of the map)",
+            cell(weight),
+            cell(cells)
+        );
+    }
+    println!();
+    println!("Wall time: {:.0} s", start.elapsed().as_secs_f64());
+}
