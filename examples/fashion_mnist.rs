@@ -1,7 +1,7 @@
 //! Zero-shot retrieval on real images: Fashion-MNIST, every pooling head over several seeds.
 //!
 //! The protocol of the GSP paper: train on the train-split images of some classes, evaluate
-//! Recall@1, Recall@4 and MAP@R (cosine similarity, `burn_pooling::retrieval`) on the
+//! Recall@1, Recall@4 and MAP@R (cosine similarity, `examples/common/retrieval.rs`) on the
 //! test-split images of the *other* classes, which the network never saw.
 //!
 //! The data: Fashion-MNIST (Xiao, Rasul, Vollgraf 2017; MIT), 60 000 + 10 000 grayscale 28×28
@@ -74,7 +74,7 @@ const CLASS_NAMES: [&str; 10] = [
 ];
 
 // ---------------------------------------------------------------------------------------------
-// Retrieval metrics: imported here only (they may move to `examples/common/retrieval.rs`).
+// Retrieval metrics (`examples/common/retrieval.rs`).
 
 /// Recall@1, Recall@4 and MAP@R of a set of embeddings.
 #[derive(Clone, Copy, Debug)]
@@ -85,9 +85,9 @@ struct Metrics {
 }
 
 fn retrieval_metrics(embeddings: Tensor<2>, labels: &[usize]) -> Metrics {
-    use burn_pooling::retrieval::{recall_at_k, tensor_rows};
+    use common::retrieval::{evaluate, recall_at_k, tensor_rows};
     let rows = tensor_rows(embeddings);
-    let both = burn_pooling::retrieval::evaluate(&rows, labels);
+    let both = evaluate(&rows, labels);
     Metrics {
         recall_at_1: both.recall_at_1,
         recall_at_4: recall_at_k(&rows, labels, 4),

@@ -9,7 +9,7 @@
 //! unsigned-byte IDX file with the expected number of dimensions), a size mismatch (fewer or
 //! more data bytes than the header announces), or image and label files of different counts.
 //!
-//! Used by `examples/fashion_mnist.rs` and tested by `tests/fashion_mnist_idx.rs`.
+//! Used by `examples/fashion_mnist.rs` and tested by `tests/float32/fashion_mnist_idx.rs`.
 
 #![allow(dead_code)]
 

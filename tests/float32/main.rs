@@ -1,10 +1,11 @@
 //! The tests on the backends' default f32 floats: the backends against each other, records
-//! and configs, and training.
+//! and configs, training, and the examples' retrieval metrics and IDX loader.
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod cross_backend;
+mod fashion_mnist_idx;
 mod records;
 mod training;
 
@@ -12,3 +13,8 @@ mod training;
 #[path = "../../examples/common/retrieval.rs"]
 #[allow(dead_code)]
 mod retrieval;
+
+// The examples' IDX loader (Fashion-MNIST), with its tests in `fashion_mnist_idx`.
+#[path = "../../examples/common/idx.rs"]
+#[allow(dead_code)]
+mod idx;

@@ -3,13 +3,11 @@
 //! file), and the real Fashion-MNIST files of the Debian package `dataset-fashion-mnist`
 //! (which CI installs: the test fails, with the install hint, when they are missing).
 
-#[path = "../examples/common/idx.rs"]
-mod idx;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use idx::{IdxErrorKind, read_fashion_mnist, read_images, read_labels, read_split};
+use crate::idx;
+use crate::idx::{IdxErrorKind, read_fashion_mnist, read_images, read_labels, read_split};
 
 /// A fresh directory under the system's temp dir, removed on drop.
 struct TempDir(PathBuf);
