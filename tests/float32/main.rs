@@ -16,5 +16,4 @@ mod retrieval;
 
 // The examples' IDX loader (Fashion-MNIST), with its tests in `fashion_mnist_idx`.
 #[path = "../../examples/common/idx.rs"]
-#[allow(dead_code)]
 mod idx;
