@@ -371,12 +371,7 @@ mod tests {
         let x = values(n * c, 8, -0.6, 0.6);
         let grad = values(k * n, 9, -1.0, 1.0);
         for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
-            let shape = Shape3 {
-                batch: 1,
-                positions: n,
-                channels: c,
-                layout,
-            };
+            let shape = Shape3::one_sample(n, c, layout);
             let (mut wide, mut base) = (vec![0.0; k * n], vec![0.0; k * n]);
             forward_sample_wide(&x, &normalized, &squares, shape, &mut wide);
             forward_sample(&x, &normalized, &squares, shape, &mut base);
@@ -397,6 +392,7 @@ mod tests {
 /// The fused kernel and its backward against the reference composites.
 #[cfg(all(test, feature = "autodiff"))]
 mod against_composite {
+    use crate::ops::backends::flex::simd::check::assert_same;
     use burn::tensor::Tensor;
 
     use crate::layout::Layout;
@@ -467,12 +463,8 @@ mod against_composite {
                 weights.inner(),
                 layout,
             );
-            closed_dx
-                .into_data()
-                .assert_approx_eq::<f32>(&fused_dx.into_data(), tolerance);
-            closed_dp
-                .into_data()
-                .assert_approx_eq::<f32>(&fused_dp.into_data(), tolerance);
+            assert_same(closed_dx, fused_dx, tolerance);
+            assert_same(closed_dp, fused_dp, tolerance);
         }
     }
 }

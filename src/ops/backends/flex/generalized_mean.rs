@@ -263,12 +263,7 @@ mod tests {
         let mut mask = vec![1.0f32; n];
         mask[4] = 0.0;
         for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
-            let shape = Shape3 {
-                batch: 1,
-                positions: n,
-                channels: c,
-                layout,
-            };
+            let shape = Shape3::one_sample(n, c, layout);
             let x = values(n * c, 1, -0.2, 2.0);
             let g = values(c, 2, -1.0, 1.0);
             let floor = 1e-6f32;
@@ -358,6 +353,7 @@ mod tests {
 /// The fused kernel and its backward against the reference composites.
 #[cfg(all(test, feature = "autodiff"))]
 mod against_composite {
+    use crate::ops::backends::flex::simd::check::assert_same;
     use burn::tensor::Tensor;
 
     use crate::layout::Layout;
@@ -437,12 +433,8 @@ mod against_composite {
                 1e-6,
                 layout,
             );
-            closed_dx
-                .into_data()
-                .assert_approx_eq::<f32>(&fused_dx.into_data(), tolerance);
-            closed_dp
-                .into_data()
-                .assert_approx_eq::<f32>(&fused_dp.into_data(), Tolerance::rel_abs(1e-4, 1e-5));
+            assert_same(closed_dx, fused_dx, tolerance);
+            assert_same(closed_dp, fused_dp, Tolerance::rel_abs(1e-4, 1e-5));
         }
     }
 

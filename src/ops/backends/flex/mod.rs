@@ -231,12 +231,9 @@ fn transport_gradient(
     let dtype = plan.dtype();
     let [plan, grad, mass] = [plan, grad, mass].map(kernel_input);
     let gradient = with_float!(plan.dtype(), "partial transport", T => {
-        let kernel = match output {
-            TransportOutput::Marginals => transport::marginals_backward::<T>,
-            TransportOutput::Plan => transport::backward::<T>,
-        };
+        let dims = [rows - 1, positions];
         tensor(
-            kernel(view(&plan), view(&grad), view(&mass), [rows - 1, positions], epsilon),
+            transport::backward::<T>(view(&plan), view(&grad), view(&mass), dims, epsilon, output),
             [batch, rows - 1, positions],
         )
     });
@@ -320,6 +317,17 @@ struct Shape3 {
 }
 
 impl Shape3 {
+    /// One sample of N positions and C channels (the kernels' per-sample tests).
+    #[cfg(test)]
+    fn one_sample(positions: usize, channels: usize, layout: Layout) -> Self {
+        Self {
+            batch: 1,
+            positions,
+            channels,
+            layout,
+        }
+    }
+
     fn of(x: &FlexTensor, layout: Layout) -> Self {
         let dims = dims3(x);
         let (batch, positions, channels) = layout.split(dims);

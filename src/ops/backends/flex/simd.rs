@@ -44,6 +44,14 @@ pub(super) use wide_kernel;
 /// build agree (the other tests run only the copy this machine picks).
 #[cfg(test)]
 pub(super) mod check {
+    use burn::tensor::{Tensor, Tolerance};
+
+    /// Panics unless two tensors agree within `tolerance` (as f32).
+    pub fn assert_same<const D: usize>(a: Tensor<D>, b: Tensor<D>, tolerance: Tolerance<f32>) {
+        a.into_data()
+            .assert_approx_eq::<f32>(&b.into_data(), tolerance);
+    }
+
     /// `len` values in [lo, hi) from a fixed linear congruential sequence.
     pub fn values(len: usize, seed: u32, lo: f32, hi: f32) -> Vec<f32> {
         let mut state = seed.wrapping_mul(747_796_405).wrapping_add(1);

@@ -11,6 +11,7 @@ use super::simd::wide_kernel;
 use crate::maths::implicit_backward::MIN_DENOMINATOR;
 use crate::maths::settings::{TransportSettings, TransportSolver};
 use crate::maths::solver::BETA_AT_FULL_TRANSPORT;
+use crate::ops::TransportOutput;
 
 /// The plan `[B, K+1, N]` (row 0 = ρ) and the largest iteration count over the batch.
 pub(super) fn forward<T: Real>(
@@ -244,35 +245,29 @@ impl<'a, T: Real> Upstream<'a, T> {
     }
 }
 
-/// ∂L/∂costs `[B, K, N]` from the plan `[B, K+1, N]`, ∂L/∂plan and the masses `[B, N]`.
+/// ∂L/∂costs `[B, K, N]` from the plan `[B, K+1, N]`, the masses `[B, N]` and the gradient of
+/// the solve's `output`: ∂L/∂plan `[B, K+1, N]`, or ∂L/∂[`marginals`] `[B, N + K]` (never
+/// expanded to the plan's size).
 pub(super) fn backward<T: Real>(
     plan: &[T],
     grad: &[T],
     mass: &[T],
     [count, n]: [usize; 2],
     epsilon: f64,
+    output: TransportOutput,
 ) -> Vec<T> {
-    let rows = (count + 1) * n;
-    implicit_backward(plan, mass, [count, n], epsilon, |b| {
-        Upstream::Plan(&grad[b * rows..(b + 1) * rows])
-    })
-}
-
-/// ∂L/∂costs `[B, K, N]` from the plan `[B, K+1, N]`, ∂L/∂[`marginals`] `[B, N + K]` and the
-/// masses `[B, N]`, without expanding the marginals' gradient to the plan's size.
-pub(super) fn marginals_backward<T: Real>(
-    plan: &[T],
-    grad: &[T],
-    mass: &[T],
-    [count, n]: [usize; 2],
-    epsilon: f64,
-) -> Vec<T> {
-    let width = n + count;
-    implicit_backward(plan, mass, [count, n], epsilon, |b| {
-        let (residual, prototypes) = grad[b * width..(b + 1) * width].split_at(n);
-        Upstream::Marginals {
-            residual,
-            prototypes,
+    implicit_backward(plan, mass, [count, n], epsilon, |b| match output {
+        TransportOutput::Plan => {
+            let rows = (count + 1) * n;
+            Upstream::Plan(&grad[b * rows..(b + 1) * rows])
+        }
+        TransportOutput::Marginals => {
+            let width = n + count;
+            let (residual, prototypes) = grad[b * width..(b + 1) * width].split_at(n);
+            Upstream::Marginals {
+                residual,
+                prototypes,
+            }
         }
     })
 }

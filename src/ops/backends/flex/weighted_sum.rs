@@ -107,12 +107,7 @@ mod tests {
         let g = values(c, 4, -1.0, 1.0);
         let x = values(n * c, 5, -1.0, 1.0);
         for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
-            let shape = Shape3 {
-                batch: 1,
-                positions: n,
-                channels: c,
-                layout,
-            };
+            let shape = Shape3::one_sample(n, c, layout);
             let (mut wide, mut base) = (vec![0.0; c], vec![0.0; c]);
             sum_sample_wide(&x, &w, shape, &mut wide);
             sum_sample(&x, &w, shape, &mut base);
