@@ -429,32 +429,24 @@ mod against_composite {
             };
             let weights = Tensor::<3>::random([b, k, n], Distribution::Uniform(-1.0, 1.0), &device);
 
-            let (xf, pf) = (x.clone().require_grad(), prototypes.clone().require_grad());
+            // c, ∂L/∂x and ∂L/∂ω of L = Σ weights ⊙ c, for c the kernel's or the composite's.
+            let differentiate = |costs: fn(Tensor<3>, Tensor<2>, Layout) -> Tensor<3>| {
+                let (x, w) = (x.clone().require_grad(), prototypes.clone().require_grad());
+                let c = costs(x.clone(), w.clone(), layout);
+                let grads = (c.clone() * weights.clone()).sum().backward();
+                (c, x.grad(&grads).unwrap(), w.grad(&grads).unwrap())
+            };
             let before = BACKWARD_CALLS::COSTS.load(Ordering::SeqCst);
-            let fused = transport_costs(xf.clone(), pf.clone(), layout);
-            let grads = (fused.clone() * weights.clone()).sum().backward();
+            let (fused, fused_dx, fused_dp) = differentiate(transport_costs);
             assert!(BACKWARD_CALLS::COSTS.load(Ordering::SeqCst) > before);
-            let (fused_dx, fused_dp) = (xf.grad(&grads).unwrap(), pf.grad(&grads).unwrap());
-
-            let (xc, pc) = (x.clone().require_grad(), prototypes.clone().require_grad());
-            let composite = composite_costs(xc.clone(), pc.clone(), layout);
-            let grads = (composite.clone() * weights.clone()).sum().backward();
+            let (composite, composite_dx, composite_dp) = differentiate(composite_costs);
             let tolerance = Tolerance::rel_abs(1e-4, 1e-5);
-            fused
-                .clone()
-                .into_data()
-                .assert_approx_eq::<f32>(&composite.into_data(), tolerance);
+            assert_same(fused.clone(), composite, tolerance);
             let cost = fused.clone().slice([0..1, 1..2, 0..1]).into_scalar::<f32>();
             // In f32 the squared distance cancels to within rounding, not necessarily to 0.
             assert!(cost < 1e-3, "a position equal to a prototype costs {cost}");
-            fused_dx
-                .clone()
-                .into_data()
-                .assert_approx_eq::<f32>(&xc.grad(&grads).unwrap().into_data(), tolerance);
-            fused_dp
-                .clone()
-                .into_data()
-                .assert_approx_eq::<f32>(&pc.grad(&grads).unwrap().into_data(), tolerance);
+            assert_same(fused_dx.clone(), composite_dx, tolerance);
+            assert_same(fused_dp.clone(), composite_dp, tolerance);
 
             let (closed_dx, closed_dp) = costs_gradient(
                 x.inner(),

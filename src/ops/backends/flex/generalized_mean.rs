@@ -386,41 +386,29 @@ mod against_composite {
             let powers = Tensor::<1>::from_floats([1.0, 2.5, 3.0, 40.0, 200.0], &device);
             let keep: Vec<bool> = (0..b * n).map(|i| i % 4 != 3).collect();
             let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep, [b, n]), &device);
-            let features = x.clone().require_grad();
-            let p = powers.clone().require_grad();
-            let fused = generalized_mean(
-                features.clone(),
-                p.clone(),
-                Some(mask.clone().float()),
-                1e-6,
-                layout,
-            );
             let weights = Tensor::<2>::random([b, c], Distribution::Uniform(-1.0, 1.0), &device);
-            let grads = (fused.clone() * weights.clone()).sum().backward();
-            let (fused_dx, fused_dp) = (features.grad(&grads).unwrap(), p.grad(&grads).unwrap());
-
-            let xc = x.clone().require_grad();
-            let pc = powers.clone().require_grad();
-            let composite = composite_forward(
-                xc.clone(),
-                pc.clone(),
-                Some(mask.clone().float()),
-                1e-6,
-                layout,
-            );
-            let grads = (composite.clone() * weights.clone()).sum().backward();
+            // y, ∂L/∂x and ∂L/∂p of L = Σ weights ⊙ y, for y the kernel's or the composite's.
+            type Pool = fn(Tensor<3>, Tensor<1>, Option<Tensor<2>>, f64, Layout) -> Tensor<2>;
+            let differentiate = |pool: Pool| {
+                let (x, p) = (x.clone().require_grad(), powers.clone().require_grad());
+                let y = pool(
+                    x.clone(),
+                    p.clone(),
+                    Some(mask.clone().float()),
+                    1e-6,
+                    layout,
+                );
+                let grads = (y.clone() * weights.clone()).sum().backward();
+                (y, x.grad(&grads).unwrap(), p.grad(&grads).unwrap())
+            };
+            let (fused, fused_dx, fused_dp) = differentiate(generalized_mean);
+            let (composite, composite_dx, composite_dp) = differentiate(composite_forward);
             let tolerance = Tolerance::rel_abs(1e-4, 1e-6);
-            fused
-                .clone()
-                .into_data()
-                .assert_approx_eq::<f32>(&composite.into_data(), tolerance);
-            let composite_dx = xc.grad(&grads).unwrap();
-            fused_dx
-                .clone()
-                .into_data()
-                .assert_approx_eq::<f32>(&composite_dx.into_data(), tolerance);
-            fused_dp.clone().into_data().assert_approx_eq::<f32>(
-                &pc.grad(&grads).unwrap().into_data(),
+            assert_same(fused.clone(), composite, tolerance);
+            assert_same(fused_dx.clone(), composite_dx, tolerance);
+            assert_same(
+                fused_dp.clone(),
+                composite_dp,
                 Tolerance::rel_abs(1e-4, 1e-5),
             );
 
