@@ -267,11 +267,6 @@ impl Net {
     }
 }
 
-fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
-    let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
-    x / norm
-}
-
 /// Everything the optimizer trains: the net, the loss's class proxies, GSP's ZSR embeddings.
 #[derive(Module, Debug)]
 struct Trainee {
@@ -402,8 +397,8 @@ fn train(
         if warming_up && recipe.gsp.kcenter && step + memory_batches >= warmup {
             memory.push(out.pooled.clone().detach());
         }
-        let embeddings = l2_normalize(out.embeddings);
-        let proxies = l2_normalize(trainee.proxies.val());
+        let embeddings = common::l2_normalize(out.embeddings);
+        let proxies = common::l2_normalize(trainee.proxies.val());
         let logits = embeddings
             .matmul(proxies.transpose())
             .mul_scalar(recipe.scale);

@@ -209,11 +209,6 @@ impl Model {
     }
 }
 
-fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
-    let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
-    x / norm
-}
-
 fn train(head: Head, task: &Task, device: &Device) -> Model {
     device.seed(3);
     let mut model = Model::new(head, device);
@@ -241,9 +236,9 @@ fn train(head: Head, task: &Task, device: &Device) -> Model {
             ),
             device,
         );
-        let embeddings = l2_normalize(model.forward(tokens, valid));
+        let embeddings = common::l2_normalize(model.forward(tokens, valid));
         let logits = embeddings
-            .matmul(l2_normalize(model.proxies.val()).transpose())
+            .matmul(common::l2_normalize(model.proxies.val()).transpose())
             .mul_scalar(16.0);
         let loss = log_softmax(logits, 1)
             .gather(1, targets.unsqueeze_dim(1))

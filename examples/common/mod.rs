@@ -323,7 +323,8 @@ impl Net {
     }
 }
 
-fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
+/// Each row scaled to unit length (cosine similarity as a dot product).
+pub fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
     let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
     x / norm
 }
