@@ -204,6 +204,26 @@ impl Positions {
         self.weighted_sum(weights)
     }
 
+    /// Global max pooling of the valid positions: `[B, C]`, `y_c = max_{n valid} x_{n,c}`.
+    ///
+    /// Padding is filled with −∞ before the max, so it never wins; since every mask row has a
+    /// valid position, the result stays finite. The gradient reaches only the winning
+    /// position of each channel (padding gets 0).
+    pub fn max(self) -> Tensor<2> {
+        let axis = self.layout.position_axis();
+        let features = match self.mask {
+            Some(mask) => {
+                let padding = mask
+                    .bool_not()
+                    .unsqueeze_dim::<3>(self.layout.channel_axis())
+                    .expand(self.features.dims());
+                self.features.mask_fill(padding, f64::NEG_INFINITY)
+            }
+            None => self.features,
+        };
+        features.max_dim(axis).squeeze_dim::<2>(axis)
+    }
+
     /// The weights of the mean, `[B, N]`: 1 / (valid positions) on the valid positions, 0 on
     /// padding. GSP's position masses.
     pub fn mean_weights(&self) -> Tensor<2> {

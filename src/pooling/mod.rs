@@ -3,21 +3,31 @@
 //! | layer | pools with | parameters |
 //! |---|---|---|
 //! | [`Gap`] | the mean | none |
+//! | [`Gmp`] | the maximum (MAC) | none |
+//! | [`GapGmp`] | the mean and the maximum, summed or concatenated | none |
 //! | [`Gem`] | the generalized (power) mean | one power `p` |
 //! | [`GroupGem`] | the generalized mean, one `p` per channel group | `p: [groups]` |
 //! | [`Gsp`] | weights from partial optimal transport onto prototypes | `prototypes: [K, C]` |
 //!
 //! Every layer has `forward(maps)`, `forward_tokens(tokens)` and `forward(input)` for a
-//! [`PoolingInput`] (maps or tokens, with a mask, with prefix tokens).
+//! [`PoolingInput`] (maps or tokens, with a mask, with prefix tokens). [`PoolingConfig`] and
+//! [`Pooling`] are one config and one module for all of them, to choose the pooling at run
+//! time.
 
+mod choice;
 mod gap;
+mod gap_gmp;
 mod gem;
+mod gmp;
 mod group_gem;
 mod gsp;
 mod input;
 
+pub use choice::{Pooling, PoolingConfig};
 pub use gap::{Gap, GapConfig};
+pub use gap_gmp::{GapGmp, GapGmpCombine, GapGmpConfig};
 pub use gem::{Gem, GemConfig};
+pub use gmp::{Gmp, GmpConfig};
 pub use group_gem::{GroupGem, GroupGemConfig, GroupLayout};
 pub use gsp::{Gsp, GspConfig, GspOutput};
 pub use input::PoolingInput;

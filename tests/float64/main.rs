@@ -8,6 +8,7 @@ mod common;
 mod reference;
 
 mod gem;
+mod gmp;
 mod gsp;
 mod properties;
 mod reference_selfcheck;

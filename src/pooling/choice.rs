@@ -1,0 +1,251 @@
+//! One config and one module for every layer: the pooling of a model chosen at run time, e.g.
+//! from a JSON config file (what timm's `global_pool = "avg" | "max" | ...` does).
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+
+use super::input::PoolingInput;
+use super::{
+    Gap, GapConfig, GapGmp, GapGmpCombine, GapGmpConfig, Gem, GemConfig, Gmp, GmpConfig, GroupGem,
+    GroupGemConfig, Gsp, GspConfig,
+};
+
+/// The configuration of any pooling layer of this crate: one variant per layer, holding that
+/// layer's config. Serialises as `{"<Variant>": {<the layer's config>}}`.
+///
+/// ```rust
+/// # use burn::config::Config;
+/// # use burn::tensor::{Device, Tensor};
+/// use burn_pooling::{GemConfig, PoolingConfig};
+///
+/// let device = Device::flex();
+/// let config = PoolingConfig::Gem(GemConfig::new().with_p(4.0));
+/// let json = config.to_string(); // {"Gem": {"p": 4.0, ...}}
+/// let pooling = PoolingConfig::load_binary(json.as_bytes()).unwrap().init(&device);
+/// let maps = Tensor::<4>::ones([2, 16, 7, 7], &device);
+/// assert_eq!(pooling.forward(maps).dims(), [2, 16]);
+/// ```
+#[derive(Config, Debug)]
+pub enum PoolingConfig {
+    /// Global average pooling, [`Gap`] (timm's `avg`).
+    Gap(GapConfig),
+    /// Global max pooling, [`Gmp`] (timm's `max`).
+    Gmp(GmpConfig),
+    /// GAP + GMP, summed or concatenated, [`GapGmp`] (timm's `avgmax` up to a factor 1/2, and
+    /// `catavgmax`).
+    GapGmp(GapGmpConfig),
+    /// Generalized mean pooling, [`Gem`].
+    Gem(GemConfig),
+    /// Group generalized mean pooling, [`GroupGem`].
+    GroupGem(GroupGemConfig),
+    /// Generalized sum pooling, [`Gsp`].
+    Gsp(GspConfig),
+}
+
+impl PoolingConfig {
+    /// Creates the chosen layer on `device` (the parameter-free layers ignore it).
+    ///
+    /// # Panics
+    ///
+    /// As the chosen layer's `init` does on an invalid config.
+    pub fn init(&self, device: &Device) -> Pooling {
+        match self {
+            Self::Gap(config) => Pooling::Gap(config.init()),
+            Self::Gmp(config) => Pooling::Gmp(config.init()),
+            Self::GapGmp(config) => Pooling::GapGmp(config.init()),
+            Self::Gem(config) => Pooling::Gem(config.init(device)),
+            Self::GroupGem(config) => Pooling::GroupGem(config.init(device)),
+            Self::Gsp(config) => Pooling::Gsp(config.init(device)),
+        }
+    }
+
+    /// The width of the pooled output for inputs of `channels` channels: `channels`, except
+    /// for the concatenating [`GapGmp`] (2 · `channels`). Size the next layer with it.
+    pub fn output_channels(&self, channels: usize) -> usize {
+        match self {
+            Self::GapGmp(config) if config.combine == GapGmpCombine::Concat => 2 * channels,
+            _ => channels,
+        }
+    }
+}
+
+/// Any pooling layer of this crate, as one [`Module`]: what [`PoolingConfig::init`] gives.
+/// It has the layers' entry points, [`forward`](Self::forward) (maps, tokens or a
+/// [`PoolingInput`]) and [`forward_tokens`](Self::forward_tokens), and records, loads and
+/// trains as the layer it holds.
+///
+/// # Shapes
+///
+/// - input: maps `[B, C, H, W]`, tokens `[B, N, C]`, or a [`PoolingInput`] with a `[B, N]`
+///   mask
+/// - output: `[B, C]`, or `[B, 2C]` for a concatenating [`GapGmp`]
+#[derive(Module, Debug)]
+pub enum Pooling {
+    /// [`Gap`].
+    Gap(Gap),
+    /// [`Gmp`].
+    Gmp(Gmp),
+    /// [`GapGmp`].
+    GapGmp(GapGmp),
+    /// [`Gem`].
+    Gem(Gem),
+    /// [`GroupGem`].
+    GroupGem(GroupGem),
+    /// [`Gsp`].
+    Gsp(Gsp),
+}
+
+impl Pooling {
+    /// Pools feature maps `[B, C, H, W]`, a token set `[B, N, C]` (skipping the layer's
+    /// `num_prefix_tokens` tokens) or any [`PoolingInput`] (masked, with its own prefix) with
+    /// the layer it holds.
+    ///
+    /// # Panics
+    ///
+    /// As that layer's `forward` does.
+    pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
+        let input = input.into();
+        match self {
+            Self::Gap(layer) => layer.forward(input),
+            Self::Gmp(layer) => layer.forward(input),
+            Self::GapGmp(layer) => layer.forward(input),
+            Self::Gem(layer) => layer.forward(input),
+            Self::GroupGem(layer) => layer.forward(input),
+            Self::Gsp(layer) => layer.forward(input),
+        }
+    }
+
+    /// [`forward`](Self::forward) for a token set `[B, N, C]`, spelled out.
+    pub fn forward_tokens(&self, tokens: Tensor<3>) -> Tensor<2> {
+        self.forward(tokens)
+    }
+
+    /// The [`Gsp`] layer, if this is one: for [`Gsp::forward_detailed`] (the attributes of
+    /// [`ZeroShotLoss`](crate::loss::ZeroShotLoss)) and
+    /// [`Gsp::init_prototypes_kcenter`].
+    pub fn as_gsp(&self) -> Option<&Gsp> {
+        match self {
+            Self::Gsp(gsp) => Some(gsp),
+            _ => None,
+        }
+    }
+
+    /// The layer's name, as in its `Display`: `"Gap"`, `"Gmp"`, `"GapGmp"`, `"Gem"`,
+    /// `"GroupGem"` or `"Gsp"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Gap(_) => "Gap",
+            Self::Gmp(_) => "Gmp",
+            Self::GapGmp(_) => "GapGmp",
+            Self::Gem(_) => "Gem",
+            Self::GroupGem(_) => "GroupGem",
+            Self::Gsp(_) => "Gsp",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Bool, Distribution, TensorData, Tolerance};
+
+    /// Every variant, with settings that differ from the defaults where a layer has any.
+    fn every_config() -> Vec<PoolingConfig> {
+        vec![
+            PoolingConfig::Gap(GapConfig::new().with_num_prefix_tokens(1)),
+            PoolingConfig::Gmp(GmpConfig::new().with_num_prefix_tokens(1)),
+            PoolingConfig::GapGmp(
+                GapGmpConfig::new()
+                    .with_combine(GapGmpCombine::Concat)
+                    .with_num_prefix_tokens(1),
+            ),
+            PoolingConfig::Gem(GemConfig::new().with_p(2.5).with_num_prefix_tokens(1)),
+            PoolingConfig::GroupGem(GroupGemConfig::new(2).with_p(4.0).with_num_prefix_tokens(1)),
+            PoolingConfig::Gsp(
+                GspConfig::new(4)
+                    .with_num_prototypes(3)
+                    .with_transport_ratio(0.5)
+                    .with_num_prefix_tokens(1),
+            ),
+        ]
+    }
+
+    /// The layer the config describes, built directly: what `Pooling` must agree with.
+    fn direct(config: &PoolingConfig, tokens: Tensor<3>, mask: Tensor<2, Bool>) -> Tensor<2> {
+        let device = tokens.device();
+        let input = || PoolingInput::tokens(tokens.clone()).with_mask(mask.clone());
+        match config {
+            PoolingConfig::Gap(c) => c.init().forward(input()),
+            PoolingConfig::Gmp(c) => c.init().forward(input()),
+            PoolingConfig::GapGmp(c) => c.init().forward(input()),
+            PoolingConfig::Gem(c) => c.init(&device).forward(input()),
+            PoolingConfig::GroupGem(c) => c.init(&device).forward(input()),
+            PoolingConfig::Gsp(c) => c.init(&device).forward(input()),
+        }
+    }
+
+    /// Each config survives a JSON round trip, and the module it gives pools as the layer it
+    /// names (same seed for the prototypes), with the layer's prefix and the input's mask.
+    #[test]
+    fn every_variant_round_trips_and_pools_as_its_layer() {
+        let device = Device::flex();
+        let names = ["Gap", "Gmp", "GapGmp", "Gem", "GroupGem", "Gsp"];
+        for (config, name) in every_config().into_iter().zip(names) {
+            let json = config.to_string();
+            assert!(json.contains(&format!("\"{name}\"")), "{json}");
+            let loaded = PoolingConfig::load_binary(json.as_bytes()).unwrap();
+            assert_eq!(loaded.to_string(), json);
+
+            let tokens = Tensor::<3>::random([2, 5, 4], Distribution::Uniform(0.1, 2.0), &device);
+            let mask = Tensor::<2, Bool>::from_bool(
+                TensorData::from([[true; 5], [true, true, false, true, false]]),
+                &device,
+            );
+            device.seed(7);
+            let pooling = loaded.init(&device);
+            assert_eq!(pooling.name(), name);
+            assert!(format!("{pooling}").contains(name), "{pooling}");
+            let pooled =
+                pooling.forward(PoolingInput::tokens(tokens.clone()).with_mask(mask.clone()));
+            assert_eq!(pooled.dims(), [2, config.output_channels(4)]);
+            device.seed(7);
+            pooled.into_data().assert_approx_eq::<f32>(
+                &direct(&config, tokens.clone(), mask).into_data(),
+                Tolerance::default(),
+            );
+            // forward_tokens = forward of the bare token set.
+            pooling
+                .forward_tokens(tokens.clone())
+                .into_data()
+                .assert_approx_eq::<f32>(
+                    &pooling.forward(tokens).into_data(),
+                    Tolerance::default(),
+                );
+        }
+    }
+
+    #[test]
+    fn parameters_and_the_gsp_accessor() {
+        let device = Device::flex();
+        let counts: Vec<usize> = every_config()
+            .iter()
+            .map(|config| config.init(&device).num_params())
+            .collect();
+        assert_eq!(counts, [0, 0, 0, 1, 2, 12]);
+        let gsp = PoolingConfig::Gsp(GspConfig::new(4).with_num_prototypes(3)).init(&device);
+        assert!(gsp.as_gsp().is_some());
+        assert!(
+            PoolingConfig::Gap(GapConfig::new())
+                .init(&device)
+                .as_gsp()
+                .is_none()
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "Gem: `p` must be a finite number > 0, got -1")]
+    fn invalid_config_panics_as_the_layer() {
+        PoolingConfig::Gem(GemConfig::new().with_p(-1.0)).init(&Device::flex());
+    }
+}
