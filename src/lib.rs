@@ -7,6 +7,7 @@
 // backend-extension trait whose default bodies are those maths, one folder per backend, and
 // the routing between kernels and composites), then the public layers, transport API and
 // losses.
+mod checks;
 mod display;
 mod layout;
 mod maths;

@@ -166,42 +166,42 @@ mod tests {
                             tolerance,
                         );
                     if transport_ratio < 1.0 {
-                        let fused_grad = Tensor::<3>::from_dispatch(
-                            <Dispatch as PoolingOps>::partial_transport_backward(
+                        // The kernel's backward of `output` for ∂L/∂output = `grad`, against
+                        // the implicit cost gradient of the same ∂L/∂plan.
+                        let check = |grad, output, plan_grad: Tensor<3>| {
+                            let kernel = <Dispatch as PoolingOps>::partial_transport_backward(
                                 fused.plan.clone().into_dispatch(),
-                                marginals_grad.clone().into_dispatch(),
+                                grad,
                                 mass.clone().into_dispatch(),
                                 epsilon,
-                                TransportOutput::Marginals,
-                            ),
-                        );
-                        let portable_grad = implicit_cost_gradient(
-                            portable.clone(),
-                            marginals_gradient_as_plan_gradient(
-                                marginals_grad.clone(),
-                                [b, k + 1, n],
-                            ),
-                            mass.clone(),
-                            epsilon,
-                        );
-                        fused_grad.into_data().assert_approx_eq::<f32>(
-                            &portable_grad.into_data(),
-                            Tolerance::rel_abs(1e-3, 1e-5),
-                        );
-                        let fused_grad = Tensor::<3>::from_dispatch(
-                            <Dispatch as PoolingOps>::partial_transport_backward(
-                                fused.plan.clone().into_dispatch(),
-                                grad.clone().into_dispatch(),
-                                mass.clone().into_dispatch(),
+                                output,
+                            );
+                            let reference = implicit_cost_gradient(
+                                portable.clone(),
+                                plan_grad,
+                                mass.clone(),
                                 epsilon,
-                                TransportOutput::Plan,
-                            ),
+                            );
+                            Tensor::<3>::from_dispatch(kernel)
+                                .into_data()
+                                .assert_approx_eq::<f32>(
+                                    &reference.into_data(),
+                                    Tolerance::rel_abs(1e-3, 1e-5),
+                                );
+                        };
+                        let as_plan = marginals_gradient_as_plan_gradient(
+                            marginals_grad.clone(),
+                            [b, k + 1, n],
                         );
-                        let portable_grad =
-                            implicit_cost_gradient(portable, grad.clone(), mass.clone(), epsilon);
-                        fused_grad.into_data().assert_approx_eq::<f32>(
-                            &portable_grad.into_data(),
-                            Tolerance::rel_abs(1e-3, 1e-5),
+                        check(
+                            marginals_grad.clone().into_dispatch(),
+                            TransportOutput::Marginals,
+                            as_plan,
+                        );
+                        check(
+                            grad.clone().into_dispatch(),
+                            TransportOutput::Plan,
+                            grad.clone(),
                         );
                     }
                 }

@@ -7,6 +7,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor};
 
 use super::cholesky::solve_spd;
+use crate::checks;
 use crate::display::one_line_display;
 
 /// How a batch is split into two class-disjoint halves.
@@ -58,24 +59,10 @@ impl ZeroShotLossConfig {
     ///
     /// If a size is 0 or `ridge` or `logit_scale` is not positive.
     pub fn init(&self, device: &Device) -> ZeroShotLoss {
-        assert!(
-            self.num_classes > 0,
-            "ZeroShotLoss: `num_classes` must be at least 1, got 0"
-        );
-        assert!(
-            self.embedding_dim > 0,
-            "ZeroShotLoss: `embedding_dim` must be at least 1, got 0"
-        );
-        assert!(
-            self.ridge.is_finite() && self.ridge > 0.0,
-            "ZeroShotLoss: `ridge` must be a finite number > 0, got {}",
-            self.ridge
-        );
-        assert!(
-            self.logit_scale.is_finite() && self.logit_scale > 0.0,
-            "ZeroShotLoss: `logit_scale` must be a finite number > 0, got {}",
-            self.logit_scale
-        );
+        checks::at_least_one("ZeroShotLoss", "num_classes", self.num_classes);
+        checks::at_least_one("ZeroShotLoss", "embedding_dim", self.embedding_dim);
+        checks::positive("ZeroShotLoss", "ridge", self.ridge);
+        checks::positive("ZeroShotLoss", "logit_scale", self.logit_scale);
         ZeroShotLoss {
             embeddings: self.initializer.init_with(
                 [self.num_classes, self.embedding_dim],
@@ -182,14 +169,8 @@ impl ZeroShotLoss {
 
         let device = attributes.device();
         let take = |indices: &[usize]| {
-            let indices = Tensor::<1, Int>::from_data(
-                indices
-                    .iter()
-                    .map(|&i| i as i64)
-                    .collect::<Vec<_>>()
-                    .as_slice(),
-                &device,
-            );
+            let indices: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+            let indices = Tensor::<1, Int>::from_data(indices.as_slice(), &device);
             (
                 attributes.clone().select(0, indices.clone()),
                 labels.clone().select(0, indices),

@@ -2,6 +2,8 @@
 
 use burn::config::Config;
 
+use crate::checks;
+
 /// Which iteration finds the scalar dual β of each sample (see [`partial_transport`](crate::transport::partial_transport)).
 ///
 /// Both solve the same fixed point and give the same plan; they differ in speed.
@@ -38,19 +40,8 @@ impl TransportSettings {
             mu > 0.0 && mu <= 1.0,
             "{layer}: `transport_ratio` must be in (0, 1], got {mu}"
         );
-        let eps = self.epsilon;
-        assert!(
-            eps.is_finite() && eps > 0.0,
-            "{layer}: `epsilon` must be a finite number > 0, got {eps}"
-        );
-        assert!(
-            self.max_iterations > 0,
-            "{layer}: `max_iterations` must be at least 1, got 0"
-        );
-        let tol = self.tolerance;
-        assert!(
-            tol.is_finite() && tol > 0.0,
-            "{layer}: `tolerance` must be a finite number > 0, got {tol}"
-        );
+        checks::positive(layer, "epsilon", self.epsilon);
+        checks::at_least_one(layer, "max_iterations", self.max_iterations);
+        checks::positive(layer, "tolerance", self.tolerance);
     }
 }

@@ -81,19 +81,15 @@ pub(crate) fn solve_beta(
     }
     let padding = mass.clone().lower_equal_elem(0.0);
     let logit_mu = (mu / (1.0 - mu)).ln();
-    // The root lies in [logit μ − max ℓ, logit μ − min ℓ] over the valid positions.
-    let lower = log_mass
-        .clone()
-        .mask_fill(padding.clone(), f64::NEG_INFINITY)
-        .max_dim(1)
-        .neg()
-        .add_scalar(logit_mu);
-    let upper = log_mass
-        .clone()
-        .mask_fill(padding.clone(), f64::INFINITY)
-        .min_dim(1)
-        .neg()
-        .add_scalar(logit_mu);
+    // The root lies in [logit μ − max ℓ, logit μ − min ℓ] over the valid positions; padded
+    // positions are filled with the value the reduction ignores.
+    let bound = |ignored: f64, extreme: fn(Tensor<2>, usize) -> Tensor<2>| {
+        extreme(log_mass.clone().mask_fill(padding.clone(), ignored), 1)
+            .neg()
+            .add_scalar(logit_mu)
+    };
+    let lower = bound(f64::NEG_INFINITY, Tensor::max_dim);
+    let upper = bound(f64::INFINITY, Tensor::min_dim);
     // Tighter bounds from σ(u) ≤ eᵘ and σ(−u) ≤ e⁻ᵘ:
     // at β = ln μ − lse(ln a + ℓ) the mass is ≤ μ; at β = lse(ln a − ℓ) − ln(1 − μ) it is ≥ μ.
     let log_weight = mass

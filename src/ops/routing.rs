@@ -38,20 +38,7 @@ pub(crate) fn partial_transport(
     mass: Tensor<2>,
     settings: &TransportSettings,
 ) -> (Tensor<3>, Tensor<1, Int>) {
-    if extension_covers(&costs.device()) {
-        let (plan, _, iterations) = <Dispatch as PoolingOps>::partial_transport(
-            costs.into_dispatch(),
-            mass.into_dispatch(),
-            *settings,
-            TransportOutput::Plan,
-        );
-        (
-            Tensor::from_dispatch(plan),
-            Tensor::from_dispatch(iterations),
-        )
-    } else {
-        partial_transport_newton_step(costs, mass, settings)
-    }
+    solve(costs, mass, settings, TransportOutput::Plan, |plan| plan)
 }
 
 /// The marginals `[B, N + K]` (residual masses, then the mass sent to each prototype) and the
@@ -61,20 +48,38 @@ pub(crate) fn transport_marginals(
     mass: Tensor<2>,
     settings: &TransportSettings,
 ) -> (Tensor<2>, Tensor<1, Int>) {
+    solve(
+        costs,
+        mass,
+        settings,
+        TransportOutput::Marginals,
+        marginals_of,
+    )
+}
+
+/// The solve behind both: the extension returns `output` itself; the tracked Newton step
+/// returns the plan, which `from_plan` turns into `output`.
+fn solve<const D: usize>(
+    costs: Tensor<3>,
+    mass: Tensor<2>,
+    settings: &TransportSettings,
+    output: TransportOutput,
+    from_plan: impl FnOnce(Tensor<3>) -> Tensor<D>,
+) -> (Tensor<D>, Tensor<1, Int>) {
     if extension_covers(&costs.device()) {
-        let (marginals, _plan, iterations) = <Dispatch as PoolingOps>::partial_transport(
+        let (first, _plan, iterations) = <Dispatch as PoolingOps>::partial_transport(
             costs.into_dispatch(),
             mass.into_dispatch(),
             *settings,
-            TransportOutput::Marginals,
+            output,
         );
         (
-            Tensor::from_dispatch(marginals),
+            Tensor::from_dispatch(first),
             Tensor::from_dispatch(iterations),
         )
     } else {
         let (plan, iterations) = partial_transport_newton_step(costs, mass, settings);
-        (marginals_of(plan), iterations)
+        (from_plan(plan), iterations)
     }
 }
 

@@ -4,8 +4,8 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 
-use super::gem::check_power;
 use super::input::PoolingInput;
+use crate::checks;
 use crate::display::one_line_display;
 
 /// How channels are assigned to the groups of [`GroupGem`]. Default: contiguous.
@@ -51,12 +51,9 @@ impl GroupGemConfig {
     ///
     /// If `groups == 0`, or `p` or `eps` is not a finite positive number.
     pub fn init(&self, device: &Device) -> GroupGem {
-        assert!(
-            self.groups > 0,
-            "GroupGem: `groups` must be at least 1, got 0"
-        );
-        check_power("GroupGem", "p", self.p);
-        check_power("GroupGem", "eps", self.eps);
+        checks::at_least_one("GroupGem", "groups", self.groups);
+        checks::positive("GroupGem", "p", self.p);
+        checks::positive("GroupGem", "eps", self.eps);
         let p = Tensor::<1>::full([self.groups], self.p, device);
         GroupGem {
             p: Param::from_tensor(p).set_require_grad(self.learnable),

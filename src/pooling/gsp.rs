@@ -7,6 +7,7 @@ use burn::nn::Initializer;
 use burn::tensor::{Bool, Device, Int, Tensor};
 
 use super::input::{PoolingInput, Positions};
+use crate::checks;
 use crate::display::one_line_display;
 use crate::maths::costs::lipschitz_normalize;
 use crate::maths::settings::{TransportSettings, TransportSolver};
@@ -67,14 +68,8 @@ impl GspConfig {
     /// If `channels` or `num_prototypes` is 0, μ is outside (0, 1], or ε, `max_iterations` or
     /// `tolerance` is not positive.
     pub fn init(&self, device: &Device) -> Gsp {
-        assert!(
-            self.channels > 0,
-            "Gsp: `channels` must be at least 1, got 0"
-        );
-        assert!(
-            self.num_prototypes > 0,
-            "Gsp: `num_prototypes` must be at least 1, got 0"
-        );
+        checks::at_least_one("Gsp", "channels", self.channels);
+        checks::at_least_one("Gsp", "num_prototypes", self.num_prototypes);
         self.settings().validate("Gsp");
         let prototypes = self.initializer.init_with(
             [self.num_prototypes, self.channels],
@@ -258,14 +253,8 @@ impl Gsp {
             nearest = nearest.min_pair(distance_to(next));
         }
         let device = features.device();
-        let indices = Tensor::<1, burn::tensor::Int>::from_data(
-            chosen
-                .iter()
-                .map(|&i| i as i64)
-                .collect::<Vec<_>>()
-                .as_slice(),
-            &device,
-        );
+        let indices: Vec<i64> = chosen.iter().map(|&i| i as i64).collect();
+        let indices = Tensor::<1, Int>::from_data(indices.as_slice(), &device);
         let centers = features.select(0, indices);
         let prototypes = self.prototypes.map(|old| {
             let centers = centers.to_device(&old.device());

@@ -106,6 +106,15 @@ fn reads_gzip_idx_files() {
 }
 
 /// The error's message, which must name the file.
+/// Asserts that `error` is of the kind `pattern` and names `path`; returns its message.
+macro_rules! assert_error {
+    ($error:expr, $pattern:pat, $path:expr) => {{
+        let error = $error;
+        assert!(matches!(error.kind, $pattern), "{error}");
+        message_naming(error, $path)
+    }};
+}
+
 fn message_naming(error: idx::IdxError, path: &Path) -> String {
     assert_eq!(error.path, path);
     let message = error.to_string();
@@ -122,8 +131,7 @@ fn missing_file_is_an_error_naming_it() {
     let dir = TempDir::new("missing");
     let path = dir.path("train-images-idx3-ubyte.gz");
     let error = read_images(&path, None).expect_err("a missing file");
-    assert!(matches!(error.kind, IdxErrorKind::Missing));
-    let message = message_naming(error, &path);
+    let message = assert_error!(error, IdxErrorKind::Missing, &path);
     assert!(message.contains("no such file"), "{message}");
 
     // The Fashion-MNIST reader adds the install hint.
@@ -143,32 +151,28 @@ fn bad_magic_is_an_error_naming_the_file() {
         // An IDX1 labels file read as images: dimension byte 1, not 3.
         let write = if gzip { write_gzip } else { write_plain };
         write(&path, &idx_bytes(&[2], &[1, 2]));
-        let error = read_images(&path, None).expect_err("labels are not images");
-        assert!(
-            matches!(
-                error.kind,
-                IdxErrorKind::BadMagic {
-                    found: 0x0801,
-                    expected: 0x0803
-                }
-            ),
-            "{error}"
+        let message = assert_error!(
+            read_images(&path, None).expect_err("labels are not images"),
+            IdxErrorKind::BadMagic {
+                found: 0x0801,
+                expected: 0x0803
+            },
+            &path
         );
-        let message = message_naming(error, &path);
         assert!(message.contains("bad magic number"), "{message}");
     }
     // Not an unsigned-byte file (type 0x0D, floats), and a file too short for a magic number.
     let floats = dir.path("floats");
     write_plain(&floats, &[0, 0, 0x0D, 1, 0, 0, 0, 0]);
-    assert!(matches!(
-        read_labels(&floats, None).expect_err("float IDX").kind,
-        IdxErrorKind::BadMagic { .. }
-    ));
+    let error = read_labels(&floats, None).expect_err("float IDX");
+    assert_error!(error, IdxErrorKind::BadMagic { .. }, &floats);
     let short = dir.path("short");
     write_plain(&short, &[0, 0]);
-    let error = read_labels(&short, None).expect_err("two bytes");
-    assert!(matches!(error.kind, IdxErrorKind::BadMagic { .. }));
-    message_naming(error, &short);
+    assert_error!(
+        read_labels(&short, None).expect_err("two bytes"),
+        IdxErrorKind::BadMagic { .. },
+        &short
+    );
 }
 
 #[test]
@@ -181,18 +185,14 @@ fn size_mismatch_is_an_error_naming_the_file() {
         // Fewer bytes than the header announces: 2 images of 2×2 = 8 bytes, 7 present.
         let short = dir.path(&format!("short-images{tag}"));
         write(&short, &idx_bytes(&[2, 2, 2], &[0; 7]));
-        let error = read_images(&short, None).expect_err("truncated");
-        assert!(
-            matches!(
-                error.kind,
-                IdxErrorKind::SizeMismatch {
-                    expected: 8,
-                    found: 7
-                }
-            ),
-            "{error}"
+        let message = assert_error!(
+            read_images(&short, None).expect_err("truncated"),
+            IdxErrorKind::SizeMismatch {
+                expected: 8,
+                found: 7
+            },
+            &short
         );
-        let message = message_naming(error, &short);
         assert!(message.contains("size mismatch"), "{message}");
         // The first image is complete, so a limit of 1 reads it.
         assert_eq!(read_images(&short, Some(1)).expect("first image").len(), 1);
@@ -200,25 +200,23 @@ fn size_mismatch_is_an_error_naming_the_file() {
         // More bytes than announced.
         let long = dir.path(&format!("long-labels{tag}"));
         write(&long, &idx_bytes(&[3], &[1, 2, 3, 4]));
-        let error = read_labels(&long, None).expect_err("trailing bytes");
-        assert!(
-            matches!(
-                error.kind,
-                IdxErrorKind::SizeMismatch {
-                    expected: 3,
-                    found: 4
-                }
-            ),
-            "{error}"
+        assert_error!(
+            read_labels(&long, None).expect_err("trailing bytes"),
+            IdxErrorKind::SizeMismatch {
+                expected: 3,
+                found: 4
+            },
+            &long
         );
-        message_naming(error, &long);
 
         // A truncated header.
         let header = dir.path(&format!("header-images{tag}"));
         write(&header, &[0, 0, 8, 3, 0, 0, 0, 1, 0, 0]);
-        let error = read_images(&header, None).expect_err("truncated header");
-        assert!(matches!(error.kind, IdxErrorKind::SizeMismatch { .. }));
-        message_naming(error, &header);
+        assert_error!(
+            read_images(&header, None).expect_err("truncated header"),
+            IdxErrorKind::SizeMismatch { .. },
+            &header
+        );
     }
 
     // Images and labels of different counts: the error names the labels file.
@@ -227,14 +225,14 @@ fn size_mismatch_is_an_error_naming_the_file() {
     write_plain(&images, &idx_bytes(&[2, 1, 1], &[5, 6]));
     write_plain(&labels, &idx_bytes(&[3], &[0, 1, 2]));
     let error = read_split(&images, &labels, None).expect_err("2 images, 3 labels");
-    assert!(matches!(
-        error.kind,
+    assert_error!(
+        error,
         IdxErrorKind::CountMismatch {
             images: 2,
             labels: 3
-        }
-    ));
-    message_naming(error, &labels);
+        },
+        &labels
+    );
 }
 
 /// The real files. CI installs `dataset-fashion-mnist`; without them this test fails.

@@ -20,6 +20,17 @@ fn column(x: &[f64], c: usize, valid: &[bool]) -> Vec<f64> {
     (0..N).filter(|&n| valid[n]).map(|n| x[n * C + c]).collect()
 }
 
+/// The layer in f64 reproduces the reference table of docs/maths.md §1 (to its 10 digits).
+#[test]
+fn gem_reproduces_the_documented_values() {
+    let device = flex_f64();
+    let x = tensor(reference::GEM_DOC_X.to_vec(), [1, 1, 1, 4], &device);
+    for (p, expected) in reference::GEM_DOC_VALUES {
+        let y = GemConfig::new().with_p(p).init(&device).forward(x.clone());
+        assert_close(&values(y), &[expected], 1e-10, 0.0, &format!("GeM p = {p}"));
+    }
+}
+
 #[test]
 fn gem_gradients_match_finite_differences() {
     let device = flex_f64().autodiff();

@@ -124,8 +124,6 @@ fn unflatten(v: &[f64], rows: usize, cols: usize) -> Vec<Vec<f64>> {
 // GAP / GeM (docs/maths.md §1)
 // ---------------------------------------------------------------------------------------------
 
-const DOC_X: [f64; 4] = [0.5, 1.0, 2.0, 4.0];
-
 #[test]
 fn gap_hand_computed() {
     let x = vec![vec![1.0, 2.0], vec![3.0, 4.0], vec![5.0, 9.0]];
@@ -134,18 +132,9 @@ fn gap_hand_computed() {
 
 #[test]
 fn gem_doc_values() {
-    let cases = [
-        (1.0, 1.875),
-        (2.0, 2.3048861143),
-        (3.0, 2.6343206076),
-        (4.0, 2.8744219306),
-        (8.0, 3.3652316555),
-        (100.0, 3.9449308180),
-        (1000.0, 3.9944586644),
-    ];
-    for (p, y) in cases {
+    for (p, y) in GEM_DOC_VALUES {
         assert_close(
-            gem_channel(&DOC_X, p, GEM_EPS),
+            gem_channel(&GEM_DOC_X, p, GEM_EPS),
             y,
             1e-9,
             &format!("GeM p={p}"),
@@ -155,7 +144,7 @@ fn gem_doc_values() {
 
 #[test]
 fn gem_doc_gradients_at_p3() {
-    let (dx, dp) = gem_channel_grad(&DOC_X, 3.0, GEM_EPS);
+    let (dx, dp) = gem_channel_grad(&GEM_DOC_X, 3.0, GEM_EPS);
     assert_close(dp, 0.2804015527, 1e-9, "dy/dp");
     assert_vec_close(
         &dx,
@@ -515,6 +504,12 @@ fn gsp_objective_is_minimal_among_feasible_perturbations() {
     }
 }
 
+/// GSP's weights and pooled vector, each within `tol`.
+fn assert_weights_and_pooled(r: &GspReference, weights: &[f64], pooled: &[f64], tol: f64) {
+    assert_vec_close(&r.weights, weights, tol, "weights");
+    assert_vec_close(&r.pooled, pooled, tol, "pooled");
+}
+
 #[test]
 fn gsp_mu_near_one_is_gap() {
     let mut rng = Rng::new(23);
@@ -522,8 +517,7 @@ fn gsp_mu_near_one_is_gap() {
     let w = rng.matrix(3, 4, -1.0, 1.0);
     let a = uniform_mass(6);
     let r = gsp(&x, &w, &a, 1.0 - 1e-9, 0.2);
-    assert_vec_close(&r.pooled, &gap(&x), 1e-8, "pooled");
-    assert_vec_close(&r.weights, &a, 1e-8, "weights");
+    assert_weights_and_pooled(&r, &a, &gap(&x), 1e-8);
     let exact = gsp(&x, &w, &a, 1.0, 0.2);
     assert_vec_close(&exact.pooled, &gap(&x), 1e-15, "μ = 1 exactly");
     // With masses: the mass-weighted mean.
@@ -539,8 +533,7 @@ fn gsp_large_epsilon_is_gap() {
     let w = rng.matrix(4, 5, -1.0, 1.0);
     for mu in [0.1, 0.3, 0.8] {
         let r = gsp(&x, &w, &uniform_mass(7), mu, 1e6);
-        assert_vec_close(&r.pooled, &gap(&x), 1e-5, "pooled");
-        assert_vec_close(&r.weights, &uniform_mass(7), 1e-5, "weights");
+        assert_weights_and_pooled(&r, &uniform_mass(7), &gap(&x), 1e-5);
     }
 }
 
@@ -552,8 +545,7 @@ fn gsp_identical_features_is_gap() {
     let w = rng.matrix(3, 4, -1.0, 1.0);
     for (mu, eps) in [(0.3, 0.2), (0.9, 1e-3), (1e-4, 0.05)] {
         let r = gsp(&x, &w, &uniform_mass(6), mu, eps);
-        assert_vec_close(&r.weights, &uniform_mass(6), 1e-14, "weights");
-        assert_vec_close(&r.pooled, &row, 1e-14, "pooled");
+        assert_weights_and_pooled(&r, &uniform_mass(6), &row, 1e-14);
     }
 }
 
@@ -755,10 +747,24 @@ fn zsr_one_sample_per_half_by_hand() {
     let hand = 0.5 * (ce(&logits_a, l1) + ce(&logits_b, l2));
     // The same value computed independently in Python (float64).
     assert_close(hand, 8.54135734412007, 1e-12, "hand vs python");
-    let ours = zero_shot_loss(&[z1.to_vec()], &[l1], &[z2.to_vec()], &[l2], &e, lam, s);
+    let ours = zero_shot_loss(
+        [
+            Half::new(&[z1.to_vec()], &[l1]),
+            Half::new(&[z2.to_vec()], &[l2]),
+        ],
+        &e,
+        lam,
+        s,
+    );
     assert_close(ours, hand, 1e-12 * hand, "zsr n=1");
     // Direction a alone (Python: 7.438515097636651).
-    let a = zero_shot_loss_direction(&[z2.to_vec()], &[l2], &[z1.to_vec()], &[l1], &e, lam, s);
+    let a = zero_shot_loss_direction(
+        Half::new(&[z2.to_vec()], &[l2]),
+        Half::new(&[z1.to_vec()], &[l1]),
+        &e,
+        lam,
+        s,
+    );
     assert_close(a, 7.438515097636651, 1e-12 * a, "direction a");
 }
 
@@ -792,10 +798,10 @@ fn zsr_one_prototype_primal_form() {
         total / zte.len() as f64
     };
     let hand = 0.5 * (direction(&z2, &lab2, &z1, &lab1) + direction(&z1, &lab1, &z2, &lab2));
-    let ours = zero_shot_loss(&z1, &lab1, &z2, &lab2, &e, lam, s);
+    let ours = zero_shot_loss([Half::new(&z1, &lab1), Half::new(&z2, &lab2)], &e, lam, s);
     assert_close(ours, hand, 1e-12 * hand, "zsr K=1");
     // Swapping the halves gives the same loss (it averages both directions).
-    let swapped = zero_shot_loss(&z2, &lab2, &z1, &lab1, &e, lam, s);
+    let swapped = zero_shot_loss([Half::new(&z2, &lab2), Half::new(&z1, &lab1)], &e, lam, s);
     assert_close(swapped, ours, 1e-14 * ours, "swap symmetry");
 }
 
@@ -837,7 +843,7 @@ fn zsr_two_samples_explicit_inverse() {
         total / 2.0
     };
     let hand = 0.5 * (direction(&z2, &lab2, &z1, &lab1) + direction(&z1, &lab1, &z2, &lab2));
-    let ours = zero_shot_loss(&z1, &lab1, &z2, &lab2, &e, lam, s);
+    let ours = zero_shot_loss([Half::new(&z1, &lab1), Half::new(&z2, &lab2)], &e, lam, s);
     assert_close(ours, hand, 1e-12 * hand, "zsr n=2");
 }
 

@@ -46,14 +46,8 @@ fn value_and_gradients_match_reference() {
     let e: Vec<f64> = (0..classes * dim).map(|_| rng.uniform(-1.0, 1.0)).collect();
     let loss = loss_with(e.clone(), classes, dim, &device);
     let attributes = tensor(z.clone(), [batch, k], &device).require_grad();
-    let labels = Tensor::<1, Int>::from_data(
-        labels_host
-            .iter()
-            .map(|&l| l as i64)
-            .collect::<Vec<_>>()
-            .as_slice(),
-        &device,
-    );
+    let labels: Vec<i64> = labels_host.iter().map(|&l| l as i64).collect();
+    let labels = Tensor::<1, Int>::from_data(labels.as_slice(), &device);
     let value = loss.forward(attributes.clone(), labels, &ZeroShotSplit::Interleaved);
     let grads = value.clone().backward();
     let dz = values(attributes.grad(&grads).unwrap());
@@ -66,15 +60,11 @@ fn value_and_gradients_match_reference() {
         let odd: Vec<Vec<f64>> = z.iter().skip(1).step_by(2).cloned().collect();
         let even_labels: Vec<usize> = labels_host.iter().step_by(2).copied().collect();
         let odd_labels: Vec<usize> = labels_host.iter().skip(1).step_by(2).copied().collect();
-        reference::zero_shot_loss(
-            &even,
-            &even_labels,
-            &odd,
-            &odd_labels,
-            &rows(e, dim),
-            0.05,
-            9.5,
-        )
+        let halves = [
+            reference::Half::new(&even, &even_labels),
+            reference::Half::new(&odd, &odd_labels),
+        ];
+        reference::zero_shot_loss(halves, &rows(e, dim), 0.05, 9.5)
     };
     assert_close(&values(value), &[reference(&z, &e)], 1e-10, 1e-12, "loss");
     let fd_z = reference::central_difference(&|v: &[f64]| reference(v, &e), &z, 1e-6);

@@ -15,6 +15,19 @@
 
 /// The GeM clamp of the docs.
 pub const GEM_EPS: f64 = 1e-6;
+/// The input of the GeM reference table (docs/maths.md §1): one channel of four positions.
+pub const GEM_DOC_X: [f64; 4] = [0.5, 1.0, 2.0, 4.0];
+/// The GeM reference table (docs/maths.md §1): (p, GeM_p(GEM_DOC_X)), quoted to 10 digits.
+#[allow(clippy::excessive_precision)]
+pub const GEM_DOC_VALUES: [(f64, f64); 7] = [
+    (1.0, 1.875),
+    (2.0, 2.3048861143),
+    (3.0, 2.6343206076),
+    (4.0, 2.8744219306),
+    (8.0, 3.3652316555),
+    (100.0, 3.9449308180),
+    (1000.0, 3.9944586644),
+];
 /// The ZSR ridge weight of the reference (docs/maths.md §5).
 pub const ZSR_LAMBDA: f64 = 0.05;
 /// The ZSR logit scale of the reference (docs/maths.md §5).
@@ -535,18 +548,30 @@ pub fn cholesky_solve(l: &[Vec<f64>], b: &[Vec<f64>]) -> Vec<Vec<f64>> {
     x
 }
 
+/// One half of a ZSR batch: attributes `z` (n×K) and their class labels.
+#[derive(Clone, Copy, Debug)]
+pub struct Half<'a> {
+    pub z: &'a [Vec<f64>],
+    pub labels: &'a [usize],
+}
+
+impl<'a> Half<'a> {
+    pub fn new(z: &'a [Vec<f64>], labels: &'a [usize]) -> Self {
+        Self { z, labels }
+    }
+}
+
 /// One ZSR direction: ridge `W = Zᵀ(ZZᵀ + λI)⁻¹Y` (K×D) fitted on the train half
 /// (`Y = E[train labels]`, solved by Cholesky), `Ŷ = Z_test W`, `logits = scale · Ŷ Eᵀ`,
 /// returns the mean cross-entropy (stable log-softmax) over the test rows.
 pub fn zero_shot_loss_direction(
-    z_train: &[Vec<f64>],
-    labels_train: &[usize],
-    z_test: &[Vec<f64>],
-    labels_test: &[usize],
+    train: Half<'_>,
+    test: Half<'_>,
     embeddings: &[Vec<f64>],
     lambda: f64,
     scale: f64,
 ) -> f64 {
+    let (z_train, labels_train, z_test, labels_test) = (train.z, train.labels, test.z, test.labels);
     let (n, k) = check_rectangular(z_train);
     let (nt, kt) = check_rectangular(z_test);
     assert_eq!(k, kt);
@@ -592,23 +617,20 @@ pub fn zero_shot_loss_direction(
     total / nt as f64
 }
 
-/// ZSR loss (docs/maths.md §5) for two class-disjoint halves (`z1` n1×K with `labels1`, `z2` n2×K
-/// with `labels2`), class embeddings `embeddings` (num_classes×D):
-/// `loss_a` = [`zero_shot_loss_direction`] trained on half 2, tested on half 1;
-/// `loss_b` = trained on half 1, tested on half 2; returns exactly `(loss_a + loss_b) / 2`.
-/// This equals the mean over all test rows of both directions only when `n1 == n2`.
-/// Disjointness of the halves' classes is not checked.
+/// ZSR loss (docs/maths.md §5) for two class-disjoint halves `[first, second]` and class
+/// embeddings `embeddings` (num_classes×D): `loss_a` = [`zero_shot_loss_direction`] trained on
+/// the second half, tested on the first; `loss_b` = the other way round; returns exactly
+/// `(loss_a + loss_b) / 2`. This equals the mean over all test rows of both directions only when
+/// the halves have the same size. Disjointness of the halves' classes is not checked.
 pub fn zero_shot_loss(
-    z1: &[Vec<f64>],
-    labels1: &[usize],
-    z2: &[Vec<f64>],
-    labels2: &[usize],
+    halves: [Half<'_>; 2],
     embeddings: &[Vec<f64>],
     lambda: f64,
     scale: f64,
 ) -> f64 {
-    let loss_a = zero_shot_loss_direction(z2, labels2, z1, labels1, embeddings, lambda, scale);
-    let loss_b = zero_shot_loss_direction(z1, labels1, z2, labels2, embeddings, lambda, scale);
+    let [first, second] = halves;
+    let loss_a = zero_shot_loss_direction(second, first, embeddings, lambda, scale);
+    let loss_b = zero_shot_loss_direction(first, second, embeddings, lambda, scale);
     0.5 * (loss_a + loss_b)
 }
 

@@ -41,6 +41,17 @@ fn position_scales<T: Real>(x: &[T], shape: Shape3) -> Scales<T> {
     scales_from_norms(squared_norm)
 }
 
+impl<T: Real> Scales<T> {
+    /// ‖φ(v)‖² = s² ‖v‖² per vector.
+    fn normalized_squares(&self) -> Vec<T> {
+        self.squared_norm
+            .iter()
+            .zip(&self.scale)
+            .map(|(&q, &s)| q * s * s)
+            .collect()
+    }
+}
+
 #[inline(always)]
 fn scales_from_norms<T: Real>(squared_norm: Vec<T>) -> Scales<T> {
     let one = T::from_f64(1.0);
@@ -90,12 +101,7 @@ fn features_by_row<T>(x: &[T], shape: Shape3) -> Strided<'_, T> {
 pub(super) fn forward<T: Real>(x: &[T], prototypes: &[T], count: usize, shape: Shape3) -> Vec<T> {
     let (n, c) = (shape.positions, shape.channels);
     let (normalized, prototype_scales) = normalized_prototypes(prototypes, c);
-    let prototype_squares: Vec<T> = prototype_scales
-        .squared_norm
-        .iter()
-        .zip(&prototype_scales.scale)
-        .map(|(&q, &s)| q * s * s)
-        .collect();
+    let prototype_squares = prototype_scales.normalized_squares();
     let mut costs = vec![T::default(); shape.batch * count * n];
     costs
         .par_chunks_mut(count * n)
@@ -214,12 +220,7 @@ fn forward_sample<T: Real>(
         features_by_column(x, shape),
         T::from_f64(1.0),
     );
-    let feature_squares: Vec<T> = scales
-        .squared_norm
-        .iter()
-        .zip(&scales.scale)
-        .map(|(&q, &s)| q * s * s)
-        .collect();
+    let feature_squares = scales.normalized_squares();
     for (row, &prototype_square) in costs.chunks_exact_mut(n).zip(prototype_squares) {
         for ((cost, &feature_square), &s) in row.iter_mut().zip(&feature_squares).zip(&scales.scale)
         {
@@ -362,12 +363,7 @@ mod tests {
         let (n, c, k) = (9, 12, 4);
         let prototypes = values(k * c, 7, -0.5, 0.5);
         let (normalized, scales) = normalized_prototypes(&prototypes, c);
-        let squares: Vec<f32> = scales
-            .squared_norm
-            .iter()
-            .zip(&scales.scale)
-            .map(|(&q, &s)| q * s * s)
-            .collect();
+        let squares = scales.normalized_squares();
         let x = values(n * c, 8, -0.6, 0.6);
         let grad = values(k * n, 9, -1.0, 1.0);
         for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {

@@ -271,31 +271,17 @@ mod tests {
             forward_sample_wide(&x, &powers, &mask, floor, shape, &mut wide);
             forward_sample(&x, &powers, &mask, floor, shape, &mut base);
             agree("forward", &wide, &base);
-            let (mut dx_wide, mut dp_wide) = (vec![0.0; n * c], vec![0.0; c]);
-            let (mut dx_base, mut dp_base) = (vec![0.0; n * c], vec![0.0; c]);
-            let y = &base;
-            backward_sample_wide(
-                &x,
-                &powers,
-                &mask,
-                y,
-                &g,
-                floor,
-                shape,
-                &mut dx_wide,
-                &mut dp_wide,
-            );
-            backward_sample(
-                &x,
-                &powers,
-                &mask,
-                y,
-                &g,
-                floor,
-                shape,
-                &mut dx_base,
-                &mut dp_base,
-            );
+            type Backward =
+                fn(&[f32], &[f32], &[f32], &[f32], &[f32], f32, Shape3, &mut [f32], &mut [f32]);
+            let run = |backward: Backward| {
+                let (mut dx, mut dp) = (vec![0.0; n * c], vec![0.0; c]);
+                backward(
+                    &x, &powers, &mask, &base, &g, floor, shape, &mut dx, &mut dp,
+                );
+                (dx, dp)
+            };
+            let (dx_wide, dp_wide) = run(backward_sample_wide);
+            let (dx_base, dp_base) = run(backward_sample);
             agree("dx", &dx_wide, &dx_base);
             agree("dp", &dp_wide, &dp_base);
         }
