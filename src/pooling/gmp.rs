@@ -7,10 +7,10 @@ use burn::tensor::Tensor;
 use super::input::PoolingInput;
 use crate::display::one_line_display;
 
-/// Configuration of [`Gmp`].
+/// Configuration of [`Gmp`]: only the prefix to skip, the maximum has no parameter.
 #[derive(Config, Debug)]
 pub struct GmpConfig {
-    /// Leading tokens (class token, register tokens) that the token paths skip. Default: 0.
+    /// Class or register tokens at the start of a token set, never pooled. Default: 0.
     #[config(default = 0)]
     pub num_prefix_tokens: usize,
 }
@@ -42,21 +42,21 @@ impl GmpConfig {
 #[derive(Module, Debug, Default)]
 #[module(custom_display)]
 pub struct Gmp {
-    /// Leading tokens skipped by the token paths.
+    /// Class or register tokens at the start of a token set, never pooled.
     pub num_prefix_tokens: usize,
 }
 
 one_line_display!(Gmp, |gmp| "num_prefix_tokens" => gmp.num_prefix_tokens);
 
 impl Gmp {
-    /// Pools feature maps `[B, C, H, W]`, a token set `[B, N, C]` (skipping the first
-    /// `num_prefix_tokens` tokens) or any [`PoolingInput`] (masked, with its own prefix) into
-    /// `[B, C]`.
+    /// The channel maxima `[B, C]` of feature maps `[B, C, H, W]`, of a token set `[B, N, C]`
+    /// after its first `num_prefix_tokens` tokens, or of a [`PoolingInput`] (its mask's valid
+    /// positions only, its own prefix count if it sets one).
     ///
     /// # Panics
     ///
-    /// If no position is left to pool, the mask's shape does not match, or a mask row has no
-    /// valid position.
+    /// With the layer's name, if no position is left to pool, the mask is not `[B, N]`, or a
+    /// mask row has no valid position (an all-padding row has no maximum).
     pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
         input.into().resolve("Gmp", self.num_prefix_tokens).max()
     }

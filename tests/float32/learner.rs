@@ -6,30 +6,25 @@
 //! The data are the sets of `training.rs`: half the tokens carry the class, half are
 //! class-independent nuisance.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::common::Rng;
+use crate::training::{CHANNELS, CLASSES, POSITIONS as TOKENS, token_set};
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
 use burn::data::dataset::InMemDataset;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{AdamConfig, GradientsParams, SgdConfig};
+use burn::optim::{AdamConfig, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn::train::metric::LossMetric;
 use burn::train::{
-    ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep,
+    ClassificationOutput, ExecutionStrategy, InferenceStep, Learner, SupervisedTraining,
+    TrainOutput, TrainStep, TrainingStrategy,
 };
 use burn_pooling::loss::{ZeroShotLoss, ZeroShotLossConfig, ZeroShotSplit};
 use burn_pooling::{GemConfig, GspConfig, Pooling, PoolingConfig};
-
-const CLASSES: usize = 4;
-const INFORMATIVE: usize = 4;
-const NUISANCE: usize = 4;
-const TOKENS: usize = INFORMATIVE + NUISANCE;
-const CHANNELS: usize = 8;
 
 /// One token set `[TOKENS, CHANNELS]` and its class.
 #[derive(Clone, Debug)]
@@ -43,23 +38,9 @@ struct Item {
 fn items(count: usize, seed: u64) -> Vec<Item> {
     let mut rng = Rng::new(seed);
     (0..count)
-        .map(|i| {
-            let label = i % CLASSES;
-            let mut tokens = Vec::with_capacity(TOKENS * CHANNELS);
-            for position in 0..TOKENS {
-                for channel in 0..CHANNELS {
-                    let value = if position < INFORMATIVE {
-                        let signal = if channel == label { 0.8 } else { 0.0 };
-                        signal + rng.uniform(-0.15, 0.15)
-                    } else if channel >= CLASSES {
-                        rng.uniform(-0.9, 0.9)
-                    } else {
-                        rng.uniform(-0.15, 0.15)
-                    };
-                    tokens.push(value as f32);
-                }
-            }
-            Item { tokens, label }
+        .map(|i| Item {
+            tokens: token_set(&mut rng, i % CLASSES),
+            label: i % CLASSES,
         })
         .collect()
 }
@@ -184,34 +165,67 @@ fn loader(items: Vec<Item>, batch_size: usize, device: &Device) -> Arc<dyn DataL
         .build(InMemDataset::new(items))
 }
 
-/// A fresh directory for burn-train's logs and checkpoints.
-fn run_directory(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("burn-pooling-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+/// A burn-train run: `SupervisedTraining` over `train` and `valid` in batches of `batch_size`
+/// for `epochs` epochs, the loss metric on both splits, logs in a temporary directory.
+struct Fit<'a> {
+    name: &'a str,
+    train: &'a [Item],
+    valid: &'a [Item],
+    batch_size: usize,
+    epochs: usize,
+}
+
+impl Fit<'_> {
+    /// Trains `net` with `optimizer` at learning rate `lr` on `strategy` (one device, the
+    /// net's, when `None`), checks that the loss metric was logged for both splits, and
+    /// returns the trained net.
+    fn run(
+        &self,
+        net: Net,
+        optimizer: ModuleOptimizer,
+        lr: f64,
+        strategy: Option<ExecutionStrategy>,
+    ) -> Net {
+        let directory =
+            std::env::temp_dir().join(format!("burn-pooling-{}-{}", self.name, std::process::id()));
+        let _ = std::fs::remove_dir_all(&directory);
+        let device = net.devices()[0].clone();
+        let mut training = SupervisedTraining::new(
+            &directory,
+            loader(self.train.to_vec(), self.batch_size, &device),
+            loader(self.valid.to_vec(), self.batch_size, &device),
+        )
+        .metric_train_numeric(LossMetric::new())
+        .metric_valid_numeric(LossMetric::new())
+        .with_application_logger(None)
+        .num_epochs(self.epochs);
+        if let Some(strategy) = strategy {
+            training = training.with_training_strategy(TrainingStrategy::Default(strategy));
+        }
+        let result = training.launch(Learner::new(net, optimizer, lr));
+        assert!(result.error.is_none(), "{}: {:?}", self.name, result.error);
+        for split in ["train", "valid"] {
+            let epoch = format!("epoch-{}", self.epochs);
+            let log = directory.join(split).join(epoch).join("Loss.log");
+            assert!(log.exists(), "{}: no {}", self.name, log.display());
+        }
+        let _ = std::fs::remove_dir_all(&directory);
+        result.model
+    }
+}
+
+/// A tensor's values.
+fn flat<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor.into_data().try_to_vec::<f32>().unwrap()
 }
 
 /// The pooling's parameter (GeM's p, GSP's prototypes) flattened.
 fn pooling_parameter(net: &Net) -> Vec<f32> {
-    let tensor = match &net.pooling {
-        Pooling::Gem(gem) => gem.p.val().reshape([-1]),
-        Pooling::Gsp(gsp) => gsp.prototypes.val().reshape([-1]),
+    match &net.pooling {
+        Pooling::Gem(gem) => flat(gem.p.val()),
+        Pooling::Gsp(gsp) => flat(gsp.prototypes.val()),
         other => panic!("no parameter in {}", other.name()),
-    };
-    tensor.into_data().try_to_vec::<f32>().unwrap()
-}
-
-/// Every parameter of the net flattened, pooling first.
-fn parameters(net: &Net) -> Vec<f32> {
-    let classifier = [
-        net.classifier.weight.val().reshape([-1]),
-        net.classifier.bias.as_ref().unwrap().val(),
-    ];
-    let mut values = pooling_parameter(net);
-    for tensor in classifier {
-        values.extend(tensor.into_data().try_to_vec::<f32>().unwrap());
     }
-    values
 }
 
 /// Mean cross-entropy of `net` over `items` (one batch, no autodiff).
@@ -233,6 +247,18 @@ fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The heads of both tests: GeM (p = 3), and GSP with one prototype per class.
+fn gem_and_gsp() -> [(&'static str, PoolingConfig); 2] {
+    let gsp = GspConfig::new(CHANNELS)
+        .with_num_prototypes(CLASSES)
+        .with_transport_ratio(0.5)
+        .with_epsilon(0.1);
+    [
+        ("gem", PoolingConfig::Gem(GemConfig::new())),
+        ("gsp", PoolingConfig::Gsp(gsp)),
+    ]
+}
+
 /// GeM and GSP + `ZeroShotLoss` heads trained by burn-train's `Learner` (Adam, 6 epochs of 16
 /// batches of 8, loss metric on both splits): the mean cross-entropy over the training set
 /// falls to below half, and the powers, prototypes and class embeddings moved.
@@ -241,36 +267,20 @@ fn learner_trains_gem_and_gsp_with_zero_shot_loss() {
     let device = Device::flex().autodiff();
     let train = items(128, 3);
     let valid = items(32, 4);
-    let heads = [
-        ("gem", PoolingConfig::Gem(GemConfig::new()), false),
-        (
-            "gsp",
-            PoolingConfig::Gsp(
-                GspConfig::new(CHANNELS)
-                    .with_num_prototypes(CLASSES)
-                    .with_transport_ratio(0.5)
-                    .with_epsilon(0.1),
-            ),
-            true,
-        ),
-    ];
-    for (name, pooling, zero_shot) in heads {
+    for (name, pooling) in gem_and_gsp() {
         device.seed(11);
+        // GSP with its zero-shot loss.
+        let zero_shot = matches!(pooling, PoolingConfig::Gsp(_));
         let net = Net::new(&pooling, zero_shot, false, &device);
         let before = mean_cross_entropy(&net, &train);
-        let directory = run_directory(&format!("learner-{name}"));
-        let training = SupervisedTraining::new(
-            &directory,
-            loader(train.clone(), 8, &device),
-            loader(valid.clone(), 8, &device),
-        )
-        .metric_train_numeric(LossMetric::new())
-        .metric_valid_numeric(LossMetric::new())
-        .with_application_logger(None)
-        .num_epochs(6);
-        let result = training.launch(Learner::new(net.clone(), AdamConfig::new().init(), 2e-2));
-        assert!(result.error.is_none(), "{name}: {:?}", result.error);
-        let trained = result.model;
+        let fit = Fit {
+            name: &format!("learner-{name}"),
+            train: &train,
+            valid: &valid,
+            batch_size: 8,
+            epochs: 6,
+        };
+        let trained = fit.run(net.clone(), AdamConfig::new().init(), 2e-2, None);
         let after = mean_cross_entropy(&trained, &train);
         println!("Learner, {name}: mean cross-entropy {before:.4} -> {after:.4}");
         assert!(
@@ -283,125 +293,104 @@ fn learner_trains_gem_and_gsp_with_zero_shot_loss() {
             "{name}: the pooling's parameter did not change ({moved})"
         );
         if let (Some(initial), Some(learned)) = (&net.zero_shot, &trained.zero_shot) {
-            let initial = initial
-                .embeddings
-                .val()
-                .into_data()
-                .try_to_vec::<f32>()
-                .unwrap();
-            let learned = learned
-                .embeddings
-                .val()
-                .into_data()
-                .try_to_vec::<f32>()
-                .unwrap();
-            let moved = largest_difference(&initial, &learned);
+            let initial = flat(initial.embeddings.val());
+            let moved = largest_difference(&initial, &flat(learned.embeddings.val()));
             assert!(
                 moved > 1e-3,
                 "{name}: the class embeddings did not change ({moved})"
             );
         }
-        // The loss metric was logged for both splits.
-        for split in ["train", "valid"] {
-            let log = directory.join(split).join("epoch-6").join("Loss.log");
-            assert!(log.exists(), "{name}: no {}", log.display());
-        }
-        let _ = std::fs::remove_dir_all(&directory);
     }
 }
 
-/// burn-train's `ExecutionStrategy::MultiDevice` on Flex and NdArray (one worker each, the
-/// optimizer on Flex) against the single-device computation it stands for.
-///
-/// burn-train splits the training set into one contiguous slice per device (items 0..32 and
-/// 32..64 here), each worker computes the gradients of its own batch of 8, and the main
-/// device **sums** them before one optimizer step. With a loss that sums over the batch, that
-/// is the gradient of the sum over the 16 items of both batches, so the reference is a plain
-/// loop on Flex alone over batches of 16 (items 8t..8t+8 and 32+8t..32+8t+8), with the same
-/// SGD steps. SGD keeps the comparison linear in the gradients (Adam's first steps are
-/// ±lr whatever the gradient's size, which would amplify float noise).
-///
-/// The two runs differ only in rounding: NdArray runs the portable composites, Flex its fused
-/// kernels, f32 both. After 8 steps every parameter must agree within 1e-6 absolute (they are
-/// O(0.1–3); measured: 1.5e-8 for GeM, 3.0e-8 for GSP), while training moved them by up to
-/// 6–8e-2: averaging instead of summing the devices' gradients, or pairing other items,
-/// would be off by about 1e-2.
+/// The multi-device test needs two distinct devices: Flex has one, so Flex and NdArray.
 #[cfg(feature = "ndarray")]
-#[test]
-fn multi_device_training_equals_the_summed_single_device_steps() {
-    use burn::train::{ExecutionStrategy, MultiDeviceOptim, TrainingStrategy};
+mod multi_device {
+    use super::*;
+    use burn::optim::{GradientsParams, SgdConfig};
+    use burn::train::MultiDeviceOptim;
 
-    const PER_DEVICE: usize = 8;
-    const HALF: usize = 32;
-    const EPOCHS: usize = 2;
-    const LR: f64 = 5e-3;
-    let flex = Device::flex().autodiff();
-    let train = items(2 * HALF, 5);
-    let valid = items(8, 6);
-    let heads = [
-        ("gem", PoolingConfig::Gem(GemConfig::new())),
-        (
-            "gsp",
-            PoolingConfig::Gsp(
-                GspConfig::new(CHANNELS)
-                    .with_num_prototypes(CLASSES)
-                    .with_transport_ratio(0.5)
-                    .with_epsilon(0.1),
-            ),
-        ),
-    ];
-    for (name, pooling) in heads {
-        flex.seed(13);
-        let initial = Net::new(&pooling, false, true, &flex);
+    /// Every parameter of the net flattened, pooling first.
+    fn parameters(net: &Net) -> Vec<f32> {
+        let mut values = pooling_parameter(net);
+        values.extend(flat(net.classifier.weight.val()));
+        values.extend(flat(net.classifier.bias.as_ref().unwrap().val()));
+        values
+    }
 
-        let directory = run_directory(&format!("multi-device-{name}"));
-        #[allow(deprecated)] // NdArray is deprecated in Burn 0.22, still supported here.
-        let devices = vec![Device::flex(), Device::ndarray()];
-        let result = SupervisedTraining::new(
-            &directory,
-            loader(train.clone(), PER_DEVICE, &flex),
-            loader(valid.clone(), PER_DEVICE, &flex),
-        )
-        .metric_train_numeric(LossMetric::new())
-        .with_application_logger(None)
-        .num_epochs(EPOCHS)
-        .with_training_strategy(TrainingStrategy::Default(ExecutionStrategy::MultiDevice(
-            devices,
-            MultiDeviceOptim::OptimMainDevice,
-        )))
-        .launch(Learner::new(initial.clone(), SgdConfig::new().init(), LR));
-        assert!(result.error.is_none(), "{name}: {:?}", result.error);
-        let multi = parameters(&result.model);
-        let _ = std::fs::remove_dir_all(&directory);
+    /// burn-train's `ExecutionStrategy::MultiDevice` on Flex and NdArray (one worker each, the
+    /// optimizer on Flex) against the single-device computation it stands for.
+    ///
+    /// burn-train splits the training set into one contiguous slice per device (items 0..32 and
+    /// 32..64 here), each worker computes the gradients of its own batch of 8, and the main
+    /// device **sums** them before one optimizer step. With a loss that sums over the batch, that
+    /// is the gradient of the sum over the 16 items of both batches, so the reference is a plain
+    /// loop on Flex alone over batches of 16 (items 8t..8t+8 and 32+8t..32+8t+8), with the same
+    /// SGD steps. SGD keeps the comparison linear in the gradients (Adam's first steps are
+    /// ±lr whatever the gradient's size, which would amplify float noise).
+    ///
+    /// The two runs differ only in rounding: NdArray runs the portable composites, Flex its fused
+    /// kernels, f32 both. After 8 steps every parameter must agree within 1e-6 absolute (they are
+    /// O(0.1–3); measured: 1.5e-8 for GeM, 3.0e-8 for GSP), while training moved them by up to
+    /// 6–8e-2: averaging instead of summing the devices' gradients, or pairing other items,
+    /// would be off by about 1e-2.
+    #[test]
+    fn multi_device_training_equals_the_summed_single_device_steps() {
+        const PER_DEVICE: usize = 8;
+        const HALF: usize = 32;
+        const EPOCHS: usize = 2;
+        const LR: f64 = 5e-3;
+        let flex = Device::flex().autodiff();
+        let train = items(2 * HALF, 5);
+        let valid = items(8, 6);
+        for (name, pooling) in gem_and_gsp() {
+            flex.seed(13);
+            let initial = Net::new(&pooling, false, true, &flex);
 
-        // The reference: one device, both devices' batches at once, the summed loss.
-        let mut net = initial.clone();
-        let mut optimizer = SgdConfig::new().init();
-        for _ in 0..EPOCHS {
-            for step in 0..HALF / PER_DEVICE {
-                let first = step * PER_DEVICE..(step + 1) * PER_DEVICE;
-                let second = HALF + step * PER_DEVICE..HALF + (step + 1) * PER_DEVICE;
-                let batch: Vec<Item> = train[first].iter().chain(&train[second]).cloned().collect();
-                let loss = net.classify(TokenBatcher.batch(batch, &flex)).loss;
-                let grads = GradientsParams::from_grads(loss.backward(), &net);
-                net = optimizer.step(LR, net, grads);
+            let fit = Fit {
+                name: &format!("multi-device-{name}"),
+                train: &train,
+                valid: &valid,
+                batch_size: PER_DEVICE,
+                epochs: EPOCHS,
+            };
+            #[allow(deprecated)] // NdArray is deprecated in Burn 0.22, still supported here.
+            let devices = vec![Device::flex(), Device::ndarray()];
+            let strategy =
+                ExecutionStrategy::MultiDevice(devices, MultiDeviceOptim::OptimMainDevice);
+            let trained = fit.run(initial.clone(), SgdConfig::new().init(), LR, Some(strategy));
+            let multi = parameters(&trained);
+
+            // The reference: one device, both devices' batches at once, the summed loss.
+            let mut net = initial.clone();
+            let mut optimizer = SgdConfig::new().init();
+            for _ in 0..EPOCHS {
+                for step in 0..HALF / PER_DEVICE {
+                    let first = step * PER_DEVICE..(step + 1) * PER_DEVICE;
+                    let second = HALF + step * PER_DEVICE..HALF + (step + 1) * PER_DEVICE;
+                    let batch: Vec<Item> =
+                        train[first].iter().chain(&train[second]).cloned().collect();
+                    let loss = net.classify(TokenBatcher.batch(batch, &flex)).loss;
+                    let grads = GradientsParams::from_grads(loss.backward(), &net);
+                    net = optimizer.step(LR, net, grads);
+                }
             }
-        }
-        let single = parameters(&net);
+            let single = parameters(&net);
 
-        let error = largest_difference(&multi, &single);
-        let moved = largest_difference(&parameters(&initial), &single);
-        println!(
-            "MultiDevice [Flex, NdArray] vs one device, {name}: largest parameter difference \
-             {error:.3e} (the parameters moved by up to {moved:.3e})"
-        );
-        assert!(
-            moved > 1e-2,
-            "{name}: training barely moved the parameters ({moved})"
-        );
-        assert!(
-            error < 1e-6,
-            "{name}: multi-device differs from single-device by {error}"
-        );
+            let error = largest_difference(&multi, &single);
+            let moved = largest_difference(&parameters(&initial), &single);
+            println!(
+                "MultiDevice [Flex, NdArray] vs one device, {name}: largest parameter difference \
+                 {error:.3e} (the parameters moved by up to {moved:.3e})"
+            );
+            assert!(
+                moved > 1e-2,
+                "{name}: training barely moved the parameters ({moved})"
+            );
+            assert!(
+                error < 1e-6,
+                "{name}: multi-device differs from single-device by {error}"
+            );
+        }
     }
 }

@@ -11,17 +11,38 @@ use burn_pooling::PoolingInput;
 use burn_pooling::{Gsp, GspConfig};
 use common::Rng;
 
-const CLASSES: usize = 4;
+pub const CLASSES: usize = 4;
 const INFORMATIVE: usize = 4;
 const NUISANCE: usize = 4;
-const POSITIONS: usize = INFORMATIVE + NUISANCE;
-const CHANNELS: usize = 8;
+pub const POSITIONS: usize = INFORMATIVE + NUISANCE;
+pub const CHANNELS: usize = 8;
 const BATCH: usize = 32;
 
 #[derive(Module, Debug)]
 struct Head {
     gsp: Gsp,
     classifier: Param<Tensor<2>>,
+}
+
+/// One token set `[N, C]` of `class`, flattened: the informative positions first (the class's
+/// direction in channels 0..4, plus noise), then the nuisance (noise in the other channels).
+/// Also the data of `learner.rs`.
+pub fn token_set(rng: &mut Rng, class: usize) -> Vec<f32> {
+    let mut values = Vec::with_capacity(POSITIONS * CHANNELS);
+    for position in 0..POSITIONS {
+        for channel in 0..CHANNELS {
+            let value = if position < INFORMATIVE {
+                let signal = if channel == class { 0.8 } else { 0.0 };
+                signal + rng.uniform(-0.15, 0.15)
+            } else if channel >= CLASSES {
+                rng.uniform(-0.9, 0.9)
+            } else {
+                rng.uniform(-0.15, 0.15)
+            };
+            values.push(value as f32);
+        }
+    }
+    values
 }
 
 /// Tokens `[B, N, C]` (informative positions first) and labels.
@@ -31,20 +52,7 @@ fn batch(rng: &mut Rng, device: &Device) -> (Tensor<3>, Tensor<1, Int>) {
     for b in 0..BATCH {
         let class = b % CLASSES;
         labels.push(class as i64);
-        for position in 0..POSITIONS {
-            for channel in 0..CHANNELS {
-                let value = if position < INFORMATIVE {
-                    // The class's direction in channels 0..4, plus noise.
-                    let signal = if channel == class { 0.8 } else { 0.0 };
-                    signal + rng.uniform(-0.15, 0.15)
-                } else if channel >= CLASSES {
-                    rng.uniform(-0.9, 0.9)
-                } else {
-                    rng.uniform(-0.15, 0.15)
-                };
-                values.push(value as f32);
-            }
-        }
+        values.extend(token_set(rng, class));
     }
     (
         Tensor::from_data(

@@ -91,6 +91,23 @@ fn mask(device: &burn::tensor::Device) -> Tensor<2, Bool> {
     Tensor::<2, Bool>::from_bool(TensorData::new(VALID.concat(), [B, N]), device)
 }
 
+/// The values of `pool` on `x` `[B, N, C]` and the gradient of Σ g · y with respect to `x`
+/// (`pool` gets the tracked tensor, and may reshape it into maps).
+fn pooled_and_gradient(
+    x: &[f64],
+    g: &[f64],
+    pool: impl Fn(Tensor<3>) -> Tensor<2>,
+) -> (Vec<f64>, Vec<f64>) {
+    let device = flex_f64().autodiff();
+    let tokens = tensor(x.to_vec(), [B, N, C], &device).require_grad();
+    let y = pool(tokens.clone());
+    let shape = y.dims();
+    let grads = (y.clone() * tensor(g.to_vec(), shape, &device))
+        .sum()
+        .backward();
+    (values(y), values(tokens.grad(&grads).unwrap()))
+}
+
 /// GMP's values and input gradient, as tokens `[B, N, C]` and as maps `[B, C, 1, N]` (the
 /// other layout), against the loops, the one-hot gradient and central differences.
 #[test]
@@ -98,6 +115,12 @@ fn gmp_values_and_gradients_match_the_reference() {
     let device = flex_f64().autodiff();
     let mut rng = Rng::new(5);
     let gmp = GmpConfig::new().with_num_prefix_tokens(PREFIX).init();
+    // Maps have no prefix: the prefix position is masked out instead.
+    let mut map_mask = VALID.concat();
+    for b in 0..B {
+        map_mask[b * N] = false;
+    }
+    let map_mask = Tensor::<2, Bool>::from_bool(TensorData::new(map_mask, [B, N]), &device);
     for _ in 0..3 {
         let (x, g) = inputs(&mut rng);
         let expected = max_reference(&x);
@@ -112,48 +135,19 @@ fn gmp_values_and_gradients_match_the_reference() {
         );
 
         // Tokens: the layer's prefix, the input's mask.
-        let tokens = tensor(x.clone(), [B, N, C], &device).require_grad();
-        let y = gmp.forward(PoolingInput::tokens(tokens.clone()).with_mask(mask(&device)));
-        assert_close(
-            &values(y.clone()),
-            &expected,
-            1e-12,
-            1e-12,
-            "GMP tokens: values",
-        );
-        let grads = (y * tensor(g.clone(), [B, C], &device)).sum().backward();
-        let dx = values(tokens.grad(&grads).unwrap());
+        let (y, dx) = pooled_and_gradient(&x, &g, |tokens| {
+            gmp.forward(PoolingInput::tokens(tokens).with_mask(mask(&device)))
+        });
+        assert_close(&y, &expected, 1e-12, 1e-12, "GMP tokens: values");
         assert_close(&dx, &expected_grad, 1e-12, 1e-12, "GMP tokens: dx");
 
-        // Maps [B, C, 1, N] of the same values: no prefix for maps, so the prefix position
-        // is masked out instead.
-        let mut map_mask = VALID.concat();
-        for b in 0..B {
-            map_mask[b * N] = false;
-        }
-        let maps = tensor(x.clone(), [B, N, C], &device)
-            .swap_dims(1, 2)
-            .reshape([B, C, 1, N])
-            .detach()
-            .require_grad();
-        let mask = Tensor::<2, Bool>::from_bool(TensorData::new(map_mask, [B, N]), &device);
-        let y = GmpConfig::new()
-            .init()
-            .forward(PoolingInput::maps(maps.clone()).with_mask(mask));
-        assert_close(
-            &values(y.clone()),
-            &expected,
-            1e-12,
-            1e-12,
-            "GMP maps: values",
-        );
-        let grads = (y * tensor(g.clone(), [B, C], &device)).sum().backward();
-        let dx = values(
-            maps.grad(&grads)
-                .unwrap()
-                .reshape([B, C, N])
-                .swap_dims(1, 2),
-        );
+        // Maps [B, C, 1, N] of the same values.
+        let (y, dx) = pooled_and_gradient(&x, &g, |tokens| {
+            let maps = tokens.swap_dims(1, 2).reshape([B, C, 1, N]);
+            let input = PoolingInput::maps(maps).with_mask(map_mask.clone());
+            GmpConfig::new().init().forward(input)
+        });
+        assert_close(&y, &expected, 1e-12, 1e-12, "GMP maps: values");
         assert_close(&dx, &expected_grad, 1e-12, 1e-12, "GMP maps: dx");
     }
 }
@@ -166,11 +160,11 @@ fn gap_gmp_values_and_gradients_match_the_reference() {
     let mut rng = Rng::new(9);
     let (x, g) = inputs(&mut rng);
     for combine in [GapGmpCombine::Sum, GapGmpCombine::Concat] {
-        let width = if combine == GapGmpCombine::Sum {
-            C
-        } else {
-            2 * C
-        };
+        let layer = GapGmpConfig::new()
+            .with_combine(combine)
+            .with_num_prefix_tokens(PREFIX)
+            .init();
+        let width = layer.output_channels(C);
         let g: Vec<f64> = (0..B * width)
             .map(|i| g[i % g.len()] - 0.1 * i as f64)
             .collect();
@@ -186,26 +180,18 @@ fn gap_gmp_values_and_gradients_match_the_reference() {
                 })
                 .collect()
         };
+        let (y, dx) = pooled_and_gradient(&x, &g, |tokens| {
+            layer.forward(PoolingInput::tokens(tokens).with_mask(mask(&device)))
+        });
         let expected = combined(&x);
-        assert_eq!(expected.len(), B * width);
-        let layer = GapGmpConfig::new()
-            .with_combine(combine)
-            .with_num_prefix_tokens(PREFIX)
-            .init();
-        let tokens = tensor(x.clone(), [B, N, C], &device).require_grad();
-        let y = layer.forward(PoolingInput::tokens(tokens.clone()).with_mask(mask(&device)));
-        assert_eq!(y.dims(), [B, width]);
+        assert_eq!((y.len(), expected.len()), (B * width, B * width));
         assert_close(
-            &values(y.clone()),
+            &y,
             &expected,
             1e-12,
             1e-12,
-            "GapGmp: values",
+            &format!("GapGmp {combine:?}: values"),
         );
-        let grads = (y * tensor(g.clone(), [B, width], &device))
-            .sum()
-            .backward();
-        let dx = values(tokens.grad(&grads).unwrap());
         let fd = reference::central_difference(&|v: &[f64]| dot(&combined(v), &g), &x, 1e-6);
         assert_close(&dx, &fd, 1e-6, 1e-8, &format!("GapGmp {combine:?}: dx"));
     }
