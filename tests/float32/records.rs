@@ -99,3 +99,37 @@ fn configs_round_trip_through_json() {
     );
     let _ = TensorData::from([0.0f32]);
 }
+
+/// A `Pooling` saves and loads as the layer it holds: its `PoolingConfig` through JSON, its
+/// parameters through burnpack, and the reloaded module pools the same.
+#[test]
+fn pooling_round_trips_through_json_and_burnpack() {
+    use burn_pooling::{PoolingConfig, PoolingInput};
+    let device = Device::flex();
+    let config = PoolingConfig::Gsp(GspConfig::new(4).with_num_prototypes(3));
+    std::fs::write(scratch("pooling.json"), config.to_string()).unwrap();
+    device.seed(1);
+    let pooling = config.init(&device);
+    pooling.clone().save_file(scratch("pooling.bpk")).unwrap();
+
+    let loaded_config = PoolingConfig::load(scratch("pooling.json")).unwrap();
+    device.seed(2); // other prototypes, until the record replaces them
+    let fresh = loaded_config.init(&device);
+    let tokens = Tensor::<3>::from_data(
+        TensorData::new(
+            (0..24).map(|i| (i as f32 * 0.37).sin()).collect(),
+            [2, 3, 4],
+        ),
+        &device,
+    );
+    let before = fresh.forward(PoolingInput::tokens(tokens.clone()));
+    let loaded = fresh.load_file(scratch("pooling.bpk"));
+    let (expected, got) = (pooling.forward(tokens.clone()), loaded.forward(tokens));
+    got.clone()
+        .into_data()
+        .assert_eq(&expected.into_data(), true);
+    assert!(
+        before.sub(got).abs().max().into_scalar::<f32>() > 1e-4,
+        "the record should have changed the prototypes"
+    );
+}
