@@ -71,6 +71,12 @@ pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f64> {
 }
 
 /// Largest |a − b| / (atol + rtol·|b|); ≤ 1 means within tolerance.
+/// max_i |a_i − b_i|.
+pub fn max_abs_difference(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "max_abs_difference: lengths");
+    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+}
+
 pub fn assert_close(actual: &[f64], expected: &[f64], rtol: f64, atol: f64, what: &str) {
     assert_eq!(actual.len(), expected.len(), "{what}: length");
     for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
