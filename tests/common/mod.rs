@@ -2,6 +2,7 @@
 //! nested vectors, a deterministic generator.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
@@ -84,5 +85,34 @@ pub fn assert_close(actual: &[f64], expected: &[f64], rtol: f64, atol: f64, what
             (a - e).abs() <= atol + rtol * e.abs(),
             "{what}[{i}]: got {a}, expected {e} (rtol {rtol}, atol {atol})"
         );
+    }
+}
+
+/// A fresh directory under the system's temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// `burn-pooling-{name}-{pid}`, emptied if it exists.
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("burn-pooling-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.0
+    }
+
+    /// `file` inside the directory.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
