@@ -38,25 +38,16 @@ mod idx;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::module::{Module, Param};
-use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
-use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::activation::{log_softmax, relu};
-use burn::tensor::{Device, Int, Tensor, TensorData};
-use burn_pooling::loss::{ZeroShotLoss, ZeroShotLossConfig, ZeroShotSplit};
-use burn_pooling::{GapConfig, Gem, GemConfig, GroupGem, GroupGemConfig, Gsp, GspConfig};
-use common::Rng;
-use indicatif::{ProgressBar, ProgressStyle};
+use burn::module::Module;
+use burn::tensor::{Device, Tensor, TensorData};
+use burn_pooling::GspConfig;
+use common::{
+    BackboneConfig, ClassImages, FEATURES, Net, Pooling, Protocol, Rng, progress_bar, train,
+};
+use indicatif::ProgressBar;
 
-/// Feature channels of the backbone's last map.
-const FEATURES: usize = 64;
-/// Embedding width.
-const EMBEDDING: usize = 64;
 /// Images per training batch.
 const BATCH: usize = 64;
-/// Channel groups of GGeM.
-const GGEM_GROUPS: usize = 8;
 /// Fashion-MNIST's pixel mean and standard deviation (of the train split, in [0, 1]).
 const PIXEL_MEAN: f32 = 0.286;
 const PIXEL_STD: f32 = 0.353;
@@ -96,7 +87,7 @@ fn retrieval_metrics(embeddings: Tensor<2>, labels: &[usize]) -> Metrics {
 }
 
 // ---------------------------------------------------------------------------------------------
-// GSP: every call specific to its API is in this section (the API will change).
+// GSP's settings.
 
 /// GSP's hyper-parameters as the options give them.
 #[derive(Clone, Debug)]
@@ -111,168 +102,13 @@ struct GspSettings {
     zsr_weight: f64,
 }
 
-fn gsp_init(settings: &GspSettings, device: &Device) -> Gsp {
-    GspConfig::new(FEATURES)
-        .with_num_prototypes(settings.prototypes)
-        .with_transport_ratio(settings.ratio)
-        .with_epsilon(settings.epsilon)
-        .init(device)
-}
-
-/// GSP's pooled features `[B, C]`, attributes `[B, K]` and weights `[B, H·W]`.
-fn gsp_pool(gsp: &Gsp, maps: Tensor<4>) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
-    let out = gsp.forward_detailed(maps);
-    (out.pooled, out.attributes, out.weights)
-}
-
-/// The prototypes by greedy k-center over `features` `[N, C]`.
-fn gsp_kcenter(gsp: Gsp, features: Tensor<2>) -> Gsp {
-    gsp.init_prototypes_kcenter(features)
-}
-
-// ---------------------------------------------------------------------------------------------
-// The model.
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Head {
-    Gap,
-    Gem,
-    Ggem,
-    Gsp,
-}
-
-impl Head {
-    const ALL: [Head; 4] = [Head::Gap, Head::Gem, Head::Ggem, Head::Gsp];
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::Gap => "GAP",
-            Self::Gem => "GeM",
-            Self::Ggem => "GGeM",
-            Self::Gsp => "GSP + ZSR",
-        }
+impl GspSettings {
+    fn config(&self) -> GspConfig {
+        GspConfig::new(FEATURES)
+            .with_num_prototypes(self.prototypes)
+            .with_transport_ratio(self.ratio)
+            .with_epsilon(self.epsilon)
     }
-
-    fn parse(text: &str) -> Result<Self, String> {
-        match text.to_ascii_lowercase().as_str() {
-            "gap" => Ok(Self::Gap),
-            "gem" => Ok(Self::Gem),
-            "ggem" => Ok(Self::Ggem),
-            "gsp" => Ok(Self::Gsp),
-            other => Err(format!("unknown head `{other}` (gap, gem, ggem, gsp)")),
-        }
-    }
-}
-
-/// A 4-layer CNN with batch norm: `[B, 1, 28, 28]` → `[B, 64, S, S]`, S = 7 or 14
-/// (non-negative). The layers of `examples/common`'s `Backbone`, with the third stride set by
-/// the map side.
-#[derive(Module, Debug)]
-struct Backbone {
-    conv1: Conv2d,
-    norm1: BatchNorm,
-    conv2: Conv2d,
-    norm2: BatchNorm,
-    conv3: Conv2d,
-    norm3: BatchNorm,
-    conv4: Conv2d,
-    norm4: BatchNorm,
-}
-
-impl Backbone {
-    fn new(map_side: usize, device: &Device) -> Self {
-        let conv = |input: usize, output: usize, stride: usize| {
-            Conv2dConfig::new([input, output], [3, 3])
-                .with_stride([stride, stride])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                .with_bias(false)
-                .init(device)
-        };
-        let norm = |channels: usize| BatchNormConfig::new(channels).init(device);
-        let third_stride = if map_side == 7 { 2 } else { 1 };
-        Self {
-            conv1: conv(1, 16, 1),
-            norm1: norm(16),
-            conv2: conv(16, 32, 2),
-            norm2: norm(32),
-            conv3: conv(32, FEATURES, third_stride),
-            norm3: norm(FEATURES),
-            conv4: conv(FEATURES, FEATURES, 1),
-            norm4: norm(FEATURES),
-        }
-    }
-
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = (x - PIXEL_MEAN) / PIXEL_STD;
-        let x = relu(self.norm1.forward(self.conv1.forward(x)));
-        let x = relu(self.norm2.forward(self.conv2.forward(x)));
-        let x = relu(self.norm3.forward(self.conv3.forward(x)));
-        relu(self.norm4.forward(self.conv4.forward(x)))
-    }
-}
-
-/// Backbone, global pooling (GAP when no head layer is set), linear embedding.
-#[derive(Module, Debug)]
-struct Net {
-    backbone: Backbone,
-    embed: Linear,
-    gem: Option<Gem>,
-    ggem: Option<GroupGem>,
-    gsp: Option<Gsp>,
-}
-
-struct Embedded {
-    /// `[B, EMBEDDING]`, not normalized.
-    embeddings: Tensor<2>,
-    /// The pooled features `[B, FEATURES]`.
-    pooled: Tensor<2>,
-    /// GSP's attributes `[B, K]` and weights `[B, H·W]`, when GSP pooled.
-    gsp: Option<(Tensor<2>, Tensor<2>)>,
-}
-
-impl Net {
-    fn new(head: Head, map_side: usize, gsp: &GspSettings, device: &Device) -> Self {
-        // Backbone and embedding first: the same initialisation for every head of a seed.
-        let backbone = Backbone::new(map_side, device);
-        let embed = LinearConfig::new(FEATURES, EMBEDDING)
-            .with_bias(false)
-            .init(device);
-        Self {
-            backbone,
-            embed,
-            gem: (head == Head::Gem).then(|| GemConfig::new().init(device)),
-            ggem: (head == Head::Ggem).then(|| GroupGemConfig::new(GGEM_GROUPS).init(device)),
-            gsp: (head == Head::Gsp).then(|| gsp_init(gsp, device)),
-        }
-    }
-
-    /// Embeds a batch; `as_gap` pools with the mean even when a head layer is set (warm-up).
-    fn forward(&self, images: Tensor<4>, as_gap: bool) -> Embedded {
-        let maps = self.backbone.forward(images);
-        let (pooled, gsp) = match (&self.gem, &self.ggem, &self.gsp) {
-            _ if as_gap => (GapConfig::new().init().forward(maps), None),
-            (Some(gem), _, _) => (gem.forward(maps), None),
-            (_, Some(ggem), _) => (ggem.forward(maps), None),
-            (_, _, Some(gsp)) => {
-                let (pooled, attributes, weights) = gsp_pool(gsp, maps);
-                (pooled, Some((attributes, weights)))
-            }
-            _ => (GapConfig::new().init().forward(maps), None),
-        };
-        Embedded {
-            embeddings: self.embed.forward(pooled.clone()),
-            pooled,
-            gsp,
-        }
-    }
-}
-
-/// Everything the optimizer trains: the net, the loss's class proxies, GSP's ZSR embeddings.
-#[derive(Module, Debug)]
-struct Trainee {
-    net: Net,
-    proxies: Param<Tensor<2>>,
-    zsr: Option<ZeroShotLoss>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -311,7 +147,7 @@ impl Subset {
     }
 
     /// The images `indices` as a `[B, 1, side, side]` batch in [0, 1].
-    fn batch(&self, indices: &[usize], device: &Device) -> Tensor<4> {
+    fn images(&self, indices: &[usize], device: &Device) -> Tensor<4> {
         let size = self.side * self.side;
         let values: Vec<f32> = indices
             .iter()
@@ -325,115 +161,23 @@ impl Subset {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Training and evaluation.
-
-#[derive(Clone, Debug)]
-struct Recipe {
-    steps: usize,
-    classes_per_batch: usize,
-    samples_per_class: usize,
-    learning_rate: f64,
-    scale: f64,
-    map_side: usize,
-    gsp: GspSettings,
-}
-
-/// Trains `head` from `seed` and returns the trained net and its final mean loss.
-fn train(
-    head: Head,
-    seed: u64,
-    train: &Subset,
-    recipe: &Recipe,
-    bar: &ProgressBar,
-    device: &Device,
-) -> (Net, f32) {
-    let classes = train.by_class.len();
-    device.seed(seed);
-    let net = Net::new(head, recipe.map_side, &recipe.gsp, device);
-    let proxies = Initializer::XavierUniform { gain: 1.0 }.init_with(
-        [classes, EMBEDDING],
-        Some(EMBEDDING),
-        Some(classes),
-        device,
-    );
-    let zsr = (head == Head::Gsp).then(|| ZeroShotLossConfig::new(classes, EMBEDDING).init(device));
-    let mut trainee = Trainee { net, proxies, zsr };
-    let mut optimizer = AdamConfig::new().init();
-    let mut rng = Rng::new(seed);
-    let warmup = if head == Head::Gsp {
-        ((recipe.steps as f64 * recipe.gsp.warmup).round() as usize).min(recipe.steps)
-    } else {
-        0
-    };
-    // The reference's memory of ~1024 GAP-pooled features (the last batches of the warm-up).
-    let memory_batches = 1024usize.div_ceil(recipe.classes_per_batch * recipe.samples_per_class);
-    let mut memory: Vec<Tensor<2>> = Vec::new();
-    let mut recent = Vec::new();
-    let mut last_mean = f32::NAN;
-    for step in 0..recipe.steps {
-        // Class-blocked: classes_per_batch distinct classes, samples_per_class images each.
-        let chosen = rng.choose(classes, recipe.classes_per_batch);
-        let mut labels = Vec::new();
-        let mut indices = Vec::new();
-        for &c in &chosen {
-            for _ in 0..recipe.samples_per_class {
-                let pool = &train.by_class[c];
-                indices.push(pool[rng.below(pool.len())]);
-                labels.push(c);
-            }
-        }
-        let batch = train.batch(&indices, device);
-        let label_tensor = Tensor::<1, Int>::from_data(
-            TensorData::new(
-                labels.iter().map(|&l| l as i64).collect::<Vec<_>>(),
-                [labels.len()],
-            ),
-            device,
-        );
-
-        let warming_up = step < warmup;
-        let out = trainee.net.forward(batch, warming_up);
-        if warming_up && recipe.gsp.kcenter && step + memory_batches >= warmup {
-            memory.push(out.pooled.clone().detach());
-        }
-        let embeddings = common::l2_normalize(out.embeddings);
-        let proxies = common::l2_normalize(trainee.proxies.val());
-        let logits = embeddings
-            .matmul(proxies.transpose())
-            .mul_scalar(recipe.scale);
-        let metric = log_softmax(logits, 1)
-            .gather(1, label_tensor.clone().unsqueeze_dim(1))
-            .mean()
-            .neg();
-        let loss = match (&trainee.zsr, out.gsp) {
-            (Some(zsr), Some((attributes, _))) => {
-                let regulariser = zsr.forward(attributes, label_tensor, &ZeroShotSplit::Halves);
-                metric.mul_scalar(1.0 - recipe.gsp.zsr_weight)
-                    + regulariser.mul_scalar(recipe.gsp.zsr_weight)
-            }
-            _ => metric,
-        };
-        recent.push(loss.clone().into_scalar::<f32>());
-        let grads = GradientsParams::from_grads(loss.backward(), &trainee);
-        let progress = step as f64 / recipe.steps as f64;
-        let lr = recipe.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-        trainee = optimizer.step(lr, trainee, grads);
-
-        if step + 1 == warmup && recipe.gsp.kcenter {
-            let features = Tensor::cat(std::mem::take(&mut memory), 0);
-            let gsp = trainee.net.gsp.take().expect("GSP head");
-            trainee.net.gsp = Some(gsp_kcenter(gsp, features));
-        }
-        if recent.len() == 20 || step + 1 == recipe.steps {
-            last_mean = recent.iter().sum::<f32>() / recent.len() as f32;
-            recent.clear();
-        }
-        bar.set_message(format!("seed {seed} {} loss {last_mean:.3}", head.name()));
-        bar.inc(1);
+/// Training batches: for each label, an image of that class drawn at random.
+impl ClassImages for Subset {
+    fn classes(&self) -> usize {
+        self.by_class.len()
     }
-    (trainee.net, last_mean)
+
+    fn batch(&self, labels: &[usize], rng: &mut Rng, device: &Device) -> Tensor<4> {
+        let indices: Vec<usize> = labels
+            .iter()
+            .map(|&c| self.by_class[c][rng.below(self.by_class[c].len())])
+            .collect();
+        self.images(&indices, device)
+    }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Evaluation.
 
 /// What an evaluation measures.
 struct Evaluation {
@@ -451,7 +195,7 @@ fn evaluate(net: &Net, test: &Subset, device: &Device) -> Evaluation {
     let mut chunks = Vec::new();
     let (mut on_garment, mut garment_cells, mut cells) = (0.0f64, 0usize, 0usize);
     for indices in all.chunks(500) {
-        let batch = test.batch(indices, &device);
+        let batch = test.images(indices, &device);
         let out = net.forward(batch, false);
         if let Some((_, weights)) = out.gsp {
             // A map cell overlaps the garment when any of its pixels is above 10 % grey.
@@ -502,7 +246,7 @@ struct Options {
     train_classes: Vec<usize>,
     seeds: Vec<u64>,
     steps: usize,
-    heads: Vec<Head>,
+    heads: Vec<Pooling>,
     map_side: usize,
     gsp: GspSettings,
 }
@@ -546,7 +290,7 @@ fn parse_options() -> Result<Options, String> {
         train_classes: vec![0, 1, 2, 3, 4],
         seeds: vec![1, 2, 3],
         steps: 500,
-        heads: Head::ALL.to_vec(),
+        heads: Pooling::ALL.to_vec(),
         map_side: 7,
         gsp: GspSettings {
             prototypes: 16,
@@ -575,7 +319,7 @@ fn parse_options() -> Result<Options, String> {
             "--heads" => {
                 options.heads = value
                     .split(',')
-                    .map(Head::parse)
+                    .map(Pooling::parse)
                     .collect::<Result<_, _>>()?
             }
             "--map-side" => options.map_side = parse_value(o, &value)?,
@@ -615,7 +359,7 @@ fn parse_options() -> Result<Options, String> {
     if !(0.0..1.0).contains(&options.gsp.warmup) {
         return Err("--gsp-warmup: a fraction in [0, 1)".into());
     }
-    if options.gsp.kcenter && options.heads.contains(&Head::Gsp) {
+    if options.gsp.kcenter && options.heads.contains(&Pooling::Gsp) {
         let warmup = (options.steps as f64 * options.gsp.warmup).round() as usize;
         if warmup == 0 {
             return Err(
@@ -670,15 +414,24 @@ fn main() {
 
     // The batch: an even number of classes (ZSR's two class-disjoint halves), 64 images.
     let classes_per_batch = (options.train_classes.len().min(8)) / 2 * 2;
-    let recipe = Recipe {
+    let protocol = Protocol {
         steps: options.steps,
         classes_per_batch,
         samples_per_class: BATCH / classes_per_batch,
         learning_rate: 2e-3,
         scale: 16.0,
-        map_side: options.map_side,
-        gsp: options.gsp.clone(),
+        gsp_warmup: (options.steps as f64 * options.gsp.warmup).round() as usize,
+        gsp_kcenter: options.gsp.kcenter,
+        zsr_weight: options.gsp.zsr_weight,
+        seed: 0,
     };
+    let backbone = BackboneConfig {
+        pixel_mean: PIXEL_MEAN,
+        pixel_std: PIXEL_STD,
+        downsample: 28 / options.map_side,
+    };
+    let gsp_config = options.gsp.config();
+    let map_side = options.map_side;
     println!(
         "Fashion-MNIST zero-shot: train on {} ({} train-split images), evaluate on {} ({} \
          test-split images)",
@@ -690,22 +443,22 @@ fn main() {
     println!(
         "{} steps of {} classes × {} images, {}×{} maps, seeds {:?}; GSP: K = {}, μ = {}, \
          ε = {}, {} init, warm-up {} steps, ZSR weight {}",
-        recipe.steps,
-        recipe.classes_per_batch,
-        recipe.samples_per_class,
-        recipe.map_side,
-        recipe.map_side,
+        protocol.steps,
+        protocol.classes_per_batch,
+        protocol.samples_per_class,
+        map_side,
+        map_side,
         options.seeds,
-        recipe.gsp.prototypes,
-        recipe.gsp.ratio,
-        recipe.gsp.epsilon,
-        if recipe.gsp.kcenter {
+        options.gsp.prototypes,
+        options.gsp.ratio,
+        options.gsp.epsilon,
+        if protocol.gsp_kcenter {
             "k-center"
         } else {
             "random (Glorot)"
         },
-        (recipe.steps as f64 * recipe.gsp.warmup).round(),
-        recipe.gsp.zsr_weight,
+        protocol.gsp_warmup,
+        protocol.zsr_weight,
     );
     if test_classes.len() < 2 {
         println!("note: a single held-out class makes retrieval trivial (every item is relevant)");
@@ -713,12 +466,7 @@ fn main() {
 
     let device = Device::flex().autodiff();
     let runs = options.seeds.len() * options.heads.len();
-    let bar = ProgressBar::new((runs * recipe.steps) as u64).with_style(
-        ProgressStyle::default_bar()
-            .template("[{bar:30}] {pos}/{len} steps, {msg} ({elapsed} < {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    let bar: ProgressBar = progress_bar(runs * protocol.steps);
     // rows[0] is the untrained network, then one row per head; each holds one entry per seed.
     let mut names_rows = vec!["untrained CNN + GAP".to_string()];
     names_rows.extend(options.heads.iter().map(|h| h.name().to_string()));
@@ -726,7 +474,7 @@ fn main() {
     let mut gsp_garment: Vec<(f64, f64)> = Vec::new();
     for &seed in &options.seeds {
         device.seed(seed);
-        let untrained = Net::new(Head::Gap, recipe.map_side, &recipe.gsp, &device);
+        let untrained = Net::new(Pooling::Gap, &backbone, &gsp_config, &device);
         let began = Instant::now();
         results[0].push(evaluate(&untrained, &test_set, &device).metrics);
         let evaluation_seconds = began.elapsed().as_secs_f64();
@@ -735,7 +483,13 @@ fn main() {
         }
         for (row, &head) in options.heads.iter().enumerate() {
             let began = Instant::now();
-            let (net, loss) = train(head, seed, &train_set, &recipe, &bar, &device);
+            let protocol = Protocol {
+                seed,
+                ..protocol.clone()
+            };
+            let label = format!("seed {seed} {}", head.name());
+            let model = (&backbone, &gsp_config);
+            let (net, loss) = train(head, model, &train_set, &protocol, (&bar, &label), &device);
             let evaluation = evaluate(&net, &test_set, &device);
             let m = evaluation.metrics;
             let mut line = format!(
@@ -787,7 +541,7 @@ fn main() {
         test_set.len(),
         test_classes,
         options.seeds,
-        recipe.steps
+        protocol.steps
     );
     println!();
     println!("| head | Recall@1 (%) | Recall@4 (%) | MAP@R (%) |");
@@ -804,13 +558,13 @@ fn main() {
             cell(seeds.iter().map(|m| m.map_at_r).collect()),
         );
     }
-    if let Some(gap) = options.heads.iter().position(|&h| h == Head::Gap) {
+    if let Some(gap) = options.heads.iter().position(|&h| h == Pooling::Gap) {
         // Paired by seed: both heads start from the same weights and see the same batches.
         println!();
         println!("Paired differences to GAP (points, mean ± std over the seeds):");
         let gap = &results[gap + 1];
         for (row, &head) in options.heads.iter().enumerate() {
-            if head == Head::Gap {
+            if head == Pooling::Gap {
                 continue;
             }
             let seeds = &results[row + 1];

@@ -16,7 +16,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use burn_pooling::GspConfig;
-use common::{MAP_SIDE, Net, Pooling, Protocol, Rng, SIDE, Split};
+use common::{BackboneConfig, MAP_SIDE, Net, Pooling, Protocol, Rng, SIDE, Split};
 
 const CLASSES: usize = 48;
 const SHOWN: usize = 8;
@@ -39,7 +39,17 @@ fn main() {
         .with_num_prototypes(16)
         .with_transport_ratio(0.3)
         .with_epsilon(0.05);
-    let (trained, _) = common::train(Pooling::Gsp, &config, &split, &protocol, &device);
+    let bar = common::progress_bar(protocol.steps);
+    let model = (&BackboneConfig::GLYPHS, &config);
+    let (trained, _) = common::train(
+        Pooling::Gsp,
+        model,
+        &split,
+        &protocol,
+        (&bar, "GSP"),
+        &device,
+    );
+    bar.finish_and_clear();
 
     // Save the trained network (burnpack record) and GSP's config (JSON), then rebuild both
     // from disk on a plain (inference) device.
@@ -62,7 +72,13 @@ fn main() {
     config.save(dir.join("gsp.json")).expect("save the config");
     let plain = device.clone().inner();
     let loaded_config = GspConfig::load(dir.join("gsp.json")).expect("load the config");
-    let net = Net::new(Pooling::Gsp, &loaded_config, &plain).load_file(dir.join("net.bpk"));
+    let net = Net::new(
+        Pooling::Gsp,
+        &BackboneConfig::GLYPHS,
+        &loaded_config,
+        &plain,
+    )
+    .load_file(dir.join("net.bpk"));
     let gsp_alone = loaded_config.init(&plain).load_file(dir.join("gsp.bpk"));
     println!(
         "saved and reloaded through {}: net.bpk ({} parameters), gsp.bpk, gsp.json",

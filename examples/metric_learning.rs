@@ -34,7 +34,7 @@ use std::time::Instant;
 use burn::tensor::Device;
 use burn_pooling::GspConfig;
 use common::retrieval::RetrievalMetrics;
-use common::{Net, Pooling, Protocol, Split, evaluate_zero_shot, train};
+use common::{BackboneConfig, Net, Pooling, Protocol, Split, evaluate_zero_shot, train};
 
 const CLASSES: usize = 48;
 const TEST_PER_CLASS: usize = 40;
@@ -67,13 +67,23 @@ fn main() {
     {
         // Reference point: the untrained network.
         device.seed(protocol.seed);
-        let net = Net::new(Pooling::Gap, &gsp_config, &device);
+        let net = Net::new(Pooling::Gap, &BackboneConfig::GLYPHS, &gsp_config, &device);
         let metrics = evaluate_zero_shot(&net, &split, TEST_PER_CLASS, TEST_SEED, &device);
         rows.push(("untrained CNN + GAP".into(), metrics, f32::NAN, 0.0));
     }
     for pooling in [Pooling::Gap, Pooling::Gem, Pooling::Gsp] {
         let start = Instant::now();
-        let (net, loss) = train(pooling, &gsp_config, &split, &protocol, &device);
+        let bar = common::progress_bar(protocol.steps);
+        let model = (&BackboneConfig::GLYPHS, &gsp_config);
+        let (net, loss) = train(
+            pooling,
+            model,
+            &split,
+            &protocol,
+            (&bar, pooling.name()),
+            &device,
+        );
+        bar.finish_and_clear();
         let seconds = start.elapsed().as_secs_f64();
         let metrics = evaluate_zero_shot(&net, &split, TEST_PER_CLASS, TEST_SEED, &device);
         println!(

@@ -40,6 +40,24 @@ struct Row {
     fwd_bwd: f64,
 }
 
+impl Row {
+    /// Times `forward` and `forward_backward` (median of `reps` after `warm` runs each).
+    fn timed(
+        (op, torch_op, shape): (&'static str, &'static str, String),
+        (reps, warm): (usize, usize),
+        forward: impl FnMut(),
+        forward_backward: impl FnMut(),
+    ) -> Self {
+        Self {
+            op,
+            torch_op,
+            shape,
+            fwd: median_ms(reps, warm, forward),
+            fwd_bwd: median_ms(reps, warm, forward_backward),
+        }
+    }
+}
+
 fn main() {
     let device = Device::flex();
     let train = device.clone().autodiff();
@@ -59,48 +77,50 @@ fn main() {
         let shape = format!("[{b}, {c}, {side}, {side}]");
         let _ = name;
 
+        // A layer over the maps, timed as `op` (its twin on the autodiff device for the backward).
+        let mut time_maps =
+            |op,
+             torch_op,
+             forward: &dyn Fn(Tensor<4>) -> Tensor<2>,
+             train_forward: &dyn Fn(Tensor<4>) -> Tensor<2>| {
+                rows.push(Row::timed(
+                    (op, torch_op, shape.clone()),
+                    (20, 3),
+                    || sync(forward(maps.clone())),
+                    || {
+                        let _ = train_forward(maps_t.clone().require_grad())
+                            .sum()
+                            .backward();
+                    },
+                ))
+            };
         let gap = GapConfig::new().init();
-        rows.push(Row {
-            op: "GAP",
-            torch_op: "gap_nchw",
-            shape: shape.clone(),
-            fwd: median_ms(20, 3, || sync(gap.forward(maps.clone()))),
-            fwd_bwd: median_ms(20, 3, || {
-                let m = maps_t.clone().require_grad();
-                let _ = gap.forward(m.clone()).sum().backward();
-            }),
-        });
-
-        let gem = GemConfig::new().init(&device);
-        let gem_t = GemConfig::new().init(&train);
-        rows.push(Row {
-            op: "GeM",
-            torch_op: "gem_nchw(cirtorch)",
-            shape: shape.clone(),
-            fwd: median_ms(20, 3, || sync(gem.forward(maps.clone()))),
-            fwd_bwd: median_ms(20, 3, || {
-                let m = maps_t.clone().require_grad();
-                let _ = gem_t.forward(m).sum().backward();
-            }),
+        time_maps("GAP", "gap_nchw", &|m| gap.forward(m), &|m| gap.forward(m));
+        let (gem, gem_t) = (
+            GemConfig::new().init(&device),
+            GemConfig::new().init(&train),
+        );
+        time_maps("GeM", "gem_nchw(cirtorch)", &|m| gem.forward(m), &|m| {
+            gem_t.forward(m)
         });
 
         let groups = if c % 12 == 0 { 12 } else { 16 };
         let ggem = GroupGemConfig::new(groups).init(&device);
         let ggem_t = GroupGemConfig::new(groups).init(&train);
-        rows.push(Row {
-            op: "GGeM",
-            torch_op: if groups == 12 {
-                "ggem_tokens(G=12)"
-            } else {
-                "ggem_tokens(G=16)"
-            },
-            shape: format!("[{b}, {n}, {c}]"),
-            fwd: median_ms(20, 3, || sync(ggem.forward_tokens(x.clone()))),
-            fwd_bwd: median_ms(20, 3, || {
+        let torch_op = if groups == 12 {
+            "ggem_tokens(G=12)"
+        } else {
+            "ggem_tokens(G=16)"
+        };
+        rows.push(Row::timed(
+            ("GGeM", torch_op, format!("[{b}, {n}, {c}]")),
+            (20, 3),
+            || sync(ggem.forward_tokens(x.clone())),
+            || {
                 let t = tokens_t.clone().require_grad();
                 let _ = ggem_t.forward_tokens(t).sum().backward();
-            }),
-        });
+            },
+        ));
     }
 
     for (b, n, d, k) in [(64, 49, 512, 64), (128, 49, 128, 128), (64, 196, 768, 64)] {
@@ -116,17 +136,20 @@ fn main() {
         let gsp = make(&device);
         let gsp_t = make(&train);
         let x_t = Tensor::<3>::from_data(x.to_data(), &train);
-        rows.push(Row {
-            op: "GSP",
-            torch_op: "gsp_tokens(analytic bwd)",
-            shape: format!("[{b}, {n}, {d}], K = {k}"),
-            fwd: median_ms(10, 2, || sync(gsp.forward_tokens(x.clone()))),
-            fwd_bwd: median_ms(10, 2, || {
+        rows.push(Row::timed(
+            (
+                "GSP",
+                "gsp_tokens(analytic bwd)",
+                format!("[{b}, {n}, {d}], K = {k}"),
+            ),
+            (10, 2),
+            || sync(gsp.forward_tokens(x.clone())),
+            || {
                 let t = x_t.clone().require_grad();
                 let out = gsp_t.forward_detailed(PoolingInput::tokens(t));
                 let _ = (out.pooled.sum() + out.attributes.sum()).backward();
-            }),
-        });
+            },
+        ));
     }
 
     let torch: Option<Vec<(String, f64, f64)>> = std::env::args().nth(1).map(|path| {

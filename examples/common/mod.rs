@@ -1,13 +1,11 @@
-//! Shared by the `metric_learning` and `gsp_heatmap` examples: a generated image set of
-//! objects on cluttered backgrounds, a small CNN with a pluggable global pooling head, a custom
-//! training loop (proxy metric loss, plus `ZeroShotLoss` for GSP) and zero-shot evaluation.
+//! Shared by the `metric_learning`, `gsp_heatmap` and `fashion_mnist` examples: a generated
+//! image set of objects on cluttered backgrounds, a small CNN with a pluggable global pooling
+//! head, a custom training loop over any labelled image set (proxy metric loss, plus
+//! `ZeroShotLoss` for GSP) and zero-shot evaluation.
 //!
-//! Why a custom loop and not burn-train's `Learner`: this crate depends on `burn` with
-//! `default-features = false` and no `train` feature; the `Learner` pulls in burn-train with its
-//! dataset, metrics, TUI and logging stacks, far more than these examples need. A 40-line loop
-//! with `GradientsParams::from_grads` and `optimizer.step` is all the layers require; they are
-//! ordinary `Module`s with `Param`s, so they should train inside a `Learner` unchanged (implement
-//! `TrainStep` on a model that holds them; not exercised here).
+//! The loop is written out rather than run by burn-train's `Learner` because GSP's recipe
+//! changes the model mid-training (it pools as GAP for a warm-up, then its prototypes are set
+//! by k-center), which reads most plainly as a loop.
 
 #![allow(dead_code)]
 
@@ -20,7 +18,7 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_pooling::loss::{ZeroShotLoss, ZeroShotLossConfig, ZeroShotSplit};
-use burn_pooling::{Gem, GemConfig, Gsp, GspConfig};
+use burn_pooling::{GapConfig, Gem, GemConfig, GroupGem, GroupGemConfig, Gsp, GspConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use retrieval::{RetrievalMetrics, evaluate_tensor};
 
@@ -207,15 +205,29 @@ impl Split {
 pub enum Pooling {
     Gap,
     Gem,
+    Ggem,
     Gsp,
 }
 
 impl Pooling {
+    pub const ALL: [Pooling; 4] = [Pooling::Gap, Pooling::Gem, Pooling::Ggem, Pooling::Gsp];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Gap => "GAP",
             Self::Gem => "GeM",
+            Self::Ggem => "GGeM",
             Self::Gsp => "GSP + ZSR",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "gap" => Ok(Self::Gap),
+            "gem" => Ok(Self::Gem),
+            "ggem" => Ok(Self::Ggem),
+            "gsp" => Ok(Self::Gsp),
+            other => Err(format!("unknown head `{other}` (gap, gem, ggem, gsp)")),
         }
     }
 }
@@ -224,10 +236,33 @@ impl Pooling {
 pub const FEATURES: usize = 64;
 /// Embedding width.
 pub const EMBEDDING: usize = 64;
-/// Side of the backbone's last map (`SIDE / 4`).
+/// Side of the backbone's last map on the generated images (`SIDE / 4`).
 pub const MAP_SIDE: usize = SIDE / 4;
+/// Channel groups of GGeM (8 channels each).
+pub const GGEM_GROUPS: usize = 8;
 
-/// A 4-layer CNN with batch norm: `[B, 1, 32, 32]` → `[B, 64, 8, 8]` (non-negative).
+/// What the backbone is fed and how much it downsamples.
+#[derive(Clone, Copy, Debug)]
+pub struct BackboneConfig {
+    /// Pixel mean and standard deviation of the data (pixels in [0, 1]): inputs are
+    /// standardised with them.
+    pub pixel_mean: f32,
+    pub pixel_std: f32,
+    /// The side of the last map is the image side divided by this: 4 (default) or 2.
+    pub downsample: usize,
+}
+
+impl BackboneConfig {
+    /// The generated glyph images: pixel mean ≈ 0.16, 8×8 maps.
+    pub const GLYPHS: Self = Self {
+        pixel_mean: 0.16,
+        pixel_std: 1.0 / 3.0,
+        downsample: 4,
+    };
+}
+
+/// A 4-layer CNN with batch norm: `[B, 1, S, S]` → `[B, 64, S/d, S/d]` (non-negative), d the
+/// config's `downsample`.
 #[derive(Module, Debug)]
 pub struct Backbone {
     conv1: Conv2d,
@@ -238,10 +273,17 @@ pub struct Backbone {
     norm3: BatchNorm,
     conv4: Conv2d,
     norm4: BatchNorm,
+    pixel_mean: f32,
+    pixel_std: f32,
 }
 
 impl Backbone {
-    pub fn new(device: &Device) -> Self {
+    pub fn new(config: &BackboneConfig, device: &Device) -> Self {
+        assert!(
+            matches!(config.downsample, 2 | 4),
+            "Backbone: `downsample` must be 2 or 4, got {}",
+            config.downsample
+        );
         let conv = |input: usize, output: usize, stride: usize| {
             Conv2dConfig::new([input, output], [3, 3])
                 .with_stride([stride, stride])
@@ -255,16 +297,17 @@ impl Backbone {
             norm1: norm(16),
             conv2: conv(16, 32, 2),
             norm2: norm(32),
-            conv3: conv(32, FEATURES, 2),
+            conv3: conv(32, FEATURES, config.downsample / 2),
             norm3: norm(FEATURES),
             conv4: conv(FEATURES, FEATURES, 1),
             norm4: norm(FEATURES),
+            pixel_mean: config.pixel_mean,
+            pixel_std: config.pixel_std,
         }
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        // Pixels are in [0, 1] with mean ≈ 0.16: centre them.
-        let x = (x - 0.16) * 3.0;
+        let x = (x - self.pixel_mean) / self.pixel_std;
         let x = relu(self.norm1.forward(self.conv1.forward(x)));
         let x = relu(self.norm2.forward(self.conv2.forward(x)));
         let x = relu(self.norm3.forward(self.conv3.forward(x)));
@@ -272,13 +315,14 @@ impl Backbone {
     }
 }
 
-/// Backbone, global pooling (GAP when neither `gem` nor `gsp` is set), linear embedding.
+/// Backbone, global pooling (GAP when no head layer is set), linear embedding.
 #[derive(Module, Debug)]
 pub struct Net {
     pub backbone: Backbone,
-    pub gem: Option<Gem>,
-    pub gsp: Option<Gsp>,
     pub embed: Linear,
+    pub gem: Option<Gem>,
+    pub ggem: Option<GroupGem>,
+    pub gsp: Option<Gsp>,
 }
 
 /// What a forward pass returns.
@@ -287,38 +331,49 @@ pub struct Embedded {
     pub embeddings: Tensor<2>,
     /// The pooled features `[B, FEATURES]` (before the embedding layer).
     pub pooled: Tensor<2>,
-    /// GSP's attributes `[B, K]`, when GSP pooled.
-    pub attributes: Option<Tensor<2>>,
+    /// GSP's attributes `[B, K]` and weights `[B, H·W]`, when GSP pooled.
+    pub gsp: Option<(Tensor<2>, Tensor<2>)>,
 }
 
 impl Net {
-    /// The network for `pooling`; `config` sets GSP's hyper-parameters.
-    pub fn new(pooling: Pooling, gsp: &GspConfig, device: &Device) -> Self {
+    /// The network for `pooling`; `gsp` sets GSP's hyper-parameters.
+    pub fn new(
+        pooling: Pooling,
+        backbone: &BackboneConfig,
+        gsp: &GspConfig,
+        device: &Device,
+    ) -> Self {
+        // Backbone and embedding first: the same initialisation for every head of a seed.
+        let backbone = Backbone::new(backbone, device);
+        let embed = LinearConfig::new(FEATURES, EMBEDDING)
+            .with_bias(false)
+            .init(device);
         Self {
-            backbone: Backbone::new(device),
+            backbone,
+            embed,
             gem: (pooling == Pooling::Gem).then(|| GemConfig::new().init(device)),
+            ggem: (pooling == Pooling::Ggem).then(|| GroupGemConfig::new(GGEM_GROUPS).init(device)),
             gsp: (pooling == Pooling::Gsp).then(|| gsp.init(device)),
-            embed: LinearConfig::new(FEATURES, EMBEDDING)
-                .with_bias(false)
-                .init(device),
         }
     }
 
-    /// Embeds a batch; `as_gap` pools with the mean even when GSP is set (GSP's warm-up).
+    /// Embeds a batch; `as_gap` pools with the mean even when a head layer is set (warm-up).
     pub fn forward(&self, images: Tensor<4>, as_gap: bool) -> Embedded {
         let maps = self.backbone.forward(images);
-        let (pooled, attributes) = match (&self.gem, &self.gsp) {
-            (_, Some(gsp)) if !as_gap => {
+        let (pooled, gsp) = match (&self.gem, &self.ggem, &self.gsp) {
+            _ if as_gap => (GapConfig::new().init().forward(maps), None),
+            (Some(gem), _, _) => (gem.forward(maps), None),
+            (_, Some(ggem), _) => (ggem.forward(maps), None),
+            (_, _, Some(gsp)) => {
                 let out = gsp.forward_detailed(maps);
-                (out.pooled, Some(out.attributes))
+                (out.pooled, Some((out.attributes, out.weights)))
             }
-            (Some(gem), _) => (gem.forward(maps), None),
-            _ => (maps.mean_dim(3).mean_dim(2).flatten(1, 3), None),
+            _ => (GapConfig::new().init().forward(maps), None),
         };
         Embedded {
             embeddings: self.embed.forward(pooled.clone()),
             pooled,
-            attributes,
+            gsp,
         }
     }
 }
@@ -340,6 +395,25 @@ pub struct Trainee {
 // ---------------------------------------------------------------------------------------------
 // Training.
 
+/// A labelled image set the training loop draws class-blocked batches from.
+pub trait ClassImages {
+    /// The number of (training) classes, labelled `0..classes()`.
+    fn classes(&self) -> usize;
+    /// One image of each label of `labels` (in order), `[B, 1, S, S]` in [0, 1].
+    fn batch(&self, labels: &[usize], rng: &mut Rng, device: &Device) -> Tensor<4>;
+}
+
+/// The training classes of a generated [`Split`]: each call renders fresh images.
+impl ClassImages for Split {
+    fn classes(&self) -> usize {
+        self.train_classes
+    }
+
+    fn batch(&self, labels: &[usize], rng: &mut Rng, device: &Device) -> Tensor<4> {
+        images(&self.objects, labels, rng, device)
+    }
+}
+
 /// The training protocol (identical for every head).
 #[derive(Clone, Debug)]
 pub struct Protocol {
@@ -350,16 +424,21 @@ pub struct Protocol {
     pub learning_rate: f64,
     /// Normalized-softmax scale.
     pub scale: f64,
-    /// GSP only: steps it pools as GAP before its prototypes are set by k-center.
+    /// GSP only: steps it pools as GAP first.
     pub gsp_warmup: usize,
+    /// GSP only: set the prototypes by greedy k-center over the last ~1024 GAP-pooled features
+    /// when the warm-up ends (else they keep their initialisation).
+    pub gsp_kcenter: bool,
     /// Weight of ZSR in the GSP loss: (1 − w)·metric + w·ZSR.
     pub zsr_weight: f64,
+    /// Seeds the device (initialisation) and the batch sampler.
     pub seed: u64,
 }
 
 impl Protocol {
     /// The examples' recipe: 16 classes × 4 images per batch, Adam at 2e-3, a cosine scale of
-    /// 16, GSP pooling as GAP for the first eighth of the steps, 0.1 · ZSR, seed 42.
+    /// 16, GSP pooling as GAP for the first eighth of the steps, then k-center, 0.1 · ZSR,
+    /// seed 42.
     pub fn recipe(steps: usize) -> Self {
         Self {
             steps,
@@ -368,69 +447,74 @@ impl Protocol {
             learning_rate: 2e-3,
             scale: 16.0,
             gsp_warmup: steps / 8,
+            gsp_kcenter: true,
             zsr_weight: 0.1,
             seed: 42,
         }
     }
 }
 
-/// Trains `pooling` from `seed` (same backbone and data order for every head) and returns the
-/// trained net and the final mean loss.
+/// A progress bar for `steps` training steps.
+pub fn progress_bar(steps: usize) -> ProgressBar {
+    ProgressBar::new(steps as u64).with_style(
+        ProgressStyle::default_bar()
+            .template("[{bar:30}] {pos}/{len} steps, {msg} ({elapsed} < {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    )
+}
+
+/// Trains `pooling` on class-blocked batches of `data` and returns the trained net and its
+/// final mean loss. Every head of a seed starts from the same backbone, embedding and proxies
+/// and sees the same batches. The bar advances one tick per step, its message starting with
+/// `label`.
 pub fn train(
     pooling: Pooling,
-    gsp_config: &GspConfig,
-    split: &Split,
+    model: (&BackboneConfig, &GspConfig),
+    data: &impl ClassImages,
     protocol: &Protocol,
+    (bar, label): (&ProgressBar, &str),
     device: &Device,
 ) -> (Net, f32) {
-    // The same seed for every head: same backbone, embedding and proxy initialisation.
+    let classes = data.classes();
     device.seed(protocol.seed);
-    let net = Net::new(pooling, gsp_config, device);
+    let net = Net::new(pooling, model.0, model.1, device);
     let proxies = Initializer::XavierUniform { gain: 1.0 }.init_with(
-        [split.train_classes, EMBEDDING],
+        [classes, EMBEDDING],
         Some(EMBEDDING),
-        Some(split.train_classes),
+        Some(classes),
         device,
     );
-    let zsr = (pooling == Pooling::Gsp)
-        .then(|| ZeroShotLossConfig::new(split.train_classes, EMBEDDING).init(device));
+    let zsr =
+        (pooling == Pooling::Gsp).then(|| ZeroShotLossConfig::new(classes, EMBEDDING).init(device));
     let mut trainee = Trainee { net, proxies, zsr };
     let mut optimizer = AdamConfig::new().init();
     let mut rng = Rng::new(protocol.seed);
-    let half = protocol.classes_per_batch / 2 * protocol.samples_per_class;
-    let split_halves = ZeroShotSplit::Halves;
-
-    let bar = ProgressBar::new(protocol.steps as u64)
-        .with_style(
-            ProgressStyle::default_bar()
-                .template("{prefix:>10} [{bar:30}] {pos}/{len} {msg} ({elapsed} < {eta})")
-                .expect("valid template")
-                .progress_chars("=> "),
-        )
-        .with_prefix(pooling.name());
+    let warmup = if pooling == Pooling::Gsp {
+        protocol.gsp_warmup.min(protocol.steps)
+    } else {
+        0
+    };
+    let batch_size = protocol.classes_per_batch * protocol.samples_per_class;
+    // The reference's memory of ~1024 GAP-pooled features (the last batches of the warm-up).
+    let memory_batches = 1024usize.div_ceil(batch_size);
     let mut memory: Vec<Tensor<2>> = Vec::new();
     let mut recent = Vec::new();
     let mut last_mean = f32::NAN;
     for step in 0..protocol.steps {
-        // A class-blocked batch: classes_per_batch distinct classes, samples_per_class each.
-        let classes = rng.choose(split.train_classes, protocol.classes_per_batch);
-        let labels: Vec<usize> = classes
-            .iter()
-            .flat_map(|&c| std::iter::repeat_n(c, protocol.samples_per_class))
+        // Class-blocked: classes_per_batch distinct classes, samples_per_class images each.
+        let labels: Vec<usize> = rng
+            .choose(classes, protocol.classes_per_batch)
+            .into_iter()
+            .flat_map(|c| std::iter::repeat_n(c, protocol.samples_per_class))
             .collect();
-        let batch = images(&split.objects, &labels, &mut rng, device);
-        let label_tensor = Tensor::<1, Int>::from_data(
-            TensorData::new(
-                labels.iter().map(|&l| l as i64).collect::<Vec<_>>(),
-                [labels.len()],
-            ),
-            device,
-        );
+        let batch = data.batch(&labels, &mut rng, device);
+        let label_values: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+        let label_tensor = Tensor::<1, Int>::from_data(label_values.as_slice(), device);
 
-        let warming_up = pooling == Pooling::Gsp && step < protocol.gsp_warmup;
+        let warming_up = step < warmup;
         let out = trainee.net.forward(batch, warming_up);
-        if warming_up && step + 16 >= protocol.gsp_warmup {
-            // The reference's memory of GAP embeddings (here the last 16 batches, 1024 rows).
+        if warming_up && protocol.gsp_kcenter && step + memory_batches >= warmup {
             memory.push(out.pooled.clone().detach());
         }
         let embeddings = l2_normalize(out.embeddings);
@@ -442,10 +526,11 @@ pub fn train(
             .gather(1, label_tensor.clone().unsqueeze_dim(1))
             .mean()
             .neg();
-        let loss = match (&trainee.zsr, out.attributes) {
-            (Some(zsr), Some(attributes)) => {
+        let loss = match (&trainee.zsr, out.gsp) {
+            (Some(zsr), Some((attributes, _))) => {
+                let half = batch_size / 2;
                 debug_assert!(labels[..half].iter().all(|l| !labels[half..].contains(l)));
-                let regulariser = zsr.forward(attributes, label_tensor, &split_halves);
+                let regulariser = zsr.forward(attributes, label_tensor, &ZeroShotSplit::Halves);
                 metric.mul_scalar(1.0 - protocol.zsr_weight)
                     + regulariser.mul_scalar(protocol.zsr_weight)
             }
@@ -458,7 +543,7 @@ pub fn train(
         let lr = protocol.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
         trainee = optimizer.step(lr, trainee, grads);
 
-        if pooling == Pooling::Gsp && step + 1 == protocol.gsp_warmup {
+        if step + 1 == warmup && protocol.gsp_kcenter {
             // Warm-up over: prototypes by greedy k-center over the memory (docs/maths.md §6).
             let features = Tensor::cat(std::mem::take(&mut memory), 0);
             let gsp = trainee.net.gsp.take().expect("GSP head");
@@ -466,12 +551,11 @@ pub fn train(
         }
         if recent.len() == 20 || step + 1 == protocol.steps {
             last_mean = recent.iter().sum::<f32>() / recent.len() as f32;
-            bar.set_message(format!("loss {last_mean:.3}"));
             recent.clear();
         }
+        bar.set_message(format!("{label} loss {last_mean:.3}"));
         bar.inc(1);
     }
-    bar.finish();
     (trainee.net, last_mean)
 }
 

@@ -4,6 +4,7 @@
 //! autodiff, elsewhere. This file is the only place that makes that choice.
 
 use burn::backend::Dispatch;
+use burn::backend::tensor::FloatTensor;
 use burn::tensor::{Int, Tensor};
 
 use super::{PoolingOps, TransportOutput, extension_covers};
@@ -21,15 +22,11 @@ pub(crate) fn transport_costs(
     prototypes: Tensor<2>,
     layout: Layout,
 ) -> Tensor<3> {
-    if extension_covers(&features.device()) {
-        Tensor::from_dispatch(<Dispatch as PoolingOps>::transport_costs(
-            features.into_dispatch(),
-            prototypes.into_dispatch(),
-            layout,
-        ))
-    } else {
-        composite_costs(features, prototypes, layout)
-    }
+    route(
+        (features, prototypes, layout),
+        <Dispatch as PoolingOps>::transport_costs,
+        composite_costs,
+    )
 }
 
 /// The plan `[B, K+1, N]` and the iterations run `[1]`.
@@ -111,13 +108,23 @@ pub(crate) fn generalized_mean(
 
 /// Σ_n w_bn x_bn `[B, C]` for features in `layout` and weights `[B, N]`.
 pub(crate) fn weighted_sum(x: Tensor<3>, weights: Tensor<2>, layout: Layout) -> Tensor<2> {
-    if extension_covers(&x.device()) {
-        Tensor::from_dispatch(<Dispatch as PoolingOps>::weighted_sum(
-            x.into_dispatch(),
-            weights.into_dispatch(),
-            layout,
-        ))
+    route(
+        (x, weights, layout),
+        <Dispatch as PoolingOps>::weighted_sum,
+        weighted_sum::weighted_sum,
+    )
+}
+
+/// A two-input op: `kernel` on the primitives where the extension covers the first input's
+/// device, `composite` on the tensors elsewhere.
+fn route<const A: usize, const B: usize, const OUT: usize>(
+    (a, b, layout): (Tensor<A>, Tensor<B>, Layout),
+    kernel: fn(FloatTensor<Dispatch>, FloatTensor<Dispatch>, Layout) -> FloatTensor<Dispatch>,
+    composite: fn(Tensor<A>, Tensor<B>, Layout) -> Tensor<OUT>,
+) -> Tensor<OUT> {
+    if extension_covers(&a.device()) {
+        Tensor::from_dispatch(kernel(a.into_dispatch(), b.into_dispatch(), layout))
     } else {
-        weighted_sum::weighted_sum(x, weights, layout)
+        composite(a, b, layout)
     }
 }

@@ -2,6 +2,7 @@
 //! nested vectors, a deterministic generator.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
@@ -71,6 +72,12 @@ pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f64> {
 }
 
 /// Largest |a − b| / (atol + rtol·|b|); ≤ 1 means within tolerance.
+/// max_i |a_i − b_i|.
+pub fn max_abs_difference(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "max_abs_difference: lengths");
+    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+}
+
 pub fn assert_close(actual: &[f64], expected: &[f64], rtol: f64, atol: f64, what: &str) {
     assert_eq!(actual.len(), expected.len(), "{what}: length");
     for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
@@ -78,5 +85,34 @@ pub fn assert_close(actual: &[f64], expected: &[f64], rtol: f64, atol: f64, what
             (a - e).abs() <= atol + rtol * e.abs(),
             "{what}[{i}]: got {a}, expected {e} (rtol {rtol}, atol {atol})"
         );
+    }
+}
+
+/// A fresh directory under the system's temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// `burn-pooling-{name}-{pid}`, emptied if it exists.
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("burn-pooling-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.0
+    }
+
+    /// `file` inside the directory.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -6,31 +6,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::common::TempDir;
 use crate::idx;
 use crate::idx::{IdxErrorKind, read_fashion_mnist, read_images, read_labels, read_split};
-
-/// A fresh directory under the system's temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("burn-pooling-idx-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        Self(dir)
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The bytes of an unsigned-byte IDX file with `sizes` and `data`.
 fn idx_bytes(sizes: &[u32], data: &[u8]) -> Vec<u8> {
@@ -86,14 +64,14 @@ fn check_sample(images: &Path, labels: &Path) {
 
 #[test]
 fn reads_plain_idx_files() {
-    let dir = TempDir::new("plain");
+    let dir = TempDir::new("idx-plain");
     let (images, labels) = sample_files(&dir, false);
     check_sample(&images, &labels);
 }
 
 #[test]
 fn reads_gzip_idx_files() {
-    let dir = TempDir::new("gzip");
+    let dir = TempDir::new("idx-gzip");
     let (images, labels) = sample_files(&dir, true);
     check_sample(&images, &labels);
     // Detected by content, not by name.
@@ -128,14 +106,14 @@ fn message_naming(error: idx::IdxError, path: &Path) -> String {
 
 #[test]
 fn missing_file_is_an_error_naming_it() {
-    let dir = TempDir::new("missing");
+    let dir = TempDir::new("idx-missing");
     let path = dir.path("train-images-idx3-ubyte.gz");
     let error = read_images(&path, None).expect_err("a missing file");
     let message = assert_error!(error, IdxErrorKind::Missing, &path);
     assert!(message.contains("no such file"), "{message}");
 
     // The Fashion-MNIST reader adds the install hint.
-    let hint = read_fashion_mnist(&dir.0, "train", Some(10)).expect_err("no data set here");
+    let hint = read_fashion_mnist(dir.root(), "train", Some(10)).expect_err("no data set here");
     assert!(
         hint.contains("apt-get install dataset-fashion-mnist"),
         "{hint}"
@@ -145,7 +123,7 @@ fn missing_file_is_an_error_naming_it() {
 
 #[test]
 fn bad_magic_is_an_error_naming_the_file() {
-    let dir = TempDir::new("magic");
+    let dir = TempDir::new("idx-magic");
     for (name, gzip) in [("labels-plain", false), ("labels.gz", true)] {
         let path = dir.path(name);
         // An IDX1 labels file read as images: dimension byte 1, not 3.
@@ -177,7 +155,7 @@ fn bad_magic_is_an_error_naming_the_file() {
 
 #[test]
 fn size_mismatch_is_an_error_naming_the_file() {
-    let dir = TempDir::new("size");
+    let dir = TempDir::new("idx-size");
     for gzip in [false, true] {
         let write = if gzip { write_gzip } else { write_plain };
         let tag = if gzip { ".gz" } else { "" };

@@ -7,11 +7,7 @@ use burn_pooling::loss::ZeroShotLossConfig;
 use burn_pooling::transport::TransportSolver;
 use burn_pooling::{GemConfig, GroupGemConfig, GroupLayout, GspConfig};
 
-fn scratch(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("burn-pooling-records-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
+use crate::common::TempDir;
 
 fn same(a: Tensor<1>, b: Tensor<1>) {
     a.into_data().assert_eq(&b.into_data(), true);
@@ -19,57 +15,61 @@ fn same(a: Tensor<1>, b: Tensor<1>) {
 
 #[test]
 fn parameters_round_trip_through_burnpack() {
+    let dir = TempDir::new("records-burnpack");
     let device = Device::flex();
 
     let mut gem = GemConfig::new().init(&device);
     gem.p = Param::from_tensor(Tensor::from_floats([4.25], &device));
     let saved = gem.p.val();
-    gem.save_file(scratch("gem.bpk")).unwrap();
-    let loaded = GemConfig::new().init(&device).load_file(scratch("gem.bpk"));
+    gem.save_file(dir.path("gem.bpk")).unwrap();
+    let loaded = GemConfig::new()
+        .init(&device)
+        .load_file(dir.path("gem.bpk"));
     same(loaded.p.val(), saved);
 
     let mut ggem = GroupGemConfig::new(3).init(&device);
     ggem.p = Param::from_tensor(Tensor::from_floats([1.5, 2.5, 6.0], &device));
     let saved = ggem.p.val();
-    ggem.save_file(scratch("ggem.bpk")).unwrap();
+    ggem.save_file(dir.path("ggem.bpk")).unwrap();
     let loaded = GroupGemConfig::new(3)
         .init(&device)
-        .load_file(scratch("ggem.bpk"));
+        .load_file(dir.path("ggem.bpk"));
     same(loaded.p.val(), saved);
 
     let gsp = GspConfig::new(5).with_num_prototypes(3).init(&device);
     let saved = gsp.prototypes.val().reshape([15]);
-    gsp.save_file(scratch("gsp.bpk")).unwrap();
+    gsp.save_file(dir.path("gsp.bpk")).unwrap();
     let loaded = GspConfig::new(5)
         .with_num_prototypes(3)
         .init(&device)
-        .load_file(scratch("gsp.bpk"));
+        .load_file(dir.path("gsp.bpk"));
     same(loaded.prototypes.val().reshape([15]), saved);
 
     let zsr = ZeroShotLossConfig::new(4, 2).init(&device);
     let saved = zsr.embeddings.val().reshape([8]);
-    zsr.save_file(scratch("zsr.bpk")).unwrap();
+    zsr.save_file(dir.path("zsr.bpk")).unwrap();
     let loaded = ZeroShotLossConfig::new(4, 2)
         .init(&device)
-        .load_file(scratch("zsr.bpk"));
+        .load_file(dir.path("zsr.bpk"));
     same(loaded.embeddings.val().reshape([8]), saved);
 }
 
 #[test]
 fn configs_round_trip_through_json() {
+    let dir = TempDir::new("records-json");
     let gem = GemConfig::new()
         .with_p(2.5)
         .with_eps(1e-5)
         .with_learnable(false);
-    gem.save(scratch("gem.json")).unwrap();
-    let back = GemConfig::load(scratch("gem.json")).unwrap();
+    gem.save(dir.path("gem.json")).unwrap();
+    let back = GemConfig::load(dir.path("gem.json")).unwrap();
     assert_eq!((back.p, back.eps, back.learnable), (2.5, 1e-5, false));
 
     let ggem = GroupGemConfig::new(12)
         .with_layout(GroupLayout::Interleaved)
         .with_num_prefix_tokens(1);
-    ggem.save(scratch("ggem.json")).unwrap();
-    let back = GroupGemConfig::load(scratch("ggem.json")).unwrap();
+    ggem.save(dir.path("ggem.json")).unwrap();
+    let back = GroupGemConfig::load(dir.path("ggem.json")).unwrap();
     assert_eq!(back.groups, 12);
     assert_eq!(back.layout, GroupLayout::Interleaved);
     assert_eq!(back.num_prefix_tokens, 1);
@@ -79,8 +79,8 @@ fn configs_round_trip_through_json() {
         .with_transport_ratio(0.4)
         .with_epsilon(2.0)
         .with_solver(TransportSolver::Sinkhorn);
-    gsp.save(scratch("gsp.json")).unwrap();
-    let back = GspConfig::load(scratch("gsp.json")).unwrap();
+    gsp.save(dir.path("gsp.json")).unwrap();
+    let back = GspConfig::load(dir.path("gsp.json")).unwrap();
     assert_eq!((back.channels, back.num_prototypes), (512, 128));
     assert_eq!((back.transport_ratio, back.epsilon), (0.4, 2.0));
     assert_eq!(back.solver, TransportSolver::Sinkhorn);

@@ -12,7 +12,9 @@ use burn_pooling::transport::{
     TransportSettings, TransportSolver, partial_transport, transport_costs,
 };
 use burn_pooling::{Gsp, GspConfig};
-use common::{Rng, assert_close, batch_tensor, flex_f64, matrix_tensor, tensor, values};
+use common::{
+    Rng, assert_close, batch_tensor, flex_f64, matrix_tensor, max_abs_difference, tensor, values,
+};
 
 const K: usize = 3;
 const N: usize = 6;
@@ -182,14 +184,8 @@ fn analytical_gradients_match_finite_differences() {
             1e-6,
         );
         let scale = fd_x.iter().chain(&fd_w).fold(0.0f64, |m, v| m.max(v.abs()));
-        let err_x = grad_x
-            .iter()
-            .zip(&fd_x)
-            .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
-        let err_w = grad_w
-            .iter()
-            .zip(&fd_w)
-            .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+        let err_x = max_abs_difference(&grad_x, &fd_x);
+        let err_w = max_abs_difference(&grad_w, &fd_w);
         println!(
             "mu {mu} eps {eps}: max |analytical - FD| = {err_x:.2e} (x), {err_w:.2e} (prototypes), scale {scale:.2e}"
         );
@@ -283,24 +279,24 @@ fn small_epsilon_approaches_hard_selection() {
                 prototypes: Param::from_tensor(matrix_tensor(&prototypes, &device)),
                 ..layer
             };
-            let w = values(
-                layer
-                    .forward_detailed(PoolingInput::tokens(batch_tensor(
-                        std::slice::from_ref(&x),
-                        &device,
-                    )))
-                    .weights,
-            );
-            errors.push(
-                w.iter()
-                    .zip(&hard)
-                    .fold(0.0f64, |m, (a, b)| m.max((a - b).abs())),
-            );
+            let w = token_weights(&layer, std::slice::from_ref(&x), &device);
+            errors.push(max_abs_difference(&w, &hard));
         }
         println!("mu {mu}: max |w - hard| at eps 0.05, 0.01, 0.002 = {errors:?}");
-        assert!(errors[0] > errors[1] && errors[1] > errors[2], "{errors:?}");
-        assert!(errors[2] < 1e-6, "{errors:?}");
+        assert_shrinks_to_zero(&errors);
     }
+}
+
+/// GSP's weights `[B·N]` of a token batch.
+fn token_weights(layer: &Gsp, x: &[Vec<Vec<f64>>], device: &Device) -> Vec<f64> {
+    let tokens = PoolingInput::tokens(batch_tensor(x, device));
+    values(layer.forward_detailed(tokens).weights)
+}
+
+/// Errors of a sequence of settings approaching a limit: each smaller, the last below 1e-6.
+fn assert_shrinks_to_zero(errors: &[f64]) {
+    assert!(errors.windows(2).all(|w| w[0] > w[1]), "{errors:?}");
+    assert!(errors[errors.len() - 1] < 1e-6, "{errors:?}");
 }
 
 /// μ → 0: w → softmax_j(ℓ_j), attention pooling with temperature ε.
@@ -313,17 +309,9 @@ fn small_transport_ratio_approaches_attention_pooling() {
     let mut errors = Vec::new();
     for mu in [1e-2, 1e-4, 1e-6] {
         let gsp = layer(&prototypes, mu, 0.2, TransportSolver::Newton, &device);
-        let w = values(
-            gsp.forward_detailed(PoolingInput::tokens(batch_tensor(&x[..1], &device)))
-                .weights,
-        );
-        errors.push(
-            w.iter()
-                .zip(&attention)
-                .fold(0.0f64, |m, (a, b)| m.max((a - b).abs())),
-        );
+        let w = token_weights(&gsp, &x[..1], &device);
+        errors.push(max_abs_difference(&w, &attention));
     }
     println!("max |w - attention| at mu 1e-2, 1e-4, 1e-6 = {errors:?}");
-    assert!(errors[0] > errors[1] && errors[1] > errors[2], "{errors:?}");
-    assert!(errors[2] < 1e-6, "{errors:?}");
+    assert_shrinks_to_zero(&errors);
 }

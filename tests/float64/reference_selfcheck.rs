@@ -15,6 +15,7 @@
 
 #![allow(clippy::needless_range_loop)] // index loops mirror the formulas
 
+use crate::common::max_abs_difference;
 use crate::reference;
 use reference::*;
 
@@ -98,10 +99,7 @@ fn max_abs(v: &[f64]) -> f64 {
 fn assert_grad_close(analytic: &[f64], numeric: &[f64], rtol: f64, what: &str) {
     assert_eq!(analytic.len(), numeric.len(), "{what}: length");
     let scale = max_abs(numeric);
-    let err = analytic
-        .iter()
-        .zip(numeric)
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    let err = max_abs_difference(analytic, numeric);
     assert!(
         analytic.iter().all(|a| a.is_finite()) && err <= rtol * scale + 1e-12,
         "{what}: max error {err:.3e} vs scale {scale:.3e} (rtol {rtol:.1e})\n\
@@ -504,6 +502,15 @@ fn gsp_objective_is_minimal_among_feasible_perturbations() {
     }
 }
 
+/// A random GSP case from `seed`: features `[n, c]` in [−2, 2] and prototypes `[k, c]` in
+/// [−1, 1], with the generator for more.
+fn gsp_case(seed: u64, n: usize, c: usize, k: usize) -> (Rng, Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    let mut rng = Rng::new(seed);
+    let x = rng.matrix(n, c, -2.0, 2.0);
+    let w = rng.matrix(k, c, -1.0, 1.0);
+    (rng, x, w)
+}
+
 /// GSP's weights and pooled vector, each within `tol`.
 fn assert_weights_and_pooled(r: &GspReference, weights: &[f64], pooled: &[f64], tol: f64) {
     assert_vec_close(&r.weights, weights, tol, "weights");
@@ -512,9 +519,7 @@ fn assert_weights_and_pooled(r: &GspReference, weights: &[f64], pooled: &[f64], 
 
 #[test]
 fn gsp_mu_near_one_is_gap() {
-    let mut rng = Rng::new(23);
-    let x = rng.matrix(6, 4, -2.0, 2.0);
-    let w = rng.matrix(3, 4, -1.0, 1.0);
+    let (mut rng, x, w) = gsp_case(23, 6, 4, 3);
     let a = uniform_mass(6);
     let r = gsp(&x, &w, &a, 1.0 - 1e-9, 0.2);
     assert_weights_and_pooled(&r, &a, &gap(&x), 1e-8);
@@ -528,9 +533,7 @@ fn gsp_mu_near_one_is_gap() {
 
 #[test]
 fn gsp_large_epsilon_is_gap() {
-    let mut rng = Rng::new(24);
-    let x = rng.matrix(7, 5, -2.0, 2.0);
-    let w = rng.matrix(4, 5, -1.0, 1.0);
+    let (_, x, w) = gsp_case(24, 7, 5, 4);
     for mu in [0.1, 0.3, 0.8] {
         let r = gsp(&x, &w, &uniform_mass(7), mu, 1e6);
         assert_weights_and_pooled(&r, &uniform_mass(7), &gap(&x), 1e-5);
@@ -551,9 +554,7 @@ fn gsp_identical_features_is_gap() {
 
 #[test]
 fn gsp_invariances() {
-    let mut rng = Rng::new(26);
-    let x = rng.matrix(6, 3, -2.0, 2.0);
-    let w = rng.matrix(2, 3, -1.0, 1.0);
+    let (_, x, w) = gsp_case(26, 6, 3, 2);
     let a = uniform_mass(6);
     let r = gsp(&x, &w, &a, 0.4, 0.15);
     // A constant added to all costs.
@@ -768,13 +769,25 @@ fn zsr_one_sample_per_half_by_hand() {
     assert_close(a, 7.438515097636651, 1e-12 * a, "direction a");
 }
 
+/// A random ZSR case: class embeddings `[classes, dim]` in [−1, 1], and two halves of
+/// attributes `[n1, k]`, `[n2, k]` in [`low`, 1].
+fn zsr_case(
+    seed: u64,
+    [classes, dim]: [usize; 2],
+    [n1, n2, k]: [usize; 3],
+    low: f64,
+) -> [Vec<Vec<f64>>; 3] {
+    let mut rng = Rng::new(seed);
+    let e = rng.matrix(classes, dim, -1.0, 1.0);
+    let z1 = rng.matrix(n1, k, low, 1.0);
+    let z2 = rng.matrix(n2, k, low, 1.0);
+    [e, z1, z2]
+}
+
 #[test]
 fn zsr_one_prototype_primal_form() {
     // K = 1: Zᵀ(ZZᵀ+λI)⁻¹Y = (ZᵀZ+λ)⁻¹ZᵀY, a scalar division. Unequal halves (3 and 2).
-    let mut rng = Rng::new(41);
-    let e = rng.matrix(5, 3, -1.0, 1.0);
-    let z1 = rng.matrix(3, 1, 0.1, 1.0);
-    let z2 = rng.matrix(2, 1, 0.1, 1.0);
+    let [e, z1, z2] = zsr_case(41, [5, 3], [3, 2, 1], 0.1);
     let (lab1, lab2) = (vec![0, 2, 1], vec![4, 3]);
     let (lam, s) = (ZSR_LAMBDA, ZSR_SCALE);
     let direction = |ztr: &[Vec<f64>], ltr: &[usize], zte: &[Vec<f64>], lte: &[usize]| {
@@ -808,10 +821,7 @@ fn zsr_one_prototype_primal_form() {
 #[test]
 fn zsr_two_samples_explicit_inverse() {
     // n = 2 per half, K = 3: (ZZᵀ+λI)⁻¹ by the explicit 2×2 inverse formula.
-    let mut rng = Rng::new(42);
-    let e = rng.matrix(4, 2, -1.0, 1.0);
-    let z1 = rng.matrix(2, 3, 0.0, 1.0);
-    let z2 = rng.matrix(2, 3, 0.0, 1.0);
+    let [e, z1, z2] = zsr_case(42, [4, 2], [2, 2, 3], 0.0);
     let (lab1, lab2) = ([0usize, 1], [2usize, 3]);
     let (lam, s) = (0.1, 4.0);
     let dot3 = |p: &[f64], q: &[f64]| p[0] * q[0] + p[1] * q[1] + p[2] * q[2];

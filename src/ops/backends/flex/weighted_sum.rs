@@ -13,12 +13,28 @@ use crate::layout::Layout;
 /// y_bc = Σ_n w_bn x_bnc: `[B, C]`.
 pub(super) fn forward<T: Real>(x: &[T], weights: &[T], shape: Shape3) -> Vec<T> {
     let (n, c) = (shape.positions, shape.channels);
-    let mut out = vec![T::default(); shape.batch * c];
-    out.par_chunks_mut(c).enumerate().for_each(|(b, out)| {
-        let x = &x[b * n * c..(b + 1) * n * c];
-        let w = &weights[b * n..(b + 1) * n];
-        sum_sample_wide(x, w, shape, out);
-    });
+    per_sample(x, (weights, n), c, shape, |x, w, out| {
+        sum_sample_wide(x, w, shape, out)
+    })
+}
+
+/// `kernel(x_b, other_b, out_b)` for every sample b, in parallel: `x` holds N·C values per
+/// sample, `other` `per_sample` values, the output `out_len`.
+fn per_sample<T: Real>(
+    x: &[T],
+    (other, per_sample): (&[T], usize),
+    out_len: usize,
+    shape: Shape3,
+    kernel: impl Fn(&[T], &[T], &mut [T]) + Sync,
+) -> Vec<T> {
+    let size = shape.positions * shape.channels;
+    let mut out = vec![T::default(); shape.batch * out_len];
+    out.par_chunks_mut(out_len)
+        .enumerate()
+        .for_each(|(b, out)| {
+            let other = &other[b * per_sample..(b + 1) * per_sample];
+            kernel(&x[b * size..(b + 1) * size], other, out)
+        });
     out
 }
 
@@ -67,13 +83,9 @@ pub(super) fn features_backward<T: Real>(weights: &[T], grad: &[T], shape: Shape
 /// ∂L/∂w_bn = Σ_c x_bnc g_bc: `[B, N]`.
 pub(super) fn weights_backward<T: Real>(x: &[T], grad: &[T], shape: Shape3) -> Vec<T> {
     let (n, c) = (shape.positions, shape.channels);
-    let mut dw = vec![T::default(); shape.batch * n];
-    dw.par_chunks_mut(n).enumerate().for_each(|(b, dw)| {
-        let x = &x[b * n * c..(b + 1) * n * c];
-        let g = &grad[b * c..(b + 1) * c];
-        weights_sample_wide(x, g, shape, dw);
-    });
-    dw
+    per_sample(x, (grad, c), n, shape, |x, g, dw| {
+        weights_sample_wide(x, g, shape, dw)
+    })
 }
 
 wide_kernel! {
