@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use crate::common::Rng;
+use crate::common::{Rng, TempDir};
 use crate::training::{CHANNELS, CLASSES, POSITIONS as TOKENS, token_set};
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
@@ -166,7 +166,8 @@ fn loader(items: Vec<Item>, batch_size: usize, device: &Device) -> Arc<dyn DataL
 }
 
 /// A burn-train run: `SupervisedTraining` over `train` and `valid` in batches of `batch_size`
-/// for `epochs` epochs, the loss metric on both splits, logs in a temporary directory.
+/// for `epochs` epochs, the loss metric on both splits, logs in a temporary directory
+/// (removed afterwards).
 struct Fit<'a> {
     name: &'a str,
     train: &'a [Item],
@@ -186,12 +187,10 @@ impl Fit<'_> {
         lr: f64,
         strategy: Option<ExecutionStrategy>,
     ) -> Net {
-        let directory =
-            std::env::temp_dir().join(format!("burn-pooling-{}-{}", self.name, std::process::id()));
-        let _ = std::fs::remove_dir_all(&directory);
+        let directory = TempDir::new(self.name);
         let device = net.devices()[0].clone();
         let mut training = SupervisedTraining::new(
-            &directory,
+            directory.root(),
             loader(self.train.to_vec(), self.batch_size, &device),
             loader(self.valid.to_vec(), self.batch_size, &device),
         )
@@ -206,10 +205,9 @@ impl Fit<'_> {
         assert!(result.error.is_none(), "{}: {:?}", self.name, result.error);
         for split in ["train", "valid"] {
             let epoch = format!("epoch-{}", self.epochs);
-            let log = directory.join(split).join(epoch).join("Loss.log");
+            let log = directory.path(split).join(epoch).join("Loss.log");
             assert!(log.exists(), "{}: no {}", self.name, log.display());
         }
-        let _ = std::fs::remove_dir_all(&directory);
         result.model
     }
 }

@@ -105,14 +105,15 @@ fn configs_round_trip_through_json() {
 #[test]
 fn pooling_round_trips_through_json_and_burnpack() {
     use burn_pooling::{PoolingConfig, PoolingInput};
+    let dir = TempDir::new("records-pooling");
     let device = Device::flex();
     let config = PoolingConfig::Gsp(GspConfig::new(4).with_num_prototypes(3));
-    std::fs::write(scratch("pooling.json"), config.to_string()).unwrap();
+    std::fs::write(dir.path("pooling.json"), config.to_string()).unwrap();
     device.seed(1);
     let pooling = config.init(&device);
-    pooling.clone().save_file(scratch("pooling.bpk")).unwrap();
+    pooling.clone().save_file(dir.path("pooling.bpk")).unwrap();
 
-    let loaded_config = PoolingConfig::load(scratch("pooling.json")).unwrap();
+    let loaded_config = PoolingConfig::load(dir.path("pooling.json")).unwrap();
     device.seed(2); // other prototypes, until the record replaces them
     let fresh = loaded_config.init(&device);
     let tokens = Tensor::<3>::from_data(
@@ -123,7 +124,7 @@ fn pooling_round_trips_through_json_and_burnpack() {
         &device,
     );
     let before = fresh.forward(PoolingInput::tokens(tokens.clone()));
-    let loaded = fresh.load_file(scratch("pooling.bpk"));
+    let loaded = fresh.load_file(dir.path("pooling.bpk"));
     let (expected, got) = (pooling.forward(tokens.clone()), loaded.forward(tokens));
     got.clone()
         .into_data()
