@@ -50,11 +50,24 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 const CLASSES: usize = 10;
 const FEATURES: usize = 32;
-const TRAIN_IMAGES: usize = 10_000;
-const TEST_IMAGES: usize = 1_000;
-const BATCH: usize = 64;
-const EPOCHS: usize = 3;
-const LEARNING_RATE: f64 = 5e-3;
+
+/// The run: how many images of each split, batches, epochs, Adam's learning rate.
+struct Recipe {
+    train_images: usize,
+    test_images: usize,
+    batch: usize,
+    epochs: usize,
+    learning_rate: f64,
+}
+
+const RECIPE: Recipe = Recipe {
+    train_images: 10_000,
+    test_images: 1_000,
+    batch: 64,
+    epochs: 3,
+    learning_rate: 5e-3,
+};
+
 /// Fashion-MNIST's pixel mean and standard deviation (train split, pixels in [0, 1]).
 const PIXEL_MEAN_STD: (f32, f32) = (0.286, 0.353);
 
@@ -293,7 +306,7 @@ fn loader(
     device: &Device,
 ) -> Arc<dyn DataLoader<ImageBatch>> {
     let builder = DataLoaderBuilder::new(ImageBatcher)
-        .batch_size(BATCH)
+        .batch_size(RECIPE.batch)
         .set_device(device.clone());
     match shuffle {
         Some(seed) => builder.shuffle(seed).build(InMemDataset::new(images)),
@@ -332,14 +345,16 @@ fn main() {
             )),
         }
     }
-    let train = images(&data, "train", TRAIN_IMAGES);
-    let test = images(&data, "t10k", TEST_IMAGES);
+    let train = images(&data, "train", RECIPE.train_images);
+    let test = images(&data, "t10k", RECIPE.test_images);
     let device = Device::flex().autodiff();
     println!(
-        "Fashion-MNIST, {} train / {} test images, {EPOCHS} epochs of batches of {BATCH}, \
-         Adam {LEARNING_RATE}",
+        "Fashion-MNIST, {} train / {} test images, {} epochs of batches of {}, Adam {}",
         train.len(),
-        test.len()
+        test.len(),
+        RECIPE.epochs,
+        RECIPE.batch,
+        RECIPE.learning_rate
     );
     for pooling in heads {
         println!("{}", pooling.to_string().replace(['\n', ' '], ""));
@@ -356,8 +371,12 @@ fn main() {
         .metrics((LossMetric::new(), AccuracyMetric::new()))
         .renderer(Box::<EpochLines>::default())
         .with_application_logger(None)
-        .num_epochs(EPOCHS)
-        .launch(Learner::new(model, AdamConfig::new().init(), LEARNING_RATE));
+        .num_epochs(RECIPE.epochs)
+        .launch(Learner::new(
+            model,
+            AdamConfig::new().init(),
+            RECIPE.learning_rate,
+        ));
         if let Some(error) = result.error {
             panic!("training failed: {error}");
         }
