@@ -21,7 +21,7 @@
 #![allow(deprecated)]
 // With no backend compiled in, the generated dispatch has nothing to route its arguments to.
 #![cfg_attr(
-    not(any(feature = "flex", feature = "ndarray", feature = "wgpu")),
+    not(any(feature = "flex", feature = "ndarray", feature = "cube")),
     allow(unused_variables)
 )]
 
@@ -82,7 +82,7 @@ macro_rules! pooling_extension {
 pooling_extension! {
     Flex: cfg(feature = "flex"),
     NdArray: cfg(feature = "ndarray"),
-    Cube: cfg(feature = "wgpu");
+    Cube: cfg(feature = "cube");
 
 /// Pooling kernels as backend ops. Every method's default body is the portable composite
 /// (see [`TensorBridge`]); a backend overrides the methods it has a kernel for.

@@ -9,7 +9,7 @@
 
 #[cfg(feature = "autodiff")]
 mod autodiff;
-#[cfg(feature = "wgpu")]
+#[cfg(feature = "cube")]
 mod cube;
 #[cfg(feature = "flex")]
 mod flex;
