@@ -9,6 +9,7 @@ use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
 use burn_cubecl::tensor::CubeTensor;
 
+use super::costs::{launch_costs, launch_costs_backward};
 use super::generalized_mean::{launch_generalized_mean, launch_generalized_mean_backward};
 use super::transport::{launch_partial_transport, launch_partial_transport_backward};
 use super::weighted_sum::launch_contraction;
@@ -27,6 +28,10 @@ pub(super) enum Kernel {
     WeightedSum { layout: Layout },
     /// inputs `[x, grad]` → `[dw]`.
     WeightedSumWeightsBackward { layout: Layout },
+    /// inputs `[features, prototypes]` → `[costs]`.
+    TransportCosts { layout: Layout },
+    /// inputs `[features, prototypes, costs, grad]` → `[∂L/∂features, ∂L/∂prototypes]`.
+    TransportCostsBackward { layout: Layout },
     /// inputs `[costs, mass]` → `[plan, iterations per sample]` (Newton, μ < 1).
     PartialTransport { settings: TransportSettings },
     /// inputs `[plan, grad, mass]` → `[∂L/∂costs]`, `grad` of the plan or of its marginals.
@@ -44,6 +49,8 @@ impl Kernel {
             Self::WeightedSumWeightsBackward { .. } => {
                 "burn_pooling::weighted_sum_weights_backward"
             }
+            Self::TransportCosts { .. } => "burn_pooling::transport_costs",
+            Self::TransportCostsBackward { .. } => "burn_pooling::transport_costs_backward",
             Self::PartialTransport { .. } => "burn_pooling::partial_transport",
             Self::PartialTransportBackward { .. } => "burn_pooling::partial_transport_backward",
         }
@@ -59,9 +66,10 @@ impl Kernel {
             | Self::GeneralizedMeanBackward { eps, layout } => {
                 vec![Bool(layout.is_channels_last()), Float(eps)]
             }
-            Self::WeightedSum { layout } | Self::WeightedSumWeightsBackward { layout } => {
-                vec![Bool(layout.is_channels_last())]
-            }
+            Self::WeightedSum { layout }
+            | Self::WeightedSumWeightsBackward { layout }
+            | Self::TransportCosts { layout }
+            | Self::TransportCostsBackward { layout } => vec![Bool(layout.is_channels_last())],
             Self::PartialTransport { settings } => vec![
                 Float(settings.transport_ratio),
                 Float(settings.epsilon),
@@ -90,6 +98,11 @@ impl Kernel {
             Self::WeightedSumWeightsBackward { layout } => {
                 vec![pooled(layout.position_axis())]
             }
+            Self::TransportCosts { layout } => {
+                let positions = first[layout.position_axis()];
+                vec![Shape::new([first[0], inputs[1][0], positions])]
+            }
+            Self::TransportCostsBackward { .. } => vec![first.clone(), inputs[1].clone()],
             Self::PartialTransport { .. } => vec![
                 Shape::new([first[0], first[1] + 1, first[2]]),
                 Shape::new([first[0]]),
@@ -128,6 +141,16 @@ impl Kernel {
                 let (x, grad) = (next(), next());
                 let (kept, summed) = (layout.position_axis(), layout.channel_axis());
                 vec![launch_contraction(x, grad, kept, summed)]
+            }
+            Self::TransportCosts { layout } => {
+                let (features, prototypes) = (next(), next());
+                vec![launch_costs(features, prototypes, layout)]
+            }
+            Self::TransportCostsBackward { layout } => {
+                let (features, prototypes, costs, grad) = (next(), next(), next(), next());
+                let (features, prototypes) =
+                    launch_costs_backward(features, prototypes, costs, grad, layout);
+                vec![features, prototypes]
             }
             Self::PartialTransport { settings } => {
                 let (costs, mass) = (next(), next());

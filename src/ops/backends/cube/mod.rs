@@ -17,6 +17,7 @@
 //! once (`unfused.rs`). The kernels themselves are one table on CubeCL tensors (`kernel.rs`),
 //! and the impl below is written once for both.
 
+mod costs;
 #[cfg(feature = "fusion")]
 mod fusion;
 mod generalized_mean;
@@ -47,6 +48,31 @@ use crate::ops::{PoolingOps, TensorBridge, TransportOutput, portable};
 type Float = FloatTensor<Cube>;
 
 impl PoolingOps for Cube {
+    fn transport_costs(features: Float, prototypes: Float, layout: Layout) -> Float {
+        match launch(Kernel::TransportCosts { layout }, [features, prototypes]) {
+            Ok([costs]) => costs,
+            Err([features, prototypes]) => {
+                portable::transport_costs::<Self>(features, prototypes, layout)
+            }
+        }
+    }
+
+    fn transport_costs_backward(
+        features: Float,
+        prototypes: Float,
+        costs: Float,
+        grad: Float,
+        layout: Layout,
+    ) -> (Float, Float) {
+        let kernel = Kernel::TransportCostsBackward { layout };
+        match launch(kernel, [features, prototypes, costs, grad]) {
+            Ok([features, prototypes]) => (features, prototypes),
+            Err([features, prototypes, costs, grad]) => portable::transport_costs_backward::<Self>(
+                features, prototypes, costs, grad, layout,
+            ),
+        }
+    }
+
     fn partial_transport(
         costs: Float,
         mass: Float,

@@ -444,3 +444,134 @@ fn partial_transport_backward_kernel_matches_portable() {
         compare_within(&label, &kernel, &run(false), 1e-6);
     }
 }
+
+/// Features of three samples of 49 positions and 6 channels, the first scaled into the unit
+/// ball (φ keeps them), the others mostly outside it (φ shrinks them), and 5 prototypes, two
+/// inside the ball.
+fn features_and_prototypes(layout: Layout) -> (Vec<f32>, [usize; 3], Vec<f32>, [usize; 2]) {
+    let (x, _, shape, _) = mask_and_features(6, layout);
+    let sample = x.len() / 3;
+    let x = x
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| if i < sample { v * 0.05 } else { v })
+        .collect();
+    let prototypes = features(5 * 6)
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| if i < 12 { v * 0.1 } else { v })
+        .collect();
+    (x, shape, prototypes, [5, 6])
+}
+
+/// The costs (φ-normalisation, matmul, distances) against the portable composite. The costs lie
+/// in [0, 2] and none is near 0 here (where the square root would amplify the rounding of
+/// ‖a‖² + ‖b‖² − 2a·b): 10⁻⁵ absolute is f32's rounding of these sums with room.
+#[test]
+fn transport_costs_kernel_matches_portable() {
+    for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+        let (x, shape, prototypes, prototype_shape) = features_and_prototypes(layout);
+        let run = |kernel: bool| {
+            let (xs, ps) = (
+                primitive(&x, shape),
+                primitive(&prototypes, prototype_shape),
+            );
+            read::<3>(if kernel {
+                <Cube as PoolingOps>::transport_costs(xs, ps, layout)
+            } else {
+                portable::transport_costs::<Cube>(xs, ps, layout)
+            })
+        };
+        let kernel = kernel_runs("burn_pooling::transport_costs", || run(true));
+        compare(
+            &format!("transport costs ({layout:?})"),
+            &kernel,
+            &run(false),
+        );
+    }
+}
+
+/// The costs' backward against the portable closed form, both layouts.
+#[test]
+fn transport_costs_backward_kernel_matches_portable() {
+    for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+        let (x, shape, prototypes, prototype_shape) = features_and_prototypes(layout);
+        let costs_shape = [shape[0], prototype_shape[0], 49];
+        let costs = read::<3>(portable::transport_costs::<Cube>(
+            primitive(&x, shape),
+            primitive(&prototypes, prototype_shape),
+            layout,
+        ));
+        let grad = upstream(costs.len());
+        let run = |kernel: bool| {
+            let (xs, ps) = (
+                primitive(&x, shape),
+                primitive(&prototypes, prototype_shape),
+            );
+            let (cs, gs) = (
+                primitive(&costs, costs_shape),
+                primitive(&grad, costs_shape),
+            );
+            let (dx, dp) = if kernel {
+                <Cube as PoolingOps>::transport_costs_backward(xs, ps, cs, gs, layout)
+            } else {
+                portable::transport_costs_backward::<Cube>(xs, ps, cs, gs, layout)
+            };
+            (read::<3>(dx), read::<2>(dp))
+        };
+        let (dx, dp) = kernel_runs("burn_pooling::transport_costs_backward", || run(true));
+        let (reference_dx, reference_dp) = run(false);
+        let label = format!("transport costs backward ({layout:?})");
+        compare(&format!("{label}: features"), &dx, &reference_dx);
+        compare(&format!("{label}: prototypes"), &dp, &reference_dp);
+    }
+}
+
+/// The user's path for GSP: the layer's forward and backward on the wgpu device with autodiff
+/// run the costs, the solve and their backwards on the device (fused: as the stream's custom
+/// operations), and agree with the same layer on Flex (its CPU kernels, another code path).
+#[cfg(feature = "autodiff")]
+#[test]
+fn routed_gsp_runs_the_kernels() {
+    use crate::pooling::{Gsp, GspConfig};
+    use burn::module::Param;
+    let (x, shape, prototypes, prototype_shape) = features_and_prototypes(Layout::ChannelsLast);
+    let run = |device: Device| {
+        let device = device.autodiff();
+        let gsp = GspConfig::new(6).with_num_prototypes(5).init(&device);
+        let gsp = Gsp {
+            prototypes: Param::from_tensor(Tensor::from_data(
+                TensorData::new(prototypes.clone(), prototype_shape),
+                &device,
+            )),
+            ..gsp
+        };
+        let tokens = Tensor::<3>::from_data(TensorData::new(x.clone(), shape), &device);
+        let tokens = tokens.require_grad();
+        let y = gsp.forward_tokens(tokens.clone());
+        let grads = (y.clone() * y.clone()).sum().backward();
+        let values = |t: Tensor<2>| t.into_data().to_vec::<f32>().expect("f32");
+        let dx = tokens.grad(&grads).expect("tracked");
+        let dp = gsp.prototypes.val().grad(&grads).expect("tracked");
+        (
+            values(y.inner()),
+            dx.into_data().to_vec::<f32>().expect("f32"),
+            values(dp),
+        )
+    };
+    let kernels = [
+        "burn_pooling::transport_costs",
+        "burn_pooling::partial_transport",
+        "burn_pooling::partial_transport_backward",
+        "burn_pooling::transport_costs_backward",
+    ];
+    let (y, dx, dp) = kernel_runs(kernels[0], || {
+        kernel_runs(kernels[1], || {
+            kernel_runs(kernels[2], || kernel_runs(kernels[3], || run(device())))
+        })
+    });
+    let (reference_y, reference_dx, reference_dp) = run(Device::flex());
+    compare("routed GSP: y", &y, &reference_y);
+    compare("routed GSP: dx", &dx, &reference_dx);
+    compare("routed GSP: dp", &dp, &reference_dp);
+}
