@@ -14,7 +14,7 @@ use burn::backend::fusion::{ExecutionError, FusionBackend, FusionRuntime};
 use burn::backend::tensor::FloatTensor;
 use burn_cubecl::CubeBackend;
 
-use super::kernel::Kernel;
+use super::kernel::{Kernel, takes};
 
 type Runtime = <CubeBackend as FusionBackend>::FusionRuntime;
 
@@ -62,13 +62,13 @@ impl Operation<Runtime> for CustomKernel {
 }
 
 /// Registers `kernel` on `inputs` (of one float dtype) with their fusion stream and returns its
-/// lazy outputs; hands the inputs back on mixed dtypes.
+/// lazy outputs; hands the inputs back on mixed dtypes or a dtype the kernels do not take.
 pub(super) fn launch<const I: usize, const O: usize>(
     kernel: Kernel,
     inputs: [FloatTensor<Cube>; I],
 ) -> Result<[FloatTensor<Cube>; O], [FloatTensor<Cube>; I]> {
     let dtype = inputs[0].dtype;
-    if inputs.iter().any(|tensor| tensor.dtype != dtype) {
+    if !takes(dtype) || inputs.iter().any(|tensor| tensor.dtype != dtype) {
         return Err(inputs);
     }
     let client = inputs[0].client.clone();

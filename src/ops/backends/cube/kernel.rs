@@ -5,7 +5,7 @@
 //! is this one.
 
 use burn::backend::ops::FloatTensorOps;
-use burn::tensor::Shape;
+use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::tensor::CubeTensor;
 
@@ -36,6 +36,15 @@ pub(super) enum Kernel {
     PartialTransport { settings: TransportSettings },
     /// inputs `[plan, grad, mass]` → `[∂L/∂costs]`, `grad` of the plan or of its marginals.
     PartialTransportBackward { epsilon: f64, marginals: bool },
+}
+
+/// Whether the kernels take tensors of `dtype`, the float types they are compiled for: a launch
+/// with another falls back to the portable body before anything reaches the device.
+pub(super) fn takes(dtype: DType) -> bool {
+    matches!(
+        dtype,
+        DType::F64 | DType::F32 | DType::Flex32 | DType::F16 | DType::BF16
+    )
 }
 
 impl Kernel {

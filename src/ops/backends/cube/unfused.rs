@@ -11,7 +11,7 @@ use burn::backend::Cube;
 use burn::backend::tensor::FloatTensor;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::kernel::Kernel;
+use super::kernel::{Kernel, takes};
 
 /// Whether `Cube`'s float primitive is the CubeCL tensor the kernels take (it is not when Burn's
 /// `fusion` feature is on).
@@ -42,7 +42,7 @@ fn warn_fused_fallback() {
 }
 
 /// Runs `kernel` on `inputs` when they are CubeCL tensors of one float dtype; hands them back
-/// when they are not (a fused backend, or mixed dtypes).
+/// when they are not (a fused backend, mixed dtypes or a dtype the kernels do not take).
 pub(super) fn launch<const I: usize, const O: usize>(
     kernel: Kernel,
     inputs: [FloatTensor<Cube>; I],
@@ -57,10 +57,8 @@ pub(super) fn launch<const I: usize, const O: usize>(
     let from_cube = |tensor: CubeTensor| -> FloatTensor<Cube> {
         same_type(tensor).unwrap_or_else(|_| unreachable!("kernels_apply"))
     };
-    if tensors
-        .iter()
-        .any(|tensor| tensor.dtype != tensors[0].dtype)
-    {
+    let dtype = tensors[0].dtype;
+    if !takes(dtype) || tensors.iter().any(|tensor| tensor.dtype != dtype) {
         return Err(tensors.map(from_cube));
     }
     let outputs: Vec<_> = kernel
