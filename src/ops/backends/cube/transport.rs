@@ -111,31 +111,15 @@ pub(super) fn launch_partial_transport_backward(
     costs_gradient
 }
 
-/// The sum of every unit's `value` over the cube, seen by every unit.
-#[cube]
-fn block_sum<F: Float>(value: F, #[comptime] block: usize) -> F {
-    let unit = UNIT_POS_X as usize;
-    let mut shared = Shared::<[F]>::new_slice(block);
-    shared[unit] = value;
-    sync_cube();
-    // A runtime value (the cube's size is `block`): a comptime one cannot change in a loop.
-    let mut stride = (CUBE_DIM_X / 2) as usize;
-    while stride > 0 {
-        if unit < stride {
-            shared[unit] = shared[unit] + shared[unit + stride];
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let total = shared[0];
-    sync_cube();
-    total
-}
+/// How [`block_reduce`] combines the units' values.
+const SUM: u8 = 0;
+const MAX: u8 = 1;
+const MIN: u8 = 2;
 
-/// The largest of every unit's `value` over the cube (the smallest when `smallest`), seen by
-/// every unit.
+/// Every unit's `value` combined over the cube ([`SUM`], [`MAX`] or [`MIN`]), seen by every
+/// unit.
 #[cube]
-fn block_extreme<F: Float>(value: F, #[comptime] smallest: bool, #[comptime] block: usize) -> F {
+fn block_reduce<F: Float>(value: F, #[comptime] op: u8, #[comptime] block: usize) -> F {
     let unit = UNIT_POS_X as usize;
     let mut shared = Shared::<[F]>::new_slice(block);
     shared[unit] = value;
@@ -145,18 +129,64 @@ fn block_extreme<F: Float>(value: F, #[comptime] smallest: bool, #[comptime] blo
     while stride > 0 {
         if unit < stride {
             let (mine, other) = (shared[unit], shared[unit + stride]);
-            if comptime![smallest] {
-                shared[unit] = mine.min(other);
-            } else {
+            if comptime![op == SUM] {
+                shared[unit] = mine + other;
+            } else if comptime![op == MAX] {
                 shared[unit] = mine.max(other);
+            } else {
+                shared[unit] = mine.min(other);
             }
         }
         sync_cube();
         stride /= 2;
     }
-    let extreme = shared[0];
+    let combined = shared[0];
     sync_cube();
-    extreme
+    combined
+}
+
+/// Over the valid positions (a_j > 0), the cube's largest ln a_j + ℓ_j and ln a_j − ℓ_j (ℓ in
+/// the plan's row 0), or when `exponentiate`, Σ_j exp(ln a_j ± ℓ_j − shift): the two logsumexps of
+/// the bracket, in two calls. (`plan` is only read: the kernel's output, passed as it has it.)
+#[cube]
+fn bracket_pass<F: Float>(
+    mass: &Tensor<F>,
+    plan: &mut Tensor<F>,
+    b: usize,
+    above_shift: F,
+    below_shift: F,
+    #[comptime] exponentiate: bool,
+    #[comptime] block: usize,
+) -> (F, F) {
+    let n = mass.shape(1);
+    let zero = F::new(0.0);
+    let mut above = F::min_value();
+    let mut below = F::min_value();
+    if comptime![exponentiate] {
+        above = zero;
+        below = zero;
+    }
+    let mut j = UNIT_POS_X as usize;
+    while j < n {
+        let a = mass[b * mass.stride(0) + j * mass.stride(1)];
+        if a > zero {
+            let log_mass = plan[b * plan.stride(0) + j * plan.stride(2)];
+            let (up, down) = (a.ln() + log_mass, a.ln() - log_mass);
+            if comptime![exponentiate] {
+                above += (up - above_shift).exp();
+                below += (down - below_shift).exp();
+            } else {
+                above = above.max(up);
+                below = below.max(down);
+            }
+        }
+        j += block;
+    }
+    let reduce = comptime![if exponentiate { SUM } else { MAX }];
+    (
+        block_reduce::<F>(above, reduce, block),
+        block_reduce::<F>(below, reduce, block),
+    )
 }
 
 /// σ(x), exact in both tails.
@@ -232,39 +262,15 @@ fn partial_transport_kernel<F: Float>(
         }
         j += block;
     }
-    let largest = block_extreme::<F>(largest, false, block);
-    let smallest = block_extreme::<F>(smallest, true, block);
+    let largest = block_reduce::<F>(largest, MAX, block);
+    let smallest = block_reduce::<F>(smallest, MIN, block);
 
     // The bracket [logit μ − max ℓ, logit μ − min ℓ], tightened by
     // β ≥ ln μ − lse(ln a + ℓ) and β ≤ lse(ln a − ℓ) − ln(1 − μ).
-    let mut above = lowest;
-    let mut below = lowest;
-    let mut j = unit;
-    while j < n {
-        let a = mass[mass_row + j * mass_step];
-        if a > zero {
-            let log_mass = plan[plan_row + j * plan_step];
-            above = above.max(a.ln() + log_mass);
-            below = below.max(a.ln() - log_mass);
-        }
-        j += block;
-    }
-    let above_shift = block_extreme::<F>(above, false, block);
-    let below_shift = block_extreme::<F>(below, false, block);
-    let mut above = zero;
-    let mut below = zero;
-    let mut j = unit;
-    while j < n {
-        let a = mass[mass_row + j * mass_step];
-        if a > zero {
-            let log_mass = plan[plan_row + j * plan_step];
-            above += (a.ln() + log_mass - above_shift).exp();
-            below += (a.ln() - log_mass - below_shift).exp();
-        }
-        j += block;
-    }
-    let above = block_sum::<F>(above, block).ln() + above_shift;
-    let below = block_sum::<F>(below, block).ln() + below_shift;
+    let (above_shift, below_shift) = bracket_pass::<F>(mass, plan, b, zero, zero, false, block);
+    let (above, below) = bracket_pass::<F>(mass, plan, b, above_shift, below_shift, true, block);
+    let above = above.ln() + above_shift;
+    let below = below.ln() + below_shift;
     let logit_mu = (mu / (one - mu)).ln();
     let mut lower = (logit_mu - largest).max(mu.ln() - above);
     let mut upper = (logit_mu - smallest).min(below - (one - mu).ln());
@@ -295,9 +301,9 @@ fn partial_transport_kernel<F: Float>(
             }
             j += block;
         }
-        let sent = block_sum::<F>(sent, block);
-        let kept = block_sum::<F>(kept, block);
-        let slope = block_sum::<F>(slope, block);
+        let sent = block_reduce::<F>(sent, SUM, block);
+        let kept = block_reduce::<F>(kept, SUM, block);
+        let slope = block_reduce::<F>(slope, SUM, block);
         let residual = sent - mu;
         if residual.abs() <= tolerance || change == zero {
             break;
@@ -430,8 +436,8 @@ fn partial_transport_backward_kernel<F: Float>(
         slope += rho * sent * inverse_mass;
         j += block;
     }
-    let numerator = block_sum::<F>(numerator, block);
-    let slope = block_sum::<F>(slope, block);
+    let numerator = block_reduce::<F>(numerator, SUM, block);
+    let slope = block_reduce::<F>(slope, SUM, block);
     let lambda = numerator / slope.max(min_denominator.get::<F>());
 
     let out_row = b * costs_gradient.stride(0);
