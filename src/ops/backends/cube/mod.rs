@@ -1,15 +1,22 @@
 //! [`PoolingOps`] for the CubeCL backend (`Cube`: every CubeCL runtime, wgpu, CUDA, ROCm,
-//! Vulkan, Metal, WebGPU and CubeCL's CPU runtime): the generalized mean of GeM/GGeM (forward
-//! and backward) and the weighted sum of GAP and GSP (forward and its weights' gradient) as
-//! CubeCL kernels. The portable bodies run these as a chain of element-wise kernels and
-//! reductions with several `[B, C, N]` intermediates; a kernel here reads the input once or
-//! twice and writes only its result. One unit per (b, c) (or per (b, n) for the weights'
-//! gradient) loops over the other axis, which is short (the tokens or the cells of a feature
-//! map; the channels), reading `x` through its strides, so both layouts take the same kernel.
+//! Vulkan, Metal, WebGPU and CubeCL's CPU runtime), every op as CubeCL kernels but the
+//! weighted sum's features gradient (one broadcast product):
+//!
+//! - GSP's costs and their backward (`costs.rs`): the φ-normalisation, the distances and the
+//!   gradient's element-wise parts as kernels, the products as matmuls;
+//! - GSP's transport solve and its implicit backward (`transport.rs`): one cube per sample,
+//!   Newton on the dual β to the tolerance with no host read (Sinkhorn and μ = 1 keep the
+//!   portable body);
+//! - the generalized mean of GeM/GGeM and its backward (`generalized_mean.rs`) and the weighted
+//!   sum of GAP and GSP and its weights' gradient (`weighted_sum.rs`): one unit per (b, c) (or
+//!   per (b, n)) looping over the other axis through the input's strides, so both layouts take
+//!   the same kernel; the portable bodies run these as a chain of element-wise kernels and
+//!   reductions with several `[B, C, N]` intermediates, a kernel reads the input once or
+//!   twice and writes only its result.
 //!
 //! The kernels are generic over the float type (the floor ε is raised to the dtype's smallest
-//! normal value). The transport ops and the features' gradient of the weighted sum (already one
-//! broadcast product) use the portable bodies.
+//! normal value); inputs of mixed dtypes, or of a dtype they do not take, get the portable
+//! bodies.
 //!
 //! Burn's `fusion` (a default of a GPU application's `burn`) makes `Cube` `Fusion<CubeBackend>`.
 //! With this crate's `fusion` feature each kernel is then a custom operation of the fusion
