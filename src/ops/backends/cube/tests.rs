@@ -575,3 +575,29 @@ fn routed_gsp_runs_the_kernels() {
     compare("routed GSP: dx", &dx, &reference_dx);
     compare("routed GSP: dp", &dp, &reference_dp);
 }
+
+/// Bad input on the device gets the named panics of every backend (the layers' and the public
+/// API's checks run before any launch), not a device error.
+#[test]
+#[should_panic(expected = "Gsp: every mask row needs at least one valid position")]
+fn empty_mask_row_panics_by_name_on_the_device() {
+    use crate::pooling::{GspConfig, PoolingInput};
+    let device = device();
+    let gsp = GspConfig::new(6).with_num_prototypes(5).init(&device);
+    let tokens = Tensor::<3>::ones([2, 4, 6], &device);
+    let valid = [true, true, false, true, false, false, false, false];
+    let mask = Tensor::<2, burn::tensor::Bool>::from_bool(
+        TensorData::new(valid.to_vec(), [2, 4]),
+        &device,
+    );
+    gsp.forward(PoolingInput::tokens(tokens).with_mask(mask));
+}
+
+#[test]
+#[should_panic(expected = "transport_costs: channel mismatch")]
+fn channel_mismatch_panics_by_name_on_the_device() {
+    let device = device();
+    let features = Tensor::<3>::ones([2, 6, 4], &device);
+    let prototypes = Tensor::<2>::ones([5, 7], &device);
+    crate::transport::transport_costs(features, prototypes, Layout::ChannelsFirst);
+}
