@@ -6,8 +6,8 @@
 //!   reference maths (`portable`), valid on every backend; a backend overrides what it has a
 //!   kernel for.
 //! - `backends`: one folder or file per backend. Flex overrides every op with fused CPU
-//!   kernels; Cube (wgpu) overrides the generalized mean and the weighted sum with CubeCL
-//!   kernels; NdArray keeps the defaults; `Autodiff<B, C>` runs the inner backend's forward off
+//!   kernels; Cube (every CubeCL runtime, fused or not) overrides every op but the weighted
+//!   sum's features gradient with CubeCL kernels; NdArray keeps the defaults; `Autodiff<B, C>` runs the inner backend's forward off
 //!   the tape and records one node whose backward is the closed form.
 //! - `routing`: the `Tensor`-level entry points the layers call, which take the extension on
 //!   a device it covers ([`extension_covers`]) and the composites, differentiated by ordinary
@@ -21,7 +21,7 @@
 #![allow(deprecated)]
 // With no backend compiled in, the generated dispatch has nothing to route its arguments to.
 #![cfg_attr(
-    not(any(feature = "flex", feature = "ndarray", feature = "wgpu")),
+    not(any(feature = "flex", feature = "ndarray", feature = "cube")),
     allow(unused_variables)
 )]
 
@@ -82,7 +82,7 @@ macro_rules! pooling_extension {
 pooling_extension! {
     Flex: cfg(feature = "flex"),
     NdArray: cfg(feature = "ndarray"),
-    Cube: cfg(feature = "wgpu");
+    Cube: cfg(feature = "cube");
 
 /// Pooling kernels as backend ops. Every method's default body is the portable composite
 /// (see [`TensorBridge`]); a backend overrides the methods it has a kernel for.

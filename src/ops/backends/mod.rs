@@ -2,14 +2,15 @@
 //! it overrides is what it has kernels for; the rest are the trait's portable defaults.
 //!
 //! - `flex/`: fused CPU kernels for every op, one file per op;
-//! - `cube/`: CubeCL kernels for the generalized mean (forward, backward) and the weighted
-//!   sum (forward, weights gradient), one file per op;
+//! - `cube/`: CubeCL kernels (every CubeCL runtime; custom ops of the fusion stream under the
+//!   `fusion` feature) for GSP's costs and transport solve, the generalized mean and the
+//!   weighted sum, with their backwards but the weighted sum's features gradient;
 //! - `ndarray`: the defaults only;
 //! - `autodiff`: one node per op whose backward is the op's closed-form backward.
 
 #[cfg(feature = "autodiff")]
 mod autodiff;
-#[cfg(feature = "wgpu")]
+#[cfg(feature = "cube")]
 mod cube;
 #[cfg(feature = "flex")]
 mod flex;

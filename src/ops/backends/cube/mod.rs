@@ -1,45 +1,135 @@
-//! [`PoolingOps`] for the CubeCL backend (`Cube`: the wgpu device in this crate): the generalized
-//! mean of GeM/GGeM (forward and backward) and the weighted sum of GAP and GSP (forward and its
-//! weights' gradient) as CubeCL kernels. The portable bodies run these as a chain of
-//! element-wise kernels and reductions with several `[B, C, N]` intermediates; a kernel here
-//! reads the input once or twice and writes only its result. One unit per (b, c) (or per
-//! (b, n) for the weights' gradient) loops over the other axis, which is short (the tokens or
-//! the cells of a feature map; the channels), reading `x` through its strides, so both layouts
-//! take the same kernel.
+//! [`PoolingOps`] for the CubeCL backend (`Cube`: every CubeCL runtime, wgpu, CUDA, ROCm,
+//! Vulkan, Metal, WebGPU and CubeCL's CPU runtime), every op as CubeCL kernels but the
+//! weighted sum's features gradient (one broadcast product):
+//!
+//! - GSP's costs and their backward (`costs.rs`): the φ-normalisation, the distances and the
+//!   gradient's element-wise parts as kernels, the products as matmuls;
+//! - GSP's transport solve and its implicit backward (`transport.rs`): one cube per sample,
+//!   Newton on the dual β to the tolerance with no host read (Sinkhorn and μ = 1 keep the
+//!   portable body);
+//! - the generalized mean of GeM/GGeM and its backward (`generalized_mean.rs`) and the weighted
+//!   sum of GAP and GSP and its weights' gradient (`weighted_sum.rs`): one unit per (b, c) (or
+//!   per (b, n)) looping over the other axis through the input's strides, so both layouts take
+//!   the same kernel; the portable bodies run these as a chain of element-wise kernels and
+//!   reductions with several `[B, C, N]` intermediates, a kernel reads the input once or
+//!   twice and writes only its result.
 //!
 //! The kernels are generic over the float type (the floor ε is raised to the dtype's smallest
-//! normal value). The transport ops and the features' gradient of the weighted sum (already one
-//! broadcast product) use the portable bodies, and so does every op when Burn's `fusion`
-//! feature (a default of `burn-wgpu`) wraps the backend: `Cube` is then `Fusion<CubeBackend>`,
-//! whose lazy tensors are not CubeCL buffers yet.
+//! normal value); inputs of mixed dtypes, or of a dtype they do not take, get the portable
+//! bodies.
+//!
+//! Burn's `fusion` (a default of a GPU application's `burn`) makes `Cube` `Fusion<CubeBackend>`.
+//! With this crate's `fusion` feature each kernel is then a custom operation of the fusion
+//! stream (`fusion.rs`); without it a fused `Cube` falls back to the portable bodies and warns
+//! once (`unfused.rs`). The kernels themselves are one table on CubeCL tensors (`kernel.rs`),
+//! and the impl below is written once for both.
 
+mod costs;
+#[cfg(feature = "fusion")]
+mod fusion;
 mod generalized_mean;
+mod kernel;
 mod tensors;
-#[cfg(test)]
+#[cfg(all(test, feature = "wgpu"))]
 mod tests;
+mod transport;
+#[cfg(not(feature = "fusion"))]
+mod unfused;
 mod weighted_sum;
 
 use burn::backend::Cube;
-use burn::backend::ops::FloatTensorOps;
-use burn::backend::tensor::FloatTensor;
-use burn::tensor::Shape;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 
-use generalized_mean::{launch_generalized_mean, launch_generalized_mean_backward};
-use tensors::{cube_tensors, from_cube};
-use weighted_sum::launch_contraction;
+#[cfg(feature = "fusion")]
+use fusion::launch;
+use kernel::Kernel;
+#[cfg(not(feature = "fusion"))]
+use unfused::launch;
 
 use crate::layout::Layout;
-use crate::ops::{PoolingOps, portable};
+use crate::maths::marginals::marginals_of;
+use crate::maths::settings::{TransportSettings, TransportSolver};
+use crate::ops::{PoolingOps, TensorBridge, TransportOutput, portable};
 
 /// The float primitive of the impl below.
 type Float = FloatTensor<Cube>;
 
 impl PoolingOps for Cube {
-    fn generalized_mean(x: Float, powers: Float, mask: Float, eps: f64, layout: Layout) -> Float {
-        match cube_tensors([x, powers, mask]) {
-            Ok([x, powers, mask]) => {
-                from_cube(launch_generalized_mean(x, powers, mask, eps, layout))
+    fn transport_costs(features: Float, prototypes: Float, layout: Layout) -> Float {
+        match launch(Kernel::TransportCosts { layout }, [features, prototypes]) {
+            Ok([costs]) => costs,
+            Err([features, prototypes]) => {
+                portable::transport_costs::<Self>(features, prototypes, layout)
             }
+        }
+    }
+
+    fn transport_costs_backward(
+        features: Float,
+        prototypes: Float,
+        costs: Float,
+        grad: Float,
+        layout: Layout,
+    ) -> (Float, Float) {
+        let kernel = Kernel::TransportCostsBackward { layout };
+        match launch(kernel, [features, prototypes, costs, grad]) {
+            Ok([features, prototypes]) => (features, prototypes),
+            Err([features, prototypes, costs, grad]) => portable::transport_costs_backward::<Self>(
+                features, prototypes, costs, grad, layout,
+            ),
+        }
+    }
+
+    fn partial_transport(
+        costs: Float,
+        mass: Float,
+        settings: TransportSettings,
+        output: TransportOutput,
+    ) -> (Float, Float, IntTensor<Self>) {
+        // The kernel runs Newton for μ < 1; the Sinkhorn iteration and full transport (β = ∞,
+        // no iteration) keep the portable body.
+        let (costs, mass) =
+            if settings.solver == TransportSolver::Newton && settings.transport_ratio < 1.0 {
+                match launch(Kernel::PartialTransport { settings }, [costs, mass]) {
+                    Ok([plan, iterations]) => {
+                        let first = match output {
+                            TransportOutput::Plan => plan.clone(),
+                            TransportOutput::Marginals => {
+                                Self::unwrap(marginals_of(Self::wrap(plan.clone())))
+                            }
+                        };
+                        // The largest count over the samples, as the portable solver's `[1]`.
+                        let iterations = Self::wrap::<1>(iterations).max().int();
+                        return (first, plan, Self::unwrap_int(iterations));
+                    }
+                    Err([costs, mass]) => (costs, mass),
+                }
+            } else {
+                (costs, mass)
+            };
+        portable::partial_transport::<Self>(costs, mass, settings, output)
+    }
+
+    fn partial_transport_backward(
+        plan: Float,
+        grad: Float,
+        mass: Float,
+        epsilon: f64,
+        output: TransportOutput,
+    ) -> Float {
+        let marginals = output == TransportOutput::Marginals;
+        let kernel = Kernel::PartialTransportBackward { epsilon, marginals };
+        match launch(kernel, [plan, grad, mass]) {
+            Ok([costs_gradient]) => costs_gradient,
+            Err([plan, grad, mass]) => {
+                portable::partial_transport_backward::<Self>(plan, grad, mass, epsilon, output)
+            }
+        }
+    }
+
+    fn generalized_mean(x: Float, powers: Float, mask: Float, eps: f64, layout: Layout) -> Float {
+        match launch(Kernel::GeneralizedMean { eps, layout }, [x, powers, mask]) {
+            Ok([y]) => y,
             Err([x, powers, mask]) => {
                 portable::generalized_mean::<Self>(x, powers, mask, eps, layout)
             }
@@ -55,18 +145,9 @@ impl PoolingOps for Cube {
         eps: f64,
         layout: Layout,
     ) -> (Float, Float) {
-        match cube_tensors([x, powers, mask, output, grad]) {
-            Ok([x, powers, mask, output, grad]) => {
-                let channels = powers.meta.shape()[0];
-                let (dx, dp_per_sample) =
-                    launch_generalized_mean_backward(x, powers, mask, output, grad, eps, layout);
-                // ∂L/∂p sums the samples' terms: a `[B, C]` → `[C]` reduction.
-                let dp = Self::float_sum_dim(from_cube(dp_per_sample), 0);
-                (
-                    from_cube(dx),
-                    Self::float_reshape(dp, Shape::new([channels])),
-                )
-            }
+        let kernel = Kernel::GeneralizedMeanBackward { eps, layout };
+        match launch(kernel, [x, powers, mask, output, grad]) {
+            Ok([dx, dp]) => (dx, dp),
             Err([x, powers, mask, output, grad]) => portable::generalized_mean_backward::<Self>(
                 x, powers, mask, output, grad, eps, layout,
             ),
@@ -74,21 +155,15 @@ impl PoolingOps for Cube {
     }
 
     fn weighted_sum(x: Float, weights: Float, layout: Layout) -> Float {
-        match cube_tensors([x, weights]) {
-            Ok([x, weights]) => {
-                let (positions, channels) = (layout.position_axis(), layout.channel_axis());
-                from_cube(launch_contraction(x, weights, channels, positions))
-            }
+        match launch(Kernel::WeightedSum { layout }, [x, weights]) {
+            Ok([y]) => y,
             Err([x, weights]) => portable::weighted_sum::<Self>(x, weights, layout),
         }
     }
 
     fn weighted_sum_weights_backward(x: Float, grad: Float, layout: Layout) -> Float {
-        match cube_tensors([x, grad]) {
-            Ok([x, grad]) => {
-                let (positions, channels) = (layout.position_axis(), layout.channel_axis());
-                from_cube(launch_contraction(x, grad, positions, channels))
-            }
+        match launch(Kernel::WeightedSumWeightsBackward { layout }, [x, grad]) {
+            Ok([dw]) => dw,
             Err([x, grad]) => portable::weighted_sum_weights_backward::<Self>(x, grad, layout),
         }
     }
