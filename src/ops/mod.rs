@@ -165,32 +165,28 @@ pub trait PoolingOps: TensorBridge {
         portable::generalized_mean_backward::<Self>(x, powers, mask, output, grad, eps, layout)
     }
 
-    /// The weighted sum y_bc = Σ_n w_bn x_bnc of `x` `[B, C, N]` (or `[B, N, C]` when
-    /// `channels_last`) with weights `[B, N]`: `[B, C]`. GAP's masked mean and GSP's pooling.
+    /// A weighted sum of `x` `[B, C, N]` or `[B, N, C]` (as `layout` says) over one axis:
+    /// over the positions, y_bc = Σ_n v_bn x_bnc with `vector` `[B, N]` gives `[B, C]` (GAP's
+    /// masked mean and GSP's pooling); over the channels, z_bn = Σ_c v_bc x_bnc with `vector`
+    /// `[B, C]` gives `[B, N]` (the positions' weights gradient of the first, v = ∂L/∂y).
     fn weighted_sum(
         x: FloatTensor<Self>,
-        weights: FloatTensor<Self>,
+        vector: FloatTensor<Self>,
         layout: Layout,
+        over: SumOver,
     ) -> FloatTensor<Self> {
-        portable::weighted_sum::<Self>(x, weights, layout)
+        portable::weighted_sum::<Self>(x, vector, layout, over)
     }
 
-    /// ∂L/∂x = w_bn ∂L/∂y_bc of [`weighted_sum`](Self::weighted_sum), in `x`'s layout.
+    /// ∂L/∂x = w_bn ∂L/∂y_bc of [`weighted_sum`](Self::weighted_sum) over the positions, in
+    /// `x`'s layout, from `weights` `[B, N]` and `grad` `[B, C]` (over the channels, the same
+    /// outer product with the roles of the two swapped).
     fn weighted_sum_features_backward(
         weights: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         layout: Layout,
     ) -> FloatTensor<Self> {
         portable::weighted_sum_features_backward::<Self>(weights, grad, layout)
-    }
-
-    /// ∂L/∂w_bn = Σ_c x_bnc ∂L/∂y_bc of [`weighted_sum`](Self::weighted_sum): `[B, N]`.
-    fn weighted_sum_weights_backward(
-        x: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        layout: Layout,
-    ) -> FloatTensor<Self> {
-        portable::weighted_sum_weights_backward::<Self>(x, grad, layout)
     }
 }
 }
@@ -202,6 +198,15 @@ pub enum TransportOutput {
     Plan,
     /// Its marginals `[B, N + K]`.
     Marginals,
+}
+
+/// The axis a [`PoolingOps::weighted_sum`] runs over; the other one is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SumOver {
+    /// Σ_n over the positions: `[B, C]`, the pooling.
+    Positions,
+    /// Σ_c over the channels: `[B, N]`, the pooling's weights gradient.
+    Channels,
 }
 
 /// Whether [`PoolingOps`] has an implementation for the device's backend in this build (its

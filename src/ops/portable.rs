@@ -4,7 +4,7 @@
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 
-use super::{TensorBridge, TransportOutput};
+use super::{SumOver, TensorBridge, TransportOutput};
 use crate::layout::Layout;
 use crate::maths::costs::{composite_costs, costs_gradient};
 use crate::maths::generalized_mean::{composite_backward, composite_forward};
@@ -116,14 +116,15 @@ pub(crate) fn generalized_mean_backward<B: TensorBridge>(
 
 pub(crate) fn weighted_sum<B: TensorBridge>(
     x: FloatTensor<B>,
-    weights: FloatTensor<B>,
+    vector: FloatTensor<B>,
     layout: Layout,
+    over: SumOver,
 ) -> FloatTensor<B> {
-    B::unwrap(weighted_sum::weighted_sum(
-        B::wrap(x),
-        B::wrap(weights),
-        layout,
-    ))
+    let (x, vector) = (B::wrap(x), B::wrap(vector));
+    B::unwrap(match over {
+        SumOver::Positions => weighted_sum::weighted_sum(x, vector, layout),
+        SumOver::Channels => weighted_sum::weighted_sum_weights_backward(x, vector, layout),
+    })
 }
 
 pub(crate) fn weighted_sum_features_backward<B: TensorBridge>(
@@ -133,18 +134,6 @@ pub(crate) fn weighted_sum_features_backward<B: TensorBridge>(
 ) -> FloatTensor<B> {
     B::unwrap(weighted_sum::weighted_sum_features_backward(
         B::wrap(weights),
-        B::wrap(grad),
-        layout,
-    ))
-}
-
-pub(crate) fn weighted_sum_weights_backward<B: TensorBridge>(
-    x: FloatTensor<B>,
-    grad: FloatTensor<B>,
-    layout: Layout,
-) -> FloatTensor<B> {
-    B::unwrap(weighted_sum::weighted_sum_weights_backward(
-        B::wrap(x),
         B::wrap(grad),
         layout,
     ))

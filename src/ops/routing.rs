@@ -7,7 +7,7 @@ use burn::backend::Dispatch;
 use burn::backend::tensor::FloatTensor;
 use burn::tensor::{Int, Tensor};
 
-use super::{PoolingOps, TransportOutput, extension_covers};
+use super::{PoolingOps, SumOver, TransportOutput, extension_covers};
 use crate::layout::Layout;
 use crate::maths::costs::composite_costs;
 use crate::maths::generalized_mean::composite_forward;
@@ -110,7 +110,9 @@ pub(crate) fn generalized_mean(
 pub(crate) fn weighted_sum(x: Tensor<3>, weights: Tensor<2>, layout: Layout) -> Tensor<2> {
     route(
         (x, weights, layout),
-        <Dispatch as PoolingOps>::weighted_sum,
+        |x, weights, layout| {
+            <Dispatch as PoolingOps>::weighted_sum(x, weights, layout, SumOver::Positions)
+        },
         weighted_sum::weighted_sum,
     )
 }

@@ -32,18 +32,30 @@ impl GemConfig {
     ///
     /// If `p` or `eps` is not a finite positive number.
     pub fn init(&self, device: &Device) -> Gem {
-        checks::positive("Gem", "p", self.p);
-        checks::positive("Gem", "eps", self.eps);
-        let p = Tensor::<1>::from_data([self.p], device);
         Gem {
-            p: Param::from_tensor(p).set_require_grad(self.learnable),
+            p: initial_powers("Gem", 1, self.p, self.eps, self.learnable, device),
             eps: self.eps,
             num_prefix_tokens: self.num_prefix_tokens,
         }
     }
 }
 
-/// Panics unless `value` is finite and > 0, naming the layer and the parameter.
+/// `count` copies of the initial power `p` as a parameter, trained when `learnable`: GeM's
+/// one power and GGeM's one per group. Panics, naming `layer`, unless `p` and the clamp `eps`
+/// are finite positive numbers.
+pub(super) fn initial_powers(
+    layer: &str,
+    count: usize,
+    p: f64,
+    eps: f64,
+    learnable: bool,
+    device: &Device,
+) -> Param<Tensor<1>> {
+    checks::positive(layer, "p", p);
+    checks::positive(layer, "eps", eps);
+    Param::from_tensor(Tensor::full([count], p, device)).set_require_grad(learnable)
+}
+
 /// Generalized mean pooling:
 ///
 /// ```text

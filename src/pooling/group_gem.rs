@@ -4,6 +4,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 
+use super::gem::initial_powers;
 use super::input::PoolingInput;
 use crate::checks;
 use crate::display::one_line_display;
@@ -52,11 +53,15 @@ impl GroupGemConfig {
     /// If `groups == 0`, or `p` or `eps` is not a finite positive number.
     pub fn init(&self, device: &Device) -> GroupGem {
         checks::at_least_one("GroupGem", "groups", self.groups);
-        checks::positive("GroupGem", "p", self.p);
-        checks::positive("GroupGem", "eps", self.eps);
-        let p = Tensor::<1>::full([self.groups], self.p, device);
         GroupGem {
-            p: Param::from_tensor(p).set_require_grad(self.learnable),
+            p: initial_powers(
+                "GroupGem",
+                self.groups,
+                self.p,
+                self.eps,
+                self.learnable,
+                device,
+            ),
             eps: self.eps,
             layout: self.layout,
             num_prefix_tokens: self.num_prefix_tokens,

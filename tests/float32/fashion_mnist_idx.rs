@@ -121,82 +121,88 @@ fn missing_file_is_an_error_naming_it() {
     assert!(hint.contains("train-images-idx3-ubyte"), "{hint}");
 }
 
+/// A reader of one kind of IDX file, its contents dropped.
+type Reader = fn(&Path) -> Result<(), idx::IdxError>;
+
 #[test]
-fn bad_magic_is_an_error_naming_the_file() {
-    let dir = TempDir::new("idx-magic");
-    for (name, gzip) in [("labels-plain", false), ("labels.gz", true)] {
-        let path = dir.path(name);
+fn bad_files_are_errors_naming_the_file() {
+    let dir = TempDir::new("idx-bad");
+    let images: Reader = |path| read_images(path, None).map(drop);
+    let labels: Reader = |path| read_labels(path, None).map(drop);
+    // (file, bytes, reader, the error's kind as `Debug` prints it or its start, its message)
+    let cases = [
         // An IDX1 labels file read as images: dimension byte 1, not 3.
+        (
+            "labels-as-images",
+            idx_bytes(&[2], &[1, 2]),
+            images,
+            "BadMagic { found: 2049, expected: 2051 }",
+            "bad magic number",
+        ),
+        // Not an unsigned-byte file (type 0x0D, floats), and a file too short for a magic.
+        (
+            "floats",
+            vec![0, 0, 0x0D, 1, 0, 0, 0, 0],
+            labels,
+            "BadMagic",
+            "bad magic number",
+        ),
+        (
+            "two-bytes",
+            vec![0, 0],
+            labels,
+            "BadMagic",
+            "bad magic number",
+        ),
+        // Fewer bytes than the header announces: 2 images of 2×2 = 8 bytes, 7 present.
+        (
+            "short-images",
+            idx_bytes(&[2, 2, 2], &[0; 7]),
+            images,
+            "SizeMismatch { expected: 8, found: 7 }",
+            "size mismatch",
+        ),
+        // More bytes than announced.
+        (
+            "long-labels",
+            idx_bytes(&[3], &[1, 2, 3, 4]),
+            labels,
+            "SizeMismatch { expected: 3, found: 4 }",
+            "size mismatch",
+        ),
+        // A truncated header.
+        (
+            "header",
+            vec![0, 0, 8, 3, 0, 0, 0, 1, 0, 0],
+            images,
+            "SizeMismatch",
+            "size mismatch",
+        ),
+    ];
+    for gzip in [false, true] {
         let write = if gzip { write_gzip } else { write_plain };
-        write(&path, &idx_bytes(&[2], &[1, 2]));
-        let message = assert_error!(
-            read_images(&path, None).expect_err("labels are not images"),
-            IdxErrorKind::BadMagic {
-                found: 0x0801,
-                expected: 0x0803
-            },
-            &path
-        );
-        assert!(message.contains("bad magic number"), "{message}");
+        for (name, bytes, read, kind, says) in &cases {
+            let path = dir.path(&format!("{name}{}", if gzip { ".gz" } else { "" }));
+            write(&path, bytes);
+            let error = read(&path).expect_err(name);
+            let shown = format!("{:?}", error.kind);
+            assert!(shown.starts_with(kind), "{name}: {shown}, expected {kind}");
+            let message = message_naming(error, &path);
+            assert!(message.contains(says), "{name}: {message}");
+        }
+        // The truncated file's first image is complete, so a limit of 1 reads it.
+        let short = dir.path(if gzip {
+            "short-images.gz"
+        } else {
+            "short-images"
+        });
+        assert_eq!(read_images(&short, Some(1)).expect("first image").len(), 1);
     }
-    // Not an unsigned-byte file (type 0x0D, floats), and a file too short for a magic number.
-    let floats = dir.path("floats");
-    write_plain(&floats, &[0, 0, 0x0D, 1, 0, 0, 0, 0]);
-    let error = read_labels(&floats, None).expect_err("float IDX");
-    assert_error!(error, IdxErrorKind::BadMagic { .. }, &floats);
-    let short = dir.path("short");
-    write_plain(&short, &[0, 0]);
-    assert_error!(
-        read_labels(&short, None).expect_err("two bytes"),
-        IdxErrorKind::BadMagic { .. },
-        &short
-    );
 }
 
 #[test]
-fn size_mismatch_is_an_error_naming_the_file() {
-    let dir = TempDir::new("idx-size");
-    for gzip in [false, true] {
-        let write = if gzip { write_gzip } else { write_plain };
-        let tag = if gzip { ".gz" } else { "" };
-
-        // Fewer bytes than the header announces: 2 images of 2×2 = 8 bytes, 7 present.
-        let short = dir.path(&format!("short-images{tag}"));
-        write(&short, &idx_bytes(&[2, 2, 2], &[0; 7]));
-        let message = assert_error!(
-            read_images(&short, None).expect_err("truncated"),
-            IdxErrorKind::SizeMismatch {
-                expected: 8,
-                found: 7
-            },
-            &short
-        );
-        assert!(message.contains("size mismatch"), "{message}");
-        // The first image is complete, so a limit of 1 reads it.
-        assert_eq!(read_images(&short, Some(1)).expect("first image").len(), 1);
-
-        // More bytes than announced.
-        let long = dir.path(&format!("long-labels{tag}"));
-        write(&long, &idx_bytes(&[3], &[1, 2, 3, 4]));
-        assert_error!(
-            read_labels(&long, None).expect_err("trailing bytes"),
-            IdxErrorKind::SizeMismatch {
-                expected: 3,
-                found: 4
-            },
-            &long
-        );
-
-        // A truncated header.
-        let header = dir.path(&format!("header-images{tag}"));
-        write(&header, &[0, 0, 8, 3, 0, 0, 0, 1, 0, 0]);
-        assert_error!(
-            read_images(&header, None).expect_err("truncated header"),
-            IdxErrorKind::SizeMismatch { .. },
-            &header
-        );
-    }
-
+fn count_mismatch_is_an_error_naming_the_labels_file() {
+    let dir = TempDir::new("idx-count");
     // Images and labels of different counts: the error names the labels file.
     let images = dir.path("images");
     let labels = dir.path("labels");

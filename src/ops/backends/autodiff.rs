@@ -13,7 +13,7 @@ use burn::backend::{AutodiffBackend, Backend, DispatchKindConversion, DispatchTe
 
 use crate::layout::Layout;
 use crate::maths::settings::TransportSettings;
-use crate::ops::{PoolingOps, TransportOutput};
+use crate::ops::{PoolingOps, SumOver, TransportOutput};
 
 /// How often each analytical backward ran (tests check that it, not a fallback, was used).
 #[cfg(test)]
@@ -126,25 +126,35 @@ impl<B: Backend + PoolingOps> Backward<B, 2> for GeneralizedMeanBackward {
 }
 
 /// The autodiff node of one weighted sum: each gradient is computed only if its input is
-/// tracked (GAP's weights never are).
+/// tracked (GAP's weights never are). The two sums are each other's transpose: the vector's
+/// gradient is the sum over the other axis, the features' one the outer product of the
+/// positions' weights `[B, N]` with the channels' vector `[B, C]`.
 #[derive(Debug)]
-struct WeightedSumBackward;
+struct WeightedSumBackward(SumOver);
 
 impl<B: Backend + PoolingOps> Backward<B, 2> for WeightedSumBackward {
-    /// x (kept only if the weights are tracked), the weights (kept only if x is tracked),
+    /// x (kept only if the vector is tracked), the vector (kept only if x is tracked),
     /// layout: GAP's node does not hold on to its input.
     type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>, Layout);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (x, weights, layout) = ops.state;
-        let [x_node, weights_node] = ops.parents;
+        let (x, vector, layout) = ops.state;
+        let [x_node, vector_node] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        if let (Some(node), Some(x)) = (weights_node, x) {
-            let dw = B::weighted_sum_weights_backward(x, grad.clone(), layout);
-            grads.register::<B>(node.id, dw);
+        if let (Some(node), Some(x)) = (vector_node, x) {
+            let other = match self.0 {
+                SumOver::Positions => SumOver::Channels,
+                SumOver::Channels => SumOver::Positions,
+            };
+            let d_vector = B::weighted_sum(x, grad.clone(), layout, other);
+            grads.register::<B>(node.id, d_vector);
         }
-        if let (Some(node), Some(weights)) = (x_node, weights) {
-            let dx = B::weighted_sum_features_backward(weights, grad, layout);
+        if let (Some(node), Some(vector)) = (x_node, vector) {
+            let (weights, channels) = match self.0 {
+                SumOver::Positions => (vector, grad),
+                SumOver::Channels => (grad, vector),
+            };
+            let dx = B::weighted_sum_features_backward(weights, channels, layout);
             grads.register::<B>(node.id, dx);
         }
     }
@@ -290,20 +300,25 @@ where
         )
     }
 
-    fn weighted_sum(x: Tracked<B, C>, weights: Tracked<B, C>, layout: Layout) -> Tracked<B, C> {
-        let parents = [x.node(), weights.node()];
-        let (x_tracked, weights_tracked) = (x.is_tracked(), weights.is_tracked());
-        let (x, weights) = (x.into_primitive(), weights.into_primitive());
-        let output = B::weighted_sum(x.clone(), weights.clone(), layout);
-        match WeightedSumBackward
+    fn weighted_sum(
+        x: Tracked<B, C>,
+        vector: Tracked<B, C>,
+        layout: Layout,
+        over: SumOver,
+    ) -> Tracked<B, C> {
+        let parents = [x.node(), vector.node()];
+        let (x_tracked, vector_tracked) = (x.is_tracked(), vector.is_tracked());
+        let (x, vector) = (x.into_primitive(), vector.into_primitive());
+        let output = B::weighted_sum(x.clone(), vector.clone(), layout, over);
+        match WeightedSumBackward(over)
             .prepare::<C>(parents)
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let x = weights_tracked.then_some(x);
-                let weights = x_tracked.then_some(weights);
-                prep.finish((x, weights, layout), output)
+                let x = vector_tracked.then_some(x);
+                let vector = x_tracked.then_some(vector);
+                prep.finish((x, vector, layout), output)
             }
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
@@ -317,19 +332,6 @@ where
     ) -> Tracked<B, C> {
         <Self as AutodiffBackend>::from_inner(B::weighted_sum_features_backward(
             weights.into_primitive(),
-            grad.into_primitive(),
-            layout,
-        ))
-    }
-
-    /// First-order only: the backward is computed on the inner backend and not recorded.
-    fn weighted_sum_weights_backward(
-        x: Tracked<B, C>,
-        grad: Tracked<B, C>,
-        layout: Layout,
-    ) -> Tracked<B, C> {
-        <Self as AutodiffBackend>::from_inner(B::weighted_sum_weights_backward(
-            x.into_primitive(),
             grad.into_primitive(),
             layout,
         ))

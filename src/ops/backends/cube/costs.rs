@@ -12,7 +12,6 @@
 //! `normalize_backward_kernel` finishes ∂L/∂v = (g − [‖v‖ > 1] ⟨φ(v), g⟩ φ(v)) / max(1, ‖v‖)
 //! with g = φ(v) Σ a − (a·φ) for each row, writing the features' gradient in their layout.
 
-use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::ops::FloatTensorOps;
 use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
@@ -21,7 +20,7 @@ use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::tensors::{empty_like, grid};
+use super::tensors::{Launch, empty_like};
 use crate::layout::Layout;
 use crate::maths::costs::{MIN_ACTIVE_COST, MIN_SQUARED_DISTANCE};
 
@@ -42,20 +41,18 @@ fn normalize(x: CubeTensor, layout: Layout) -> (CubeTensor, CubeTensor, CubeTens
     let normalized = empty_like(&x, Shape::new([rows, channels]));
     let squared = empty_like(&x, Shape::new([rows]));
     let scale = empty_like(&x, Shape::new([rows]));
-    let (cube_count, cube_dim) = grid(&x.client, rows);
-    let dtype = dtype_to_storage_type(x.dtype);
-    let client = x.client.clone();
+    let launch = Launch::per_element(&x, rows);
     normalize_kernel::launch(
-        &client,
-        cube_count,
-        cube_dim,
+        &launch.client,
+        launch.count,
+        launch.dim,
         x.into_tensor_arg(),
         normalized.clone().into_tensor_arg(),
         squared.clone().into_tensor_arg(),
         scale.clone().into_tensor_arg(),
         layout.position_axis(),
         layout.channel_axis(),
-        dtype,
+        launch.dtype,
     );
     (normalized, squared, scale)
 }
@@ -72,20 +69,18 @@ pub(super) fn launch_costs(
     let cross = CubeBackend::float_matmul(flat, CubeBackend::float_transpose(normalized));
     let (rows, count) = (cross.meta.shape()[0], cross.meta.shape()[1]);
     let costs = empty_like(&cross, Shape::new([batch, count, rows / batch]));
-    let (cube_count, cube_dim) = grid(&cross.client, rows * count);
-    let dtype = dtype_to_storage_type(cross.dtype);
-    let client = cross.client.clone();
+    let launch = Launch::per_element(&cross, rows * count);
     let cross = into_contiguous(cross);
     distance_kernel::launch(
-        &client,
-        cube_count,
-        cube_dim,
+        &launch.client,
+        launch.count,
+        launch.dim,
         flat_squared.into_tensor_arg(),
         squared.into_tensor_arg(),
         cross.into_tensor_arg(),
         costs.clone().into_tensor_arg(),
-        InputScalar::new(MIN_SQUARED_DISTANCE, dtype),
-        dtype,
+        InputScalar::new(MIN_SQUARED_DISTANCE, launch.dtype),
+        launch.dtype,
     );
     costs
 }
@@ -108,19 +103,17 @@ pub(super) fn launch_costs_backward(
     let rows = batch * positions;
     let weights = empty_like(&costs, Shape::new([rows, count]));
     let row_sums = empty_like(&costs, Shape::new([rows]));
-    let (cube_count, cube_dim) = grid(&costs.client, rows);
-    let dtype = dtype_to_storage_type(costs.dtype);
-    let client = costs.client.clone();
+    let launch = Launch::per_element(&costs, rows);
     weights_kernel::launch(
-        &client,
-        cube_count,
-        cube_dim,
+        &launch.client,
+        launch.count,
+        launch.dim,
         costs.into_tensor_arg(),
         grad.into_tensor_arg(),
         weights.clone().into_tensor_arg(),
         row_sums.clone().into_tensor_arg(),
-        InputScalar::new(MIN_ACTIVE_COST, dtype),
-        dtype,
+        InputScalar::new(MIN_ACTIVE_COST, launch.dtype),
+        launch.dtype,
     );
     // Σ_j a_kj over the batch's positions `[K]`, a·φ(ω) `[B·N, C]`, aᵀ·φ(x) `[K, C]`.
     let column_sums = CubeBackend::float_reshape(
@@ -139,11 +132,11 @@ pub(super) fn launch_costs_backward(
                   layout: Layout| {
         let rows = normalized.meta.shape()[0];
         let out = empty_like(&normalized, shape);
-        let (cube_count, cube_dim) = grid(&client, rows);
+        let launch = Launch::per_element(&normalized, rows);
         normalize_backward_kernel::launch(
-            &client,
-            cube_count,
-            cube_dim,
+            &launch.client,
+            launch.count,
+            launch.dim,
             normalized.into_tensor_arg(),
             sums.into_tensor_arg(),
             into_contiguous(products).into_tensor_arg(),
@@ -151,7 +144,7 @@ pub(super) fn launch_costs_backward(
             out.clone().into_tensor_arg(),
             layout.position_axis(),
             layout.channel_axis(),
-            dtype,
+            launch.dtype,
         );
         out
     };

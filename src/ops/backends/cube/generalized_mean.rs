@@ -1,14 +1,13 @@
 //! The generalized mean of GeM/GGeM and its backward as CubeCL kernels: one unit per (b, c)
 //! loops over the positions of its row, reading `x` through its strides.
 
-use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::DType;
 use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::tensors::{empty_like, output_and_grid};
+use super::tensors::{empty_like, output_and_launch};
 use crate::layout::Layout;
 
 /// The clamp floor of the generalized mean: `eps`, at least the dtype's smallest normal value
@@ -32,15 +31,13 @@ pub(super) fn launch_generalized_mean(
 ) -> CubeTensor {
     // A no-op for the usual tensors; un-tiles a storage-tiled one, which kernels cannot read.
     let [x, powers, mask] = [x, powers, mask].map(into_contiguous);
-    let (output, cube_count, cube_dim) = output_and_grid(&x, layout);
+    let (output, launch) = output_and_launch(&x, layout);
     let (position_axis, channel_axis) = (layout.position_axis(), layout.channel_axis());
-    let dtype = dtype_to_storage_type(x.dtype);
-    let floor = InputScalar::new(floor(eps, x.dtype), dtype);
-    let client = x.client.clone();
+    let floor = InputScalar::new(floor(eps, x.dtype), launch.dtype);
     generalized_mean_kernel::launch(
-        &client,
-        cube_count,
-        cube_dim,
+        &launch.client,
+        launch.count,
+        launch.dim,
         x.into_tensor_arg(),
         powers.into_tensor_arg(),
         mask.into_tensor_arg(),
@@ -48,7 +45,7 @@ pub(super) fn launch_generalized_mean(
         floor,
         position_axis,
         channel_axis,
-        dtype,
+        launch.dtype,
     );
     output
 }
@@ -65,15 +62,13 @@ pub(super) fn launch_generalized_mean_backward(
 ) -> (CubeTensor, CubeTensor) {
     let [x, powers, mask, output, grad] = [x, powers, mask, output, grad].map(into_contiguous);
     let dx = empty_like(&x, x.meta.shape().clone());
-    let (dp, cube_count, cube_dim) = output_and_grid(&x, layout);
+    let (dp, launch) = output_and_launch(&x, layout);
     let (position_axis, channel_axis) = (layout.position_axis(), layout.channel_axis());
-    let dtype = dtype_to_storage_type(x.dtype);
-    let floor = InputScalar::new(floor(eps, x.dtype), dtype);
-    let client = x.client.clone();
+    let floor = InputScalar::new(floor(eps, x.dtype), launch.dtype);
     generalized_mean_backward_kernel::launch(
-        &client,
-        cube_count,
-        cube_dim,
+        &launch.client,
+        launch.count,
+        launch.dim,
         x.into_tensor_arg(),
         powers.into_tensor_arg(),
         mask.into_tensor_arg(),
@@ -84,7 +79,7 @@ pub(super) fn launch_generalized_mean_backward(
         floor,
         position_axis,
         channel_axis,
-        dtype,
+        launch.dtype,
     );
     (dx, dp)
 }

@@ -15,6 +15,7 @@ use super::transport::{launch_partial_transport, launch_partial_transport_backwa
 use super::weighted_sum::launch_contraction;
 use crate::layout::Layout;
 use crate::maths::settings::TransportSettings;
+use crate::ops::SumOver;
 
 /// One of the crate's CubeCL kernels with its host parameters (what the fusion graph keys on,
 /// besides the tensors). Every input and output is a float tensor of the inputs' one dtype.
@@ -24,10 +25,8 @@ pub(super) enum Kernel {
     GeneralizedMean { eps: f64, layout: Layout },
     /// inputs `[x, powers, mask, output, grad]` → `[dx, dp]`.
     GeneralizedMeanBackward { eps: f64, layout: Layout },
-    /// inputs `[x, weights]` → `[y]`.
-    WeightedSum { layout: Layout },
-    /// inputs `[x, grad]` → `[dw]`.
-    WeightedSumWeightsBackward { layout: Layout },
+    /// inputs `[x, vector]` → `[y]` (`[B, C]` over the positions, `[B, N]` over the channels).
+    WeightedSum { layout: Layout, over: SumOver },
     /// inputs `[features, prototypes]` → `[costs]`.
     TransportCosts { layout: Layout },
     /// inputs `[features, prototypes, costs, grad]` → `[∂L/∂features, ∂L/∂prototypes]`.
@@ -55,9 +54,6 @@ impl Kernel {
             Self::GeneralizedMean { .. } => "burn_pooling::generalized_mean",
             Self::GeneralizedMeanBackward { .. } => "burn_pooling::generalized_mean_backward",
             Self::WeightedSum { .. } => "burn_pooling::weighted_sum",
-            Self::WeightedSumWeightsBackward { .. } => {
-                "burn_pooling::weighted_sum_weights_backward"
-            }
             Self::TransportCosts { .. } => "burn_pooling::transport_costs",
             Self::TransportCostsBackward { .. } => "burn_pooling::transport_costs_backward",
             Self::PartialTransport { .. } => "burn_pooling::partial_transport",
@@ -75,10 +71,13 @@ impl Kernel {
             | Self::GeneralizedMeanBackward { eps, layout } => {
                 vec![Bool(layout.is_channels_last()), Float(eps)]
             }
-            Self::WeightedSum { layout }
-            | Self::WeightedSumWeightsBackward { layout }
-            | Self::TransportCosts { layout }
-            | Self::TransportCostsBackward { layout } => vec![Bool(layout.is_channels_last())],
+            Self::WeightedSum { layout, over } => vec![
+                Bool(layout.is_channels_last()),
+                Bool(over == SumOver::Channels),
+            ],
+            Self::TransportCosts { layout } | Self::TransportCostsBackward { layout } => {
+                vec![Bool(layout.is_channels_last())]
+            }
             Self::PartialTransport { settings } => vec![
                 Float(settings.transport_ratio),
                 Float(settings.epsilon),
@@ -98,14 +97,10 @@ impl Kernel {
         let first = inputs[0];
         let pooled = |axis: usize| Shape::new([first[0], first[axis]]);
         match self {
-            Self::GeneralizedMean { layout, .. } | Self::WeightedSum { layout } => {
-                vec![pooled(layout.channel_axis())]
-            }
+            Self::GeneralizedMean { layout, .. } => vec![pooled(layout.channel_axis())],
+            Self::WeightedSum { layout, over } => vec![pooled(kept_and_summed(layout, over).0)],
             Self::GeneralizedMeanBackward { layout, .. } => {
                 vec![first.clone(), Shape::new([first[layout.channel_axis()]])]
-            }
-            Self::WeightedSumWeightsBackward { layout } => {
-                vec![pooled(layout.position_axis())]
             }
             Self::TransportCosts { layout } => {
                 let positions = first[layout.position_axis()];
@@ -141,15 +136,10 @@ impl Kernel {
                 let dp = CubeBackend::float_sum_dim(dp_per_sample, 0);
                 vec![dx, CubeBackend::float_reshape(dp, Shape::new([channels]))]
             }
-            Self::WeightedSum { layout } => {
-                let (x, weights) = (next(), next());
-                let (kept, summed) = (layout.channel_axis(), layout.position_axis());
-                vec![launch_contraction(x, weights, kept, summed)]
-            }
-            Self::WeightedSumWeightsBackward { layout } => {
-                let (x, grad) = (next(), next());
-                let (kept, summed) = (layout.position_axis(), layout.channel_axis());
-                vec![launch_contraction(x, grad, kept, summed)]
+            Self::WeightedSum { layout, over } => {
+                let (x, vector) = (next(), next());
+                let (kept, summed) = kept_and_summed(layout, over);
+                vec![launch_contraction(x, vector, kept, summed)]
             }
             Self::TransportCosts { layout } => {
                 let (features, prototypes) = (next(), next());
@@ -173,5 +163,13 @@ impl Kernel {
                 )]
             }
         }
+    }
+}
+
+/// The axes of `x` that a weighted sum over `over` keeps and sums.
+fn kept_and_summed(layout: Layout, over: SumOver) -> (usize, usize) {
+    match over {
+        SumOver::Positions => (layout.channel_axis(), layout.position_axis()),
+        SumOver::Channels => (layout.position_axis(), layout.channel_axis()),
     }
 }

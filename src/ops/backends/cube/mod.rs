@@ -49,7 +49,7 @@ use unfused::launch;
 use crate::layout::Layout;
 use crate::maths::marginals::marginals_of;
 use crate::maths::settings::{TransportSettings, TransportSolver};
-use crate::ops::{PoolingOps, TensorBridge, TransportOutput, portable};
+use crate::ops::{PoolingOps, SumOver, TensorBridge, TransportOutput, portable};
 
 /// The float primitive of the impl below.
 type Float = FloatTensor<Cube>;
@@ -154,17 +154,10 @@ impl PoolingOps for Cube {
         }
     }
 
-    fn weighted_sum(x: Float, weights: Float, layout: Layout) -> Float {
-        match launch(Kernel::WeightedSum { layout }, [x, weights]) {
+    fn weighted_sum(x: Float, vector: Float, layout: Layout, over: SumOver) -> Float {
+        match launch(Kernel::WeightedSum { layout, over }, [x, vector]) {
             Ok([y]) => y,
-            Err([x, weights]) => portable::weighted_sum::<Self>(x, weights, layout),
-        }
-    }
-
-    fn weighted_sum_weights_backward(x: Float, grad: Float, layout: Layout) -> Float {
-        match launch(Kernel::WeightedSumWeightsBackward { layout }, [x, grad]) {
-            Ok([dw]) => dw,
-            Err([x, grad]) => portable::weighted_sum_weights_backward::<Self>(x, grad, layout),
+            Err([x, vector]) => portable::weighted_sum::<Self>(x, vector, layout, over),
         }
     }
 }

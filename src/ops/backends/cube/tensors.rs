@@ -1,5 +1,6 @@
-//! The kernels' outputs and the launch grid of one unit per output element.
+//! The kernels' outputs and what every launch takes besides the kernel's own arguments.
 
+use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::Shape;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::{calculate_cube_count_elemwise, client::Client};
@@ -8,24 +9,54 @@ use burn_cubecl::tensor::CubeTensor;
 
 use crate::layout::Layout;
 
-/// An uninitialised `[B, C]` output for `x` and the launch grid of one unit per element.
-pub(super) fn output_and_grid(x: &CubeTensor, layout: Layout) -> (CubeTensor, CubeCount, CubeDim) {
+/// The client, the grid and the element type of one launch: the kernels are compiled for the
+/// one float dtype of their inputs.
+pub(super) struct Launch {
+    pub(super) client: Client,
+    pub(super) count: CubeCount,
+    pub(super) dim: CubeDim,
+    pub(super) dtype: ElemType,
+}
+
+impl Launch {
+    /// One unit per element of `units` outputs, on `like`'s client and in its dtype.
+    pub(super) fn per_element(like: &CubeTensor, units: usize) -> Self {
+        let dim = CubeDim::new(&like.client, units);
+        Self {
+            count: calculate_cube_count_elemwise(&like.client, units, dim),
+            dim,
+            ..Self::on(like)
+        }
+    }
+
+    /// One cube of `block` units per sample of `batch`.
+    pub(super) fn per_sample(like: &CubeTensor, batch: usize, block: usize) -> Self {
+        Self {
+            count: CubeCount::Static(batch as u32, 1, 1),
+            dim: CubeDim::new_1d(block as u32),
+            ..Self::on(like)
+        }
+    }
+
+    fn on(like: &CubeTensor) -> Self {
+        Self {
+            client: like.client.clone(),
+            count: CubeCount::Static(1, 1, 1),
+            dim: CubeDim::new_1d(1),
+            dtype: dtype_to_storage_type(like.dtype),
+        }
+    }
+}
+
+/// An uninitialised `[B, C]` output for `x` and the launch of one unit per element.
+pub(super) fn output_and_launch(x: &CubeTensor, layout: Layout) -> (CubeTensor, Launch) {
     let dims = x.meta.shape();
     let (batch, channels) = (dims[0], dims[layout.channel_axis()]);
     let output = empty_like(x, Shape::new([batch, channels]));
-    let (cube_count, cube_dim) = grid(&x.client, batch * channels);
-    (output, cube_count, cube_dim)
+    (output, Launch::per_element(x, batch * channels))
 }
 
 /// An uninitialised tensor of `shape` on `like`'s device, in its dtype.
 pub(super) fn empty_like(like: &CubeTensor, shape: Shape) -> CubeTensor {
     empty_device_dtype(like.client.clone(), like.device.clone(), shape, like.dtype)
-}
-
-pub(super) fn grid(client: &Client, units: usize) -> (CubeCount, CubeDim) {
-    let cube_dim = CubeDim::new(client, units);
-    (
-        calculate_cube_count_elemwise(client, units, cube_dim),
-        cube_dim,
-    )
 }

@@ -9,7 +9,7 @@ use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
 
 use crate::layout::Layout;
 use crate::maths::settings::{TransportSettings, TransportSolver};
-use crate::ops::{PoolingOps, TransportOutput, portable};
+use crate::ops::{PoolingOps, SumOver, TransportOutput, portable};
 
 const EPS: f64 = 1e-6;
 const TOLERANCE: f64 = 1e-5;
@@ -179,12 +179,14 @@ fn weighted_sum_kernel_matches_portable() {
                 primitive(&x, shape),
                 primitive(&weights, mask_shape),
                 layout,
+                SumOver::Positions,
             ))
         });
         let reference = read::<2>(portable::weighted_sum::<Cube>(
             primitive(&x, shape),
             primitive(&weights, mask_shape),
             layout,
+            SumOver::Positions,
         ));
         let label = format!("weighted sum ({layout:?})");
         compare(&label, &kernel, &reference);
@@ -256,21 +258,22 @@ fn generalized_mean_backward_kernel_matches_portable() {
 }
 
 #[test]
-fn weighted_sum_weights_backward_kernel_matches_portable() {
+fn weighted_sum_over_channels_kernel_matches_portable() {
     let channels = 6;
     for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
         let (x, _, shape, _) = mask_and_features(channels, layout);
         let grad = upstream(shape[0] * channels);
         let run = |kernel: bool| {
             let (xs, gs) = (primitive(&x, shape), primitive(&grad, [shape[0], channels]));
+            let over = SumOver::Channels;
             read::<2>(if kernel {
-                <Cube as PoolingOps>::weighted_sum_weights_backward(xs, gs, layout)
+                <Cube as PoolingOps>::weighted_sum(xs, gs, layout, over)
             } else {
-                portable::weighted_sum_weights_backward::<Cube>(xs, gs, layout)
+                portable::weighted_sum::<Cube>(xs, gs, layout, over)
             })
         };
-        let label = format!("weighted sum backward: weights ({layout:?})");
-        let kernel = kernel_runs("burn_pooling::weighted_sum_weights_backward", || run(true));
+        let label = format!("weighted sum over channels, the weights' gradient ({layout:?})");
+        let kernel = kernel_runs("burn_pooling::weighted_sum", || run(true));
         compare(&label, &kernel, &run(false));
     }
 }

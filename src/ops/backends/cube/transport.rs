@@ -15,14 +15,13 @@
 //! Every reduction is over the cube's units through shared memory, so every unit reads the same
 //! sums and takes the same branches (the loop and its `sync_cube`s stay uniform).
 
-use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::Shape;
 use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::tensors::empty_like;
+use super::tensors::{Launch, empty_like};
 use crate::maths::implicit_backward::MIN_DENOMINATOR;
 use crate::maths::settings::TransportSettings;
 
@@ -30,16 +29,6 @@ use crate::maths::settings::TransportSettings;
 /// every runtime launches, and no more than the positions need.
 fn block(positions: usize) -> usize {
     positions.next_power_of_two().clamp(32, 256)
-}
-
-/// One cube of [`block`] units per sample.
-fn sample_grid(batch: usize, positions: usize) -> (CubeCount, CubeDim, usize) {
-    let block = block(positions);
-    (
-        CubeCount::Static(batch as u32, 1, 1),
-        CubeDim::new_1d(block as u32),
-        block,
-    )
 }
 
 /// (the plan `[B, K+1, N]`, each sample's iteration count `[B]` in the plan's dtype) for
@@ -54,26 +43,24 @@ pub(super) fn launch_partial_transport(
     let (batch, count, positions) = (dims[0], dims[1], dims[2]);
     let plan = empty_like(&costs, Shape::new([batch, count + 1, positions]));
     let iterations = empty_like(&costs, Shape::new([batch]));
-    let (cube_count, cube_dim, block) = sample_grid(batch, positions);
-    let dtype = dtype_to_storage_type(costs.dtype);
-    let scalar = |value: f64| InputScalar::new(value, dtype);
+    let block = block(positions);
+    let launch = Launch::per_sample(&costs, batch, block);
     let mu = settings.transport_ratio;
-    let client = costs.client.clone();
     partial_transport_kernel::launch(
-        &client,
-        cube_count,
-        cube_dim,
+        &launch.client,
+        launch.count,
+        launch.dim,
         costs.into_tensor_arg(),
         mass.into_tensor_arg(),
         plan.clone().into_tensor_arg(),
         iterations.clone().into_tensor_arg(),
-        scalar(1.0 / settings.epsilon),
-        scalar(mu),
-        scalar(settings.tolerance),
+        InputScalar::new(1.0 / settings.epsilon, launch.dtype),
+        InputScalar::new(mu, launch.dtype),
+        InputScalar::new(settings.tolerance, launch.dtype),
         settings.max_iterations as u32,
         block,
         mu <= 0.5,
-        dtype,
+        launch.dtype,
     );
     (plan, iterations)
 }
@@ -91,22 +78,21 @@ pub(super) fn launch_partial_transport_backward(
     let dims = plan.meta.shape().clone();
     let (batch, rows, positions) = (dims[0], dims[1], dims[2]);
     let costs_gradient = empty_like(&plan, Shape::new([batch, rows - 1, positions]));
-    let (cube_count, cube_dim, block) = sample_grid(batch, positions);
-    let dtype = dtype_to_storage_type(plan.dtype);
-    let client = plan.client.clone();
+    let block = block(positions);
+    let launch = Launch::per_sample(&plan, batch, block);
     partial_transport_backward_kernel::launch(
-        &client,
-        cube_count,
-        cube_dim,
+        &launch.client,
+        launch.count,
+        launch.dim,
         plan.into_tensor_arg(),
         grad.into_tensor_arg(),
         mass.into_tensor_arg(),
         costs_gradient.clone().into_tensor_arg(),
-        InputScalar::new(-1.0 / epsilon, dtype),
-        InputScalar::new(MIN_DENOMINATOR, dtype),
+        InputScalar::new(-1.0 / epsilon, launch.dtype),
+        InputScalar::new(MIN_DENOMINATOR, launch.dtype),
         block,
         marginals,
-        dtype,
+        launch.dtype,
     );
     costs_gradient
 }

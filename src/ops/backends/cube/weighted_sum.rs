@@ -1,13 +1,12 @@
 //! The weighted sum of GAP and GSP and its weights' gradient as one CubeCL contraction kernel.
 
-use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::Shape;
 use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::tensors::{empty_like, grid};
+use super::tensors::{Launch, empty_like};
 
 /// `out[b, i] = Σ_j v[b, j] x[b, ·, ·]` with i on `x`'s axis `kept` and j on its axis
 /// `summed`: the weighted sum (kept = channels, summed = positions, v = the weights) and its
@@ -22,19 +21,17 @@ pub(super) fn launch_contraction(
     let dims = x.meta.shape();
     let (batch, length) = (dims[0], dims[kept]);
     let output = empty_like(&x, Shape::new([batch, length]));
-    let (cube_count, cube_dim) = grid(&x.client, batch * length);
-    let dtype = dtype_to_storage_type(x.dtype);
-    let client = x.client.clone();
+    let launch = Launch::per_element(&x, batch * length);
     contraction_kernel::launch(
-        &client,
-        cube_count,
-        cube_dim,
+        &launch.client,
+        launch.count,
+        launch.dim,
         x.into_tensor_arg(),
         vector.into_tensor_arg(),
         output.clone().into_tensor_arg(),
         kept,
         summed,
-        dtype,
+        launch.dtype,
     );
     output
 }

@@ -24,7 +24,7 @@ use burn::tensor::{DType, Element, FloatDType, TensorData};
 
 use crate::layout::Layout;
 use crate::maths::settings::TransportSettings;
-use crate::ops::{PoolingOps, TransportOutput};
+use crate::ops::{PoolingOps, SumOver, TransportOutput};
 
 /// Runs `$body` with the type `$t` bound to the element type of `$dtype` (f32 or f64; the
 /// inputs went through [`kernel_input`], so halves arrive as f32).
@@ -171,15 +171,22 @@ impl PoolingOps for Flex {
         (kernel_output(dx, dtype), kernel_output(dp, power_dtype))
     }
 
-    fn weighted_sum(x: Float, weights: Float, layout: Layout) -> Float {
+    fn weighted_sum(x: Float, vector: Float, layout: Layout, over: SumOver) -> Float {
         let shape = Shape3::of(&x, layout);
         let dtype = x.dtype();
-        let [x, weights] = [x, weights].map(kernel_input);
+        let [x, vector] = [x, vector].map(kernel_input);
         let output = with_float!(x.dtype(), "weighted sum", T => {
-            tensor(
-                weighted_sum::forward::<T>(view(&x), view(&weights), shape),
-                [shape.batch, shape.channels],
-            )
+            let (x, vector) = (view(&x), view(&vector));
+            match over {
+                SumOver::Positions => tensor(
+                    weighted_sum::forward::<T>(x, vector, shape),
+                    [shape.batch, shape.channels],
+                ),
+                SumOver::Channels => tensor(
+                    weighted_sum::weights_backward::<T>(x, vector, shape),
+                    [shape.batch, shape.positions],
+                ),
+            }
         });
         kernel_output(output, dtype)
     }
@@ -202,19 +209,6 @@ impl PoolingOps for Flex {
             )
         });
         kernel_output(dx, dtype)
-    }
-
-    fn weighted_sum_weights_backward(x: Float, grad: Float, layout: Layout) -> Float {
-        let shape = Shape3::of(&x, layout);
-        let dtype = x.dtype();
-        let [x, grad] = [x, grad].map(kernel_input);
-        let dw = with_float!(x.dtype(), "weighted sum", T => {
-            tensor(
-                weighted_sum::weights_backward::<T>(view(&x), view(&grad), shape),
-                [shape.batch, shape.positions],
-            )
-        });
-        kernel_output(dw, dtype)
     }
 }
 
@@ -480,14 +474,14 @@ mod tests {
                     1e-6,
                     layout,
                 );
-                let sum = Flex::weighted_sum(pick(&x), pick(&weights), layout);
+                let sum = Flex::weighted_sum(pick(&x), pick(&weights), layout, SumOver::Positions);
                 let d_x_sum = Flex::weighted_sum_features_backward(
                     pick(&weights),
                     pick(&pooled_grad),
                     layout,
                 );
                 let d_weights =
-                    Flex::weighted_sum_weights_backward(pick(&x), pick(&pooled_grad), layout);
+                    Flex::weighted_sum(pick(&x), pick(&pooled_grad), layout, SumOver::Channels);
                 [
                     ("transport costs", costs),
                     ("costs backward: features", d_x),
