@@ -293,7 +293,6 @@ mod tests {
         let tolerance = Tolerance::rel_abs(1e-5, 1e-6);
         for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
             let shape = layout.dims(b, n, c);
-            let (axis, channel_axis) = (layout.position_axis(), layout.channel_axis());
             let x = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
             let upstream = Tensor::<2>::random([b, c], Distribution::Normal(0.0, 1.0), &device);
             let free_weights = Tensor::<2>::random([b, n], Distribution::Normal(0.0, 1.0), &device);
@@ -316,10 +315,11 @@ mod tests {
 
                 let composite_x = x.clone().require_grad();
                 let composite_w = weights.clone().detach().require_grad();
-                let composite = (composite_x.clone()
-                    * composite_w.clone().unsqueeze_dim(channel_axis))
-                .sum_dim(axis)
-                .squeeze_dim::<2>(axis);
+                let composite = crate::maths::weighted_sum::weighted_sum(
+                    composite_x.clone(),
+                    composite_w.clone(),
+                    layout,
+                );
                 let grads = (composite.clone() * upstream.clone()).sum().backward();
                 fused
                     .into_data()

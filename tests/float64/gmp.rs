@@ -134,21 +134,28 @@ fn gmp_values_and_gradients_match_the_reference() {
             "GMP: one-hot gradient vs differences",
         );
 
-        // Tokens: the layer's prefix, the input's mask.
-        let (y, dx) = pooled_and_gradient(&x, &g, |tokens| {
-            gmp.forward(PoolingInput::tokens(tokens).with_mask(mask(&device)))
-        });
-        assert_close(&y, &expected, 1e-12, 1e-12, "GMP tokens: values");
-        assert_close(&dx, &expected_grad, 1e-12, 1e-12, "GMP tokens: dx");
-
-        // Maps [B, C, 1, N] of the same values.
-        let (y, dx) = pooled_and_gradient(&x, &g, |tokens| {
+        // Tokens (the layer's prefix, the input's mask), and maps [B, C, 1, N] of the same
+        // values.
+        let from_tokens =
+            |tokens: Tensor<3>| gmp.forward(PoolingInput::tokens(tokens).with_mask(mask(&device)));
+        let from_maps = |tokens: Tensor<3>| {
             let maps = tokens.swap_dims(1, 2).reshape([B, C, 1, N]);
             let input = PoolingInput::maps(maps).with_mask(map_mask.clone());
             GmpConfig::new().init().forward(input)
-        });
-        assert_close(&y, &expected, 1e-12, 1e-12, "GMP maps: values");
-        assert_close(&dx, &expected_grad, 1e-12, 1e-12, "GMP maps: dx");
+        };
+        let pools: [(&str, &dyn Fn(Tensor<3>) -> Tensor<2>); 2] =
+            [("tokens", &from_tokens), ("maps", &from_maps)];
+        for (input, pool) in pools {
+            let (y, dx) = pooled_and_gradient(&x, &g, pool);
+            assert_close(&y, &expected, 1e-12, 1e-12, &format!("GMP {input}: values"));
+            assert_close(
+                &dx,
+                &expected_grad,
+                1e-12,
+                1e-12,
+                &format!("GMP {input}: dx"),
+            );
+        }
     }
 }
 

@@ -2,6 +2,9 @@
 //! and one node with the closed-form backward is recorded. The transport node saves the plan
 //! and the masses, whatever the number of solver iterations; the cost node saves its inputs
 //! and output, not the normalised features.
+//!
+//! The backward ops keep their default bodies here: the nodes call them on the inner backend,
+//! and called on autodiff tensors the composites are themselves differentiable.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -187,27 +190,6 @@ where
         }
     }
 
-    /// First-order only: the backward is computed on the inner backend and not recorded.
-    fn transport_costs_backward(
-        features: Tracked<B, C>,
-        prototypes: Tracked<B, C>,
-        costs: Tracked<B, C>,
-        grad: Tracked<B, C>,
-        layout: Layout,
-    ) -> (Tracked<B, C>, Tracked<B, C>) {
-        let (d_features, d_prototypes) = B::transport_costs_backward(
-            features.into_primitive(),
-            prototypes.into_primitive(),
-            costs.into_primitive(),
-            grad.into_primitive(),
-            layout,
-        );
-        (
-            <Self as AutodiffBackend>::from_inner(d_features),
-            <Self as AutodiffBackend>::from_inner(d_prototypes),
-        )
-    }
-
     fn partial_transport(
         costs: Tracked<B, C>,
         mass: Tracked<B, C>,
@@ -230,23 +212,6 @@ where
             <Self as AutodiffBackend>::from_inner(plan),
             iterations,
         )
-    }
-
-    /// First-order only: the backward is computed on the inner backend and not recorded.
-    fn partial_transport_backward(
-        plan: Tracked<B, C>,
-        grad: Tracked<B, C>,
-        mass: Tracked<B, C>,
-        epsilon: f64,
-        output: TransportOutput,
-    ) -> Tracked<B, C> {
-        <Self as AutodiffBackend>::from_inner(B::partial_transport_backward(
-            plan.into_primitive(),
-            grad.into_primitive(),
-            mass.into_primitive(),
-            epsilon,
-            output,
-        ))
     }
 
     fn generalized_mean(
@@ -275,31 +240,6 @@ where
         }
     }
 
-    /// First-order only: the backward is computed on the inner backend and not recorded.
-    fn generalized_mean_backward(
-        x: Tracked<B, C>,
-        powers: Tracked<B, C>,
-        mask: Tracked<B, C>,
-        output: Tracked<B, C>,
-        grad: Tracked<B, C>,
-        eps: f64,
-        layout: Layout,
-    ) -> (Tracked<B, C>, Tracked<B, C>) {
-        let (dx, dp) = B::generalized_mean_backward(
-            x.into_primitive(),
-            powers.into_primitive(),
-            mask.into_primitive(),
-            output.into_primitive(),
-            grad.into_primitive(),
-            eps,
-            layout,
-        );
-        (
-            <Self as AutodiffBackend>::from_inner(dx),
-            <Self as AutodiffBackend>::from_inner(dp),
-        )
-    }
-
     fn weighted_sum(
         x: Tracked<B, C>,
         vector: Tracked<B, C>,
@@ -322,18 +262,5 @@ where
             }
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
-    }
-
-    /// First-order only: the backward is computed on the inner backend and not recorded.
-    fn weighted_sum_features_backward(
-        weights: Tracked<B, C>,
-        grad: Tracked<B, C>,
-        layout: Layout,
-    ) -> Tracked<B, C> {
-        <Self as AutodiffBackend>::from_inner(B::weighted_sum_features_backward(
-            weights.into_primitive(),
-            grad.into_primitive(),
-            layout,
-        ))
     }
 }

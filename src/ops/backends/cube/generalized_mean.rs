@@ -7,6 +7,7 @@ use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
+use super::strided::{Strided, unit_position};
 use super::tensors::{empty_like, output_and_launch};
 use crate::layout::Layout;
 
@@ -84,30 +85,31 @@ pub(super) fn launch_generalized_mean_backward(
     (dx, dp)
 }
 
-/// The largest `max(x_n, ε)` over the valid positions of one (b, c) row, and the number of
-/// valid positions Σ_n m_n: the first pass of the generalized mean, forward and backward.
+/// The first pass over one (b, c) row, the same in the forward and the backward: the log of
+/// the largest `max(x_n, ε)` over the valid positions, their number Σ_n m_n, and the
+/// channel's power p_c.
 #[cube]
-fn masked_max_and_count<F: Float>(
+fn first_pass<F: Float>(
     x: &Tensor<F>,
+    powers: &Tensor<F>,
     mask: &Tensor<F>,
-    x_row: usize,
-    x_step: usize,
-    mask_row: usize,
-    mask_step: usize,
+    x_line: &Strided,
+    mask_line: &Strided,
+    c: usize,
     floor: F,
-) -> (F, F) {
+) -> (F, F, F) {
     let zero = F::new(0.0);
     let mut largest = floor;
     let mut count = zero;
     for n in 0..mask.shape(1) {
-        let valid = mask[mask_row + n * mask_step];
-        let value = x[x_row + n * x_step];
+        let valid = mask[mask_line.at(n)];
+        let value = x[x_line.at(n)];
         if valid > zero && value > largest {
             largest = value;
         }
         count += valid;
     }
-    (largest, count)
+    (largest.ln(), count, powers[c * powers.stride(0)])
 }
 
 /// One position's term of the generalized mean's power sum, `m_n exp(p (ln max(x_n, ε) − ln max))`,
@@ -141,25 +143,16 @@ fn generalized_mean_kernel<F: Float>(
     if ABSOLUTE_POS >= output.shape(0) * channels {
         terminate!();
     }
-    let b = ABSOLUTE_POS / channels;
-    let c = ABSOLUTE_POS % channels;
-    let positions = mask.shape(1);
-    let x_row = b * x.stride(0) + c * x.stride(channel_axis);
-    let x_step = x.stride(position_axis);
-    let mask_row = b * mask.stride(0);
-    let mask_step = mask.stride(1);
+    let (b, c) = unit_position(channels);
+    let x_line = Strided::through::<F>(x, b, c, channel_axis, position_axis);
+    let mask_line = Strided::row::<F>(mask, b);
     let floor = floor.get::<F>();
-    let zero = F::new(0.0);
+    let (log_max, count, p) = first_pass::<F>(x, powers, mask, &x_line, &mask_line, c, floor);
 
-    let (largest, count) =
-        masked_max_and_count::<F>(x, mask, x_row, x_step, mask_row, mask_step, floor);
-
-    let log_max = largest.ln();
-    let p = powers[c * powers.stride(0)];
-    let mut sum = zero;
-    for n in 0..positions {
-        let valid = mask[mask_row + n * mask_step];
-        let (weight, _) = power_weight::<F>(valid, x[x_row + n * x_step], floor, p, log_max);
+    let mut sum = F::new(0.0);
+    for n in 0..mask.shape(1) {
+        let valid = mask[mask_line.at(n)];
+        let (weight, _) = power_weight::<F>(valid, x[x_line.at(n)], floor, p, log_max);
         sum += weight;
     }
 
@@ -190,32 +183,24 @@ fn generalized_mean_backward_kernel<F: Float>(
     if ABSOLUTE_POS >= dp.shape(0) * channels {
         terminate!();
     }
-    let b = ABSOLUTE_POS / channels;
-    let c = ABSOLUTE_POS % channels;
-    let positions = mask.shape(1);
-    let x_row = b * x.stride(0) + c * x.stride(channel_axis);
-    let x_step = x.stride(position_axis);
-    let dx_row = b * dx.stride(0) + c * dx.stride(channel_axis);
+    let (b, c) = unit_position(channels);
+    let x_line = Strided::through::<F>(x, b, c, channel_axis, position_axis);
+    let dx_start = b * dx.stride(0) + c * dx.stride(channel_axis);
     let dx_step = dx.stride(position_axis);
-    let mask_row = b * mask.stride(0);
-    let mask_step = mask.stride(1);
+    let mask_line = Strided::row::<F>(mask, b);
     let floor = floor.get::<F>();
     let zero = F::new(0.0);
+    let (log_max, count, p) = first_pass::<F>(x, powers, mask, &x_line, &mask_line, c, floor);
 
-    let (largest, count) =
-        masked_max_and_count::<F>(x, mask, x_row, x_step, mask_row, mask_step, floor);
-
-    let log_max = largest.ln();
-    let p = powers[c * powers.stride(0)];
     let y = output[b * output.stride(0) + c * output.stride(1)];
     let g = grad[b * grad.stride(0) + c * grad.stride(1)];
     let log_y = y.ln();
     let factor = g / count * (p * (log_max - log_y)).exp() * y;
     let mut sum = zero;
     let mut weighted_log = zero;
-    for n in 0..positions {
-        let valid = mask[mask_row + n * mask_step];
-        let raw = x[x_row + n * x_step];
+    for n in 0..mask.shape(1) {
+        let valid = mask[mask_line.at(n)];
+        let raw = x[x_line.at(n)];
         let (weight, log_value) = power_weight::<F>(valid, raw, floor, p, log_max);
         sum += weight;
         weighted_log += weight * log_value;
@@ -224,7 +209,7 @@ fn generalized_mean_backward_kernel<F: Float>(
         if raw > floor {
             derivative = factor * weight / raw;
         }
-        dx[dx_row + n * dx_step] = derivative;
+        dx[dx_start + n * dx_step] = derivative;
     }
 
     let at = b * dp.stride(0) + c * dp.stride(1);

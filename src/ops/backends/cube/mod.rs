@@ -29,6 +29,7 @@ mod costs;
 mod fusion;
 mod generalized_mean;
 mod kernel;
+mod strided;
 mod tensors;
 #[cfg(all(test, feature = "wgpu"))]
 mod tests;

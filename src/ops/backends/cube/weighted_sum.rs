@@ -6,6 +6,7 @@ use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
+use super::strided::{Strided, unit_position};
 use super::tensors::{Launch, empty_like};
 
 /// `out[b, i] = Σ_j v[b, j] x[b, ·, ·]` with i on `x`'s axis `kept` and j on its axis
@@ -51,16 +52,13 @@ fn contraction_kernel<F: Float>(
     if ABSOLUTE_POS >= output.shape(0) * length {
         terminate!();
     }
-    let b = ABSOLUTE_POS / length;
-    let i = ABSOLUTE_POS % length;
-    let x_start = b * x.stride(0) + i * x.stride(kept);
-    let x_step = x.stride(summed);
-    let vector_row = b * vector.stride(0);
-    let vector_step = vector.stride(1);
+    let (b, i) = unit_position(length);
+    let x_line = Strided::through::<F>(x, b, i, kept, summed);
+    let vector_line = Strided::row::<F>(vector, b);
 
     let mut sum = F::new(0.0);
     for j in 0..vector.shape(1) {
-        sum += vector[vector_row + j * vector_step] * x[x_start + j * x_step];
+        sum += vector[vector_line.at(j)] * x[x_line.at(j)];
     }
 
     let at = b * output.stride(0) + i * output.stride(1);

@@ -385,12 +385,13 @@ mod tests {
             (FloatDType::BF16, Layout::ChannelsFirst),
         ] {
             let dims = layout.dims(b, n, c);
-            // Half inputs, and the same values in f32.
-            let input = |values: Vec<f32>, shape: &[usize]| {
-                let half = cast(&f32_tensor(values, shape), dtype);
+            // A tensor narrowed to the half dtype, and the same values in f32.
+            let pair = |tensor: &FlexTensor| {
+                let half = cast(tensor, dtype);
                 let wide = cast(&half, FloatDType::F32);
                 (half, wide)
             };
+            let input = |values: Vec<f32>, shape: &[usize]| pair(&f32_tensor(values, shape));
             let x = input(values(b * n * c, 1, -1.0, 2.0), &dims);
             let positive = input(values(b * n * c, 2, 0.1, 2.0), &dims);
             let prototypes = input(values(k * c, 3, -1.0, 1.0), &[k, c]);
@@ -411,12 +412,10 @@ mod tests {
                 let pick = |pair: &(FlexTensor, FlexTensor)| {
                     if half { pair.0.clone() } else { pair.1.clone() }
                 };
+                let mut outputs = Vec::new();
                 let costs = Flex::transport_costs(pick(&x), pick(&prototypes), layout);
-                // The later ops read the costs and plan of the half run, widened for f32.
-                let costs_in = (
-                    cast(&costs, dtype),
-                    cast(&cast(&costs, dtype), FloatDType::F32),
-                );
+                // The later ops read the outputs of the half run, widened for f32.
+                let costs_in = pair(&costs);
                 let (d_x, d_prototypes) = Flex::transport_costs_backward(
                     pick(&x),
                     pick(&prototypes),
@@ -424,36 +423,31 @@ mod tests {
                     pick(&costs_grad),
                     layout,
                 );
-                let (plan, _, _) = Flex::partial_transport(
-                    pick(&costs_in),
-                    pick(&mass),
-                    settings,
-                    TransportOutput::Plan,
-                );
-                let plan_in = (
-                    cast(&plan, dtype),
-                    cast(&cast(&plan, dtype), FloatDType::F32),
-                );
-                let d_costs = Flex::partial_transport_backward(
-                    pick(&plan_in),
-                    pick(&plan_grad),
-                    pick(&mass),
-                    settings.epsilon,
-                    TransportOutput::Plan,
-                );
-                let (marginals, marginal_plan, _) = Flex::partial_transport(
-                    pick(&costs_in),
-                    pick(&mass),
-                    settings,
-                    TransportOutput::Marginals,
-                );
-                let d_costs_marginals = Flex::partial_transport_backward(
-                    pick(&plan_in),
-                    pick(&marginals_grad),
-                    pick(&mass),
-                    settings.epsilon,
-                    TransportOutput::Marginals,
-                );
+                outputs.extend([
+                    ("transport costs".to_string(), costs),
+                    ("costs backward: features".to_string(), d_x),
+                    ("costs backward: prototypes".to_string(), d_prototypes),
+                ]);
+                for (output, grad) in [
+                    (TransportOutput::Plan, &plan_grad),
+                    (TransportOutput::Marginals, &marginals_grad),
+                ] {
+                    let (first, plan, _) =
+                        Flex::partial_transport(pick(&costs_in), pick(&mass), settings, output);
+                    let plan_in = pair(&plan);
+                    let d_costs = Flex::partial_transport_backward(
+                        pick(&plan_in),
+                        pick(grad),
+                        pick(&mass),
+                        settings.epsilon,
+                        output,
+                    );
+                    outputs.extend([
+                        (format!("partial transport ({output:?})"), first),
+                        (format!("partial transport ({output:?}): plan"), plan),
+                        (format!("partial transport backward ({output:?})"), d_costs),
+                    ]);
+                }
                 let mean = Flex::generalized_mean(
                     pick(&positive),
                     pick(&powers),
@@ -461,15 +455,11 @@ mod tests {
                     1e-6,
                     layout,
                 );
-                let mean_in = (
-                    cast(&mean, dtype),
-                    cast(&cast(&mean, dtype), FloatDType::F32),
-                );
                 let (d_positive, d_powers) = Flex::generalized_mean_backward(
                     pick(&positive),
                     pick(&powers),
                     pick(&mask),
-                    pick(&mean_in),
+                    pick(&pair(&mean)),
                     pick(&pooled_grad),
                     1e-6,
                     layout,
@@ -482,25 +472,18 @@ mod tests {
                 );
                 let d_weights =
                     Flex::weighted_sum(pick(&x), pick(&pooled_grad), layout, SumOver::Channels);
-                [
-                    ("transport costs", costs),
-                    ("costs backward: features", d_x),
-                    ("costs backward: prototypes", d_prototypes),
-                    ("partial transport", plan),
-                    ("partial transport backward", d_costs),
-                    ("marginals", marginals),
-                    ("marginals: plan", marginal_plan),
-                    ("marginals backward", d_costs_marginals),
-                    ("generalized mean", mean),
-                    ("generalized mean backward: x", d_positive),
-                    ("generalized mean backward: powers", d_powers),
-                    ("weighted sum", sum),
-                    ("weighted sum backward: features", d_x_sum),
-                    ("weighted sum backward: weights", d_weights),
-                ]
+                outputs.extend([
+                    ("generalized mean".to_string(), mean),
+                    ("generalized mean backward: x".to_string(), d_positive),
+                    ("generalized mean backward: powers".to_string(), d_powers),
+                    ("weighted sum".to_string(), sum),
+                    ("weighted sum backward: features".to_string(), d_x_sum),
+                    ("weighted sum backward: weights".to_string(), d_weights),
+                ]);
+                outputs
             };
             for ((op, half), (_, wide)) in run(true).into_iter().zip(run(false)) {
-                narrowed(op, dtype, &half, &wide);
+                narrowed(&op, dtype, &half, &wide);
             }
         }
     }
