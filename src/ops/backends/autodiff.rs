@@ -55,23 +55,6 @@ impl<B: Backend + PoolingOps> Backward<B, 1> for TransportBackward {
     }
 }
 
-impl TransportBackward {
-    /// Records `output` (the plan or its marginals) as a node whose backward reads the plan.
-    fn record<B: Backend + PoolingOps, C: CheckpointStrategy>(
-        self,
-        costs: NodeGuard,
-        output: FloatTensor<B>,
-        plan: FloatTensor<B>,
-        mass: FloatTensor<B>,
-        epsilon: f64,
-    ) -> FloatTensor<Autodiff<B, C>> {
-        match self.prepare::<C>([costs]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((plan, mass, epsilon), output),
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        }
-    }
-}
-
 /// The autodiff node of one cost matrix.
 #[derive(Debug)]
 struct CostsBackward;
@@ -166,6 +149,20 @@ impl<B: Backend + PoolingOps> Backward<B, 2> for WeightedSumBackward {
 /// A float primitive of the autodiff backend.
 type Tracked<B, C> = FloatTensor<Autodiff<B, C>>;
 
+/// `output` as an autodiff tensor, recorded as `node` over `parents` when one of them is
+/// tracked, with the state `state()` builds (only then).
+fn record<B: Backend, C: CheckpointStrategy, N: Backward<B, P>, const P: usize>(
+    node: N,
+    parents: [NodeGuard; P],
+    output: FloatTensor<B>,
+    state: impl FnOnce() -> N::State,
+) -> Tracked<B, C> {
+    match node.prepare::<C>(parents).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state(), output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    }
+}
+
 impl<B: Backend + PoolingOps, C: CheckpointStrategy> PoolingOps for Autodiff<B, C>
 where
     DispatchTensor: DispatchKindConversion<Self>,
@@ -178,16 +175,8 @@ where
         let parents = [features.node(), prototypes.node()];
         let (features, prototypes) = (features.into_primitive(), prototypes.into_primitive());
         let costs = B::transport_costs(features.clone(), prototypes.clone(), layout);
-        match CostsBackward
-            .prepare::<C>(parents)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                prep.finish((features, prototypes, costs.clone(), layout), costs)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(costs),
-        }
+        let state = || (features, prototypes, costs.clone(), layout);
+        record::<B, C, _, 2>(CostsBackward, parents, costs.clone(), state)
     }
 
     fn partial_transport(
@@ -200,13 +189,8 @@ where
         let mass = mass.into_primitive();
         let (first, plan, iterations) =
             B::partial_transport(costs.into_primitive(), mass.clone(), settings, output);
-        let first = TransportBackward(output).record::<B, C>(
-            costs_node,
-            first,
-            plan.clone(),
-            mass,
-            settings.epsilon,
-        );
+        let state = || (plan.clone(), mass, settings.epsilon);
+        let first = record::<B, C, _, 1>(TransportBackward(output), [costs_node], first, state);
         (
             first,
             <Self as AutodiffBackend>::from_inner(plan),
@@ -228,16 +212,8 @@ where
             mask.into_primitive(),
         );
         let output = B::generalized_mean(x.clone(), powers.clone(), mask.clone(), eps, layout);
-        match GeneralizedMeanBackward
-            .prepare::<C>(parents)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                prep.finish((x, powers, mask, output.clone(), eps, layout), output)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        }
+        let state = || (x, powers, mask, output.clone(), eps, layout);
+        record::<B, C, _, 2>(GeneralizedMeanBackward, parents, output.clone(), state)
     }
 
     fn weighted_sum(
@@ -250,17 +226,11 @@ where
         let (x_tracked, vector_tracked) = (x.is_tracked(), vector.is_tracked());
         let (x, vector) = (x.into_primitive(), vector.into_primitive());
         let output = B::weighted_sum(x.clone(), vector.clone(), layout, over);
-        match WeightedSumBackward(over)
-            .prepare::<C>(parents)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let x = vector_tracked.then_some(x);
-                let vector = x_tracked.then_some(vector);
-                prep.finish((x, vector, layout), output)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        }
+        // Each gradient reads the other input: keep only what a tracked input needs.
+        let state = || {
+            let x = vector_tracked.then_some(x);
+            (x, x_tracked.then_some(vector), layout)
+        };
+        record::<B, C, _, 2>(WeightedSumBackward(over), parents, output, state)
     }
 }
