@@ -15,6 +15,12 @@ pub(super) struct Strided {
 
 #[cube]
 impl Strided {
+    /// The line starting at `start` with elements `step` apart (for an output, which the
+    /// constructors below cannot borrow).
+    pub fn new(start: usize, step: usize) -> Strided {
+        Strided { start, step }
+    }
+
     /// The line of a `[B, ·, ·]` `tensor` along axis `along` through sample `b` and index `i`
     /// of axis `across`.
     pub fn through<F: Float>(

@@ -21,6 +21,7 @@ use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
+use super::strided::Strided;
 use super::tensors::{Launch, empty_like};
 use crate::maths::implicit_backward::MIN_DENOMINATOR;
 use crate::maths::settings::TransportSettings;
@@ -145,6 +146,8 @@ fn bracket_pass<F: Float>(
     #[comptime] block: usize,
 ) -> (F, F) {
     let n = mass.shape(1);
+    let mass_line = Strided::row::<F>(mass, b);
+    let plan_line = Strided::new(b * plan.stride(0), plan.stride(2));
     let zero = F::new(0.0);
     let mut above = F::min_value();
     let mut below = F::min_value();
@@ -154,9 +157,9 @@ fn bracket_pass<F: Float>(
     }
     let mut j = UNIT_POS_X as usize;
     while j < n {
-        let a = mass[b * mass.stride(0) + j * mass.stride(1)];
+        let a = mass[mass_line.at(j)];
         if a > zero {
-            let log_mass = plan[b * plan.stride(0) + j * plan.stride(2)];
+            let log_mass = plan[plan_line.at(j)];
             let (up, down) = (a.ln() + log_mass, a.ln() - log_mass);
             if comptime![exponentiate] {
                 above += (up - above_shift).exp();
@@ -226,23 +229,20 @@ fn partial_transport_kernel<F: Float>(
     let tolerance = tolerance.get::<F>();
     let (zero, one) = (F::new(0.0), F::new(1.0));
     let (lowest, highest) = (F::min_value(), F::max_value());
-    let costs_row = b * costs.stride(0);
-    let costs_step = costs.stride(2);
-    let plan_row = b * plan.stride(0);
-    let plan_step = plan.stride(2);
-    let mass_row = b * mass.stride(0);
-    let mass_step = mass.stride(1);
+    // Row 0 of the costs and of the plan along the positions, and the masses.
+    let costs_line = Strided::through::<F>(costs, b, 0, 1usize, 2usize);
+    let plan_line = Strided::new(b * plan.stride(0), plan.stride(2));
+    let mass_line = Strided::row::<F>(mass, b);
 
     // ℓ_j into the plan's row 0; the extremes of ℓ over the valid positions.
     let mut largest = lowest;
     let mut smallest = highest;
     let mut j = unit;
     while j < n {
-        let (shift, total) =
-            shifted_total::<F>(costs, costs_row + j * costs_step, count, inv_epsilon);
+        let (shift, total) = shifted_total::<F>(costs, costs_line.at(j), count, inv_epsilon);
         let log_mass = total.ln() - shift * inv_epsilon;
-        plan[plan_row + j * plan_step] = log_mass;
-        if mass[mass_row + j * mass_step] > zero {
+        plan[plan_line.at(j)] = log_mass;
+        if mass[mass_line.at(j)] > zero {
             largest = largest.max(log_mass);
             smallest = smallest.min(log_mass);
         }
@@ -277,9 +277,9 @@ fn partial_transport_kernel<F: Float>(
         let mut slope = zero;
         let mut j = unit;
         while j < n {
-            let a = mass[mass_row + j * mass_step];
+            let a = mass[mass_line.at(j)];
             if a > zero {
-                let logit = beta + plan[plan_row + j * plan_step];
+                let logit = beta + plan[plan_line.at(j)];
                 let s = sigmoid::<F>(logit);
                 sent += a * s;
                 kept += a * sigmoid::<F>(-logit);
@@ -321,10 +321,10 @@ fn partial_transport_kernel<F: Float>(
     let costs_step_k = costs.stride(1);
     let mut j = unit;
     while j < n {
-        let a = mass[mass_row + j * mass_step];
-        let at = plan_row + j * plan_step;
+        let a = mass[mass_line.at(j)];
+        let at = plan_line.at(j);
         let logit = beta + plan[at];
-        let costs_at = costs_row + j * costs_step;
+        let costs_at = costs_line.at(j);
         let (shift, total) = shifted_total::<F>(costs, costs_at, count, inv_epsilon);
         let factor = a * sigmoid::<F>(logit) / total;
         for k in 0..count {
@@ -402,18 +402,16 @@ fn partial_transport_backward_kernel<F: Float>(
     let n = plan.shape(2);
     let scale = scale.get::<F>();
     let zero = F::new(0.0);
-    let plan_row = b * plan.stride(0);
-    let plan_step = plan.stride(2);
-    let mass_row = b * mass.stride(0);
-    let mass_step = mass.stride(1);
+    let plan_line = Strided::through::<F>(plan, b, 0, 1usize, 2usize);
+    let mass_line = Strided::row::<F>(mass, b);
 
     let mut numerator = zero;
     let mut slope = zero;
     let mut j = unit;
     while j < n {
-        let a = mass[mass_row + j * mass_step];
+        let a = mass[mass_line.at(j)];
         let (column, sent) = column_sums::<F>(plan, grad, b, j, marginals);
-        let rho = plan[plan_row + j * plan_step];
+        let rho = plan[plan_line.at(j)];
         let mut inverse_mass = zero;
         if a > zero {
             inverse_mass = F::new(1.0) / a;
@@ -431,15 +429,15 @@ fn partial_transport_backward_kernel<F: Float>(
     let out_step = costs_gradient.stride(2);
     let mut j = unit;
     while j < n {
-        let a = mass[mass_row + j * mass_step];
+        let a = mass[mass_line.at(j)];
         let (column, _) = column_sums::<F>(plan, grad, b, j, marginals);
-        let rho = plan[plan_row + j * plan_step];
+        let rho = plan[plan_line.at(j)];
         let mut v = zero;
         if a > zero {
             v = (column + lambda * rho) / a;
         }
         for k in 1..rows {
-            let p = plan[plan_row + k * plan.stride(1) + j * plan_step];
+            let p = plan[plan_line.at(j) + k * plan.stride(1)];
             let g = upstream::<F>(grad, b, k, j, n, marginals);
             costs_gradient[out_row + (k - 1) * out_step_k + j * out_step] = scale * p * (g - v);
         }
