@@ -131,3 +131,55 @@ mod tests {
         }
     }
 }
+
+/// The fused kernel and both halves of its backward against the composite under autodiff.
+#[cfg(all(test, feature = "autodiff"))]
+mod against_composite {
+    use burn::tensor::{Device, Distribution, Tensor, TensorData, Tolerance};
+
+    use crate::layout::Layout;
+    use crate::maths::weighted_sum::weighted_sum as composite;
+    use crate::ops::backends::flex::simd::check::assert_same;
+    use crate::ops::routing::weighted_sum;
+
+    /// In both layouts, as GAP's masked mean (untracked weights, 0 on padding) and as GSP's
+    /// pooling (tracked weights).
+    #[test]
+    fn fused_weighted_sum_matches_composite() {
+        let device = Device::flex().autodiff();
+        device.seed(2);
+        let (b, n, c) = (3, 6, 5);
+        let normal = Distribution::Normal(0.0, 1.0);
+        // GAP's weights: 1/4 on the 4 valid positions of each sample, 0 on the 2 padded ones.
+        let mean = (0..b * n)
+            .map(|i| if i % 3 != 1 { 0.25f32 } else { 0.0 })
+            .collect::<Vec<_>>();
+        let mean = Tensor::<2>::from_data(TensorData::new(mean, [b, n]), &device);
+        let free = Tensor::<2>::random([b, n], normal, &device);
+        let tolerance = Tolerance::rel_abs(1e-5, 1e-6);
+        for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+            let x = Tensor::<3>::random(layout.dims(b, n, c), normal, &device);
+            let upstream = Tensor::<2>::random([b, c], normal, &device);
+            for (weights, tracked) in [(&mean, false), (&free, true)] {
+                // y, ∂L/∂x and ∂L/∂w (if tracked) of L = Σ upstream ⊙ y.
+                type Pool = fn(Tensor<3>, Tensor<2>, Layout) -> Tensor<2>;
+                let differentiate = |pool: Pool| {
+                    let x = x.clone().detach().require_grad();
+                    let w = weights.clone().detach();
+                    let w = if tracked { w.require_grad() } else { w };
+                    let y = pool(x.clone(), w.clone(), layout);
+                    let grads = (y.clone() * upstream.clone()).sum().backward();
+                    (y, x.grad(&grads).unwrap(), w.grad(&grads))
+                };
+                let (fused, fused_dx, fused_dw) = differentiate(weighted_sum);
+                let (expected, expected_dx, expected_dw) = differentiate(composite);
+                assert_same(fused, expected, tolerance);
+                assert_same(fused_dx, expected_dx, tolerance);
+                assert_eq!(fused_dw.is_some(), tracked, "{layout:?}");
+                if let (Some(dw), Some(expected_dw)) = (fused_dw, expected_dw) {
+                    assert_same(dw, expected_dw, tolerance);
+                }
+            }
+        }
+    }
+}
