@@ -339,7 +339,7 @@ mod tests {
 /// The fused kernel and its backward against the reference composites.
 #[cfg(all(test, feature = "autodiff"))]
 mod against_composite {
-    use crate::ops::backends::flex::simd::check::assert_same;
+    use crate::ops::backends::flex::simd::check::{assert_same, output_and_gradients};
     use burn::tensor::Tensor;
 
     use crate::layout::Layout;
@@ -375,20 +375,13 @@ mod against_composite {
             let weights = Tensor::<2>::random([b, c], Distribution::Uniform(-1.0, 1.0), &device);
             // y, ∂L/∂x and ∂L/∂p of L = Σ weights ⊙ y, for y the kernel's or the composite's.
             type Pool = fn(Tensor<3>, Tensor<1>, Option<Tensor<2>>, f64, Layout) -> Tensor<2>;
-            let differentiate = |pool: Pool| {
-                let (x, p) = (x.clone().require_grad(), powers.clone().require_grad());
-                let y = pool(
-                    x.clone(),
-                    p.clone(),
-                    Some(mask.clone().float()),
-                    1e-6,
-                    layout,
-                );
-                let grads = (y.clone() * weights.clone()).sum().backward();
-                (y, x.grad(&grads).unwrap(), p.grad(&grads).unwrap())
+            let run = |pool: Pool| {
+                let pool = |x, p| pool(x, p, Some(mask.clone().float()), 1e-6, layout);
+                let (y, dx, dp) = output_and_gradients(pool, &x, &powers, true, &weights);
+                (y, dx, dp.expect("the powers are tracked"))
             };
-            let (fused, fused_dx, fused_dp) = differentiate(generalized_mean);
-            let (composite, composite_dx, composite_dp) = differentiate(composite_forward);
+            let (fused, fused_dx, fused_dp) = run(generalized_mean);
+            let (composite, composite_dx, composite_dp) = run(composite_forward);
             let tolerance = Tolerance::rel_abs(1e-4, 1e-6);
             assert_same(fused.clone(), composite, tolerance);
             assert_same(fused_dx.clone(), composite_dx, tolerance);

@@ -52,6 +52,28 @@ pub(super) mod check {
             .assert_approx_eq::<f32>(&b.into_data(), tolerance);
     }
 
+    /// `pool`'s output `[B, C]` and, for L = Σ upstream ⊙ y, ∂L/∂x and ∂L/∂second (when
+    /// `track_second`), on fresh leaves of `x` and `second`: what a kernel and its composite
+    /// are compared on.
+    pub fn output_and_gradients<const D: usize>(
+        pool: impl Fn(Tensor<3>, Tensor<D>) -> Tensor<2>,
+        x: &Tensor<3>,
+        second: &Tensor<D>,
+        track_second: bool,
+        upstream: &Tensor<2>,
+    ) -> (Tensor<2>, Tensor<3>, Option<Tensor<D>>) {
+        let x = x.clone().detach().require_grad();
+        let second = second.clone().detach();
+        let second = if track_second {
+            second.require_grad()
+        } else {
+            second
+        };
+        let y = pool(x.clone(), second.clone());
+        let grads = (y.clone() * upstream.clone()).sum().backward();
+        (y, x.grad(&grads).unwrap(), second.grad(&grads))
+    }
+
     /// `len` values in [lo, hi) from a fixed linear congruential sequence.
     pub fn values(len: usize, seed: u32, lo: f32, hi: f32) -> Vec<f32> {
         let mut state = seed.wrapping_mul(747_796_405).wrapping_add(1);

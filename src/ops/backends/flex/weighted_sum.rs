@@ -139,7 +139,7 @@ mod against_composite {
 
     use crate::layout::Layout;
     use crate::maths::weighted_sum::weighted_sum as composite;
-    use crate::ops::backends::flex::simd::check::assert_same;
+    use crate::ops::backends::flex::simd::check::{assert_same, output_and_gradients};
     use crate::ops::routing::weighted_sum;
 
     /// In both layouts, as GAP's masked mean (untracked weights, 0 on padding) and as GSP's
@@ -161,18 +161,12 @@ mod against_composite {
             let x = Tensor::<3>::random(layout.dims(b, n, c), normal, &device);
             let upstream = Tensor::<2>::random([b, c], normal, &device);
             for (weights, tracked) in [(&mean, false), (&free, true)] {
-                // y, ∂L/∂x and ∂L/∂w (if tracked) of L = Σ upstream ⊙ y.
-                type Pool = fn(Tensor<3>, Tensor<2>, Layout) -> Tensor<2>;
-                let differentiate = |pool: Pool| {
-                    let x = x.clone().detach().require_grad();
-                    let w = weights.clone().detach();
-                    let w = if tracked { w.require_grad() } else { w };
-                    let y = pool(x.clone(), w.clone(), layout);
-                    let grads = (y.clone() * upstream.clone()).sum().backward();
-                    (y, x.grad(&grads).unwrap(), w.grad(&grads))
+                let run = |pool: fn(Tensor<3>, Tensor<2>, Layout) -> Tensor<2>| {
+                    let pool = |x, w| pool(x, w, layout);
+                    output_and_gradients(pool, &x, weights, tracked, &upstream)
                 };
-                let (fused, fused_dx, fused_dw) = differentiate(weighted_sum);
-                let (expected, expected_dx, expected_dw) = differentiate(composite);
+                let (fused, fused_dx, fused_dw) = run(weighted_sum);
+                let (expected, expected_dx, expected_dw) = run(composite);
                 assert_same(fused, expected, tolerance);
                 assert_same(fused_dx, expected_dx, tolerance);
                 assert_eq!(fused_dw.is_some(), tracked, "{layout:?}");
