@@ -279,6 +279,7 @@ mod tests {
 
     /// On an autodiff Flex device the gradient comes from the analytical backward node, not
     /// from the fallback's tracked Newton step.
+    #[cfg(feature = "autodiff")]
     #[test]
     fn custom_backward_runs_on_autodiff_flex() {
         use crate::ops::BACKWARD_CALLS;

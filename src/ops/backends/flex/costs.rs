@@ -388,12 +388,12 @@ mod tests {
 /// The fused kernel and its backward against the reference composites.
 #[cfg(all(test, feature = "autodiff"))]
 mod against_composite {
-    use crate::ops::backends::flex::simd::check::assert_same;
+    use crate::ops::backends::flex::simd::check::{assert_same, seeded_autodiff};
     use burn::tensor::Tensor;
 
     use crate::layout::Layout;
     use crate::maths::costs::{composite_costs, costs_gradient};
-    use burn::tensor::{Device, Distribution, Tolerance};
+    use burn::tensor::{Distribution, Tolerance};
     use std::sync::atomic::Ordering;
 
     use crate::ops::BACKWARD_CALLS;
@@ -405,8 +405,7 @@ mod against_composite {
     /// is clamped, so its gradient is 0).
     #[test]
     fn fused_kernel_matches_composite_paths() {
-        let device = Device::flex().autodiff();
-        device.seed(4);
+        let device = seeded_autodiff(4);
         let (b, n, c, k) = (3, 7, 6, 4);
         let prototypes = Tensor::<2>::random([k, c], Distribution::Uniform(-0.6, 0.6), &device);
         // Prototype 0 outside the unit ball.

@@ -339,7 +339,9 @@ mod tests {
 /// The fused kernel and its backward against the reference composites.
 #[cfg(all(test, feature = "autodiff"))]
 mod against_composite {
-    use crate::ops::backends::flex::simd::check::{assert_same, output_and_gradients};
+    use crate::ops::backends::flex::simd::check::{
+        assert_same, output_and_gradients, seeded_autodiff,
+    };
     use burn::tensor::Tensor;
 
     use crate::layout::Layout;
@@ -354,8 +356,7 @@ mod against_composite {
     /// the rounding of ln, hence 1e-4).
     #[test]
     fn fused_kernel_matches_composite_paths() {
-        let device = Device::flex().autodiff();
-        device.seed(1);
+        let device = seeded_autodiff(1);
         let (b, n, c) = (3, 7, 5);
         for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
             let shape = layout.dims(b, n, c);

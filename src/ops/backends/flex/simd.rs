@@ -44,9 +44,19 @@ pub(super) use wide_kernel;
 /// build agree (the other tests run only the copy this machine picks).
 #[cfg(test)]
 pub(super) mod check {
-    use burn::tensor::{Tensor, Tolerance};
+    #[cfg(feature = "autodiff")]
+    use burn::tensor::{Device, Tensor, Tolerance};
+
+    /// A Flex device with autodiff, its random numbers seeded with `seed`.
+    #[cfg(feature = "autodiff")]
+    pub fn seeded_autodiff(seed: u64) -> Device {
+        let device = Device::flex().autodiff();
+        device.seed(seed);
+        device
+    }
 
     /// Panics unless two tensors agree within `tolerance` (as f32).
+    #[cfg(feature = "autodiff")]
     pub fn assert_same<const D: usize>(a: Tensor<D>, b: Tensor<D>, tolerance: Tolerance<f32>) {
         a.into_data()
             .assert_approx_eq::<f32>(&b.into_data(), tolerance);
@@ -55,6 +65,7 @@ pub(super) mod check {
     /// `pool`'s output `[B, C]` and, for L = Σ upstream ⊙ y, ∂L/∂x and ∂L/∂second (when
     /// `track_second`), on fresh leaves of `x` and `second`: what a kernel and its composite
     /// are compared on.
+    #[cfg(feature = "autodiff")]
     pub fn output_and_gradients<const D: usize>(
         pool: impl Fn(Tensor<3>, Tensor<D>) -> Tensor<2>,
         x: &Tensor<3>,

@@ -135,19 +135,20 @@ mod tests {
 /// The fused kernel and both halves of its backward against the composite under autodiff.
 #[cfg(all(test, feature = "autodiff"))]
 mod against_composite {
-    use burn::tensor::{Device, Distribution, Tensor, TensorData, Tolerance};
+    use burn::tensor::{Distribution, Tensor, TensorData, Tolerance};
 
     use crate::layout::Layout;
     use crate::maths::weighted_sum::weighted_sum as composite;
-    use crate::ops::backends::flex::simd::check::{assert_same, output_and_gradients};
+    use crate::ops::backends::flex::simd::check::{
+        assert_same, output_and_gradients, seeded_autodiff,
+    };
     use crate::ops::routing::weighted_sum;
 
     /// In both layouts, as GAP's masked mean (untracked weights, 0 on padding) and as GSP's
     /// pooling (tracked weights).
     #[test]
     fn fused_weighted_sum_matches_composite() {
-        let device = Device::flex().autodiff();
-        device.seed(2);
+        let device = seeded_autodiff(2);
         let (b, n, c) = (3, 6, 5);
         let normal = Distribution::Normal(0.0, 1.0);
         // GAP's weights: 1/4 on the 4 valid positions of each sample, 0 on the 2 padded ones.
