@@ -150,15 +150,16 @@ impl<B: Backend + PoolingOps> Backward<B, 2> for WeightedSumBackward {
 type Tracked<B, C> = FloatTensor<Autodiff<B, C>>;
 
 /// `output` as an autodiff tensor, recorded as `node` over `parents` when one of them is
-/// tracked, with the state `state()` builds (only then).
+/// tracked, with the state `state(&output)` builds (only then: an untracked call keeps no
+/// extra handle on anything).
 fn record<B: Backend, C: CheckpointStrategy, N: Backward<B, P>, const P: usize>(
     node: N,
     parents: [NodeGuard; P],
     output: FloatTensor<B>,
-    state: impl FnOnce() -> N::State,
+    state: impl FnOnce(&FloatTensor<B>) -> N::State,
 ) -> Tracked<B, C> {
     match node.prepare::<C>(parents).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(state(), output),
+        OpsKind::Tracked(prep) => prep.finish(state(&output), output),
         OpsKind::UnTracked(prep) => prep.finish(output),
     }
 }
@@ -175,8 +176,8 @@ where
         let parents = [features.node(), prototypes.node()];
         let (features, prototypes) = (features.into_primitive(), prototypes.into_primitive());
         let costs = B::transport_costs(features.clone(), prototypes.clone(), layout);
-        let state = || (features, prototypes, costs.clone(), layout);
-        record::<B, C, _, 2>(CostsBackward, parents, costs.clone(), state)
+        let state = |costs: &FloatTensor<B>| (features, prototypes, costs.clone(), layout);
+        record::<B, C, _, 2>(CostsBackward, parents, costs, state)
     }
 
     fn partial_transport(
@@ -189,7 +190,7 @@ where
         let mass = mass.into_primitive();
         let (first, plan, iterations) =
             B::partial_transport(costs.into_primitive(), mass.clone(), settings, output);
-        let state = || (plan.clone(), mass, settings.epsilon);
+        let state = |_: &FloatTensor<B>| (plan.clone(), mass, settings.epsilon);
         let first = record::<B, C, _, 1>(TransportBackward(output), [costs_node], first, state);
         (
             first,
@@ -212,8 +213,8 @@ where
             mask.into_primitive(),
         );
         let output = B::generalized_mean(x.clone(), powers.clone(), mask.clone(), eps, layout);
-        let state = || (x, powers, mask, output.clone(), eps, layout);
-        record::<B, C, _, 2>(GeneralizedMeanBackward, parents, output.clone(), state)
+        let state = |output: &FloatTensor<B>| (x, powers, mask, output.clone(), eps, layout);
+        record::<B, C, _, 2>(GeneralizedMeanBackward, parents, output, state)
     }
 
     fn weighted_sum(
@@ -227,7 +228,7 @@ where
         let (x, vector) = (x.into_primitive(), vector.into_primitive());
         let output = B::weighted_sum(x.clone(), vector.clone(), layout, over);
         // Each gradient reads the other input: keep only what a tracked input needs.
-        let state = || {
+        let state = |_: &FloatTensor<B>| {
             let x = vector_tracked.then_some(x);
             (x, x_tracked.then_some(vector), layout)
         };

@@ -22,27 +22,21 @@ impl Launch {
     /// One unit per element of `units` outputs, on `like`'s client and in its dtype.
     pub(super) fn per_element(like: &CubeTensor, units: usize) -> Self {
         let dim = CubeDim::new(&like.client, units);
-        Self {
-            count: calculate_cube_count_elemwise(&like.client, units, dim),
-            dim,
-            ..Self::on(like)
-        }
+        let count = calculate_cube_count_elemwise(&like.client, units, dim);
+        Self::new(like, count, dim)
     }
 
     /// One cube of `block` units per sample of `batch`.
     pub(super) fn per_sample(like: &CubeTensor, batch: usize, block: usize) -> Self {
-        Self {
-            count: CubeCount::Static(batch as u32, 1, 1),
-            dim: CubeDim::new_1d(block as u32),
-            ..Self::on(like)
-        }
+        let count = CubeCount::Static(batch as u32, 1, 1);
+        Self::new(like, count, CubeDim::new_1d(block as u32))
     }
 
-    fn on(like: &CubeTensor) -> Self {
+    fn new(like: &CubeTensor, count: CubeCount, dim: CubeDim) -> Self {
         Self {
             client: like.client.clone(),
-            count: CubeCount::Static(1, 1, 1),
-            dim: CubeDim::new_1d(1),
+            count,
+            dim,
             dtype: dtype_to_storage_type(like.dtype),
         }
     }
