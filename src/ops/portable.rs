@@ -33,14 +33,10 @@ pub(crate) fn transport_costs_backward<B: TensorBridge>(
     grad: FloatTensor<B>,
     layout: Layout,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
-    let (features, prototypes) = costs_gradient(
-        B::wrap(features),
-        B::wrap(prototypes),
-        B::wrap(costs),
-        B::wrap(grad),
-        layout,
-    );
-    (B::unwrap(features), B::unwrap(prototypes))
+    let (features, prototypes) = (B::wrap(features), B::wrap(prototypes));
+    let (d_features, d_prototypes) =
+        costs_gradient(features, prototypes, B::wrap(costs), B::wrap(grad), layout);
+    (B::unwrap(d_features), B::unwrap(d_prototypes))
 }
 
 pub(crate) fn partial_transport<B: TensorBridge>(
@@ -84,13 +80,8 @@ pub(crate) fn generalized_mean<B: TensorBridge>(
     eps: f64,
     layout: Layout,
 ) -> FloatTensor<B> {
-    B::unwrap(composite_forward(
-        B::wrap(x),
-        B::wrap(powers),
-        Some(B::wrap(mask)),
-        eps,
-        layout,
-    ))
+    let (x, powers, mask) = (B::wrap(x), B::wrap(powers), B::wrap(mask));
+    B::unwrap(composite_forward(x, powers, Some(mask), eps, layout))
 }
 
 pub(crate) fn generalized_mean_backward<B: TensorBridge>(
@@ -102,15 +93,9 @@ pub(crate) fn generalized_mean_backward<B: TensorBridge>(
     eps: f64,
     layout: Layout,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
-    let (dx, dp) = composite_backward(
-        B::wrap(x),
-        B::wrap(powers),
-        B::wrap(mask),
-        B::wrap(output),
-        B::wrap(grad),
-        eps,
-        layout,
-    );
+    let (x, powers, mask) = (B::wrap(x), B::wrap(powers), B::wrap(mask));
+    let (output, grad) = (B::wrap(output), B::wrap(grad));
+    let (dx, dp) = composite_backward(x, powers, mask, output, grad, eps, layout);
     (B::unwrap(dx), B::unwrap(dp))
 }
 

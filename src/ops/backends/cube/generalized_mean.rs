@@ -85,44 +85,77 @@ pub(super) fn launch_generalized_mean_backward(
     (dx, dp)
 }
 
-/// The first pass over one (b, c) row, the same in the forward and the backward: the log of
-/// the largest `max(x_n, ε)` over the valid positions, their number Σ_n m_n, and the
-/// channel's power p_c.
-#[cube]
-fn first_pass<F: Float>(
-    x: &Tensor<F>,
-    powers: &Tensor<F>,
-    mask: &Tensor<F>,
-    x_line: &Strided,
-    mask_line: &Strided,
+/// One (b, c) row of the generalized mean as both kernels begin it: where its `x` and mask
+/// elements are, the clamp floor, the channel's power p_c, and the first pass over the row:
+/// the log of the largest `max(x_n, ε)` over the valid positions and their number Σ_n m_n.
+#[derive(CubeType, Clone, Copy)]
+struct MeanRow<F: Float> {
+    b: usize,
     c: usize,
+    x_line: Strided,
+    mask_line: Strided,
     floor: F,
-) -> (F, F, F) {
-    let zero = F::new(0.0);
-    let mut largest = floor;
-    let mut count = zero;
-    for n in 0..mask.shape(1) {
-        let valid = mask[mask_line.at(n)];
-        let value = x[x_line.at(n)];
-        if valid > zero && value > largest {
-            largest = value;
-        }
-        count += valid;
-    }
-    (largest.ln(), count, powers[c * powers.stride(0)])
+    p: F,
+    log_max: F,
+    count: F,
 }
 
-/// One position's term of the generalized mean's power sum, `m_n exp(p (ln max(x_n, ε) − ln max))`,
-/// and `ln max(x_n, ε)`, shared by the forward and the backward. A branch, not `m_n · term`:
-/// a padded value above the maximum gives an infinite term, and 0·∞ would poison the sums.
 #[cube]
-fn power_weight<F: Float>(valid: F, raw: F, floor: F, p: F, log_max: F) -> (F, F) {
-    let log_value = raw.max(floor).ln();
-    let mut weight = F::new(0.0);
-    if valid > F::new(0.0) {
-        weight = valid * (p * (log_value - log_max)).exp();
+impl<F: Float> MeanRow<F> {
+    /// This unit's row, one unit per (b, c) of a `[B, channels]` output.
+    fn first_pass(
+        x: &Tensor<F>,
+        powers: &Tensor<F>,
+        mask: &Tensor<F>,
+        channels: usize,
+        floor: InputScalar,
+        #[comptime] position_axis: usize,
+        #[comptime] channel_axis: usize,
+    ) -> MeanRow<F> {
+        let (b, c) = unit_position(channels);
+        let x_line = Strided::through::<F>(x, b, c, channel_axis, position_axis);
+        let mask_line = Strided::row::<F>(mask, b);
+        let floor = floor.get::<F>();
+        let zero = F::new(0.0);
+        let mut largest = floor;
+        let mut count = zero;
+        for n in 0..mask.shape(1) {
+            let valid = mask[mask_line.at(n)];
+            let value = x[x_line.at(n)];
+            if valid > zero && value > largest {
+                largest = value;
+            }
+            count += valid;
+        }
+        MeanRow::<F> {
+            b,
+            c,
+            x_line,
+            mask_line,
+            floor,
+            p: powers[c * powers.stride(0)],
+            log_max: largest.ln(),
+            count,
+        }
     }
-    (weight, log_value)
+
+    /// Position n's term of the power sum, `m_n exp(p (ln max(x_n, ε) − ln max))`, and
+    /// `ln max(x_n, ε)`, shared by the forward and the backward. A branch, not `m_n · term`:
+    /// a padded value above the maximum gives an infinite term, and 0·∞ would poison the sums.
+    fn weight(&self, raw: F, mask: &Tensor<F>, n: usize) -> (F, F) {
+        let valid = mask[self.mask_line.at(n)];
+        let log_value = raw.max(self.floor).ln();
+        let mut weight = F::new(0.0);
+        if valid > F::new(0.0) {
+            weight = valid * (self.p * (log_value - self.log_max)).exp();
+        }
+        (weight, log_value)
+    }
+
+    /// Where this row's element is in a `[B, C]` input.
+    fn at(&self, tensor: &Tensor<F>) -> usize {
+        self.b * tensor.stride(0) + self.c * tensor.stride(1)
+    }
 }
 
 /// `y[b, c] = exp(ln max + ln(Σ_n m_n exp(p_c (ln max(x_n, ε) − ln max)) / Σ_n m_n) / p_c)`,
@@ -139,25 +172,25 @@ fn generalized_mean_kernel<F: Float>(
     #[comptime] channel_axis: usize,
     #[define(F)] _dtype: ElemType,
 ) {
-    let channels = output.shape(1);
-    if ABSOLUTE_POS >= output.shape(0) * channels {
+    if ABSOLUTE_POS >= output.shape(0) * output.shape(1) {
         terminate!();
     }
-    let (b, c) = unit_position(channels);
-    let x_line = Strided::through::<F>(x, b, c, channel_axis, position_axis);
-    let mask_line = Strided::row::<F>(mask, b);
-    let floor = floor.get::<F>();
-    let (log_max, count, p) = first_pass::<F>(x, powers, mask, &x_line, &mask_line, c, floor);
-
+    let row = MeanRow::<F>::first_pass(
+        x,
+        powers,
+        mask,
+        output.shape(1),
+        floor,
+        position_axis,
+        channel_axis,
+    );
     let mut sum = F::new(0.0);
     for n in 0..mask.shape(1) {
-        let valid = mask[mask_line.at(n)];
-        let (weight, _) = power_weight::<F>(valid, x[x_line.at(n)], floor, p, log_max);
+        let (weight, _) = row.weight(x[row.x_line.at(n)], mask, n);
         sum += weight;
     }
-
-    let at = b * output.stride(0) + c * output.stride(1);
-    output[at] = (log_max + (sum / count).ln() / p).exp();
+    let at = row.b * output.stride(0) + row.c * output.stride(1);
+    output[at] = (row.log_max + (sum / row.count).ln() / row.p).exp();
 }
 
 /// The generalized mean's backward for one (b, c), with w_n = m_n exp(p (ln max(x_n, ε) − ln max))
@@ -179,39 +212,41 @@ fn generalized_mean_backward_kernel<F: Float>(
     #[comptime] channel_axis: usize,
     #[define(F)] _dtype: ElemType,
 ) {
-    let channels = dp.shape(1);
-    if ABSOLUTE_POS >= dp.shape(0) * channels {
+    if ABSOLUTE_POS >= dp.shape(0) * dp.shape(1) {
         terminate!();
     }
-    let (b, c) = unit_position(channels);
-    let x_line = Strided::through::<F>(x, b, c, channel_axis, position_axis);
-    let dx_start = b * dx.stride(0) + c * dx.stride(channel_axis);
-    let dx_step = dx.stride(position_axis);
-    let mask_line = Strided::row::<F>(mask, b);
-    let floor = floor.get::<F>();
-    let zero = F::new(0.0);
-    let (log_max, count, p) = first_pass::<F>(x, powers, mask, &x_line, &mask_line, c, floor);
-
-    let y = output[b * output.stride(0) + c * output.stride(1)];
-    let g = grad[b * grad.stride(0) + c * grad.stride(1)];
+    let row = MeanRow::<F>::first_pass(
+        x,
+        powers,
+        mask,
+        dp.shape(1),
+        floor,
+        position_axis,
+        channel_axis,
+    );
+    let dx_line = Strided::new(
+        row.b * dx.stride(0) + row.c * dx.stride(channel_axis),
+        dx.stride(position_axis),
+    );
+    let (y, g, p) = (output[row.at(output)], grad[row.at(grad)], row.p);
     let log_y = y.ln();
-    let factor = g / count * (p * (log_max - log_y)).exp() * y;
+    let factor = g / row.count * (p * (row.log_max - log_y)).exp() * y;
+    let zero = F::new(0.0);
     let mut sum = zero;
     let mut weighted_log = zero;
     for n in 0..mask.shape(1) {
-        let valid = mask[mask_line.at(n)];
-        let raw = x[x_line.at(n)];
-        let (weight, log_value) = power_weight::<F>(valid, raw, floor, p, log_max);
+        let raw = x[row.x_line.at(n)];
+        let (weight, log_value) = row.weight(raw, mask, n);
         sum += weight;
         weighted_log += weight * log_value;
         // 0 on padding (weight 0) and at the clamp.
         let mut derivative = zero;
-        if raw > floor {
+        if raw > row.floor {
             derivative = factor * weight / raw;
         }
-        dx[dx_start + n * dx_step] = derivative;
+        dx[dx_line.at(n)] = derivative;
     }
 
-    let at = b * dp.stride(0) + c * dp.stride(1);
+    let at = row.b * dp.stride(0) + row.c * dp.stride(1);
     dp[at] = g * y / p * (weighted_log / sum - log_y);
 }
