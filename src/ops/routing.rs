@@ -5,7 +5,7 @@
 
 use burn::backend::Dispatch;
 use burn::backend::tensor::FloatTensor;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor};
 
 use super::{PoolingOps, SumOver, TransportOutput, extension_covers};
 use crate::layout::Layout;
@@ -81,14 +81,16 @@ fn solve<const D: usize>(
 }
 
 /// The generalized mean `[B, C]` of features in `layout` with powers `[C]` over the positions
-/// where `mask` `[B, N]` is 1 (all of them when `mask` is `None`).
+/// where the layer's `mask` `[B, N]` is true (all of them when it is `None`).
 pub(crate) fn generalized_mean(
     x: Tensor<3>,
     powers: Tensor<1>,
-    mask: Option<Tensor<2>>,
+    mask: Option<Tensor<2, Bool>>,
     eps: f64,
     layout: Layout,
 ) -> Tensor<2> {
+    // Both paths weigh the positions by a float mask (1 valid, 0 padding).
+    let mask = mask.map(|mask| mask.float());
     if extension_covers(&x.device()) {
         let mask = mask.unwrap_or_else(|| {
             let (batch, positions, _) = layout.split(x.dims());

@@ -193,11 +193,6 @@ impl Positions {
         self.layout.split(self.features.dims())
     }
 
-    /// The mask as float `[B, N]` (1 valid, 0 padding), the form the kernels take.
-    pub fn float_mask(&self) -> Option<Tensor<2>> {
-        self.mask.clone().map(|mask| mask.float())
-    }
-
     /// Global average pooling of the valid positions: `[B, C]`.
     pub fn mean(self) -> Tensor<2> {
         let weights = self.mean_weights();
@@ -248,8 +243,7 @@ impl Positions {
     pub fn generalized_mean(self, powers: impl FnOnce(usize) -> Tensor<1>, eps: f64) -> Tensor<2> {
         let (_, _, channels) = self.dims();
         let powers = powers(channels);
-        let mask = self.float_mask();
-        routing::generalized_mean(self.features, powers, mask, eps, self.layout)
+        routing::generalized_mean(self.features, powers, self.mask, eps, self.layout)
     }
 
     /// Σ_n w_bn x_bn over positions for weights `[B, N]`: `[B, C]`. Padded positions must have

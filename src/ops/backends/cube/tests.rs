@@ -303,7 +303,8 @@ fn routed_generalized_mean_runs_the_kernels() {
             Tensor::<1>::from_data(TensorData::new(powers.to_vec(), [3]), &device).require_grad();
         let ms = Tensor::<2>::from_data(TensorData::new(mask.clone(), mask_shape), &device);
         let y = if kernel {
-            crate::ops::routing::generalized_mean(xs.clone(), ps.clone(), Some(ms), EPS, layout)
+            let mask = Some(ms.bool());
+            crate::ops::routing::generalized_mean(xs.clone(), ps.clone(), mask, EPS, layout)
         } else {
             composite_forward(xs.clone(), ps.clone(), Some(ms), EPS, layout)
         };

@@ -375,14 +375,14 @@ mod against_composite {
             let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep, [b, n]), &device);
             let weights = Tensor::<2>::random([b, c], Distribution::Uniform(-1.0, 1.0), &device);
             // y, ∂L/∂x and ∂L/∂p of L = Σ weights ⊙ y, for y the kernel's or the composite's.
-            type Pool = fn(Tensor<3>, Tensor<1>, Option<Tensor<2>>, f64, Layout) -> Tensor<2>;
-            let run = |pool: Pool| {
-                let pool = |x, p| pool(x, p, Some(mask.clone().float()), 1e-6, layout);
+            let run = |pool: &dyn Fn(Tensor<3>, Tensor<1>) -> Tensor<2>| {
                 let (y, dx, dp) = output_and_gradients(pool, &x, &powers, true, &weights);
                 (y, dx, dp.expect("the powers are tracked"))
             };
-            let (fused, fused_dx, fused_dp) = run(generalized_mean);
-            let (composite, composite_dx, composite_dp) = run(composite_forward);
+            let (fused, fused_dx, fused_dp) =
+                run(&|x, p| generalized_mean(x, p, Some(mask.clone()), 1e-6, layout));
+            let (composite, composite_dx, composite_dp) =
+                run(&|x, p| composite_forward(x, p, Some(mask.clone().float()), 1e-6, layout));
             let tolerance = Tolerance::rel_abs(1e-4, 1e-6);
             assert_same(fused.clone(), composite, tolerance);
             assert_same(fused_dx.clone(), composite_dx, tolerance);
