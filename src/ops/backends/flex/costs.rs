@@ -388,14 +388,13 @@ mod tests {
 /// The fused kernel and its backward against the reference composites.
 #[cfg(all(test, feature = "autodiff"))]
 mod against_composite {
-    use crate::ops::backends::flex::simd::check::{assert_same, seeded_autodiff};
-    use burn::tensor::Tensor;
-
-    use crate::layout::Layout;
-    use crate::maths::costs::{composite_costs, costs_gradient};
-    use burn::tensor::{Distribution, Tolerance};
     use std::sync::atomic::Ordering;
 
+    use burn::tensor::{Distribution, Tensor, Tolerance};
+
+    use super::super::simd::check::{assert_same, seeded_autodiff};
+    use crate::layout::Layout;
+    use crate::maths::costs::{composite_costs, costs_gradient};
     use crate::ops::BACKWARD_CALLS;
     use crate::ops::routing::transport_costs;
 

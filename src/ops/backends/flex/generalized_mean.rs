@@ -339,15 +339,11 @@ mod tests {
 /// The fused kernel and its backward against the reference composites.
 #[cfg(all(test, feature = "autodiff"))]
 mod against_composite {
-    use crate::ops::backends::flex::simd::check::{
-        assert_same, output_and_gradients, seeded_autodiff,
-    };
-    use burn::tensor::Tensor;
+    use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData, Tolerance};
 
+    use super::super::simd::check::{assert_same, output_and_gradients, seeded_autodiff};
     use crate::layout::Layout;
     use crate::maths::generalized_mean::{composite_backward, composite_forward};
-    use burn::tensor::{Bool, Device, Distribution, TensorData, Tolerance};
-
     use crate::ops::routing::generalized_mean;
 
     /// The fused Flex kernel and its analytical backward against the composite form under
