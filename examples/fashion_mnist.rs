@@ -24,9 +24,10 @@
 //! * GSP + ZSR: K = 16 prototypes, μ = 0.3, ε = 0.05 (the `metric_learning` settings), loss
 //!   0.9·metric + 0.1·`ZeroShotLoss` over the batch's two class-disjoint halves; it pools as
 //!   GAP for the first eighth of the steps, then its prototypes are set by greedy k-center over
-//!   the last 1024 GAP-pooled features (gsp.md §9).
+//!   the last 1024 GAP-pooled features (the training recipe of docs/maths.md §6).
 //!
-//! GMP and GAP+GMP are not in the crate, so not here.
+//! GMP and GAP+GMP are not among this example's heads; `examples/learner.rs` trains them
+//! on Fashion-MNIST too.
 //!
 //! Run: `cargo run --release --example fashion_mnist` (defaults: `--train-classes 0,1,2,3,4
 //! --seeds 1,2,3 --steps 500`); `--help` lists the options, including GSP's ablations.
