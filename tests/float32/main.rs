@@ -1,10 +1,11 @@
-//! The tests on the backends' default f32 floats: the backends against each other, records
-//! and configs, training (a plain loop, and burn-train's `Learner` on one and two devices),
+//! The tests on the backends' default f32 floats: the bad-input matrix, the backends against
+//! each other, records and configs, training (a plain loop, and burn-train's `Learner` on one and two devices),
 //! and the examples' retrieval metrics and IDX loader.
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod bad_input;
 mod cross_backend;
 mod fashion_mnist_idx;
 mod learner;

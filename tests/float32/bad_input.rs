@@ -1,0 +1,1212 @@
+//! The bad-input matrix: every layer, on every backend configuration this build has (Flex,
+//! NdArray, wgpu — fused when the crate's `fusion` feature is on — each with and without
+//! autodiff), against bad shapes, bad configs, values changed after `init`, values at the float
+//! limits, and NaN/Inf at valid and at masked positions.
+//!
+//! Each case expects one of two things:
+//! - a panic whose message names the layer and the parameter (every fragment listed), or
+//! - a normal return whose values pass the case's check: finite and equal to a reference
+//!   (an f64 oracle, the same layer on the padding-free input, or a scaling identity), or the
+//!   documented propagation of a non-finite input within its own sample.
+//!
+//! Each case runs on its own thread under a time limit, so a hang is reported, not waited for;
+//! cases that could abort the process (allocation-sized parameters) run in a child process.
+//! The test prints the matrix's outcome counts and fails on any case that did not meet its
+//! expectation. When a layer joins the crate, it joins `LAYERS` (and its own config cases).
+#![allow(clippy::type_complexity)]
+
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Once;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use burn::module::Param;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn_pooling::loss::{ZeroShotLossConfig, ZeroShotSplit};
+use burn_pooling::transport::{
+    TransportSettings, TransportSolver, lipschitz_normalize, partial_transport,
+};
+use burn_pooling::{
+    GapConfig, GapGmpConfig, GemConfig, GmpConfig, GroupGemConfig, Gsp, GspConfig, Pooling,
+    PoolingConfig, PoolingInput,
+};
+
+use crate::common::Rng;
+
+/// How long one case may take before it counts as a hang: 60 s (lavapipe compiles each kernel
+/// on first use, so the first wgpu cases are slow), or `BURN_POOLING_BAD_INPUT_SECONDS`.
+fn time_limit() -> Duration {
+    let seconds = std::env::var("BURN_POOLING_BAD_INPUT_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    Duration::from_secs(seconds)
+}
+
+/// The name of the case threads, whose panics the hook keeps quiet.
+const CASE_THREAD: &str = "bad-input-case";
+
+/// Channels of every generated input (GroupGem uses 2 groups of 2).
+const C: usize = 4;
+
+// ---------------------------------------------------------------------------------------------
+// Devices and layers
+// ---------------------------------------------------------------------------------------------
+
+/// Every backend configuration of this build, each with and without autodiff.
+fn backends() -> Vec<(String, Device)> {
+    let mut plain = vec![("flex".to_string(), Device::flex())];
+    #[cfg(feature = "ndarray")]
+    #[allow(deprecated)] // NdArray is deprecated in Burn 0.22, still supported here.
+    plain.push(("ndarray".to_string(), Device::ndarray()));
+    #[cfg(feature = "wgpu")]
+    plain.push((
+        if cfg!(feature = "fusion") {
+            "wgpu-fused".to_string()
+        } else {
+            "wgpu".to_string()
+        },
+        Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+    ));
+    let mut all = Vec::new();
+    for (name, device) in plain {
+        all.push((format!("{name}+autodiff"), device.clone().autodiff()));
+        all.push((name, device));
+    }
+    all
+}
+
+/// The layers under test, by the name their panics use.
+const LAYERS: [&str; 6] = ["Gap", "Gmp", "GapGmp", "Gem", "GroupGem", "Gsp"];
+
+/// A layer with C = 4 channels (GroupGem: 2 groups; Gsp: K = 3), its default settings
+/// otherwise, through the one config type users store.
+fn layer(name: &str, device: &Device) -> Pooling {
+    config(name).init(device)
+}
+
+fn config(name: &str) -> PoolingConfig {
+    match name {
+        "Gap" => PoolingConfig::Gap(GapConfig::new()),
+        "Gmp" => PoolingConfig::Gmp(GmpConfig::new()),
+        "GapGmp" => PoolingConfig::GapGmp(GapGmpConfig::new()),
+        "Gem" => PoolingConfig::Gem(GemConfig::new()),
+        "GroupGem" => PoolingConfig::GroupGem(GroupGemConfig::new(2)),
+        "Gsp" => PoolingConfig::Gsp(GspConfig::new(C).with_num_prototypes(3)),
+        other => panic!("bad_input: unknown layer {other}"),
+    }
+}
+
+/// The f64 oracle of the reductions (GroupGem's powers all start at Gem's p = 3, so they share
+/// it); `None` for Gsp, whose references are identities instead. `rows[b]` holds the valid
+/// positions of sample b, each `[C]`.
+fn oracle(name: &str, rows: &[Vec<Vec<f64>>]) -> Option<Vec<f64>> {
+    let mean =
+        |set: &Vec<Vec<f64>>, c: usize| set.iter().map(|x| x[c]).sum::<f64>() / set.len() as f64;
+    let max =
+        |set: &Vec<Vec<f64>>, c: usize| set.iter().map(|x| x[c]).fold(f64::NEG_INFINITY, f64::max);
+    let gem = |set: &Vec<Vec<f64>>, c: usize| {
+        // Scaled by the largest clamped value so that x³ cannot overflow f64 either.
+        let clamped: Vec<f64> = set.iter().map(|x| x[c].max(1e-6)).collect();
+        let top = clamped.iter().cloned().fold(0.0, f64::max);
+        let mean = clamped.iter().map(|v| (v / top).powi(3)).sum::<f64>() / clamped.len() as f64;
+        top * mean.cbrt()
+    };
+    let per_channel = |f: &dyn Fn(&Vec<Vec<f64>>, usize) -> f64| -> Vec<f64> {
+        rows.iter()
+            .flat_map(|set| (0..C).map(|c| f(set, c)).collect::<Vec<_>>())
+            .collect()
+    };
+    match name {
+        "Gap" => Some(per_channel(&mean)),
+        "Gmp" => Some(per_channel(&max)),
+        "GapGmp" => Some(per_channel(&|set, c| mean(set, c) + max(set, c))),
+        "Gem" | "GroupGem" => Some(per_channel(&gem)),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensors
+// ---------------------------------------------------------------------------------------------
+
+fn floats<const D: usize>(values: &[f64], shape: [usize; D], device: &Device) -> Tensor<D> {
+    let values: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+fn bools(values: &[bool], shape: [usize; 2], device: &Device) -> Tensor<2, Bool> {
+    Tensor::from_bool(TensorData::new(values.to_vec(), shape), device)
+}
+
+/// The one value of a `[1]` flag (read as an integer: backends store booleans differently).
+fn read_bool(t: Tensor<1, Bool>) -> bool {
+    t.int().into_data().convert::<i64>().iter::<i64>().next() != Some(0)
+}
+
+fn read<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+    t.into_data()
+        .convert::<f64>()
+        .try_to_vec::<f64>()
+        .expect("f64 values")
+}
+
+/// `B × N × C` token values in [lo, hi), seeded.
+fn tokens_values(seed: u64, (b, n): (usize, usize), (lo, hi): (f64, f64)) -> Vec<f64> {
+    let mut rng = Rng::new(seed);
+    (0..b * n * C).map(|_| rng.uniform(lo, hi)).collect()
+}
+
+/// Sample `b`'s positions `n` with `keep[b·N + n]`, from `[B, N, C]` values.
+fn valid_rows(values: &[f64], n: usize, keep: &[bool]) -> Vec<Vec<Vec<f64>>> {
+    let b = values.len() / (n * C);
+    (0..b)
+        .map(|s| {
+            (0..n)
+                .filter(|&j| keep[s * n + j])
+                .map(|j| values[(s * n + j) * C..(s * n + j + 1) * C].to_vec())
+                .collect()
+        })
+        .collect()
+}
+
+/// Compares `actual` with `expected`, every value finite, within `rtol` (relative) and 1e-6
+/// (absolute).
+fn close(what: &str, actual: &[f64], expected: &[f64], rtol: f64) -> Result<(), String> {
+    if actual.len() != expected.len() {
+        return Err(format!(
+            "{what}: {} values, expected {}",
+            actual.len(),
+            expected.len()
+        ));
+    }
+    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+        if !a.is_finite() || (a - e).abs() > 1e-6 + rtol * e.abs() {
+            return Err(format!("{what}[{i}] = {a}, expected {e} (rtol {rtol})"));
+        }
+    }
+    Ok(())
+}
+
+fn all_finite(what: &str, values: &[f64]) -> Result<(), String> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(format!("{what}[{i}] = {} is not finite", values[i])),
+        None => Ok(()),
+    }
+}
+
+/// The same layer on each sample's valid positions alone (no mask): what a masked forward
+/// must equal, since padding must not reach the output.
+fn dropped_reference(layer: &Pooling, rows: &[Vec<Vec<f64>>], device: &Device) -> Vec<f64> {
+    rows.iter()
+        .flat_map(|set| {
+            let flat: Vec<f64> = set.concat();
+            read(layer.forward_tokens(floats(&flat, [1, set.len(), C], device)))
+        })
+        .collect()
+}
+
+/// Forward (+ backward on an autodiff device) of tokens `[B, N, C]` with an optional mask:
+/// the output, and the input's gradient of `Σ y` where the device tracks gradients.
+fn forward_tokens(
+    layer: &Pooling,
+    values: &[f64],
+    (b, n): (usize, usize),
+    mask: Option<&[bool]>,
+    device: &Device,
+) -> (Vec<f64>, Option<Vec<f64>>) {
+    let tracked = device.is_autodiff();
+    let mut x = floats(values, [b, n, C], device);
+    if tracked {
+        x = x.require_grad();
+    }
+    let mut input = PoolingInput::tokens(x.clone());
+    if let Some(mask) = mask {
+        input = input.with_mask(bools(mask, [b, n], device));
+    }
+    let y = layer.forward(input);
+    let out = read(y.clone());
+    let grad = tracked.then(|| {
+        let grads = y.sum().backward();
+        read(x.grad(&grads).expect("the input's gradient"))
+    });
+    (out, grad)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases
+// ---------------------------------------------------------------------------------------------
+
+type Check = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+struct Case {
+    name: String,
+    /// `Some(fragments)`: the case must panic with every fragment in its message.
+    panics_with: Option<Vec<String>>,
+    check: Check,
+    /// Run in a child process: the defect it guards against aborts the process.
+    isolate: bool,
+}
+
+impl Case {
+    fn returns(name: String, check: impl FnOnce() -> Result<(), String> + Send + 'static) -> Self {
+        Self {
+            name,
+            panics_with: None,
+            check: Box::new(check),
+            isolate: false,
+        }
+    }
+
+    fn panics(name: String, fragments: &[&str], run: impl FnOnce() + Send + 'static) -> Self {
+        Self {
+            name,
+            panics_with: Some(fragments.iter().map(|f| f.to_string()).collect()),
+            check: Box::new(move || {
+                run();
+                Ok(())
+            }),
+            isolate: false,
+        }
+    }
+
+    fn isolated(mut self) -> Self {
+        self.isolate = true;
+        self
+    }
+}
+
+/// The shape cases of one layer on one device.
+fn shape_cases(name: &'static str, (backend, device): &(String, Device), cases: &mut Vec<Case>) {
+    let tag = |what: &str| format!("{name}/{backend}/{what}");
+    let d = device.clone();
+    let run_maps = move |dims: [usize; 4]| {
+        let d = d.clone();
+        move || {
+            let maps = Tensor::<4>::ones(dims, &d);
+            let _ = read(layer(name, &d).forward(maps));
+        }
+    };
+    cases.push(Case::panics(
+        tag("maps C = 0"),
+        &[name, "C"],
+        run_maps([2, 0, 3, 3]),
+    ));
+    cases.push(Case::panics(
+        tag("maps H = 0"),
+        &[name, "H = 0"],
+        run_maps([2, C, 0, 3]),
+    ));
+    cases.push(Case::panics(
+        tag("maps W = 0"),
+        &[name, "W = 0"],
+        run_maps([2, C, 3, 0]),
+    ));
+    let d = device.clone();
+    cases.push(Case::panics(
+        tag("tokens N = num_prefix_tokens"),
+        &[name, "num_prefix_tokens"],
+        move || {
+            let tokens = Tensor::<3>::ones([2, 2, C], &d);
+            let input = PoolingInput::tokens(tokens).with_prefix_tokens(2);
+            let _ = read(layer(name, &d).forward(input));
+        },
+    ));
+    let d = device.clone();
+    cases.push(Case::panics(
+        tag("mask of the wrong shape"),
+        &[name, "mask", "[2, 5]"],
+        move || {
+            let tokens = Tensor::<3>::ones([2, 5, C], &d);
+            let mask = Tensor::<2, Bool>::ones([2, 4], &d);
+            let _ = read(layer(name, &d).forward(PoolingInput::tokens(tokens).with_mask(mask)));
+        },
+    ));
+    let d = device.clone();
+    cases.push(Case::panics(
+        tag("mask row without a valid position"),
+        &[name, "valid position", "[1]"],
+        move || {
+            let tokens = Tensor::<3>::ones([2, 3, C], &d);
+            let mask = bools(&[true, false, true, false, false, false], [2, 3], &d);
+            let _ = read(layer(name, &d).forward(PoolingInput::tokens(tokens).with_mask(mask)));
+        },
+    ));
+    let d = device.clone();
+    cases.push(Case::panics(
+        tag("mask row empty after the prefix"),
+        &[name, "valid position"],
+        move || {
+            let tokens = Tensor::<3>::ones([2, 3, C], &d);
+            let mask = bools(&[true, true, true, true, false, false], [2, 3], &d);
+            let input = PoolingInput::tokens(tokens)
+                .with_mask(mask)
+                .with_prefix_tokens(1);
+            let _ = read(layer(name, &d).forward(input));
+        },
+    ));
+    let d = device.clone();
+    cases.push(Case::returns(tag("maps B = 0 gives [0, C']"), move || {
+        let pooling = layer(name, &d);
+        let y = pooling.forward(Tensor::<4>::ones([0, C, 2, 2], &d));
+        let expected = [0, config(name).output_channels(C)];
+        (y.dims() == expected)
+            .then_some(())
+            .ok_or(format!("dims {:?}, expected {expected:?}", y.dims()))
+    }));
+    let d = device.clone();
+    cases.push(Case::returns(
+        tag("masked tokens B = 0 gives [0, C']"),
+        move || {
+            let pooling = layer(name, &d);
+            let tokens = Tensor::<3>::ones([0, 5, C], &d);
+            let mask = Tensor::<2, Bool>::ones([0, 5], &d);
+            let y = pooling.forward(PoolingInput::tokens(tokens).with_mask(mask));
+            let expected = [0, config(name).output_channels(C)];
+            (y.dims() == expected)
+                .then_some(())
+                .ok_or(format!("dims {:?}, expected {expected:?}", y.dims()))
+        },
+    ));
+    if matches!(name, "Gsp" | "GroupGem") {
+        let d = device.clone();
+        let what = if name == "Gsp" { "C" } else { "groups" };
+        cases.push(Case::panics(
+            tag("channels that do not fit the layer"),
+            &[name, what],
+            move || {
+                let tokens = Tensor::<3>::ones([2, 3, C + 1], &d);
+                let _ = read(layer(name, &d).forward_tokens(tokens));
+            },
+        ));
+    }
+}
+
+/// Padding: NaN, ±Inf and f32::MAX at masked positions (and in a skipped prefix token) never
+/// reach the output or the input's gradient.
+fn padding_cases(name: &'static str, (backend, device): &(String, Device), cases: &mut Vec<Case>) {
+    let (b, n) = (2, 5);
+    // Sample 0 keeps positions 0, 2, 3; sample 1 keeps 0..=3.
+    let keep = [
+        true, false, true, true, false, true, true, true, true, false,
+    ];
+    for (garbage_name, garbage) in [
+        ("NaN", f64::NAN),
+        ("+Inf", f64::INFINITY),
+        ("-Inf", f64::NEG_INFINITY),
+        ("f32::MAX", f32::MAX as f64),
+    ] {
+        let d = device.clone();
+        cases.push(Case::returns(
+            format!("{name}/{backend}/{garbage_name} at masked positions"),
+            move || {
+                let mut values = tokens_values(3, (b, n), (0.1, 1.0));
+                let rows = valid_rows(&values, n, &keep);
+                for (i, v) in values.iter_mut().enumerate() {
+                    if !keep[i / C] {
+                        *v = garbage;
+                    }
+                }
+                let pooling = layer(name, &d);
+                let (out, grad) = forward_tokens(&pooling, &values, (b, n), Some(&keep), &d);
+                let reference = dropped_reference(&pooling, &rows, &d);
+                close("output vs the padding-free input", &out, &reference, 2e-4)?;
+                if let Some(grad) = grad {
+                    all_finite("input gradient", &grad)?;
+                    if let Some(i) = (0..grad.len()).find(|&i| !keep[i / C] && grad[i] != 0.0) {
+                        return Err(format!(
+                            "input gradient at masked element {i} = {}",
+                            grad[i]
+                        ));
+                    }
+                }
+                Ok(())
+            },
+        ));
+    }
+    let d = device.clone();
+    cases.push(Case::returns(
+        format!("{name}/{backend}/NaN in a skipped prefix token"),
+        move || {
+            let mut values = tokens_values(4, (b, n), (0.1, 1.0));
+            let keep_all = [false, true, true, true, true, false, true, true, true, true];
+            let rows = valid_rows(&values, n, &keep_all);
+            values[..C].fill(f64::NAN);
+            values[n * C..(n + 1) * C].fill(f64::NAN);
+            let pooling = layer(name, &d);
+            let x = floats(&values, [b, n, C], &d);
+            let out = read(pooling.forward(PoolingInput::tokens(x).with_prefix_tokens(1)));
+            close(
+                "output",
+                &out,
+                &dropped_reference(&pooling, &rows, &d),
+                2e-4,
+            )
+        },
+    ));
+    let d = device.clone();
+    cases.push(Case::returns(
+        format!("{name}/{backend}/NaN at masked map cells"),
+        move || {
+            // [2, C, 2, 3] maps; the mask drops cell 4 of sample 0 and cells 0, 5 of sample 1.
+            let cells = 6;
+            let keep = [
+                true, true, true, true, false, true, false, true, true, true, true, false,
+            ];
+            let tokens = tokens_values(5, (b, cells), (0.1, 1.0));
+            let rows = valid_rows(&tokens, cells, &keep);
+            let mut maps = vec![0.0; tokens.len()];
+            for s in 0..b {
+                for j in 0..cells {
+                    for c in 0..C {
+                        let v = if keep[s * cells + j] {
+                            tokens[(s * cells + j) * C + c]
+                        } else {
+                            f64::NAN
+                        };
+                        maps[(s * C + c) * cells + j] = v;
+                    }
+                }
+            }
+            let pooling = layer(name, &d);
+            let input = PoolingInput::maps(floats(&maps, [b, C, 2, 3], &d)).with_mask(bools(
+                &keep,
+                [b, cells],
+                &d,
+            ));
+            let out = read(pooling.forward(input));
+            close(
+                "output",
+                &out,
+                &dropped_reference(&pooling, &rows, &d),
+                2e-4,
+            )
+        },
+    ));
+}
+
+/// Non-finite values at *valid* positions propagate within their sample and never reach
+/// another sample; values at the float limits give the f64 oracle's result.
+fn value_cases(name: &'static str, (backend, device): &(String, Device), cases: &mut Vec<Case>) {
+    let (b, n) = (2, 5);
+    for (bad_name, bad) in [("NaN", f64::NAN), ("+Inf", f64::INFINITY)] {
+        let d = device.clone();
+        cases.push(Case::returns(
+            format!("{name}/{backend}/{bad_name} at a valid position stays in its sample"),
+            move || {
+                let mut values = tokens_values(6, (b, n), (0.1, 1.0));
+                let rows = valid_rows(&values, n, &[true; 10]);
+                values[(n + 2) * C + 1] = bad; // sample 1, position 2, channel 1
+                let pooling = layer(name, &d);
+                let (out, grad) = forward_tokens(&pooling, &values, (b, n), None, &d);
+                let width = out.len() / b;
+                let alone = dropped_reference(&pooling, &rows[..1], &d);
+                close("sample 0's output", &out[..width], &alone, 2e-4)?;
+                if bad.is_nan() && out[width..].iter().all(|v| v.is_finite()) {
+                    return Err(format!(
+                        "sample 1's output {:?} hides the NaN of its input",
+                        &out[width..]
+                    ));
+                }
+                if let Some(grad) = grad {
+                    all_finite("sample 0's input gradient", &grad[..n * C])?;
+                }
+                Ok(())
+            },
+        ));
+    }
+    for (range_name, range, seed) in [
+        ("values near f32::MAX", (1e37, 3.0e38), 7),
+        ("values near f32's smallest normal", (1e-38, 1e-37), 8),
+        ("values of mixed sign near f32::MAX", (-3.0e38, 3.0e38), 9),
+    ] {
+        let d = device.clone();
+        cases.push(Case::returns(
+            format!("{name}/{backend}/{range_name}"),
+            move || {
+                let values = tokens_values(seed, (b, n), range);
+                // The oracle sees the f32 values the device sees.
+                let values: Vec<f64> = values.iter().map(|&v| v as f32 as f64).collect();
+                let pooling = layer(name, &d);
+                let (out, grad) = forward_tokens(&pooling, &values, (b, n), None, &d);
+                let rows = valid_rows(&values, n, &[true; 10]);
+                match oracle(name, &rows) {
+                    // GapGmp's sum can overflow f32 legitimately: compare where the oracle fits.
+                    Some(reference) if reference.iter().all(|r| r.abs() <= f32::MAX as f64) => {
+                        close("output vs the f64 oracle", &out, &reference, 1e-4)?
+                    }
+                    Some(_) => {}
+                    None => all_finite("output", &out)?,
+                }
+                if let (Some(grad), true) = (grad, name != "GapGmp" || range.0 >= 0.0) {
+                    all_finite("input gradient", &grad)?;
+                }
+                Ok(())
+            },
+        ));
+    }
+    let d = device.clone();
+    cases.push(Case::returns(
+        format!("{name}/{backend}/one sample huge, one tiny"),
+        move || {
+            let mut values = tokens_values(10, (b, n), (1e37, 1e38));
+            values[n * C..].iter_mut().for_each(|v| *v *= 1e-75);
+            let values: Vec<f64> = values.iter().map(|&v| v as f32 as f64).collect();
+            let pooling = layer(name, &d);
+            let (out, _) = forward_tokens(&pooling, &values, (b, n), None, &d);
+            let rows = valid_rows(&values, n, &[true; 10]);
+            match oracle(name, &rows) {
+                Some(reference) => close("output vs the f64 oracle", &out, &reference, 1e-4),
+                None => close(
+                    "output vs each sample alone",
+                    &out,
+                    &dropped_reference(&pooling, &rows, &d),
+                    2e-4,
+                ),
+            }
+        },
+    ));
+}
+
+/// Configs that `init` must refuse, and values changed after `init` that `forward` must
+/// refuse, each naming the layer and the parameter.
+fn config_cases((backend, device): &(String, Device), cases: &mut Vec<Case>) {
+    let tag = |what: &str| format!("{what}/{backend}");
+    let tokens = |d: &Device| Tensor::<3>::ones([2, 3, C], d);
+    macro_rules! refuses_init {
+        ($what:expr, [$($fragment:expr),*], $config:expr) => {{
+            let d = device.clone();
+            cases.push(Case::panics(tag($what), &[$($fragment),*], move || {
+                let pooling = $config.init(&d);
+                let _ = read(pooling.forward_tokens(tokens(&d)));
+            }));
+        }};
+    }
+    for p in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e-50] {
+        refuses_init!(
+            &format!("Gem p = {p}"),
+            ["Gem", "p"],
+            GemConfig::new().with_p(p)
+        );
+        refuses_init!(
+            &format!("GroupGem p = {p}"),
+            ["GroupGem", "p"],
+            GroupGemConfig::new(2).with_p(p)
+        );
+    }
+    for eps in [0.0, -1e-6, f64::NAN] {
+        refuses_init!(
+            &format!("Gem eps = {eps}"),
+            ["Gem", "eps"],
+            GemConfig::new().with_eps(eps)
+        );
+        refuses_init!(
+            &format!("GroupGem eps = {eps}"),
+            ["GroupGem", "eps"],
+            GroupGemConfig::new(2).with_eps(eps)
+        );
+    }
+    refuses_init!(
+        "GroupGem groups = 0",
+        ["GroupGem", "groups"],
+        GroupGemConfig::new(0)
+    );
+    let gsp = || GspConfig::new(C).with_num_prototypes(3);
+    refuses_init!("Gsp channels = 0", ["Gsp", "channels"], GspConfig::new(0));
+    refuses_init!(
+        "Gsp num_prototypes = 0",
+        ["Gsp", "num_prototypes"],
+        gsp().with_num_prototypes(0)
+    );
+    for mu in [0.0, -0.5, 1.5, f64::NAN, 1e-40] {
+        refuses_init!(
+            &format!("Gsp transport_ratio = {mu}"),
+            ["Gsp", "transport_ratio"],
+            gsp().with_transport_ratio(mu)
+        );
+    }
+    for epsilon in [0.0, -0.2, f64::NAN, f64::INFINITY, 1e-40] {
+        refuses_init!(
+            &format!("Gsp epsilon = {epsilon}"),
+            ["Gsp", "epsilon"],
+            gsp().with_epsilon(epsilon)
+        );
+    }
+    refuses_init!(
+        "Gsp max_iterations = 0",
+        ["Gsp", "max_iterations"],
+        gsp().with_max_iterations(0)
+    );
+    for tolerance in [0.0, -1e-6, f64::NAN] {
+        refuses_init!(
+            &format!("Gsp tolerance = {tolerance}"),
+            ["Gsp", "tolerance"],
+            gsp().with_tolerance(tolerance)
+        );
+    }
+
+    // Allocation-sized parameters: a named panic before any allocation, not an abort.
+    for (what, config) in [
+        (
+            "Gsp num_prototypes = 2^40",
+            gsp().with_num_prototypes(1 << 40),
+        ),
+        ("Gsp channels = 2^40", GspConfig::new(1 << 40)),
+        (
+            "Gsp K·C = 2^62",
+            GspConfig::new(1 << 31).with_num_prototypes(1 << 31),
+        ),
+    ] {
+        let d = device.clone();
+        let fragment = if what.contains("channels") {
+            "channels"
+        } else {
+            "num_prototypes"
+        };
+        cases.push(
+            Case::panics(tag(what), &["Gsp", fragment], move || {
+                let _ = config.init(&d);
+            })
+            .isolated(),
+        );
+    }
+
+    // Values changed after `init`: checked where they are used.
+    for p in [0.0, -2.0, f64::NAN] {
+        let d = device.clone();
+        cases.push(Case::panics(
+            tag(&format!("Gem p set to {p} after init")),
+            &["Gem", "p"],
+            move || {
+                let mut gem = GemConfig::new().init(&d);
+                gem.p = Param::from_tensor(Tensor::<1>::from_data([p as f32], &d));
+                let _ = read(gem.forward_tokens(tokens(&d)));
+            },
+        ));
+        let d = device.clone();
+        cases.push(Case::panics(
+            tag(&format!("GroupGem p set to {p} after init")),
+            &["GroupGem", "p"],
+            move || {
+                let mut ggem = GroupGemConfig::new(2).init(&d);
+                ggem.p = Param::from_tensor(Tensor::<1>::from_data([3.0, p as f32], &d));
+                let _ = read(ggem.forward_tokens(tokens(&d)));
+            },
+        ));
+    }
+    let d = device.clone();
+    cases.push(Case::panics(
+        tag("Gem eps set to -1 after init"),
+        &["Gem", "eps"],
+        move || {
+            let mut gem = GemConfig::new().init(&d);
+            gem.eps = -1.0;
+            let _ = read(gem.forward_tokens(tokens(&d)));
+        },
+    ));
+    let d = device.clone();
+    cases.push(Case::panics(
+        tag("GroupGem eps set to NaN after init"),
+        &["GroupGem", "eps"],
+        move || {
+            let mut ggem = GroupGemConfig::new(2).init(&d);
+            ggem.eps = f64::NAN;
+            let _ = read(ggem.forward_tokens(tokens(&d)));
+        },
+    ));
+    for (what, fragment, change) in [
+        (
+            "transport_ratio set to 0",
+            "transport_ratio",
+            (|s: &mut TransportSettings| s.transport_ratio = 0.0) as fn(&mut TransportSettings),
+        ),
+        ("transport_ratio set to 2", "transport_ratio", |s| {
+            s.transport_ratio = 2.0
+        }),
+        ("epsilon set to -0.2", "epsilon", |s| s.epsilon = -0.2),
+        ("epsilon set to 0", "epsilon", |s| s.epsilon = 0.0),
+        ("max_iterations set to 0", "max_iterations", |s| {
+            s.max_iterations = 0
+        }),
+        ("tolerance set to NaN", "tolerance", |s| {
+            s.tolerance = f64::NAN
+        }),
+    ] {
+        let d = device.clone();
+        cases.push(Case::panics(
+            tag(&format!("Gsp {what} after init")),
+            &["Gsp", fragment],
+            move || {
+                let mut gsp = gsp().init(&d);
+                change(&mut gsp.settings);
+                let _ = read(gsp.forward_tokens(tokens(&d)));
+            },
+        ));
+    }
+}
+
+/// GSP's own extremes: solvers that must return, weights that must sum to 1, φ at the float
+/// limit, the convergence flag.
+fn gsp_cases((backend, device): &(String, Device), cases: &mut Vec<Case>) {
+    let tag = |what: &str| format!("Gsp/{backend}/{what}");
+    let (b, n) = (2, 6);
+    let detailed = move |gsp: &Gsp, values: &[f64], d: &Device| {
+        let out = gsp.forward_detailed(PoolingInput::tokens(floats(values, [b, n, C], d)));
+        let converged = read_bool(out.converged);
+        (read(out.pooled), read(out.weights), converged)
+    };
+    let weight_sums = move |weights: &[f64]| -> Result<(), String> {
+        for (s, row) in weights.chunks(n).enumerate() {
+            let sum: f64 = row.iter().sum();
+            if (sum - 1.0).abs() > 1e-3 || row.iter().any(|w| !w.is_finite() || *w < -1e-6) {
+                return Err(format!("weights of sample {s} sum to {sum}: {row:?}"));
+            }
+        }
+        Ok(())
+    };
+    for solver in [TransportSolver::Newton, TransportSolver::Sinkhorn] {
+        for (what, epsilon) in [("ε = 0.2", 0.2), ("ε = 1e-3", 1e-3)] {
+            let d = device.clone();
+            cases.push(
+                Case::returns(
+                    tag(&format!(
+                        "{solver:?}, {what}, tolerance 1e-30, max_iterations 10^12 returns"
+                    )),
+                    move || {
+                        let gsp = GspConfig::new(C)
+                            .with_num_prototypes(3)
+                            .with_solver(solver)
+                            .with_epsilon(epsilon)
+                            .with_tolerance(1e-30)
+                            .with_max_iterations(1_000_000_000_000)
+                            .init(&d);
+                        let values = tokens_values(11, (b, n), (-1.0, 1.0));
+                        let (pooled, weights, _) = detailed(&gsp, &values, &d);
+                        all_finite("pooled", &pooled)?;
+                        weight_sums(&weights)
+                    },
+                )
+                .isolated(),
+            );
+        }
+        let d = device.clone();
+        cases.push(
+            Case::returns(
+                tag(&format!(
+                    "{solver:?}, NaN features, max_iterations 10^12 returns"
+                )),
+                move || {
+                    let gsp = GspConfig::new(C)
+                        .with_num_prototypes(3)
+                        .with_solver(solver)
+                        .with_max_iterations(1_000_000_000_000)
+                        .init(&d);
+                    let mut values = tokens_values(12, (b, n), (-1.0, 1.0));
+                    values[n * C..].fill(f64::NAN);
+                    let (pooled, weights, converged) = detailed(&gsp, &values, &d);
+                    all_finite("sample 0's pooled", &pooled[..C])?;
+                    weight_sums(&weights[..n])?;
+                    if converged {
+                        return Err("converged = true with a NaN sample".into());
+                    }
+                    Ok(())
+                },
+            )
+            .isolated(),
+        );
+        let d = device.clone();
+        cases.push(
+            Case::returns(
+                tag(&format!(
+                    "{solver:?}, max_iterations = usize::MAX converges"
+                )),
+                move || {
+                    let gsp = GspConfig::new(C)
+                        .with_num_prototypes(3)
+                        .with_solver(solver)
+                        .with_tolerance(1e-4)
+                        .with_max_iterations(usize::MAX)
+                        .init(&d);
+                    let values = tokens_values(13, (b, n), (-1.0, 1.0));
+                    let (_, weights, converged) = detailed(&gsp, &values, &d);
+                    weight_sums(&weights)?;
+                    converged
+                        .then_some(())
+                        .ok_or("converged = false".to_string())
+                },
+            )
+            .isolated(),
+        );
+    }
+    for mu in [1e-6, 1e-4] {
+        let d = device.clone();
+        cases.push(Case::returns(
+            tag(&format!("μ = {mu}: weights sum to 1")),
+            move || {
+                let gsp = GspConfig::new(C)
+                    .with_num_prototypes(3)
+                    .with_transport_ratio(mu)
+                    .init(&d);
+                let values = tokens_values(14, (b, n), (-1.0, 1.0));
+                let (pooled, weights, _) = detailed(&gsp, &values, &d);
+                all_finite("pooled", &pooled)?;
+                weight_sums(&weights)
+            },
+        ));
+    }
+    for scale in [1e20, 1e30] {
+        let d = device.clone();
+        cases.push(Case::returns(
+            tag(&format!("features ×{scale:e} pool as ×1, scaled (φ)")),
+            move || {
+                // Every ‖x_n‖ ≥ 1, so φ(s·x) = φ(x) and GSP(s·x) = s·GSP(x).
+                let values: Vec<f64> = tokens_values(15, (b, n), (1.0, 2.0));
+                let gsp = GspConfig::new(C).with_num_prototypes(3).init(&d);
+                let scaled: Vec<f64> = values.iter().map(|v| v * scale).collect();
+                let (pooled, _, _) = detailed(&gsp, &values, &d);
+                let (big, _, _) = detailed(&gsp, &scaled, &d);
+                let big: Vec<f64> = big.iter().map(|v| v / scale).collect();
+                close("GSP(s·x)/s vs GSP(x)", &big, &pooled, 1e-3)
+            },
+        ));
+    }
+}
+
+/// The public transport API and the zero-shot loss.
+fn api_cases((backend, device): &(String, Device), cases: &mut Vec<Case>) {
+    let tag = |what: &str| format!("{what}/{backend}");
+    let settings = || TransportSettings {
+        transport_ratio: 0.3,
+        epsilon: 0.2,
+        max_iterations: 100,
+        tolerance: 1e-6,
+        solver: TransportSolver::Newton,
+    };
+    for (what, k, n, fragment) in [("K = 0", 0, 4, "K"), ("N = 0", 3, 0, "N")] {
+        let d = device.clone();
+        cases.push(Case::panics(
+            tag(&format!("partial_transport {what}")),
+            &["partial_transport", fragment],
+            move || {
+                let costs = Tensor::<3>::ones([2, k, n], &d);
+                let mass = Tensor::<2>::ones([2, n], &d).div_scalar(n.max(1) as f64);
+                let _ = read(partial_transport(costs, mass, &settings()).plan);
+            },
+        ));
+    }
+    for cost in [1e30, 1e38] {
+        let d = device.clone();
+        cases.push(Case::returns(
+            tag(&format!("partial_transport costs near {cost:e} move μ")),
+            move || {
+                let (k, n) = (3, 4);
+                let mut rng = Rng::new(16);
+                let values: Vec<f64> = (0..2 * k * n)
+                    .map(|_| cost * rng.uniform(0.5, 1.0))
+                    .collect();
+                let costs = floats(&values, [2, k, n], &d);
+                let mass = Tensor::<2>::ones([2, n], &d).div_scalar(n as f64);
+                let plan = read(partial_transport(costs, mass, &settings()).plan);
+                all_finite("plan", &plan)?;
+                for s in 0..2 {
+                    let moved: f64 = plan[s * (k + 1) * n + n..(s + 1) * (k + 1) * n]
+                        .iter()
+                        .sum();
+                    if (moved - 0.3).abs() > 1e-3 {
+                        return Err(format!("sample {s} moved {moved}, expected μ = 0.3"));
+                    }
+                }
+                Ok(())
+            },
+        ));
+    }
+    let d = device.clone();
+    cases.push(Case::returns(
+        tag("lipschitz_normalize([3e38, 0]) = [1, 0]"),
+        move || {
+            let v = floats(&[3e38, 0.0, 1e20, 1e20], [2, 2], &d);
+            let out = read(lipschitz_normalize(v, 1));
+            close(
+                "φ",
+                &out,
+                &[
+                    1.0,
+                    0.0,
+                    std::f64::consts::FRAC_1_SQRT_2,
+                    std::f64::consts::FRAC_1_SQRT_2,
+                ],
+                1e-5,
+            )
+        },
+    ));
+    let d = device.clone();
+    cases.push(Case::returns(
+        tag("ZeroShotLoss, ridge 1e-30, identical attributes: finite"),
+        move || {
+            let loss = ZeroShotLossConfig::new(4, 3).with_ridge(1e-30).init(&d);
+            let attributes = Tensor::<2>::ones([4, 3], &d).div_scalar(3.0);
+            let labels = Tensor::<1, Int>::from_data([0, 1, 2, 3], &d);
+            let split = ZeroShotSplit::Indices(vec![0, 1], vec![2, 3]);
+            all_finite("loss", &read(loss.forward(attributes, labels, &split)))
+        },
+    ));
+    let d = device.clone();
+    cases.push(Case::panics(
+        tag("ZeroShotLoss, K = 0 attributes"),
+        &["ZeroShotLoss", "K"],
+        move || {
+            let loss = ZeroShotLossConfig::new(4, 3).init(&d);
+            let attributes = Tensor::<2>::ones([4, 0], &d);
+            let labels = Tensor::<1, Int>::from_data([0, 1, 2, 3], &d);
+            let split = ZeroShotSplit::Indices(vec![0, 1], vec![2, 3]);
+            let _ = read(loss.forward(attributes, labels, &split));
+        },
+    ));
+    let d = device.clone();
+    cases.push(Case::panics(
+        tag("ZeroShotLoss, label -1"),
+        &["ZeroShotLoss", "-1"],
+        move || {
+            let loss = ZeroShotLossConfig::new(4, 3).init(&d);
+            let attributes = Tensor::<2>::ones([4, 3], &d).div_scalar(3.0);
+            let labels = Tensor::<1, Int>::from_data([0, 1, -1, 3], &d);
+            let split = ZeroShotSplit::Indices(vec![0, 1], vec![2, 3]);
+            let _ = read(loss.forward(attributes, labels, &split));
+        },
+    ));
+}
+
+/// A layer whose parameters live on another device than its input: a named panic.
+fn device_cases(devices: &[(String, Device)], cases: &mut Vec<Case>) {
+    let plain: Vec<&(String, Device)> = devices
+        .iter()
+        .filter(|(name, _)| !name.contains('+'))
+        .collect();
+    for pair in plain.windows(2) {
+        let ((a, da), (b, db)) = (pair[0].clone(), pair[1].clone());
+        for name in ["Gem", "GroupGem", "Gsp"] {
+            let (da, db) = (da.clone(), db.clone());
+            cases.push(Case::panics(
+                format!("{name}/params on {a}, input on {b}"),
+                &[name, "device"],
+                move || {
+                    let pooling = layer(name, &da);
+                    let _ = read(pooling.forward_tokens(Tensor::<3>::ones([2, 3, C], &db)));
+                },
+            ));
+        }
+    }
+}
+
+fn all_cases() -> Vec<Case> {
+    let devices = backends();
+    let mut cases = Vec::new();
+    for backend in &devices {
+        for name in LAYERS {
+            shape_cases(name, backend, &mut cases);
+            padding_cases(name, backend, &mut cases);
+            value_cases(name, backend, &mut cases);
+        }
+        config_cases(backend, &mut cases);
+        gsp_cases(backend, &mut cases);
+        api_cases(backend, &mut cases);
+    }
+    device_cases(&devices, &mut cases);
+    cases
+}
+
+// ---------------------------------------------------------------------------------------------
+// The runner
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Outcome {
+    Pass,
+    NoPanic,
+    PanicWithoutItsCause,
+    UnexpectedPanic,
+    WrongValue,
+    Hang,
+    Abort,
+}
+
+fn message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "<non-string panic>".into())
+}
+
+/// Keeps the case threads' expected panics off the test output; other threads' panics print.
+fn quiet_case_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let default = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name() != Some(CASE_THREAD) {
+                default(info);
+            }
+        }));
+    });
+}
+
+/// Runs one case's check on its own thread under the time limit.
+fn run_in_thread(case: Case) -> (Outcome, String) {
+    let (sender, receiver) = mpsc::channel();
+    let check = case.check;
+    std::thread::Builder::new()
+        .name(CASE_THREAD.into())
+        .spawn(move || {
+            let result = panic::catch_unwind(AssertUnwindSafe(check));
+            let _ = sender.send(result.map_err(|payload| message(payload.as_ref())));
+        })
+        .expect("spawn a case thread");
+    match (receiver.recv_timeout(time_limit()), case.panics_with) {
+        (Err(_), _) => (
+            Outcome::Hang,
+            format!("no return within {:?}", time_limit()),
+        ),
+        (Ok(Ok(Ok(()))), None) => (Outcome::Pass, String::new()),
+        (Ok(Ok(Err(why))), None) => (Outcome::WrongValue, why),
+        (Ok(Ok(_)), Some(fragments)) => (
+            Outcome::NoPanic,
+            format!("expected a panic naming {fragments:?}"),
+        ),
+        (Ok(Err(text)), None) => (Outcome::UnexpectedPanic, text),
+        (Ok(Err(text)), Some(fragments)) => {
+            if fragments.iter().all(|f| text.contains(f.as_str())) {
+                (Outcome::Pass, String::new())
+            } else {
+                (
+                    Outcome::PanicWithoutItsCause,
+                    format!("{text:?} does not name all of {fragments:?}"),
+                )
+            }
+        }
+    }
+}
+
+/// The environment variable that makes `isolated_case` run one case in a child process.
+const ISOLATED: &str = "BURN_POOLING_BAD_INPUT_CASE";
+
+/// Runs a case in a child process (this test binary, `isolated_case`), so that an abort is
+/// seen and a hang is killed.
+fn run_in_child(name: &str) -> (Outcome, String) {
+    static CHILDREN: AtomicUsize = AtomicUsize::new(0);
+    let log = std::env::temp_dir().join(format!(
+        "burn-pooling-bad-input-{}-{}.log",
+        std::process::id(),
+        CHILDREN.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mut child = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args([
+            "bad_input::isolated_case",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ISOLATED, name)
+        .stdout(std::fs::File::create(&log).expect("a log file for the child"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run the test binary");
+    // The child has its own limit per case; this one also covers its start.
+    let limit = time_limit() + Duration::from_secs(30);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            break Some(status);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    let Some(status) = status else {
+        return (
+            Outcome::Hang,
+            format!("the child process ran past {limit:?}"),
+        );
+    };
+    match stdout
+        .lines()
+        .find_map(|line| line.split_once("bad-input outcome: ").map(|(_, rest)| rest))
+    {
+        Some(line) => {
+            let (outcome, why) = line.split_once(" | ").unwrap_or((line, ""));
+            let outcome = match outcome {
+                "Pass" => Outcome::Pass,
+                "NoPanic" => Outcome::NoPanic,
+                "PanicWithoutItsCause" => Outcome::PanicWithoutItsCause,
+                "UnexpectedPanic" => Outcome::UnexpectedPanic,
+                "WrongValue" => Outcome::WrongValue,
+                _ => Outcome::Hang,
+            };
+            (outcome, why.to_string())
+        }
+        None => (
+            Outcome::Abort,
+            format!("the child process ended with {status} and no outcome"),
+        ),
+    }
+}
+
+/// The entry point of a child process: runs the case named by the environment.
+#[test]
+#[ignore = "run by bad_input_matrix in a child process"]
+fn isolated_case() {
+    let Ok(name) = std::env::var(ISOLATED) else {
+        return;
+    };
+    quiet_case_panics();
+    let case = all_cases()
+        .into_iter()
+        .find(|case| case.name == name)
+        .unwrap_or_else(|| panic!("no bad-input case named {name}"));
+    let (outcome, why) = run_in_thread(case);
+    // On a line of its own: the harness prints the test name before it.
+    println!("\nbad-input outcome: {outcome:?} | {why}");
+}
+
+#[test]
+fn bad_input_matrix() {
+    quiet_case_panics();
+    let cases = all_cases();
+    let total = cases.len();
+    let mut results: Vec<(String, Outcome, String)> = Vec::with_capacity(total);
+    for case in cases {
+        let name = case.name.clone();
+        let (outcome, why) = if case.isolate {
+            run_in_child(&name)
+        } else {
+            run_in_thread(case)
+        };
+        results.push((name, outcome, why));
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for (_, outcome, _) in &results {
+        *counts.entry(*outcome).or_insert(0usize) += 1;
+    }
+    println!("bad-input matrix: {total} cases: {counts:?}");
+    let failures: Vec<String> = results
+        .iter()
+        .filter(|(_, outcome, _)| *outcome != Outcome::Pass)
+        .map(|(name, outcome, why)| format!("  {outcome:?}: {name}: {why}"))
+        .collect();
+    for line in &failures {
+        println!("{line}");
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {total} bad-input cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
