@@ -59,12 +59,14 @@ fn iterations(device: &Device, mu: f64, solver: TransportSolver, tolerance: f64)
 
 /// Peak heap bytes above the starting level during one forward+backward of GSP at
 /// `[64, 49, 512]`, K = 64, with exactly `max_iterations` Sinkhorn iterations (the tolerance is
-/// unreachable, so every iteration runs).
+/// unreachable, and at μ = 0.99 Sinkhorn's β still rises after 100 iterations, so the stall
+/// test does not stop it either: every iteration runs).
 fn peak_forward_backward(max_iterations: usize) -> usize {
     let device = Device::flex().autodiff();
     device.seed(5);
     let gsp = GspConfig::new(512)
         .with_solver(TransportSolver::Sinkhorn)
+        .with_transport_ratio(0.99)
         .with_max_iterations(max_iterations)
         .with_tolerance(1e-30)
         .init(&device);

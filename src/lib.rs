@@ -12,6 +12,8 @@ mod display;
 mod layout;
 mod maths;
 pub mod ops;
+#[cfg(test)]
+mod test_support;
 
 pub mod loss;
 pub mod pooling;

@@ -15,13 +15,16 @@
 //! On a device the crate's extension does not cover, the same plan is differentiated through
 //! one tracked Newton step, which gives the same first derivative.
 
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor};
 
+use crate::checks;
 use crate::layout::Layout;
 use crate::ops::routing;
 
 pub use crate::maths::costs::lipschitz_normalize;
-pub use crate::maths::settings::{TransportSettings, TransportSolver};
+pub use crate::maths::settings::{
+    MAX_SOLVER_ITERATIONS, MIN_EPSILON, MIN_TRANSPORT_RATIO, TransportSettings, TransportSolver,
+};
 
 /// A solved transport problem.
 #[derive(Debug, Clone)]
@@ -30,6 +33,11 @@ pub struct TransportPlan {
     pub plan: Tensor<3>,
     /// `[1]`: solver iterations run (the maximum over the batch).
     pub iterations: Tensor<1, Int>,
+    /// `[1]`: whether every sample's transported mass is within the tolerance of μ. False
+    /// when a solve used its `max_iterations`, stalled at the float's rounding floor (a
+    /// tolerance the float cannot resolve; costs so large that β + ℓ cannot be resolved near
+    /// the root) or met a NaN: the plan is then the last iterate, and its mass may be off.
+    pub converged: Tensor<1, Bool>,
 }
 
 /// c_kj = ‖φ(ω_k) − φ(x_j)‖₂ (not squared), φ(v) = v / max(1, ‖v‖₂), between every position
@@ -41,16 +49,33 @@ pub struct TransportPlan {
 /// - prototypes: `[K, C]`
 /// - output: `[B, K, N]`
 ///
+/// B = 0 gives an empty `[0, K, N]`.
+///
 /// # Panics
 ///
-/// If the features' and the prototypes' channel counts differ.
+/// If the features' and the prototypes' channel counts differ, N, C or K is 0, or the
+/// features and the prototypes are on different devices.
 pub fn transport_costs(features: Tensor<3>, prototypes: Tensor<2>, layout: Layout) -> Tensor<3> {
-    let (_, _, channels) = layout.split(features.dims());
-    let [_, width] = prototypes.dims();
+    let (batch, positions, channels) = layout.split(features.dims());
+    let [count, width] = prototypes.dims();
     assert!(
         channels == width,
         "transport_costs: channel mismatch: the features have C = {channels} ({layout:?}), the prototypes [K, C] have C = {width}"
     );
+    assert!(
+        positions > 0 && channels > 0 && count > 0,
+        "transport_costs: empty dimension: expected N, C, K > 0, got N = {positions}, C = {channels}, K = {count}"
+    );
+    checks::same_device(
+        "transport_costs",
+        [
+            ("the features", &features.device()),
+            ("the prototypes", &prototypes.device()),
+        ],
+    );
+    if batch == 0 {
+        return Tensor::empty([0, count, positions], &features.device());
+    }
     routing::transport_costs(features, prototypes, layout)
 }
 
@@ -62,26 +87,51 @@ pub fn transport_costs(features: Tensor<3>, prototypes: Tensor<2>, layout: Layou
 /// - mass: `[B, N]`, each row non-negative and summing to 1; 0 marks a padded position
 /// - output plan: `[B, K+1, N]`
 ///
+/// The solver stops at the tolerance, at `max_iterations` (at most
+/// [`MAX_SOLVER_ITERATIONS`]), when it stalls at the float's rounding floor, or on NaN; only
+/// the first sets [`TransportPlan::converged`]. B = 0 gives an empty plan, converged.
+///
 /// # Panics
 ///
-/// If a setting is invalid (μ outside (0, 1], ε, `max_iterations` or `tolerance` not
-/// positive), the shapes do not match, or a mass row is negative somewhere or does not sum
-/// to 1 (within 1e-3). Checking the masses reads `[B]` values back from the device.
+/// If a setting is invalid (μ outside [[`MIN_TRANSPORT_RATIO`], 1], ε below [`MIN_EPSILON`],
+/// `max_iterations` or `tolerance` not positive), the shapes do not match, K or N is 0, the
+/// costs and the masses are on different devices, or a mass row is negative somewhere or does
+/// not sum to 1 (within 1e-3). Checking the masses reads `[B]` values back from the device.
 pub fn partial_transport(
     costs: Tensor<3>,
     mass: Tensor<2>,
     settings: &TransportSettings,
 ) -> TransportPlan {
     settings.validate("partial_transport");
-    let [batch, _, positions] = costs.dims();
+    let [batch, count, positions] = costs.dims();
     let dims = mass.dims();
     assert!(
         dims == [batch, positions],
         "partial_transport: mass shape mismatch: expected [B, N] = [{batch}, {positions}] (from the costs [B, K, N]), got {dims:?}"
     );
+    assert!(
+        count > 0 && positions > 0,
+        "partial_transport: empty dimension: expected K, N > 0 in the costs [B, K, N], got K = {count}, N = {positions}"
+    );
+    let device = costs.device();
+    checks::same_device(
+        "partial_transport",
+        [("the costs", &device), ("the masses", &mass.device())],
+    );
+    if batch == 0 {
+        return TransportPlan {
+            plan: Tensor::empty([0, count + 1, positions], &device),
+            iterations: Tensor::zeros([1], &device),
+            converged: Tensor::from_data([true], &device),
+        };
+    }
     check_masses(&mass);
-    let (plan, iterations) = routing::partial_transport(costs, mass, settings);
-    TransportPlan { plan, iterations }
+    let (plan, (iterations, converged)) = routing::partial_transport(costs, mass, settings);
+    TransportPlan {
+        plan,
+        iterations,
+        converged,
+    }
 }
 
 /// Panics, naming the first offending row, unless every row of `mass` `[B, N]` is
@@ -153,7 +203,7 @@ mod tests {
                             "{case}: Σ P = {t}"
                         );
                     }
-                    let (marginals, _, _) = <Dispatch as PoolingOps>::partial_transport(
+                    let (marginals, _, _, _) = <Dispatch as PoolingOps>::partial_transport(
                         costs.clone().into_dispatch(),
                         mass.clone().into_dispatch(),
                         settings,
@@ -255,6 +305,155 @@ mod validation {
         let device = Device::flex();
         let mass = Tensor::<2>::from_data([[0.5, 0.5], [1.0, 1.0]], &device);
         partial_transport(Tensor::zeros([2, 2, 2], &device), mass, &settings());
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "partial_transport: empty dimension: expected K, N > 0 in the costs [B, K, N], got K = 0, N = 3"
+    )]
+    fn no_prototype_panics() {
+        let device = Device::flex();
+        let mass = Tensor::full([1, 3], 1.0 / 3.0, &device);
+        partial_transport(Tensor::zeros([1, 0, 3], &device), mass, &settings());
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "partial_transport: empty dimension: expected K, N > 0 in the costs [B, K, N], got K = 2, N = 0"
+    )]
+    fn no_position_panics() {
+        let device = Device::flex();
+        partial_transport(
+            Tensor::zeros([1, 2, 0], &device),
+            Tensor::zeros([1, 0], &device),
+            &settings(),
+        );
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "transport_costs: empty dimension: expected N, C, K > 0, got N = 4, C = 3, K = 0"
+    )]
+    fn costs_without_prototypes_panic() {
+        let device = Device::flex();
+        transport_costs(
+            Tensor::zeros([1, 3, 4], &device),
+            Tensor::zeros([0, 3], &device),
+            Layout::ChannelsFirst,
+        );
+    }
+
+    /// B = 0: empty costs and an empty plan, converged, on every CPU backend.
+    #[test]
+    fn an_empty_batch_gives_empty_results() {
+        for (name, device) in crate::test_support::cpu_devices() {
+            let costs = transport_costs(
+                Tensor::zeros([0, 3, 4], &device),
+                Tensor::ones([2, 3], &device),
+                Layout::ChannelsFirst,
+            );
+            assert_eq!(costs.dims(), [0, 2, 4], "{name}");
+            let solved = partial_transport(costs, Tensor::zeros([0, 4], &device), &settings());
+            assert_eq!(solved.plan.dims(), [0, 3, 4], "{name}");
+            assert_eq!(solved.iterations.into_scalar::<i64>(), 0, "{name}");
+            assert!(solved.converged.into_scalar::<bool>(), "{name}");
+        }
+    }
+
+    /// Costs near 1e30 through the public API: the right mass and converged where the root is
+    /// among the nearest positions, else not converged (never a wrong mass reported as
+    /// converged); the iteration budget may be anything up to usize::MAX.
+    #[test]
+    fn huge_costs_are_right_or_flagged() {
+        for (name, device) in crate::test_support::cpu_devices() {
+            for (mu, solver) in [
+                (0.2, TransportSolver::Newton),
+                (0.2, TransportSolver::Sinkhorn),
+                (0.9, TransportSolver::Newton),
+            ] {
+                let settings = TransportSettings {
+                    transport_ratio: mu,
+                    max_iterations: usize::MAX,
+                    solver,
+                    ..settings()
+                };
+                // Positions 0 and 1 are nearest (cost 1e30); the others 1e24 farther.
+                let costs = Tensor::<2>::from_floats(
+                    [[1e30, 1e30, 1.000001e30, 1.000001e30, 1.000002e30]],
+                    &device,
+                )
+                .unsqueeze_dim::<3>(0);
+                let mass = Tensor::full([1, 5], 0.2, &device);
+                let solved = partial_transport(costs, mass, &settings);
+                let sent = solved
+                    .plan
+                    .slice([0..1, 1..2, 0..5])
+                    .sum()
+                    .into_scalar::<f64>();
+                let converged = solved.converged.into_scalar::<bool>();
+                let case = format!("{name} {solver:?} μ = {mu}: Σ P = {sent}, {converged}");
+                let right = (sent - mu).abs() < 1e-5;
+                assert!(right || !converged, "{case}");
+                if mu < 0.4 {
+                    assert!(right && converged, "{case}");
+                }
+            }
+        }
+    }
+
+    /// What hung before the stall tests, through the public API on every CPU backend (the
+    /// Flex kernels and the portable solver): a tolerance no float resolves, or a NaN cost,
+    /// with `max_iterations` = usize::MAX, both solvers, μ on both sides of ½. Each returns
+    /// within seconds; a NaN is never reported as converged.
+    #[test]
+    fn nothing_spins() {
+        use crate::test_support::{cpu_devices, within_seconds};
+        let (k, n) = (3, 20);
+        for (name, device) in cpu_devices() {
+            for solver in [TransportSolver::Newton, TransportSolver::Sinkhorn] {
+                for mu in [0.3, 0.9] {
+                    for nan in [false, true] {
+                        let device = device.clone();
+                        let case = format!("{name} {solver:?} μ = {mu}, NaN: {nan}");
+                        let (iterations, converged) = within_seconds(20, &case, move || {
+                            let mut values: Vec<f32> = (0..2 * k * n)
+                                .map(|i| ((i * 7919) % 101) as f32 / 50.0)
+                                .collect();
+                            if nan {
+                                values[k * n + 4] = f32::NAN;
+                            }
+                            let costs = Tensor::<1>::from_floats(values.as_slice(), &device)
+                                .reshape([2, k, n]);
+                            let mass = Tensor::full([2, n], 1.0 / n as f64, &device);
+                            let settings = TransportSettings {
+                                transport_ratio: mu,
+                                max_iterations: usize::MAX,
+                                tolerance: if nan { 1e-6 } else { 1e-300 },
+                                solver,
+                                ..settings()
+                            };
+                            let solved = partial_transport(costs, mass, &settings);
+                            (
+                                solved.iterations.into_scalar::<i64>(),
+                                solved.converged.into_scalar::<bool>(),
+                            )
+                        });
+                        assert!(iterations < 1000, "{case}: {iterations}");
+                        assert!(!(nan && converged), "{case}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Inputs on two devices: a panic naming both.
+    #[cfg(feature = "ndarray")]
+    #[test]
+    #[should_panic(expected = "partial_transport: device mismatch: the costs on Device<Flex")]
+    #[allow(deprecated)] // NdArray is deprecated in Burn 0.22, still supported here.
+    fn a_device_mismatch_names_both_devices() {
+        let mass = Tensor::full([1, 3], 1.0 / 3.0, &Device::ndarray());
+        partial_transport(Tensor::zeros([1, 2, 3], &Device::flex()), mass, &settings());
     }
 
     #[test]

@@ -57,12 +57,19 @@ impl ZeroShotLossConfig {
     ///
     /// # Panics
     ///
-    /// If a size is 0 or `ridge` or `logit_scale` is not positive.
+    /// If a size is 0, the embeddings would have more than 2³¹ elements (checked before
+    /// allocating), or `ridge` or `logit_scale` is not positive.
     pub fn init(&self, device: &Device) -> ZeroShotLoss {
         checks::at_least_one("ZeroShotLoss", "num_classes", self.num_classes);
         checks::at_least_one("ZeroShotLoss", "embedding_dim", self.embedding_dim);
-        checks::positive("ZeroShotLoss", "ridge", self.ridge);
-        checks::positive("ZeroShotLoss", "logit_scale", self.logit_scale);
+        checks::parameter_size(
+            "ZeroShotLoss",
+            &[
+                ("num_classes", self.num_classes),
+                ("embedding_dim", self.embedding_dim),
+            ],
+        );
+        check_scalars(self.ridge, self.logit_scale);
         ZeroShotLoss {
             embeddings: self.initializer.init_with(
                 [self.num_classes, self.embedding_dim],
@@ -74,6 +81,13 @@ impl ZeroShotLossConfig {
             logit_scale: self.logit_scale,
         }
     }
+}
+
+/// Panics unless the ridge and the logit scale are finite and positive: checked in `init` and,
+/// as they are public fields, in every forward (host values: free).
+fn check_scalars(ridge: f64, logit_scale: f64) {
+    checks::positive("ZeroShotLoss", "ridge", ridge);
+    checks::positive("ZeroShotLoss", "logit_scale", logit_scale);
 }
 
 /// Zero-shot regularisation: the attribute vectors z (GSP's mass per prototype) of one half of
@@ -120,29 +134,49 @@ impl ZeroShotLoss {
     ///
     /// # Panics
     ///
-    /// If the shapes disagree, a half is empty or has an index out of range, a label is out of
-    /// range, or the halves share a class. Reads the labels back from the device to check.
+    /// If the shapes disagree, there are no attributes (K = 0), a half is empty or has an
+    /// index out of range, a label is negative or out of range, the halves share a class,
+    /// the inputs are on another device than the embeddings, or `ridge` or `logit_scale`
+    /// (public fields) were set to a non-positive value. Reads the labels back from the device
+    /// to check.
     pub fn forward(
         &self,
         attributes: Tensor<2>,
         labels: Tensor<1, Int>,
         split: &ZeroShotSplit,
     ) -> Tensor<1> {
-        let [batch, _] = attributes.dims();
+        check_scalars(self.ridge, self.logit_scale);
+        let [batch, width] = attributes.dims();
+        assert!(
+            width > 0,
+            "ZeroShotLoss: no attributes: expected attributes [B, K] with K > 0, got K = 0"
+        );
         let [label_count] = labels.dims();
         assert!(
             label_count == batch,
             "ZeroShotLoss: labels shape mismatch: expected [B] = [{batch}], got [{label_count}]"
         );
-        let host_labels: Vec<usize> = labels
-            .to_data()
-            .iter::<i64>()
-            .map(|label| label as usize)
-            .collect();
-        let [classes, _] = self.embeddings.shape().dims();
-        if let Some(bad) = host_labels.iter().find(|&&l| l >= classes) {
-            panic!("ZeroShotLoss: label {bad} out of range: expected < num_classes = {classes}");
+        let embeddings_device = self.embeddings.device();
+        for (name, device) in [
+            ("the attributes", attributes.device()),
+            ("the labels", labels.device()),
+        ] {
+            checks::same_device(
+                "ZeroShotLoss",
+                [(name, &device), ("the embeddings", &embeddings_device)],
+            );
         }
+        let [classes, _] = self.embeddings.shape().dims();
+        let signed_labels: Vec<i64> = labels.to_data().iter::<i64>().collect();
+        if let Some(bad) = signed_labels
+            .iter()
+            .find(|&&l| l < 0 || l as u64 >= classes as u64)
+        {
+            panic!(
+                "ZeroShotLoss: label {bad} out of range: expected 0 ≤ label < num_classes = {classes}"
+            );
+        }
+        let host_labels: Vec<usize> = signed_labels.iter().map(|&l| l as usize).collect();
         let (first, second) = split.indices(batch);
         for (name, half) in [("first", &first), ("second", &second)] {
             assert!(
@@ -207,5 +241,113 @@ impl ZeroShotLoss {
             .gather(1, test_labels.unsqueeze_dim(1))
             .mean()
             .neg()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::cpu_devices;
+
+    fn labels(values: &[i64], device: &Device) -> Tensor<1, Int> {
+        Tensor::from_data(values, device)
+    }
+
+    /// A tiny ridge on identical attributes (a Gram matrix singular up to rounding) gives a
+    /// finite loss and finite gradients on every CPU backend (the Cholesky's pivot floor).
+    #[test]
+    fn a_tiny_ridge_on_identical_attributes_is_finite() {
+        for (name, base) in cpu_devices() {
+            #[cfg(feature = "autodiff")]
+            let device = base.autodiff();
+            #[cfg(not(feature = "autodiff"))]
+            let device = base;
+            let loss = ZeroShotLossConfig::new(4, 3)
+                .with_ridge(1e-30)
+                .init(&device);
+            let attributes =
+                Tensor::<2>::from_floats([[0.25, 0.25, 0.5]; 6], &device).require_grad();
+            let value = loss.forward(
+                attributes.clone(),
+                labels(&[0, 1, 2, 3, 0, 1], &device),
+                &ZeroShotSplit::Indices(vec![0, 1, 4, 5], vec![2, 3]),
+            );
+            let values = value.clone().into_data().try_to_vec::<f32>().unwrap();
+            assert!(values[0].is_finite(), "{name}: {values:?}");
+            #[cfg(feature = "autodiff")]
+            {
+                let grads = value.backward();
+                let grad = attributes.grad(&grads).unwrap();
+                let grad = grad.into_data().try_to_vec::<f32>().unwrap();
+                assert!(grad.iter().all(|g| g.is_finite()), "{name}: {grad:?}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "ZeroShotLoss: no attributes: expected attributes [B, K] with K > 0, got K = 0"
+    )]
+    fn no_attributes_panic() {
+        let device = Device::flex();
+        let loss = ZeroShotLossConfig::new(3, 2).init(&device);
+        loss.forward(
+            Tensor::zeros([4, 0], &device),
+            labels(&[0, 1, 2, 0], &device),
+            &ZeroShotSplit::Halves,
+        );
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "ZeroShotLoss: label -1 out of range: expected 0 ≤ label < num_classes = 3"
+    )]
+    fn a_negative_label_is_reported_as_such() {
+        let device = Device::flex();
+        let loss = ZeroShotLossConfig::new(3, 2).init(&device);
+        loss.forward(
+            Tensor::ones([2, 3], &device),
+            labels(&[0, -1], &device),
+            &ZeroShotSplit::Halves,
+        );
+    }
+
+    /// `ridge` and `logit_scale` are public fields: a value set after `init` is checked in
+    /// forward.
+    #[test]
+    #[should_panic(expected = "ZeroShotLoss: `ridge` must be a finite number > 0, got -0.5")]
+    fn a_negative_ridge_set_after_init_panics() {
+        let device = Device::flex();
+        let mut loss = ZeroShotLossConfig::new(3, 2).init(&device);
+        loss.ridge = -0.5;
+        loss.forward(
+            Tensor::ones([2, 3], &device),
+            labels(&[0, 1], &device),
+            &ZeroShotSplit::Halves,
+        );
+    }
+
+    /// Embeddings of 2⁴⁰ × 8 would abort the process in the allocator: a named panic instead.
+    #[test]
+    #[should_panic(
+        expected = "ZeroShotLoss: `num_classes` × `embedding_dim` must be at most 2^31 elements"
+    )]
+    fn too_many_classes_panic_before_allocating() {
+        ZeroShotLossConfig::new(1 << 40, 8).init(&Device::flex());
+    }
+
+    /// Attributes on another device than the embeddings: a panic naming both devices.
+    #[cfg(feature = "ndarray")]
+    #[test]
+    #[allow(deprecated)] // NdArray is deprecated in Burn 0.22, still supported here.
+    #[should_panic(expected = "ZeroShotLoss: device mismatch: the attributes on Device<NdArray")]
+    fn a_device_mismatch_names_both_devices() {
+        let loss = ZeroShotLossConfig::new(3, 2).init(&Device::flex());
+        let device = Device::ndarray();
+        loss.forward(
+            Tensor::ones([2, 3], &device),
+            labels(&[0, 1], &device),
+            &ZeroShotSplit::Halves,
+        );
     }
 }

@@ -8,12 +8,10 @@
 //! Used when the device's backend is not covered by the extension, and as an independent
 //! oracle for the analytical backward in tests.
 
-use burn::tensor::Tensor;
-
-use burn::tensor::Int;
+use burn::tensor::{Bool, Int, Tensor};
 
 use super::settings::TransportSettings;
-use super::solver::{iterations_tensor, kernel, plan_from_beta, sigmoid, solve_beta};
+use super::solver::{anchor, kernel, plan_from_beta, report_tensors, sigmoid, solve_beta};
 
 /// Smallest f'(β) divided by in the tracked step (f' = 0 only when every σ saturated, where
 /// f = 0 too).
@@ -21,15 +19,16 @@ const MIN_SLOPE: f64 = 1e-30;
 
 /// The transport plan `[B, K+1, N]` for costs `[B, K, N]` and masses `[B, N]` (rows summing
 /// to 1, 0 = padded position), with gradients from one tracked Newton step; also the
-/// iterations run `[1]`.
+/// iterations run `[1]` and whether the solve converged `[1]`.
 pub fn partial_transport_newton_step(
     costs: Tensor<3>,
     mass: Tensor<2>,
     settings: &TransportSettings,
-) -> (Tensor<3>, Tensor<1, Int>) {
+) -> (Tensor<3>, Tensor<1, Int>, Tensor<1, Bool>) {
     let mass = mass.detach();
     let (log_mass, softmax) = kernel(costs, settings.epsilon);
-    let (beta, iterations) = solve_beta(log_mass.clone().detach(), mass.clone(), settings);
+    let log_mass = anchor(log_mass, &mass);
+    let (beta, report) = solve_beta(log_mass.clone().detach(), mass.clone(), settings);
     let sigma = sigmoid(log_mass.clone() + beta.clone());
     let residual = (sigma.clone() * mass.clone())
         .sum_dim(1)
@@ -39,6 +38,6 @@ pub fn partial_transport_newton_step(
         .clamp_min(MIN_SLOPE);
     let beta = beta - residual / slope;
     let plan = plan_from_beta(softmax, log_mass, beta, mass);
-    let device = plan.device();
-    (plan, iterations_tensor(iterations, &device))
+    let (iterations, converged) = report_tensors(report, &plan.device());
+    (plan, iterations, converged)
 }

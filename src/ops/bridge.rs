@@ -1,9 +1,9 @@
 //! How the portable bodies of [`PoolingOps`](super::PoolingOps) see a backend's primitives as
 //! ordinary `Tensor`s, so that the reference maths is written once with the `Tensor` API.
 
-use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, DispatchKindConversion, DispatchTensor};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor};
 
 /// A backend whose primitives convert to and from `Tensor`s: the supertrait of
 /// [`PoolingOps`](super::PoolingOps) that lets its default bodies run the composites.
@@ -17,6 +17,8 @@ pub trait TensorBridge: Backend {
     fn unwrap<const D: usize>(tensor: Tensor<D>) -> FloatTensor<Self>;
     /// An int `Tensor` computed on this backend as its primitive.
     fn unwrap_int<const D: usize>(tensor: Tensor<D, Int>) -> IntTensor<Self>;
+    /// A bool `Tensor` computed on this backend as its primitive.
+    fn unwrap_bool<const D: usize>(tensor: Tensor<D, Bool>) -> BoolTensor<Self>;
 }
 
 impl TensorBridge for Dispatch {
@@ -27,6 +29,9 @@ impl TensorBridge for Dispatch {
         tensor.into_dispatch()
     }
     fn unwrap_int<const D: usize>(tensor: Tensor<D, Int>) -> IntTensor<Self> {
+        tensor.into_dispatch()
+    }
+    fn unwrap_bool<const D: usize>(tensor: Tensor<D, Bool>) -> BoolTensor<Self> {
         tensor.into_dispatch()
     }
 }
@@ -45,6 +50,9 @@ where
     }
     fn unwrap_int<const D: usize>(tensor: Tensor<D, Int>) -> IntTensor<Self> {
         unwrap_int::<Self, D>(tensor)
+    }
+    fn unwrap_bool<const D: usize>(tensor: Tensor<D, Bool>) -> BoolTensor<Self> {
+        unwrap_bool::<Self, D>(tensor)
     }
 }
 
@@ -65,6 +73,13 @@ where
 }
 
 pub(crate) fn unwrap_int<B: Backend, const D: usize>(tensor: Tensor<D, Int>) -> IntTensor<B>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    tensor.try_into_primitive::<B>().expect(SAME_BACKEND)
+}
+
+pub(crate) fn unwrap_bool<B: Backend, const D: usize>(tensor: Tensor<D, Bool>) -> BoolTensor<B>
 where
     DispatchTensor: DispatchKindConversion<B>,
 {

@@ -30,7 +30,7 @@ mod bridge;
 mod portable;
 pub(crate) mod routing;
 
-use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 use burn::backend::{DispatchDevice, backend_extension};
 use burn::tensor::Device;
 
@@ -64,6 +64,11 @@ macro_rules! pooling_extension {
                     tensor: burn::tensor::Tensor<D, burn::tensor::Int>,
                 ) -> IntTensor<Self> {
                     bridge::unwrap_int::<Self, D>(tensor)
+                }
+                fn unwrap_bool<const D: usize>(
+                    tensor: burn::tensor::Tensor<D, burn::tensor::Bool>,
+                ) -> BoolTensor<Self> {
+                    bridge::unwrap_bool::<Self, D>(tensor)
                 }
             }
         )+
@@ -113,13 +118,21 @@ pub trait PoolingOps: TensorBridge {
     /// Returns `output`: the plan `[B, K+1, N]` (row 0 = residual ρ), or its marginals
     /// `[B, N + K]` (per sample the residual masses ρ_j, then the mass Σ_j P_kj sent to each
     /// prototype: all GSP's pooling reads); then the plan (never tracked: what the backward
-    /// reads) and the iteration count `[1]`.
+    /// reads), the iteration count `[1]` (the most over the samples) and whether every
+    /// sample's mass met the tolerance `[1]` (false when a solve ran into its cap, stalled at
+    /// the float's rounding floor or met a NaN: see
+    /// [`TransportSettings`]).
     fn partial_transport(
         costs: FloatTensor<Self>,
         mass: FloatTensor<Self>,
         settings: TransportSettings,
         output: TransportOutput,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        IntTensor<Self>,
+        BoolTensor<Self>,
+    ) {
         portable::partial_transport::<Self>(costs, mass, settings, output)
     }
 

@@ -2,7 +2,7 @@
 //! [`crate::maths`] on the backend's primitives, through its [`TensorBridge`]. Cube's kernels
 //! also fall back to them when Burn's fusion wraps the backend.
 
-use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 
 use super::{SumOver, TensorBridge, TransportOutput};
 use crate::layout::Layout;
@@ -11,7 +11,7 @@ use crate::maths::generalized_mean::{composite_backward, composite_forward};
 use crate::maths::implicit_backward::implicit_cost_gradient;
 use crate::maths::marginals::{marginals_gradient_as_plan_gradient, marginals_of};
 use crate::maths::settings::TransportSettings;
-use crate::maths::solver::{iterations_tensor, solve};
+use crate::maths::solver::{report_tensors, solve};
 use crate::maths::weighted_sum;
 
 pub(crate) fn transport_costs<B: TensorBridge>(
@@ -44,16 +44,21 @@ pub(crate) fn partial_transport<B: TensorBridge>(
     mass: FloatTensor<B>,
     settings: TransportSettings,
     output: TransportOutput,
-) -> (FloatTensor<B>, FloatTensor<B>, IntTensor<B>) {
+) -> (FloatTensor<B>, FloatTensor<B>, IntTensor<B>, BoolTensor<B>) {
     let costs = B::wrap::<3>(costs);
     let device = costs.device();
-    let (plan, iterations) = solve(costs, B::wrap(mass), &settings);
+    let (plan, report) = solve(costs, B::wrap(mass), &settings);
     let first = match output {
         TransportOutput::Plan => B::unwrap(plan.clone()),
         TransportOutput::Marginals => B::unwrap(marginals_of(plan.clone())),
     };
-    let iterations = B::unwrap_int(iterations_tensor(iterations, &device));
-    (first, B::unwrap(plan), iterations)
+    let (iterations, converged) = report_tensors(report, &device);
+    (
+        first,
+        B::unwrap(plan),
+        B::unwrap_int(iterations),
+        B::unwrap_bool(converged),
+    )
 }
 
 pub(crate) fn partial_transport_backward<B: TensorBridge>(

@@ -29,22 +29,26 @@ pub(crate) fn transport_costs(
     )
 }
 
-/// The plan `[B, K+1, N]` and the iterations run `[1]`.
+/// How a transport solve ended: the iterations run `[1]` (the most over the samples) and
+/// whether every sample converged `[1]`.
+pub(crate) type SolveStatus = (Tensor<1, Int>, Tensor<1, Bool>);
+
+/// The plan `[B, K+1, N]` and how the solve ended.
 pub(crate) fn partial_transport(
     costs: Tensor<3>,
     mass: Tensor<2>,
     settings: &TransportSettings,
-) -> (Tensor<3>, Tensor<1, Int>) {
+) -> (Tensor<3>, SolveStatus) {
     solve(costs, mass, settings, TransportOutput::Plan, |plan| plan)
 }
 
-/// The marginals `[B, N + K]` (residual masses, then the mass sent to each prototype) and the
-/// iterations run `[1]`: all GSP's pooling reads of the plan.
+/// The marginals `[B, N + K]` (residual masses, then the mass sent to each prototype) and how
+/// the solve ended: all GSP's pooling reads of the plan.
 pub(crate) fn transport_marginals(
     costs: Tensor<3>,
     mass: Tensor<2>,
     settings: &TransportSettings,
-) -> (Tensor<2>, Tensor<1, Int>) {
+) -> (Tensor<2>, SolveStatus) {
     solve(
         costs,
         mass,
@@ -62,9 +66,9 @@ fn solve<const D: usize>(
     settings: &TransportSettings,
     output: TransportOutput,
     from_plan: impl FnOnce(Tensor<3>) -> Tensor<D>,
-) -> (Tensor<D>, Tensor<1, Int>) {
+) -> (Tensor<D>, SolveStatus) {
     if extension_covers(&costs.device()) {
-        let (first, _plan, iterations) = <Dispatch as PoolingOps>::partial_transport(
+        let (first, _plan, iterations, converged) = <Dispatch as PoolingOps>::partial_transport(
             costs.into_dispatch(),
             mass.into_dispatch(),
             *settings,
@@ -72,11 +76,14 @@ fn solve<const D: usize>(
         );
         (
             Tensor::from_dispatch(first),
-            Tensor::from_dispatch(iterations),
+            (
+                Tensor::from_dispatch(iterations),
+                Tensor::from_dispatch(converged),
+            ),
         )
     } else {
-        let (plan, iterations) = partial_transport_newton_step(costs, mass, settings);
-        (from_plan(plan), iterations)
+        let (plan, iterations, converged) = partial_transport_newton_step(costs, mass, settings);
+        (from_plan(plan), (iterations, converged))
     }
 }
 

@@ -243,6 +243,128 @@ mod tests {
         );
     }
 
+    /// The panic message of `f`, which must panic.
+    fn panic_message(f: impl FnOnce()) -> String {
+        let payload =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).expect_err("a panic");
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
+    }
+
+    /// B = 0 on every layer and CPU backend, maps, tokens and masked tokens, with and without
+    /// autodiff: an empty `[0, C]` (`[0, 2C]` concatenated), and a backward that gives the
+    /// input an empty gradient.
+    #[test]
+    fn an_empty_batch_gives_an_empty_result_and_gradient() {
+        for (backend, base) in crate::test_support::cpu_devices() {
+            #[cfg(feature = "autodiff")]
+            let devices = [base.clone(), base.autodiff()];
+            #[cfg(not(feature = "autodiff"))]
+            let devices = [base];
+            for device in devices {
+                for config in every_config() {
+                    let pooling = config.init(&device);
+                    let width = config.output_channels(4);
+                    let case = format!("{backend} {}", pooling.name());
+                    let maps = Tensor::<4>::zeros([0, 4, 3, 2], &device);
+                    let tokens = Tensor::<3>::zeros([0, 5, 4], &device);
+                    let mask = Tensor::<2, Bool>::empty([0, 5], &device);
+                    let inputs = [
+                        PoolingInput::maps(maps.clone()),
+                        PoolingInput::tokens(tokens.clone()),
+                        PoolingInput::tokens(tokens).with_mask(mask),
+                    ];
+                    for input in inputs {
+                        assert_eq!(pooling.forward(input).dims(), [0, width], "{case}");
+                    }
+                    if device.is_autodiff() {
+                        let maps = maps.require_grad();
+                        let grads = pooling.forward(maps.clone()).sum().backward();
+                        let grad = maps.grad(&grads).expect("a gradient");
+                        assert_eq!(grad.dims(), [0, 4, 3, 2], "{case}");
+                    }
+                }
+                let gsp = GspConfig::new(4).with_num_prototypes(3).init(&device);
+                let out = gsp.forward_detailed(Tensor::<3>::zeros([0, 5, 4], &device));
+                assert_eq!(out.weights.dims(), [0, 5]);
+                assert_eq!(out.attributes.dims(), [0, 3]);
+                assert!(out.converged.into_scalar::<bool>());
+            }
+        }
+    }
+
+    /// Maps with H or W = 0 and token sets with N = 0 panic naming the layer and the empty
+    /// dimension, on every layer and CPU backend, before any tensor op.
+    #[test]
+    fn empty_positions_panic_naming_the_layer() {
+        for (backend, device) in crate::test_support::cpu_devices() {
+            for config in every_config() {
+                let pooling = config.init(&device);
+                let name = pooling.name();
+                for (height, width) in [(3, 0), (0, 2)] {
+                    let maps = Tensor::<4>::zeros([2, 4, height, width], &device);
+                    let message = panic_message(|| {
+                        pooling.forward(maps);
+                    });
+                    let expected = format!(
+                        "{name}: the input map has no positions to pool: expected H·W > 0, got H = {height}, W = {width}"
+                    );
+                    assert_eq!(message, expected, "{backend}");
+                }
+                let tokens = Tensor::<3>::zeros([2, 0, 4], &device);
+                let message = panic_message(|| {
+                    pooling.forward(PoolingInput::tokens(tokens).with_prefix_tokens(0));
+                });
+                assert!(
+                    message.starts_with(&format!("{name}: no token left to pool")),
+                    "{backend}: {message}"
+                );
+            }
+        }
+    }
+
+    /// An input on another device than the layer's parameters (or a mask on another device
+    /// than the input) panics naming the layer and both devices.
+    #[cfg(feature = "ndarray")]
+    #[test]
+    #[allow(deprecated)] // NdArray is deprecated in Burn 0.22, still supported here.
+    fn a_device_mismatch_names_the_layer_and_both_devices() {
+        let (flex, ndarray) = (Device::flex(), Device::ndarray());
+        for config in every_config() {
+            let pooling = config.init(&flex);
+            let name = pooling.name();
+            let tokens = Tensor::<3>::ones([2, 5, 4], &flex);
+            let mask = Tensor::<2, Bool>::from_data([[true; 5]; 2], &ndarray);
+            let message = panic_message(|| {
+                pooling.forward(PoolingInput::tokens(tokens).with_mask(mask));
+            });
+            assert!(
+                message.starts_with(&format!(
+                    "{name}: device mismatch: the input on Device<Flex"
+                )) && message.contains("the mask on Device<NdArray"),
+                "{message}"
+            );
+            if matches!(
+                config,
+                PoolingConfig::Gem(_) | PoolingConfig::GroupGem(_) | PoolingConfig::Gsp(_)
+            ) {
+                let tokens = Tensor::<3>::ones([2, 5, 4], &ndarray);
+                let message = panic_message(|| {
+                    pooling.forward(tokens);
+                });
+                assert!(
+                    message.starts_with(&format!(
+                        "{name}: device mismatch: the input on Device<NdArray"
+                    )) && message.contains("the parameters on Device<Flex"),
+                    "{message}"
+                );
+            }
+        }
+    }
+
     #[test]
     #[should_panic(expected = "Gem: `p` must be a finite number > 0, got -1")]
     fn invalid_config_panics_as_the_layer() {

@@ -41,14 +41,18 @@ one_line_display!(Gap, |gap| "num_prefix_tokens" => gap.num_prefix_tokens);
 impl Gap {
     /// Pools feature maps `[B, C, H, W]`, a token set `[B, N, C]` (skipping the first
     /// `num_prefix_tokens` tokens) or any [`PoolingInput`] (masked, with its own prefix) into
-    /// `[B, C]`.
+    /// `[B, C]`. An empty batch (B = 0) gives an empty `[0, C]`.
     ///
     /// # Panics
     ///
-    /// If no position is left to pool, the mask's shape does not match, or a mask row has no
-    /// valid position.
+    /// If no position is left to pool (N, H or W is 0, or N ≤ the prefix), C = 0, the mask's
+    /// shape or device does not match, or a mask row has no valid position.
     pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
-        input.into().resolve("Gap", self.num_prefix_tokens).mean()
+        let positions = input.into().resolve("Gap", self.num_prefix_tokens);
+        if positions.is_empty() {
+            return positions.empty();
+        }
+        positions.mean()
     }
 
     /// [`forward`](Self::forward) for a token set `[B, N, C]`, spelled out.

@@ -74,16 +74,24 @@ one_line_display!(GapGmp, |pool|
 impl GapGmp {
     /// Pools feature maps `[B, C, H, W]`, a token set `[B, N, C]` (skipping the first
     /// `num_prefix_tokens` tokens) or any [`PoolingInput`] (masked, with its own prefix) into
-    /// `[B, C]` (sum) or `[B, 2C]` (concatenation).
+    /// `[B, C]` (sum) or `[B, 2C]` (concatenation). An empty batch (B = 0) gives an empty
+    /// `[0, C]` or `[0, 2C]`.
     ///
     /// # Panics
     ///
-    /// If no position is left to pool, the mask's shape does not match, or a mask row has no
-    /// valid position.
+    /// If no position is left to pool (N, H or W is 0, or N ≤ the prefix), C = 0, the mask's
+    /// shape or device does not match, or a mask row has no valid position.
     pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
         let positions = input.into().resolve("GapGmp", self.num_prefix_tokens);
-        let mean = positions.clone().mean();
-        let max = positions.max();
+        if positions.is_empty() {
+            let empty = positions.empty();
+            return match self.combine {
+                GapGmpCombine::Sum => empty,
+                // Not `cat`, whose backward fails on empty tensors (Flex).
+                GapGmpCombine::Concat => empty.repeat_dim(1, 2),
+            };
+        }
+        let (mean, max) = (positions.clone().mean(), positions.max());
         match self.combine {
             GapGmpCombine::Sum => mean + max,
             GapGmpCombine::Concat => Tensor::cat(vec![mean, max], 1),

@@ -8,13 +8,24 @@ use super::input::PoolingInput;
 use crate::checks;
 use crate::display::one_line_display;
 
+/// The smallest power GeM and GGeM pool with. Below it f32 no longer resolves the mean of
+/// exp(p (l − M)) − 1 (about 1e-4 relative error in ln y at p = 1e-3, all of it at 1e-7):
+/// `init` refuses a smaller `p`, and a `p` trained below it pools as this value (its gradient
+/// still reaches `p`, straight through), with no device read.
+pub const MIN_POWER: f64 = 1e-3;
+
+/// The smallest clamp ε: the smallest normal f32. ln ε must be finite in the kernels' float,
+/// and GPUs flush subnormal values to 0.
+pub const MIN_EPS: f64 = f32::MIN_POSITIVE as f64;
+
 /// Configuration of [`Gem`]. Defaults follow Radenović et al. (TPAMI 2018).
 #[derive(Config, Debug)]
 pub struct GemConfig {
-    /// Initial power p (> 0). Default: 3.
+    /// Initial power p (≥ [`MIN_POWER`]). Default: 3.
     #[config(default = 3.0)]
     pub p: f64,
-    /// Clamp ε (> 0): values below it are raised to it before the power. Default: 1e-6.
+    /// Clamp ε (≥ [`MIN_EPS`]): values below it are raised to it before the power. Default:
+    /// 1e-6.
     #[config(default = 1e-6)]
     pub eps: f64,
     /// Whether p is trained. Default: true.
@@ -30,7 +41,7 @@ impl GemConfig {
     ///
     /// # Panics
     ///
-    /// If `p` or `eps` is not a finite positive number.
+    /// If `p` is not a finite number ≥ [`MIN_POWER`] or `eps` one ≥ [`MIN_EPS`].
     pub fn init(&self, device: &Device) -> Gem {
         Gem {
             p: initial_powers("Gem", 1, self.p, self.eps, self.learnable, device),
@@ -42,7 +53,7 @@ impl GemConfig {
 
 /// `count` copies of the initial power `p` as a parameter, trained when `learnable`: GeM's
 /// one power and GGeM's one per group. Panics, naming `layer`, unless `p` and the clamp `eps`
-/// are finite positive numbers.
+/// are finite numbers at least [`MIN_POWER`] and [`MIN_EPS`], and `count` is a sane size.
 pub(super) fn initial_powers(
     layer: &str,
     count: usize,
@@ -51,9 +62,48 @@ pub(super) fn initial_powers(
     learnable: bool,
     device: &Device,
 ) -> Param<Tensor<1>> {
-    checks::positive(layer, "p", p);
-    checks::positive(layer, "eps", eps);
+    checks::at_least(layer, "p", p, MIN_POWER, "what f32 resolves");
+    check_eps(layer, eps);
+    checks::parameter_size(layer, &[("groups", count)]);
     Param::from_tensor(Tensor::full([count], p, device)).set_require_grad(learnable)
+}
+
+/// Panics, naming `layer`, unless the clamp is a finite number ≥ [`MIN_EPS`]: checked in
+/// `init` and, as `eps` is a public field, in every forward (a host value: free).
+fn check_eps(layer: &str, eps: f64) {
+    checks::at_least(layer, "eps", eps, MIN_EPS, "the smallest normal f32");
+}
+
+/// GeM's and GGeM's forward: checks what may have changed since `init` (ε, the parameters'
+/// device), resolves the input, and pools with the powers `powers(p, C)` gives `[C]` for
+/// p = max(`p`, [`MIN_POWER`]) (straight through: the gradient of the clamped value reaches
+/// `p` unchanged, so a power pushed below the floor can come back). An empty batch gives an
+/// empty `[0, C]`.
+pub(super) fn pool(
+    layer: &str,
+    input: PoolingInput,
+    num_prefix_tokens: usize,
+    p: &Param<Tensor<1>>,
+    eps: f64,
+    powers: impl FnOnce(Tensor<1>, usize) -> Tensor<1>,
+) -> Tensor<2> {
+    check_eps(layer, eps);
+    let positions = input.resolve(layer, num_prefix_tokens);
+    let p = p.val();
+    checks::same_device(
+        layer,
+        [
+            ("the input", &positions.features.device()),
+            ("the parameters", &p.device()),
+        ],
+    );
+    let (_, _, channels) = positions.dims();
+    let floored = p.clone().detach().clamp_min(MIN_POWER) + (p.clone() - p.detach());
+    let powers = powers(floored, channels);
+    if positions.is_empty() {
+        return positions.empty();
+    }
+    positions.generalized_mean(|_| powers, eps)
 }
 
 /// Generalized mean pooling:
@@ -92,15 +142,25 @@ one_line_display!(Gem, |gem|
 impl Gem {
     /// Pools feature maps `[B, C, H, W]`, a token set `[B, N, C]` (skipping the first
     /// `num_prefix_tokens` tokens) or any [`PoolingInput`] (masked, with its own prefix) into
-    /// `[B, C]`.
+    /// `[B, C]`, with the power max(p, [`MIN_POWER`]) (no device read: a p trained below
+    /// the floor pools as the floor, and its gradient still reaches p). An empty batch (B = 0)
+    /// gives an empty `[0, C]`.
     ///
     /// # Panics
     ///
-    /// If no position is left to pool, the mask's shape does not match, or a mask row has no
-    /// valid position.
+    /// If no position is left to pool (N, H or W is 0, or N ≤ the prefix), C = 0, the mask's
+    /// shape does not match, a mask row has no valid position, `eps` was set below
+    /// [`MIN_EPS`] (or to a non-finite value), or the input (or its mask) is on another device
+    /// than `p`.
     pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
-        let positions = input.into().resolve("Gem", self.num_prefix_tokens);
-        positions.generalized_mean(|channels| self.p.val().expand([channels]), self.eps)
+        pool(
+            "Gem",
+            input.into(),
+            self.num_prefix_tokens,
+            &self.p,
+            self.eps,
+            |p, channels| p.expand([channels]),
+        )
     }
 
     /// [`forward`](Self::forward) for a token set `[B, N, C]`, spelled out.
@@ -219,6 +279,62 @@ mod tests {
     #[should_panic(expected = "Gem: `p` must be a finite number > 0, got 0")]
     fn non_positive_power_panics() {
         gem(0.0, &Device::flex());
+    }
+
+    /// A p trained to 0 or below pools as `MIN_POWER`, finite, on every CPU backend, and
+    /// its gradient still reaches p (straight through the floor).
+    #[test]
+    fn a_power_trained_below_the_floor_pools_at_the_floor() {
+        for (name, base) in crate::test_support::cpu_devices() {
+            let device = base.autodiff();
+            let x = Tensor::<3>::from_floats([[[0.5, 2.0], [1.5, 0.25], [3.0, 1.0]]], &device);
+            let floor = gem(MIN_POWER, &device).forward_tokens(x.clone());
+            for trained in [0.0, -2.0, 1e-9] {
+                let mut layer = gem(3.0, &device);
+                layer.p = Param::from_tensor(Tensor::from_floats([trained], &device));
+                let y = layer.forward_tokens(x.clone());
+                y.clone().into_data().assert_approx_eq::<f32>(
+                    &floor.clone().into_data(),
+                    Tolerance::rel_abs(1e-6, 1e-7),
+                );
+                let grads = y.sum().backward();
+                let gp = layer.p.val().grad(&grads).expect("p's gradient");
+                let gp = gp.into_data().try_to_vec::<f32>().unwrap();
+                assert!(
+                    gp[0].is_finite() && gp[0] != 0.0,
+                    "{name}: p = {trained}: {gp:?}"
+                );
+            }
+        }
+    }
+
+    /// `eps` is a public field: a value set after `init` that the clamp cannot use panics in
+    /// forward, naming it (a host check).
+    #[test]
+    #[should_panic(expected = "Gem: `eps` must be a finite number > 0, got -0.1")]
+    fn a_negative_eps_set_after_init_panics_in_forward() {
+        let device = Device::flex();
+        let mut layer = gem(3.0, &device);
+        layer.eps = -0.1;
+        layer.forward_tokens(Tensor::ones([1, 2, 3], &device));
+    }
+
+    /// Values that pass an f64 check but vanish in f32 are refused by `init`.
+    #[test]
+    fn powers_and_clamps_below_f32_panic() {
+        let power = std::panic::catch_unwind(|| gem(1e-50, &Device::flex()));
+        assert!(power.is_err());
+        let clamp =
+            std::panic::catch_unwind(|| GemConfig::new().with_eps(1e-40).init(&Device::flex()));
+        assert!(clamp.is_err());
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "Gem: `eps` must be at least 1.1754943508222875e-38 (the smallest normal f32), got 1e-40"
+    )]
+    fn a_subnormal_eps_panics_naming_the_bound() {
+        GemConfig::new().with_eps(1e-40).init(&Device::flex());
     }
 
     #[test]

@@ -51,14 +51,20 @@ one_line_display!(Gmp, |gmp| "num_prefix_tokens" => gmp.num_prefix_tokens);
 impl Gmp {
     /// The channel maxima `[B, C]` of feature maps `[B, C, H, W]`, of a token set `[B, N, C]`
     /// after its first `num_prefix_tokens` tokens, or of a [`PoolingInput`] (its mask's valid
-    /// positions only, its own prefix count if it sets one).
+    /// positions only, its own prefix count if it sets one). An empty batch (B = 0) gives an
+    /// empty `[0, C]`.
     ///
     /// # Panics
     ///
-    /// With the layer's name, if no position is left to pool, the mask is not `[B, N]`, or a
-    /// mask row has no valid position (an all-padding row has no maximum).
+    /// With the layer's name, if no position is left to pool (N, H or W is 0, or N ≤ the
+    /// prefix), C = 0, the mask is not `[B, N]` or not on the input's device, or a mask row
+    /// has no valid position (an all-padding row has no maximum).
     pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
-        input.into().resolve("Gmp", self.num_prefix_tokens).max()
+        let positions = input.into().resolve("Gmp", self.num_prefix_tokens);
+        if positions.is_empty() {
+            return positions.empty();
+        }
+        positions.max()
     }
 
     /// [`forward`](Self::forward) for a token set `[B, N, C]`, spelled out.

@@ -4,7 +4,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 
-use super::gem::initial_powers;
+use super::gem::{initial_powers, pool};
 use super::input::PoolingInput;
 use crate::checks;
 use crate::display::one_line_display;
@@ -27,10 +27,10 @@ pub struct GroupGemConfig {
     /// Number of channel groups G, usually the number of attention heads (ViT-Ti 3, S 6, B 12,
     /// L 16). The channel count must be divisible by it.
     pub groups: usize,
-    /// Initial power of every group (> 0). Default: 3.
+    /// Initial power of every group (≥ [`MIN_POWER`](super::MIN_POWER)). Default: 3.
     #[config(default = 3.0)]
     pub p: f64,
-    /// Clamp ε (> 0). Default: 1e-6.
+    /// Clamp ε (≥ [`MIN_EPS`](super::MIN_EPS)). Default: 1e-6.
     #[config(default = 1e-6)]
     pub eps: f64,
     /// Whether the powers are trained. Default: true.
@@ -50,7 +50,8 @@ impl GroupGemConfig {
     ///
     /// # Panics
     ///
-    /// If `groups == 0`, or `p` or `eps` is not a finite positive number.
+    /// If `groups` is 0 or above 2³¹ (checked before allocating), `p` is not a finite number
+    /// ≥ [`MIN_POWER`](super::MIN_POWER), or `eps` one ≥ [`MIN_EPS`](super::MIN_EPS).
     pub fn init(&self, device: &Device) -> GroupGem {
         checks::at_least_one("GroupGem", "groups", self.groups);
         GroupGem {
@@ -108,15 +109,15 @@ impl GroupGem {
         self.p.shape().dims::<1>()[0]
     }
 
-    /// The power of every channel, `[channels]`, laid out by [`GroupLayout`].
-    fn channel_powers(&self, channels: usize) -> Tensor<1> {
+    /// The power of every channel, `[channels]`, from the groups' powers `p`, laid out by
+    /// [`GroupLayout`].
+    fn channel_powers(&self, p: Tensor<1>, channels: usize) -> Tensor<1> {
         let groups = self.groups();
         assert!(
             channels.is_multiple_of(groups),
             "GroupGem: channels must be divisible by groups: got C = {channels}, groups = {groups}"
         );
         let per_group = channels / groups;
-        let p = self.p.val();
         match self.layout {
             GroupLayout::Contiguous => p
                 .reshape([groups, 1])
@@ -131,15 +132,26 @@ impl GroupGem {
 
     /// Pools feature maps `[B, C, H, W]`, a token set `[B, N, C]` (skipping the first
     /// `num_prefix_tokens` tokens) or any [`PoolingInput`] (masked, with its own prefix) into
-    /// `[B, C]`. C must be divisible by `groups`.
+    /// `[B, C]`. C must be divisible by `groups`. Each group pools with max(p_g,
+    /// [`MIN_POWER`](super::MIN_POWER)) (no device read: a power trained below the floor
+    /// pools as the floor, and its gradient still reaches it). An empty batch (B = 0) gives an
+    /// empty `[0, C]`.
     ///
     /// # Panics
     ///
-    /// If no position is left to pool, the mask's shape does not match, a mask row has no
-    /// valid position, or C is not divisible by `groups`.
+    /// If no position is left to pool (N, H or W is 0, or N ≤ the prefix), C = 0, the mask's
+    /// shape does not match, a mask row has no valid position, C is not divisible by
+    /// `groups`, `eps` was set below [`MIN_EPS`](super::MIN_EPS) (or to a non-finite
+    /// value), or the input (or its mask) is on another device than `p`.
     pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
-        let positions = input.into().resolve("GroupGem", self.num_prefix_tokens);
-        positions.generalized_mean(|channels| self.channel_powers(channels), self.eps)
+        pool(
+            "GroupGem",
+            input.into(),
+            self.num_prefix_tokens,
+            &self.p,
+            self.eps,
+            |p, channels| self.channel_powers(p, channels),
+        )
     }
 
     /// [`forward`](Self::forward) for a token set `[B, N, C]`, spelled out.
@@ -234,6 +246,21 @@ mod tests {
         let device = Device::flex();
         let layer = GroupGemConfig::new(3).init(&device);
         layer.forward(Tensor::<4>::ones([1, 10, 2, 2], &device));
+    }
+
+    /// 2⁴⁰ groups would abort the process in the allocator: a named panic instead.
+    #[test]
+    #[should_panic(
+        expected = "GroupGem: `groups` must be at most 2^31 elements (the size of one parameter tensor), got 1099511627776"
+    )]
+    fn too_many_groups_panic_before_allocating() {
+        GroupGemConfig::new(1 << 40).init(&Device::flex());
+    }
+
+    #[test]
+    #[should_panic(expected = "GroupGem: `p` must be at least 1e-3 (what f32 resolves), got 1e-50")]
+    fn a_power_below_f32_panics() {
+        GroupGemConfig::new(2).with_p(1e-50).init(&Device::flex());
     }
 
     #[test]

@@ -22,15 +22,19 @@ pub struct GspConfig {
     /// Number of prototypes K. Default: 64 (the reference uses 128 for SOP and In-Shop).
     #[config(default = 64)]
     pub num_prototypes: usize,
-    /// Transport ratio μ in (0, 1]: the fraction of the feature mass moved onto the
-    /// prototypes, i.e. roughly the fraction of positions kept. μ = 1 is GAP. Default: 0.3.
+    /// Transport ratio μ in [[`MIN_TRANSPORT_RATIO`](crate::transport::MIN_TRANSPORT_RATIO), 1]:
+    /// the fraction of the feature mass moved onto the prototypes, i.e. roughly the fraction
+    /// of positions kept. μ = 1 is GAP. Default: 0.3.
     #[config(default = 0.3)]
     pub transport_ratio: f64,
-    /// Entropy weight ε > 0 (the reference's `entropy_regularizer_weight` γ is 1/ε). Small ε
-    /// selects positions hard, large ε tends to GAP. Default: 0.2 (γ = 5).
+    /// Entropy weight ε ≥ [`MIN_EPSILON`](crate::transport::MIN_EPSILON) (the reference's
+    /// `entropy_regularizer_weight` γ is 1/ε). Small ε selects positions hard, large ε tends
+    /// to GAP. Default: 0.2 (γ = 5).
     #[config(default = 0.2)]
     pub epsilon: f64,
-    /// Upper bound on solver iterations. Default: 100.
+    /// Upper bound on solver iterations (at most
+    /// [`MAX_SOLVER_ITERATIONS`](crate::transport::MAX_SOLVER_ITERATIONS) run whatever it
+    /// says). Default: 100.
     #[config(default = 100)]
     pub max_iterations: usize,
     /// The solver stops once each sample's transported mass is within this of μ.
@@ -65,11 +69,21 @@ impl GspConfig {
     ///
     /// # Panics
     ///
-    /// If `channels` or `num_prototypes` is 0, μ is outside (0, 1], or ε, `max_iterations` or
-    /// `tolerance` is not positive.
+    /// If `channels` or `num_prototypes` is 0, the prototypes `[K, C]` would have more than
+    /// 2³¹ elements (checked before allocating), μ is outside
+    /// [[`MIN_TRANSPORT_RATIO`](crate::transport::MIN_TRANSPORT_RATIO), 1], ε is below
+    /// [`MIN_EPSILON`](crate::transport::MIN_EPSILON), or `max_iterations` or `tolerance` is
+    /// not positive.
     pub fn init(&self, device: &Device) -> Gsp {
         checks::at_least_one("Gsp", "channels", self.channels);
         checks::at_least_one("Gsp", "num_prototypes", self.num_prototypes);
+        checks::parameter_size(
+            "Gsp",
+            &[
+                ("num_prototypes", self.num_prototypes),
+                ("channels", self.channels),
+            ],
+        );
         self.settings().validate("Gsp");
         let prototypes = self.initializer.init_with(
             [self.num_prototypes, self.channels],
@@ -99,8 +113,10 @@ pub struct GspOutput {
     /// `[1]`: solver iterations run for this batch (the most over its samples). A tensor, so
     /// that a forward never waits for the device unless this is read.
     pub iterations: Tensor<1, Int>,
-    /// `[1]`: whether the solve stopped within `max_iterations` (false when it used them all,
-    /// which includes meeting the tolerance on the very last one).
+    /// `[1]`: whether every sample's transported mass met the tolerance. False when a solve
+    /// used its `max_iterations`, stalled at the float's rounding floor (a tolerance below
+    /// what the float resolves) or met a NaN (a non-finite input): see
+    /// [`TransportSettings`].
     pub converged: Tensor<1, Bool>,
 }
 
@@ -154,11 +170,35 @@ impl Gsp {
 
     fn pool(&self, positions: Positions) -> GspOutput {
         let (batch, count, channels) = positions.dims();
-        let [_, expected] = self.dims();
+        let [prototypes, expected] = self.dims();
         assert!(
             channels == expected,
             "Gsp: channel mismatch: expected C = {expected} (the prototypes' width), got {channels}"
         );
+        // What may have changed since `init` (public fields): host values, no device read.
+        assert!(
+            prototypes > 0,
+            "Gsp: the prototypes [K, C] are empty: expected K > 0, got K = 0"
+        );
+        self.settings.validate("Gsp");
+        let device = positions.features.device();
+        checks::same_device(
+            "Gsp",
+            [
+                ("the input", &device),
+                ("the parameters", &self.prototypes.device()),
+            ],
+        );
+        if positions.is_empty() {
+            let empty = |width| Tensor::empty([0, width], &device);
+            return GspOutput {
+                weights: empty(count),
+                attributes: empty(prototypes),
+                pooled: positions.empty(),
+                iterations: Tensor::zeros([1], &device),
+                converged: Tensor::from_data([true], &device),
+            };
+        }
         let mu = self.settings.transport_ratio;
         let mass = positions.mean_weights();
         let costs = transport_costs(
@@ -166,16 +206,14 @@ impl Gsp {
             self.prototypes.val(),
             positions.layout,
         );
-        let (marginals, iterations) = transport_marginals(costs, mass.clone(), &self.settings);
+        let (marginals, (iterations, converged)) =
+            transport_marginals(costs, mass.clone(), &self.settings);
         let [_, width] = marginals.dims();
         let residual = marginals.clone().slice([0..batch, 0..count]);
         // w = t / μ with t = a − ρ: the reference's form, so the gradient reaches ρ.
         let weights = (mass - residual).div_scalar(mu);
         let attributes = marginals.slice([0..batch, count..width]).div_scalar(mu);
         let pooled = positions.weighted_sum(weights.clone());
-        let converged = iterations
-            .clone()
-            .lower_elem(self.settings.max_iterations as i64);
         GspOutput {
             pooled,
             weights,
@@ -187,12 +225,16 @@ impl Gsp {
 
     /// Pools feature maps `[B, C, H, W]`, a token set `[B, N, C]` (skipping the first
     /// `num_prefix_tokens` tokens) or any [`PoolingInput`] (masked, with its own prefix) into
-    /// `[B, C]`. Each valid position holds mass 1/N_valid.
+    /// `[B, C]`. Each valid position holds mass 1/N_valid. An empty batch (B = 0) gives an
+    /// empty `[0, C]`.
     ///
     /// # Panics
     ///
-    /// If no position is left to pool, the mask's shape does not match, a mask row has no
-    /// valid position, or C differs from the prototypes' width.
+    /// If no position is left to pool (N, H or W is 0, or N ≤ the prefix), C = 0, the mask's
+    /// shape does not match, a mask row has no valid position, C differs from the prototypes'
+    /// width, the input (or its mask) is on another device than the prototypes, or
+    /// [`settings`](Self::settings) (a public field) was set to an invalid value (checked as
+    /// in [`GspConfig::init`], on the host: no device read).
     pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
         self.forward_detailed(input).pooled
     }
@@ -371,6 +413,115 @@ mod tests {
     fn channel_mismatch_panics() {
         let device = Device::flex();
         small(&device).forward_tokens(Tensor::<3>::ones([1, 3, 6], &device));
+    }
+
+    /// 2⁴⁰ prototypes would abort the process in the allocator: a named panic instead.
+    #[test]
+    #[should_panic(
+        expected = "Gsp: `num_prototypes` × `channels` must be at most 2^31 elements (the size of one parameter tensor), got 1099511627776 × 8"
+    )]
+    fn too_many_prototypes_panic_before_allocating() {
+        GspConfig::new(8)
+            .with_num_prototypes(1 << 40)
+            .init(&Device::flex());
+    }
+
+    /// `settings` is a public field: values set after `init` that break the solve panic in
+    /// forward, naming the setting (a host check, no device read).
+    #[test]
+    fn invalid_settings_set_after_init_panic_in_forward() {
+        let device = Device::flex();
+        type Change = fn(&mut TransportSettings);
+        let cases: [(Change, &str); 4] = [
+            (
+                |s| s.transport_ratio = 0.0,
+                "Gsp: `transport_ratio` must be in (0, 1], got 0",
+            ),
+            (
+                |s| s.epsilon = -0.2,
+                "Gsp: `epsilon` must be a finite number > 0, got -0.2",
+            ),
+            (
+                |s| s.max_iterations = 0,
+                "Gsp: `max_iterations` must be at least 1, got 0",
+            ),
+            (
+                |s| s.epsilon = 1e-40,
+                "Gsp: `epsilon` must be at least 1e-30",
+            ),
+        ];
+        for (change, expected) in cases {
+            let mut gsp = small(&device);
+            change(&mut gsp.settings);
+            let x = Tensor::<3>::ones([1, 3, 8], &device);
+            let forward = std::panic::AssertUnwindSafe(move || gsp.forward_tokens(x));
+            let panic = std::panic::catch_unwind(forward).unwrap_err();
+            let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+            assert!(message.starts_with(expected), "{message}");
+        }
+    }
+
+    /// `converged` says whether the tolerance was met, whatever `max_iterations` is (no
+    /// wrapping cast above i64::MAX), and is false for a NaN input, whose solve returns at
+    /// once even with a huge budget; a tolerance no float resolves returns too. On every CPU
+    /// backend, guarded against hangs.
+    #[test]
+    fn converged_says_whether_the_tolerance_was_met() {
+        use crate::test_support::{cpu_devices, within_seconds};
+        for (name, device) in cpu_devices() {
+            for solver in [TransportSolver::Newton, TransportSolver::Sinkhorn] {
+                let run = move |device: Device, settings: fn(&mut TransportSettings), nan: bool| {
+                    within_seconds(20, "Gsp::forward_detailed", move || {
+                        let mut gsp = small(&device);
+                        gsp.settings.solver = solver;
+                        settings(&mut gsp.settings);
+                        device.seed(4);
+                        let x =
+                            Tensor::<3>::random([2, 6, 8], Distribution::Normal(0.0, 1.0), &device);
+                        let x = if nan {
+                            let poison = Tensor::<3>::from_floats([[[f32::NAN; 8]]], &device);
+                            x.slice_assign([0..1, 2..3, 0..8], poison)
+                        } else {
+                            x
+                        };
+                        let out = gsp.forward_detailed(x);
+                        (
+                            out.converged.into_scalar::<bool>(),
+                            out.iterations.into_scalar::<i64>(),
+                            out.weights.into_data().try_to_vec::<f32>().unwrap(),
+                        )
+                    })
+                };
+                let (converged, _, _) =
+                    run(device.clone(), |s| s.max_iterations = usize::MAX, false);
+                assert!(converged, "{name} {solver:?}: max_iterations = usize::MAX");
+                let (converged, _, _) = run(device.clone(), |s| s.max_iterations = 1 << 63, false);
+                assert!(converged, "{name} {solver:?}: max_iterations = 2^63");
+                let (converged, iterations, weights) =
+                    run(device.clone(), |s| s.max_iterations = usize::MAX, true);
+                assert!(
+                    iterations < 100,
+                    "{name} {solver:?}: NaN input, {iterations}"
+                );
+                // A NaN that reaches the weights is never reported as converged; the other
+                // sample keeps its weights.
+                let poisoned = weights[..6].iter().any(|w| w.is_nan());
+                assert!(!(poisoned && converged), "{name} {solver:?}: NaN input");
+                assert!(
+                    weights[6..].iter().all(|w| w.is_finite()),
+                    "{name} {solver:?}"
+                );
+                let (_, iterations, _) = run(
+                    device.clone(),
+                    |s| {
+                        s.max_iterations = usize::MAX;
+                        s.tolerance = 1e-300;
+                    },
+                    false,
+                );
+                assert!(iterations < 1000, "{name} {solver:?}: {iterations}");
+            }
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use burn::tensor::{Bool, Tensor};
 
+use crate::checks;
 use crate::layout::Layout;
 use crate::ops::routing;
 
@@ -48,9 +49,10 @@ pub struct PoolingInput {
 impl PoolingInput {
     /// Feature maps `[B, C, H, W]`, pooled over their H·W cells.
     pub fn maps(maps: Tensor<4>) -> Self {
-        let [batch, channels, height, width] = maps.dims();
+        let [_, _, height, width] = maps.dims();
         Self {
-            features: maps.reshape([batch, channels, height * width]),
+            // Not `reshape`, which refuses empty dimensions: the layer names them.
+            features: maps.flatten(2, 3),
             layout: Layout::ChannelsFirst,
             map_size: Some((height, width)),
             mask: None,
@@ -100,8 +102,8 @@ impl PoolingInput {
     ///
     /// # Panics
     ///
-    /// If no position is left to pool, C = 0, the mask's shape is not `[B, N]`, or a mask row
-    /// has no valid position.
+    /// If no position is left to pool, C = 0, the mask's shape is not `[B, N]`, the mask is
+    /// on another device than the features, or a mask row has no valid position.
     pub(crate) fn resolve(self, layer: &str, default_prefix: usize) -> Positions {
         let Self {
             features,
@@ -143,12 +145,21 @@ impl PoolingInput {
                 dims == [batch, count],
                 "{layer}: mask shape mismatch: expected {name} = [{batch}, {count}], got {dims:?}"
             );
+            checks::same_device(
+                layer,
+                [
+                    ("the input", &features.device()),
+                    ("the mask", &mask.device()),
+                ],
+            );
             let mask = if prefix > 0 {
                 mask.slice([0..batch, prefix..count])
             } else {
                 mask
             };
-            assert_every_row_has_a_valid_position(layer, &mask);
+            if batch > 0 {
+                assert_every_row_has_a_valid_position(layer, &mask);
+            }
             mask
         });
         let features = if prefix > 0 {
@@ -191,6 +202,18 @@ impl Positions {
     /// `(batch, positions, channels)`.
     pub fn dims(&self) -> (usize, usize, usize) {
         self.layout.split(self.features.dims())
+    }
+
+    /// Whether the batch is empty (B = 0): the layers then return [`empty`](Self::empty).
+    pub fn is_empty(&self) -> bool {
+        self.dims().0 == 0
+    }
+
+    /// The `[0, C]` result of an empty batch, a sum of the features over their positions, so
+    /// that a backward reaches them (with an empty gradient) as it would a full batch.
+    pub fn empty(self) -> Tensor<2> {
+        let axis = self.layout.position_axis();
+        self.features.sum_dim(axis).squeeze_dim(axis)
     }
 
     /// Global average pooling of the valid positions: `[B, C]`.

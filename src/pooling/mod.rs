@@ -26,7 +26,7 @@ mod input;
 pub use choice::{Pooling, PoolingConfig};
 pub use gap::{Gap, GapConfig};
 pub use gap_gmp::{GapGmp, GapGmpCombine, GapGmpConfig};
-pub use gem::{Gem, GemConfig};
+pub use gem::{Gem, GemConfig, MIN_EPS, MIN_POWER};
 pub use gmp::{Gmp, GmpConfig};
 pub use group_gem::{GroupGem, GroupGemConfig, GroupLayout};
 pub use gsp::{Gsp, GspConfig, GspOutput};

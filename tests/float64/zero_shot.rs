@@ -89,7 +89,9 @@ fn overlapping_split_panics() {
 }
 
 #[test]
-#[should_panic(expected = "ZeroShotLoss: label 7 out of range: expected < num_classes = 3")]
+#[should_panic(
+    expected = "ZeroShotLoss: label 7 out of range: expected 0 ≤ label < num_classes = 3"
+)]
 fn label_out_of_range_panics() {
     let device = flex_f64();
     let loss = ZeroShotLossConfig::new(3, 2).init(&device);

@@ -11,7 +11,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
-use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 use burn::backend::{AutodiffBackend, Backend, DispatchKindConversion, DispatchTensor};
 
 use crate::layout::Layout;
@@ -185,10 +185,10 @@ where
         mass: Tracked<B, C>,
         settings: TransportSettings,
         output: TransportOutput,
-    ) -> (Tracked<B, C>, Tracked<B, C>, IntTensor<B>) {
+    ) -> (Tracked<B, C>, Tracked<B, C>, IntTensor<B>, BoolTensor<B>) {
         let costs_node = costs.node();
         let mass = mass.into_primitive();
-        let (first, plan, iterations) =
+        let (first, plan, iterations, converged) =
             B::partial_transport(costs.into_primitive(), mass.clone(), settings, output);
         let state = |_: &FloatTensor<B>| (plan.clone(), mass, settings.epsilon);
         let first = record::<B, C, _, 1>(TransportBackward(output), [costs_node], first, state);
@@ -196,6 +196,7 @@ where
             first,
             <Self as AutodiffBackend>::from_inner(plan),
             iterations,
+            converged,
         )
     }
 

@@ -39,7 +39,7 @@ mod unfused;
 mod weighted_sum;
 
 use burn::backend::Cube;
-use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 
 #[cfg(feature = "fusion")]
 use fusion::launch;
@@ -86,7 +86,7 @@ impl PoolingOps for Cube {
         mass: Float,
         settings: TransportSettings,
         output: TransportOutput,
-    ) -> (Float, Float, IntTensor<Self>) {
+    ) -> (Float, Float, IntTensor<Self>, BoolTensor<Self>) {
         // The kernel runs Newton for μ < 1; the Sinkhorn iteration and full transport (β = ∞,
         // no iteration) keep the portable body.
         let (costs, mass) =
@@ -99,9 +99,22 @@ impl PoolingOps for Cube {
                                 Self::unwrap(marginals_of(Self::wrap(plan.clone())))
                             }
                         };
-                        // The largest count over the samples, as the portable solver's `[1]`.
-                        let iterations = Self::wrap::<1>(iterations).max().int();
-                        return (first, plan, Self::unwrap_int(iterations));
+                        // Each sample's count c, or −(c + 1) where it did not converge: the
+                        // largest count over the samples, as the portable solver's `[1]`, and
+                        // whether all converged.
+                        let encoded = Self::wrap::<1>(iterations);
+                        let failed = encoded.clone().lower_elem(0.0);
+                        let counts = encoded
+                            .clone()
+                            .mask_where(failed, encoded.clone().neg().sub_scalar(1.0));
+                        let iterations = counts.max().int();
+                        let converged = encoded.greater_equal_elem(0.0).all();
+                        return (
+                            first,
+                            plan,
+                            Self::unwrap_int(iterations),
+                            Self::unwrap_bool(converged),
+                        );
                     }
                     Err([costs, mass]) => (costs, mass),
                 }

@@ -369,7 +369,7 @@ fn partial_transport_kernel_matches_portable() {
         for output in [TransportOutput::Plan, TransportOutput::Marginals] {
             let run = |kernel: bool| {
                 let (cs, ms) = (primitive(&costs, shape), primitive(&mass, mass_shape));
-                let (first, plan, iterations) = if kernel {
+                let (first, plan, iterations, _) = if kernel {
                     <Cube as PoolingOps>::partial_transport(cs, ms, settings, output)
                 } else {
                     portable::partial_transport::<Cube>(cs, ms, settings, output)
@@ -410,6 +410,73 @@ fn partial_transport_kernel_matches_portable() {
     }
 }
 
+fn read_bool(tensor: burn::backend::tensor::BoolTensor<Cube>) -> bool {
+    Tensor::<1, burn::tensor::Bool>::from_primitive::<Cube>(tensor).into_scalar::<bool>()
+}
+
+/// The kernel's stopping rule: a tolerance below f32's resolution with `max_iterations` =
+/// usize::MAX stops at the rounding floor (no wrapping cast to u32, no spin); a
+/// NaN cost stops its sample, unconverged, and leaves the others their plan; costs near 1e30
+/// still move exactly μ (ℓ anchored), converged.
+#[test]
+fn partial_transport_kernel_stops_and_says_why() {
+    let (costs, shape, mass, mass_shape) = costs_and_mass();
+    let (count, positions) = (shape[1], shape[2]);
+    let rows = (count + 1) * positions;
+    let solve = |costs: &[f32], settings: TransportSettings| {
+        let (cs, ms) = (primitive(costs, shape), primitive(&mass, mass_shape));
+        kernel_runs("burn_pooling::partial_transport", || {
+            let (_, plan, iterations, converged) =
+                <Cube as PoolingOps>::partial_transport(cs, ms, settings, TransportOutput::Plan);
+            (
+                read::<3>(plan),
+                read_int(iterations)[0],
+                read_bool(converged),
+            )
+        })
+    };
+    let sent =
+        |plan: &[f32], b: usize| -> f32 { plan[b * rows + positions..(b + 1) * rows].iter().sum() };
+    for ratio in [0.3, 0.7] {
+        let stuck = TransportSettings {
+            max_iterations: usize::MAX,
+            tolerance: 1e-30,
+            ..newton(ratio)
+        };
+        // Converged only where the residual happens to be exactly 0; never a spin.
+        let (_, iterations, _) = solve(&costs, stuck);
+        assert!(iterations < 300, "μ = {ratio}: {iterations}");
+        let reachable = TransportSettings {
+            max_iterations: usize::MAX,
+            ..newton(ratio)
+        };
+        let (_, _, converged) = solve(&costs, reachable);
+        assert!(converged, "μ = {ratio}");
+
+        let mut broken = costs.clone();
+        broken[count * positions + 2] = f32::NAN;
+        let (plan, iterations, converged) = solve(&broken, newton(ratio));
+        assert!(!converged && iterations <= 100, "μ = {ratio}: {iterations}");
+        for b in [0, 2] {
+            assert!(
+                (sent(&plan, b) as f64 - ratio).abs() < 1e-5,
+                "μ = {ratio}: sample {b}"
+            );
+        }
+
+        let huge: Vec<f32> = costs.iter().map(|c| 1e30 * (1.0 + c * 1e-6)).collect();
+        let (plan, _, converged) = solve(&huge, newton(ratio));
+        for b in 0..shape[0] {
+            let right = (sent(&plan, b) as f64 - ratio).abs() < 1e-5;
+            assert!(
+                right || !converged,
+                "μ = {ratio}: sample {b} sends {}",
+                sent(&plan, b)
+            );
+        }
+    }
+}
+
 /// The implicit backward on the device against the portable one, for an upstream gradient of
 /// the plan and of its marginals, at a plan the portable solver computed.
 #[test]
@@ -417,7 +484,7 @@ fn partial_transport_backward_kernel_matches_portable() {
     let (costs, shape, mass, mass_shape) = costs_and_mass();
     let (batch, count, positions) = (shape[0], shape[1], shape[2]);
     let epsilon = 0.2;
-    let (_, plan, _) = portable::partial_transport::<Cube>(
+    let (_, plan, _, _) = portable::partial_transport::<Cube>(
         primitive(&costs, shape),
         primitive(&mass, mass_shape),
         newton(0.3),
@@ -604,4 +671,52 @@ fn channel_mismatch_panics_by_name_on_the_device() {
     let features = Tensor::<3>::ones([2, 6, 4], &device);
     let prototypes = Tensor::<2>::ones([5, 7], &device);
     crate::transport::transport_costs(features, prototypes, Layout::ChannelsFirst);
+}
+
+/// B = 0 on the device: every layer gives an empty `[0, C]` (`[0, 2C]` concatenated) for maps
+/// and tokens, and the transport API empty results, without launching a kernel on nothing.
+#[test]
+fn an_empty_batch_gives_empty_results_on_the_device() {
+    use crate::pooling::*;
+    let device = device();
+    let configs = [
+        PoolingConfig::Gap(GapConfig::new()),
+        PoolingConfig::Gmp(GmpConfig::new()),
+        PoolingConfig::GapGmp(GapGmpConfig::new().with_combine(GapGmpCombine::Concat)),
+        PoolingConfig::Gem(GemConfig::new()),
+        PoolingConfig::GroupGem(GroupGemConfig::new(2)),
+        PoolingConfig::Gsp(GspConfig::new(4).with_num_prototypes(3)),
+    ];
+    for config in configs {
+        let pooling = config.init(&device);
+        let width = config.output_channels(4);
+        let maps = pooling.forward(Tensor::<4>::zeros([0, 4, 3, 2], &device));
+        let tokens = pooling.forward(Tensor::<3>::zeros([0, 5, 4], &device));
+        assert_eq!(maps.dims(), [0, width], "{}", pooling.name());
+        assert_eq!(tokens.into_data().num_elements(), 0, "{}", pooling.name());
+    }
+    let costs = crate::transport::transport_costs(
+        Tensor::<3>::zeros([0, 4, 5], &device),
+        Tensor::<2>::ones([3, 4], &device),
+        Layout::ChannelsFirst,
+    );
+    let solved = crate::transport::partial_transport(
+        costs,
+        Tensor::<2>::zeros([0, 5], &device),
+        &newton(0.3),
+    );
+    assert_eq!(solved.plan.dims(), [0, 4, 5]);
+    assert!(solved.converged.into_scalar::<bool>());
+}
+
+/// Maps with W = 0 on the device: the layer's named panic, not one inside Burn's `reshape`.
+#[test]
+#[should_panic(
+    expected = "Gem: the input map has no positions to pool: expected H·W > 0, got H = 3, W = 0"
+)]
+fn an_empty_map_panics_by_name_on_the_device() {
+    let device = device();
+    crate::pooling::GemConfig::new()
+        .init(&device)
+        .forward(Tensor::<4>::zeros([2, 4, 3, 0], &device));
 }

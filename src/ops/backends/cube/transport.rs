@@ -1,12 +1,15 @@
 //! GSP's partial transport and its implicit backward as CubeCL kernels, one cube per sample
 //! over its N positions, as Flex's `transport.rs` does per sample on the CPU:
 //!
-//! - the solve: one exp pass over the sample's costs `[K, N]` gives ℓ_j = logsumexp_k(−c_kj/ε)
-//!   (kept in the plan's row 0 until the end), the bracket of the dual β is four block
-//!   reductions, and the safeguarded Newton on β (the portable solver's: on ln F − ln μ from
-//!   below when μ ≤ ½, on the residual mass from above otherwise, bisection when a step leaves
-//!   the bracket) runs in the cube to the tolerance, each sample stopping on its own: no host
-//!   read. The last pass writes ρ and the plan; each sample's iteration count goes to `[B]`.
+//! - the solve: one exp pass over the sample's costs `[K, N]` gives ℓ_j = logsumexp_k(−c_kj/ε),
+//!   anchored at the sample's nearest valid cost (as the portable solver anchors it; kept in
+//!   the plan's row 0 until the end), the bracket of the dual β is four block reductions, and
+//!   the safeguarded Newton on β (the portable solver's: on ln F − ln μ from below when μ ≤ ½,
+//!   on the residual mass from above otherwise, bisection when a step leaves the bracket) runs
+//!   in the cube with the portable solver's stopping rule (tolerance, cap, β unchanged, the
+//!   bracket not shrinking for `STALL_PATIENCE` steps), each sample stopping on its own: no
+//!   host read. The last pass writes ρ and the plan; each sample's iteration count goes to
+//!   `[B]`, as −(count + 1) when the sample did not converge.
 //! - the backward: the closed form of `maths::implicit_backward`, two passes over the plan,
 //!   h = X ⊙ g, U_j = Σ_k h_kj, t_j = Σ_k P_kj, λ = (Σ ρU/a − Σ h_0) / Σ ρt/a,
 //!   V = (U + λρ)/a, ∂L/∂c_kj = −(h_kj − V_j P_kj)/ε, with the upstream gradient of the plan
@@ -24,7 +27,7 @@ use burn_cubecl::tensor::CubeTensor;
 use super::strided::Strided;
 use super::tensors::{Launch, empty_like};
 use crate::maths::implicit_backward::MIN_DENOMINATOR;
-use crate::maths::settings::TransportSettings;
+use crate::maths::settings::{STALL_PATIENCE, TransportSettings};
 
 /// The cube's units: a power of two (the reductions halve it), at least a warp, at most what
 /// every runtime launches, and no more than the positions need.
@@ -32,8 +35,9 @@ fn block(positions: usize) -> usize {
     positions.next_power_of_two().clamp(32, 256)
 }
 
-/// (the plan `[B, K+1, N]`, each sample's iteration count `[B]` in the plan's dtype) for
-/// costs `[B, K, N]`, masses `[B, N]` and Newton's settings (μ < 1).
+/// (the plan `[B, K+1, N]`, each sample's iteration count `[B]` in the plan's dtype, negative
+/// when the sample did not converge) for costs `[B, K, N]`, masses
+/// `[B, N]` and Newton's settings (μ < 1).
 pub(super) fn launch_partial_transport(
     costs: CubeTensor,
     mass: CubeTensor,
@@ -58,7 +62,9 @@ pub(super) fn launch_partial_transport(
         InputScalar::new(1.0 / settings.epsilon, launch.dtype),
         InputScalar::new(mu, launch.dtype),
         InputScalar::new(settings.tolerance, launch.dtype),
-        settings.max_iterations as u32,
+        // The cap fits: `MAX_SOLVER_ITERATIONS` < u32::MAX.
+        settings.iteration_cap() as u32,
+        STALL_PATIENCE as u32,
         block,
         mu <= 0.5,
         launch.dtype,
@@ -216,6 +222,7 @@ fn partial_transport_kernel<F: Float>(
     mu: InputScalar,
     tolerance: InputScalar,
     max_iterations: u32,
+    patience: u32,
     #[comptime] block: usize,
     #[comptime] from_below: bool,
     #[define(F)] _dtype: ElemType,
@@ -234,14 +241,32 @@ fn partial_transport_kernel<F: Float>(
     let plan_line = Strided::new(b * plan.stride(0), plan.stride(2));
     let mass_line = Strided::row::<F>(mass, b);
 
-    // ℓ_j into the plan's row 0; the extremes of ℓ over the valid positions.
+    // The smallest cost of each position into the plan's row 0 and ln Σ_k exp((min − c)/ε)
+    // into row 1 (K ≥ 1); the smallest over the valid positions is the anchor.
+    let plan_step_k = plan.stride(1);
+    let mut nearest = highest;
+    let mut j = unit;
+    while j < n {
+        let (shift, total) = shifted_total::<F>(costs, costs_line.at(j), count, inv_epsilon);
+        let at = plan_line.at(j);
+        plan[at] = shift;
+        plan[at + plan_step_k] = total.ln();
+        if mass[mass_line.at(j)] > zero {
+            nearest = nearest.min(shift);
+        }
+        j += block;
+    }
+    let nearest = block_reduce::<F>(nearest, MIN, block);
+
+    // ℓ_j, anchored (β absorbs the shift; with costs of 1e30 the plain ℓ would leave no digit
+    // for β + ℓ), into row 0; the extremes of ℓ over the valid positions.
     let mut largest = lowest;
     let mut smallest = highest;
     let mut j = unit;
     while j < n {
-        let (shift, total) = shifted_total::<F>(costs, costs_line.at(j), count, inv_epsilon);
-        let log_mass = total.ln() - shift * inv_epsilon;
-        plan[plan_line.at(j)] = log_mass;
+        let at = plan_line.at(j);
+        let log_mass = plan[at + plan_step_k] - (plan[at] - nearest) * inv_epsilon;
+        plan[at] = log_mass;
         if mass[mass_line.at(j)] > zero {
             largest = largest.max(log_mass);
             smallest = smallest.min(log_mass);
@@ -261,17 +286,18 @@ fn partial_transport_kernel<F: Float>(
     let mut lower = (logit_mu - largest).max(mu.ln() - above);
     let mut upper = (logit_mu - smallest).min(below - (one - mu).ln());
 
-    // Newton on β; `change` < 0 until the first step.
+    // Newton on β with the portable solver's stopping rule: the tolerance (converged), the
+    // cap, β unchanged, or the bracket not shrinking for `patience` steps (the rounding
+    // floor).
     let mut beta = upper;
     if comptime![from_below] {
         beta = lower;
     }
-    let mut change = -one;
+    let mut previous = beta;
+    let mut idle = 0u32;
+    let mut converged = false;
     let mut iteration = 0u32;
     loop {
-        if iteration >= max_iterations {
-            break;
-        }
         let mut sent = zero;
         let mut kept = zero;
         let mut slope = zero;
@@ -291,13 +317,29 @@ fn partial_transport_kernel<F: Float>(
         let kept = block_reduce::<F>(kept, SUM, block);
         let slope = block_reduce::<F>(slope, SUM, block);
         let residual = sent - mu;
-        if residual.abs() <= tolerance || change == zero {
+        if residual.abs() <= tolerance {
+            converged = true;
             break;
         }
+        if iteration >= max_iterations || (iteration > 0 && beta == previous) {
+            break;
+        }
+        // A bound moves strictly inward unless β sits on it (the rounding floor; a NaN leaves
+        // every comparison false).
+        let mut shrank = beta > lower;
         if residual > zero {
+            shrank = beta < upper;
             upper = beta;
         } else {
             lower = beta;
+        }
+        if shrank {
+            idle = 0;
+        } else {
+            idle += 1;
+        }
+        if idle >= patience {
+            break;
         }
         let mut step = beta + (kept / (one - mu)).ln() * kept / slope;
         if comptime![from_below] {
@@ -307,17 +349,20 @@ fn partial_transport_kernel<F: Float>(
         if step >= lower && step <= upper {
             next = step;
         }
-        change = (next - beta).abs();
+        previous = beta;
         beta = next;
         iteration += 1;
     }
     if unit == 0 {
         let at = b * iterations.stride(0);
-        iterations[at] = F::cast_from(iteration);
+        let mut count = F::cast_from(iteration);
+        if !converged {
+            count = -count - one;
+        }
+        iterations[at] = count;
     }
 
     // ρ_j = a_j σ(−β − ℓ_j) over ℓ_j in row 0; P_kj = a_j σ(β + ℓ_j) softmax_k.
-    let plan_step_k = plan.stride(1);
     let costs_step_k = costs.stride(1);
     let mut j = unit;
     while j < n {

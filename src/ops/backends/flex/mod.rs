@@ -19,7 +19,7 @@ use burn::backend::Flex;
 use burn::backend::TensorMetadata;
 use burn::backend::flex::FlexTensor;
 use burn::backend::ops::FloatTensorOps;
-use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::{DType, Element, FloatDType, TensorData};
 
 use crate::layout::Layout;
@@ -47,6 +47,7 @@ macro_rules! with_float {
 /// The primitives of the impl below.
 type Float = FloatTensor<Flex>;
 type Int = IntTensor<Flex>;
+type Bool = BoolTensor<Flex>;
 
 impl PoolingOps for Flex {
     fn transport_costs(features: Float, prototypes: Float, layout: Layout) -> Float {
@@ -98,9 +99,9 @@ impl PoolingOps for Flex {
         mass: Float,
         settings: TransportSettings,
         output: TransportOutput,
-    ) -> (Float, Float, Int) {
+    ) -> (Float, Float, Int, Bool) {
         let dtype = costs.dtype();
-        let (plan, iterations) = solve(costs, mass, &settings);
+        let (plan, iterations, converged) = solve(costs, mass, &settings);
         let first = match output {
             TransportOutput::Plan => plan.clone(),
             TransportOutput::Marginals => {
@@ -117,6 +118,7 @@ impl PoolingOps for Flex {
             kernel_output(first, dtype),
             kernel_output(plan, dtype),
             iterations,
+            converged,
         )
     }
 
@@ -234,20 +236,23 @@ fn transport_gradient(
     kernel_output(gradient, dtype)
 }
 
-/// The plan `[B, K+1, N]` in the kernels' dtype and the iteration count.
+/// The plan `[B, K+1, N]` in the kernels' dtype, the iteration count and whether the solve
+/// converged.
 fn solve(
     costs: FlexTensor,
     mass: FlexTensor,
     settings: &TransportSettings,
-) -> (FlexTensor, IntTensor<Flex>) {
+) -> (FlexTensor, Int, Bool) {
     let [batch, count, positions] = dims3(&costs);
     let [costs, mass] = [costs, mass].map(kernel_input);
-    let (plan, iterations) = with_float!(costs.dtype(), "partial transport", T => {
-        let (plan, iterations) =
+    let (plan, report) = with_float!(costs.dtype(), "partial transport", T => {
+        let (plan, report) =
             transport::forward::<T>(view(&costs), view(&mass), count, positions, settings);
-        (tensor(plan, [batch, count + 1, positions]), iterations)
+        (tensor(plan, [batch, count + 1, positions]), report)
     });
-    (plan, tensor(vec![iterations as i64], [1]))
+    let iterations = tensor(vec![report.iterations as i64], [1]);
+    let converged = FlexTensor::from_data(TensorData::new(vec![report.converged], [1]));
+    (plan, iterations, converged)
 }
 
 /// A contiguous input in a dtype the kernels take: halves are widened to f32.
@@ -432,7 +437,7 @@ mod tests {
                     (TransportOutput::Plan, &plan_grad),
                     (TransportOutput::Marginals, &marginals_grad),
                 ] {
-                    let (first, plan, _) =
+                    let (first, plan, _, _) =
                         Flex::partial_transport(pick(&costs_in), pick(&mass), settings, output);
                     let plan_in = pair(&plan);
                     let d_costs = Flex::partial_transport_backward(

@@ -10,21 +10,22 @@ use super::real::{Real, lane_sum};
 use super::simd::wide_kernel;
 use crate::maths::implicit_backward::MIN_DENOMINATOR;
 use crate::maths::settings::{TransportSettings, TransportSolver};
-use crate::maths::solver::BETA_AT_FULL_TRANSPORT;
+use crate::maths::solver::{BETA_AT_FULL_TRANSPORT, SolveReport, Status, Stopping};
 use crate::ops::TransportOutput;
 
-/// The plan `[B, K+1, N]` (row 0 = ρ) and the largest iteration count over the batch.
+/// The plan `[B, K+1, N]` (row 0 = ρ) and the batch's report: the largest iteration count,
+/// converged if every sample is.
 pub(super) fn forward<T: Real>(
     costs: &[T],
     mass: &[T],
     count: usize,
     positions: usize,
     settings: &TransportSettings,
-) -> (Vec<T>, usize) {
+) -> (Vec<T>, SolveReport) {
     let n = positions;
     let batch = mass.len() / n;
     let mut plan = vec![T::default(); batch * (count + 1) * n];
-    let iterations = plan
+    let report = plan
         .par_chunks_mut((count + 1) * n)
         .enumerate()
         .map(|(b, plan)| {
@@ -35,19 +36,18 @@ pub(super) fn forward<T: Real>(
                 .collect();
             solve_sample_wide(costs, &mass, plan, settings)
         })
-        .max()
-        .unwrap_or(0);
-    (plan, iterations)
+        .reduce(|| SolveReport::IMMEDIATE, SolveReport::merge);
+    (plan, report)
 }
 
 wide_kernel! {
-/// Solves one sample into `plan` `[K+1, N]`; returns the iterations run.
+/// Solves one sample into `plan` `[K+1, N]`; returns how the solve ended.
 fn solve_sample<T: Real>(
     costs: &[T],
     mass: &[f64],
     plan: &mut [T],
     settings: &TransportSettings,
-) -> usize {
+) -> SolveReport {
     let n = mass.len();
     let inv_epsilon = T::from_f64(1.0 / settings.epsilon);
     // Shift by the smallest cost of each position so the largest exponent is 0.
@@ -67,12 +67,20 @@ fn solve_sample<T: Real>(
             *total += *w;
         }
     }
+    // ℓ_j anchored at the nearest valid position's cost (β absorbs the shift): with costs of
+    // 1e30, ℓ itself would leave no digit for β + ℓ.
+    let anchor = smallest
+        .iter()
+        .zip(mass)
+        .filter(|(_, a)| **a > 0.0)
+        .map(|(s, _)| s.to_f64())
+        .fold(f64::INFINITY, f64::min);
     let log_mass: Vec<f64> = totals
         .iter()
         .zip(&smallest)
-        .map(|(&t, &s)| t.to_f64().ln() - s.to_f64() / settings.epsilon)
+        .map(|(&t, &s)| t.to_f64().ln() - (s.to_f64() - anchor) / settings.epsilon)
         .collect();
-    let (beta, iterations) = solve_beta(&log_mass, mass, settings);
+    let (beta, report) = solve_beta(&log_mass, mass, settings);
     // t_j = a_j σ(β + ℓ_j), ρ_j = a_j σ(−β − ℓ_j), P_kj = t_j · softmax_k.
     let mut factor = vec![T::default(); n];
     for j in 0..n {
@@ -85,7 +93,7 @@ fn solve_sample<T: Real>(
             *w = *w * f;
         }
     }
-    iterations
+    report
 }
 => solve_sample_wide
 }
@@ -112,14 +120,14 @@ fn logsumexp(values: impl Iterator<Item = f64> + Clone) -> f64 {
     values.map(|v| (v - shift).exp()).sum::<f64>().ln() + shift
 }
 
-/// Solves Σ_j a_j σ(β + ℓ_j) = μ for one sample, as `transport::solver::solve_beta` does for
+/// Solves Σ_j a_j σ(β + ℓ_j) = μ for one sample, as `maths::solver::solve_beta` does for
 /// a batch: the same bracket, the same safeguarded Newton on the log of the mass (or the
-/// log-domain Sinkhorn iteration), the same tolerance and stall test, applied to this sample
-/// alone (the portable solver stops when the whole batch meets them).
-fn solve_beta(log_mass: &[f64], mass: &[f64], settings: &TransportSettings) -> (f64, usize) {
+/// log-domain Sinkhorn iteration), the same stopping rule, applied to this sample alone (the
+/// portable solver stops when the whole batch meets it).
+fn solve_beta(log_mass: &[f64], mass: &[f64], settings: &TransportSettings) -> (f64, SolveReport) {
     let mu = settings.transport_ratio;
     if mu >= 1.0 {
-        return (BETA_AT_FULL_TRANSPORT, 0);
+        return (BETA_AT_FULL_TRANSPORT, SolveReport::IMMEDIATE);
     }
     let valid = || {
         log_mass
@@ -147,41 +155,58 @@ fn solve_beta(log_mass: &[f64], mass: &[f64], settings: &TransportSettings) -> (
             (sent, kept, slope)
         }),
         TransportSolver::Sinkhorn => {
-            let mut beta = lower;
-            for iteration in 0..settings.max_iterations {
-                if (sent(beta) - mu).abs() <= settings.tolerance {
-                    return (beta, iteration);
+            // From the lower bound β rises monotonically: progress is a new highest β.
+            let (mut beta, mut highest, mut previous) = (lower, lower, lower);
+            let mut stopping = Stopping::new(settings);
+            for iteration in 0.. {
+                let residual = sent(beta) - mu;
+                let next =
+                    mu.ln() - logsumexp(valid().map(|(l, a)| a.ln() + l - softplus(beta + l)));
+                let rose = next > highest;
+                highest = highest.max(next);
+                let status = Status::of_sample(residual, rose, beta != previous);
+                if let Some(report) = stopping.check(iteration, status) {
+                    return (beta, report);
                 }
-                beta = mu.ln() - logsumexp(valid().map(|(l, a)| a.ln() + l - softplus(beta + l)));
+                previous = beta;
+                beta = next;
             }
-            (beta, settings.max_iterations)
+            unreachable!("the stopping rule ends the loop at the cap")
         }
     }
 }
 
 /// Newton on ln F − ln μ from the lower bound when μ ≤ ½, on the residual mass from the upper
 /// bound otherwise; bisection when a step leaves the shrinking bracket. `masses(β)` returns
-/// (F, R, F') = (Σ a σ(β+ℓ), Σ a σ(−β−ℓ), Σ a σ(1−σ)).
+/// (F, R, F') = (Σ a σ(β+ℓ), Σ a σ(−β−ℓ), Σ a σ(1−σ)). Progress is the bracket shrinking.
 fn newton(
     mut lower: f64,
     mut upper: f64,
     settings: &TransportSettings,
     masses: impl Fn(f64) -> (f64, f64, f64),
-) -> (f64, usize) {
+) -> (f64, SolveReport) {
     let mu = settings.transport_ratio;
     let from_below = mu <= 0.5;
     let mut beta = if from_below { lower } else { upper };
-    let mut change = None;
-    for iteration in 0..settings.max_iterations {
+    let mut previous = beta;
+    let mut stopping = Stopping::new(settings);
+    for iteration in 0.. {
         let (sent, kept, slope) = masses(beta);
         let residual = sent - mu;
-        if residual.abs() <= settings.tolerance || change == Some(0.0) {
-            return (beta, iteration);
-        }
+        // A bound moves strictly inward unless β sits on it (the rounding floor).
+        let shrank = if residual > 0.0 {
+            beta < upper
+        } else {
+            beta > lower
+        };
         if residual > 0.0 {
             upper = beta;
         } else {
             lower = beta;
+        }
+        let status = Status::of_sample(residual, shrank, beta != previous);
+        if let Some(report) = stopping.check(iteration, status) {
+            return (beta, report);
         }
         let step = if from_below {
             beta - (sent / mu).ln() * sent / slope
@@ -193,10 +218,10 @@ fn newton(
         } else {
             (lower + upper) / 2.0
         };
-        change = Some((next - beta).abs());
+        previous = beta;
         beta = next;
     }
-    (beta, settings.max_iterations)
+    unreachable!("the stopping rule ends the loop at the cap")
 }
 
 /// The marginals `[B, N + K]` of plans `[B, K+1, N]`: per sample the residual masses ρ `[N]`
