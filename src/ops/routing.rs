@@ -38,7 +38,8 @@ pub(crate) fn partial_transport(
     solve(costs, mass, settings, TransportOutput::Plan, |plan| plan)
 }
 
-/// The marginals `[B, N + K]` (residual masses, then the mass sent to each prototype) and the
+/// The marginals `[B, N + K]` (the mass each position sends, then the mass each prototype
+/// receives) and the
 /// iterations run `[1]`: all GSP's pooling reads of the plan.
 pub(crate) fn transport_marginals(
     costs: Tensor<3>,

@@ -166,11 +166,11 @@ impl Gsp {
             self.prototypes.val(),
             positions.layout,
         );
-        let (marginals, iterations) = transport_marginals(costs, mass.clone(), &self.settings);
+        let (marginals, iterations) = transport_marginals(costs, mass, &self.settings);
         let [_, width] = marginals.dims();
-        let residual = marginals.clone().slice([0..batch, 0..count]);
-        // w = t / μ with t = a − ρ: the reference's form, so the gradient reaches ρ.
-        let weights = (mass - residual).div_scalar(mu);
+        // w = t / μ with t_j = Σ_k P_kj summed from the plan, not the reference's a − ρ, which
+        // cancels at small μ (docs/maths.md §4).
+        let weights = marginals.clone().slice([0..batch, 0..count]).div_scalar(mu);
         let attributes = marginals.slice([0..batch, count..width]).div_scalar(mu);
         let pooled = positions.weighted_sum(weights.clone());
         let converged = iterations
