@@ -160,6 +160,8 @@ impl Gsp {
             "Gsp: channel mismatch: expected C = {expected} (the prototypes' width), got {channels}"
         );
         let mu = self.settings.transport_ratio;
+        // Padding read as 0: its costs, plan entries and gradients stay finite.
+        let positions = positions.finite_padding();
         let mass = positions.mean_weights();
         let costs = transport_costs(
             positions.features.clone(),
