@@ -125,3 +125,45 @@ fn normalize_backward(
         .mask_fill(inside, 0.0);
     (grad - normalized * projection) * inverse_scale
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData, Tolerance};
+
+    /// Issue #20: φ of vectors whose squared norm overflows f32 is their direction (it was 0),
+    /// and the small ones and 0 are kept, on the portable form's backends.
+    #[test]
+    fn huge_vectors_normalize_to_their_direction() {
+        #[allow(unused_mut)]
+        let mut devices = vec![Device::flex()];
+        #[cfg(feature = "ndarray")]
+        #[allow(deprecated)]
+        devices.push(Device::ndarray());
+        for device in devices {
+            let v = Tensor::<2>::from_floats(
+                [
+                    [3e38, 0.0],
+                    [-3e38, 3e38],
+                    [3e19, 4e19],
+                    [0.3, 0.4],
+                    [0.0, 0.0],
+                ],
+                &device,
+            );
+            let expected = TensorData::from([
+                [1.0f32, 0.0],
+                [
+                    -std::f32::consts::FRAC_1_SQRT_2,
+                    std::f32::consts::FRAC_1_SQRT_2,
+                ],
+                [0.6, 0.8],
+                [0.3, 0.4],
+                [0.0, 0.0],
+            ]);
+            lipschitz_normalize(v, 1)
+                .into_data()
+                .assert_approx_eq::<f32>(&expected, Tolerance::rel_abs(1e-6, 1e-7));
+        }
+    }
+}
