@@ -123,6 +123,11 @@ pub struct GspOutput {
 /// Gradients of the solve are analytical (implicit differentiation at the fixed point), so
 /// backward memory does not grow with the iterations.
 ///
+/// The weights are summed from the plan (t_n = Σ_k P_kn), so they sum to 1 up to rounding even
+/// at tiny μ; φ is computed without overflow for any finite input; padded positions are read
+/// as 0 (their content reaches no output and no gradient), and a NaN at a valid position makes
+/// its sample's output NaN, never another sample's.
+///
 /// Initialise the prototypes from data with [`init_prototypes_kcenter`](Self::init_prototypes_kcenter)
 /// after a warm-up, and train them with [`ZeroShotLoss`](crate::loss::ZeroShotLoss) on the
 /// attributes next to the metric loss.

@@ -311,8 +311,8 @@ mod tests {
         }
     }
     /// A padded position's value does not matter: an outlier there (whose power overflows
-    /// f64 at p = 1000) leaves the output and ∂L/∂p unchanged and gets zero ∂L/∂x, in both
-    /// layouts.
+    /// f64 at p = 1000), a NaN or an ∞ leaves the output and ∂L/∂p unchanged and gets zero
+    /// ∂L/∂x, in both layouts: the kernel selects, it never multiplies by the mask.
     #[test]
     fn padded_values_do_not_matter() {
         let (batch, n, c) = (2, 6, 3);
@@ -338,23 +338,25 @@ mod tests {
             let plain: Vec<f64> = (0..batch * n * c)
                 .map(|i| 0.5 + (i % 5) as f64 * 0.3)
                 .collect();
-            let outlier: Vec<f64> = plain
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| if position(i) == 2 { 50.0 } else { v })
-                .collect();
             let run = |x: &[f64]| {
                 let y = forward(x, &powers, &mask, 1e-6, shape);
                 let (dx, dp) = backward(x, &powers, &mask, &y, &grad, 1e-6, shape);
                 (y, dx, dp)
             };
             let (y, dx, dp) = run(&plain);
-            let (y_outlier, dx_outlier, dp_outlier) = run(&outlier);
-            assert_eq!(y, y_outlier, "{layout:?}: y");
-            assert_eq!(dp, dp_outlier, "{layout:?}: dp");
-            for (i, (&d, &d_outlier)) in dx.iter().zip(&dx_outlier).enumerate() {
-                let expected = if position(i) == 2 { 0.0 } else { d };
-                assert_eq!(d_outlier, expected, "{layout:?}: dx[{i}]");
+            for garbage in [50.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                let outlier: Vec<f64> = plain
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| if position(i) == 2 { garbage } else { v })
+                    .collect();
+                let (y_outlier, dx_outlier, dp_outlier) = run(&outlier);
+                assert_eq!(y, y_outlier, "{layout:?}, {garbage}: y");
+                assert_eq!(dp, dp_outlier, "{layout:?}, {garbage}: dp");
+                for (i, (&d, &d_outlier)) in dx.iter().zip(&dx_outlier).enumerate() {
+                    let expected = if position(i) == 2 { 0.0 } else { d };
+                    assert_eq!(d_outlier, expected, "{layout:?}, {garbage}: dx[{i}]");
+                }
             }
         }
     }
