@@ -576,6 +576,26 @@ fn gsp_near_the_largest_float_has_finite_gradients() {
                 "{name} gsp near f32::MAX: {part} {v:?}"
             );
         }
+        // The weights and attributes of features up to 3e38 (each a point of the unit sphere
+        // to φ): finite, and the prototypes' gradient of a loss of them too.
+        let device_t = device.clone().autodiff();
+        let huge: Vec<f64> = x.iter().map(|v| v * 3e3).collect();
+        let gsp = GspConfig::new(c).with_num_prototypes(3).init(&device_t);
+        let detailed = gsp.forward_detailed(floats(&huge, [b, n, c], &device_t));
+        let loss = (detailed.weights.clone() * detailed.weights.clone()).sum()
+            + (detailed.attributes.clone() * detailed.attributes.clone()).sum();
+        let grads = loss.backward();
+        let dw = values(gsp.prototypes.val().grad(&grads).unwrap());
+        for (part, v) in [
+            ("weights", values(detailed.weights)),
+            ("attributes", values(detailed.attributes)),
+            ("dprototypes", dw),
+        ] {
+            assert!(
+                v.iter().all(|v| v.is_finite()),
+                "{name} gsp at 3e38: {part} {v:?}"
+            );
+        }
         match &flex {
             None => flex = Some(outcome),
             Some(expected) => {
