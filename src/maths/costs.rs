@@ -19,11 +19,20 @@ pub fn lipschitz_normalize<const D: usize>(v: Tensor<D>, axis: usize) -> Tensor<
     normalized
 }
 
-/// φ(v) and max(1, ‖v‖) along `axis`.
+/// φ(v) and 1 / max(1, ‖v‖) along `axis`, for every finite v.
+///
+/// ‖v‖² overflows f32 once ‖v‖ ≳ 1.8e19 (f16 from 256), and v / ∞ = 0 would make φ forget
+/// its input. So v is first divided by m = max(1, maxᵢ |vᵢ|), which leaves at most the width
+/// under the square root: with u = v / m and q = sqrt(max(m⁻², ‖u‖²)),
+/// max(1, ‖v‖) = m q and φ(v) = u / q. q is never the square root of 0 (‖u‖ = 1 when m > 1,
+/// m⁻² = 1 otherwise), so no infinite gradient, and m is detached: φ does not depend on it.
 fn normalize_with_scale<const D: usize>(v: Tensor<D>, axis: usize) -> (Tensor<D>, Tensor<D>) {
-    // max(1, ‖v‖) = sqrt(max(1, ‖v‖²)): no square root of 0, so no infinite gradient.
-    let scale = v.clone().square().sum_dim(axis).clamp_min(1.0).sqrt();
-    (v / scale.clone(), scale)
+    let largest = v.clone().abs().max_dim(axis).clamp_min(1.0).detach();
+    let unit = v / largest.clone();
+    let floor = largest.clone().square().recip();
+    let root = unit.clone().square().sum_dim(axis).max_pair(floor).sqrt();
+    let inverse_scale = (largest * root.clone()).recip();
+    (unit / root, inverse_scale)
 }
 
 /// Features as one `[B·N, C]` matrix of positions.
@@ -103,11 +112,58 @@ pub(crate) fn costs_gradient(
     (features_grad, prototype_grad)
 }
 
-/// ∂L/∂v of φ along rows, from φ(v), max(1, ‖v‖) and g = ∂L/∂φ(v).
-fn normalize_backward(normalized: Tensor<2>, scale: Tensor<2>, grad: Tensor<2>) -> Tensor<2> {
-    let inside = scale.clone().lower_equal_elem(1.0);
+/// ∂L/∂v of φ along rows, from φ(v), 1 / max(1, ‖v‖) and g = ∂L/∂φ(v). Written with φ(v),
+/// not v, so that nothing overflows for a huge v.
+fn normalize_backward(
+    normalized: Tensor<2>,
+    inverse_scale: Tensor<2>,
+    grad: Tensor<2>,
+) -> Tensor<2> {
+    let inside = inverse_scale.clone().greater_equal_elem(1.0);
     let projection = (normalized.clone() * grad.clone())
         .sum_dim(1)
         .mask_fill(inside, 0.0);
-    (grad - normalized * projection) / scale
+    (grad - normalized * projection) * inverse_scale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData, Tolerance};
+
+    /// Issue #20: φ of vectors whose squared norm overflows f32 is their direction (it was 0),
+    /// and the small ones and 0 are kept, on the portable form's backends.
+    #[test]
+    fn huge_vectors_normalize_to_their_direction() {
+        #[allow(unused_mut)]
+        let mut devices = vec![Device::flex()];
+        #[cfg(feature = "ndarray")]
+        #[allow(deprecated)]
+        devices.push(Device::ndarray());
+        for device in devices {
+            let v = Tensor::<2>::from_floats(
+                [
+                    [3e38, 0.0],
+                    [-3e38, 3e38],
+                    [3e19, 4e19],
+                    [0.3, 0.4],
+                    [0.0, 0.0],
+                ],
+                &device,
+            );
+            let expected = TensorData::from([
+                [1.0f32, 0.0],
+                [
+                    -std::f32::consts::FRAC_1_SQRT_2,
+                    std::f32::consts::FRAC_1_SQRT_2,
+                ],
+                [0.6, 0.8],
+                [0.3, 0.4],
+                [0.0, 0.0],
+            ]);
+            lipschitz_normalize(v, 1)
+                .into_data()
+                .assert_approx_eq::<f32>(&expected, Tolerance::rel_abs(1e-6, 1e-7));
+        }
+    }
 }

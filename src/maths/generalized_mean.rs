@@ -7,11 +7,12 @@
 //!
 //! ```text
 //! l_n = ln max(x_n, ε),   m = max_n l_n
-//! ln y = m + (1/p) · ln( (1/N) Σ_n exp(p · (l_n − m)) )
+//! y = e^m · ( (1/N) Σ_n exp(p · (l_n − m)) )^(1/p)
 //! ```
 //!
 //! Every exponent is ≤ 0 and the sum is ≥ 1 (the maximum contributes exp(0)), so the result and
-//! its gradients stay finite for any p > 0. The gradients in closed form:
+//! its gradients stay finite for any p > 0. e^m is the largest clamped value itself, not an
+//! `exp`: y stays exact up to the largest float. The gradients in closed form:
 //!
 //! ```text
 //! ∂y/∂x_n = (1/N) (x_n / y)^(p−1)                  where x_n > ε, else 0
@@ -42,15 +43,16 @@ pub(crate) fn composite_forward(
     let axis = layout.position_axis();
     let p = broadcast_powers(powers, layout);
     let mask = mask.map(|mask| mask.unsqueeze_dim::<3>(layout.channel_axis()));
-    let mut log_x = x.clamp_min(eps).log();
+    let mut clamped = x.clamp_min(eps);
     if let Some(mask) = &mask {
         // Padding must not raise the maximum: give it the smallest value a valid position can
         // have. Its weight is zeroed below.
-        log_x = log_x.mask_fill(mask.clone().lower_elem(0.5), eps.ln());
+        clamped = clamped.mask_fill(mask.clone().lower_elem(0.5), eps);
     }
     // y does not depend on the shift, so its derivative is exactly zero: detach it.
-    let log_max = log_x.clone().max_dim(axis).detach();
-    let mut scaled = (log_x - log_max.clone()).mul(p.clone()).exp();
+    let largest = clamped.clone().max_dim(axis).detach();
+    let log_max = largest.clone().log();
+    let mut scaled = (clamped.log() - log_max).mul(p.clone()).exp();
     let mean = match mask {
         Some(mask) => {
             scaled = scaled * mask.clone();
@@ -58,7 +60,9 @@ pub(crate) fn composite_forward(
         }
         None => scaled.mean_dim(axis),
     };
-    (mean.log().div(p) + log_max).exp().squeeze_dim(axis)
+    // y = max · mean^(1/p), the exponent ≤ 0: exact up to the largest float, where
+    // exp(ln max + ln(mean)/p) would round ln max.
+    (mean.log().div(p).exp() * largest).squeeze_dim(axis)
 }
 
 /// The closed-form gradients (∂L/∂x, ∂L/∂powers) with tensor ops (the portable backward of the
@@ -96,7 +100,8 @@ pub(crate) fn composite_backward(
     let weights = (log_x.clone() - log_max).mul(p.clone()).exp() * mask;
     let mean_log = (weights.clone() * log_x).sum_dim(axis) / weights.sum_dim(axis);
     let y = output.unsqueeze_dim::<3>(axis);
-    let dp = (grad * y / p * (mean_log - log_y)).sum_dim(0); // [1, C, 1] or [1, 1, C]
+    // y last: it may be near the largest float, where g · y would overflow.
+    let dp = (grad * ((mean_log - log_y) / p) * y).sum_dim(0); // [1, C, 1] or [1, 1, C]
     let [channels] = powers.dims();
     (dx, dp.reshape([channels]))
 }

@@ -116,11 +116,11 @@ pub trait PoolingOps: TensorBridge {
 
     /// Solves GSP's partial transport for costs `[B, K, N]` and position masses `[B, N]`.
     /// Returns `output`: the plan `[B, K+1, N]` (row 0 = residual ρ), or its marginals
-    /// `[B, N + K]` (per sample the residual masses ρ_j, then the mass Σ_j P_kj sent to each
-    /// prototype: all GSP's pooling reads); then the plan (never tracked: what the backward
-    /// reads), the iteration count `[1]` (the most over the samples) and whether every
-    /// sample's mass met the tolerance `[1]` (false when a solve ran into its cap, stalled at
-    /// the float's rounding floor or met a NaN: see
+    /// `[B, N + K]` (per sample the mass t_j = Σ_k P_kj each position sends, summed from the
+    /// plan, then the mass Σ_j P_kj each prototype receives: all GSP's pooling reads); then
+    /// the plan (never tracked: what the backward reads), the iteration count `[1]` (the most
+    /// over the samples) and whether every sample's mass met the tolerance `[1]` (false when a
+    /// solve ran into its cap, stalled at the float's rounding floor or met a NaN: see
     /// [`TransportSettings`]).
     fn partial_transport(
         costs: FloatTensor<Self>,

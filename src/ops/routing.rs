@@ -42,8 +42,8 @@ pub(crate) fn partial_transport(
     solve(costs, mass, settings, TransportOutput::Plan, |plan| plan)
 }
 
-/// The marginals `[B, N + K]` (residual masses, then the mass sent to each prototype) and how
-/// the solve ended: all GSP's pooling reads of the plan.
+/// The marginals `[B, N + K]` (the mass each position sends, then the mass each prototype
+/// receives) and how the solve ended: all GSP's pooling reads of the plan.
 pub(crate) fn transport_marginals(
     costs: Tensor<3>,
     mass: Tensor<2>,

@@ -27,7 +27,8 @@ impl GapConfig {
 /// Global average pooling: `y_c = (1/N) Σ_n x_{n,c}`.
 ///
 /// The mean over the N = H·W positions of a map or the N tokens of a set (over the valid ones
-/// only, when masked). [`Gem`](super::Gem) with p = 1 and [`Gsp`](super::Gsp) with
+/// only, when masked: padding is selected away, so whatever it holds, NaN included, reaches
+/// neither the output nor a gradient). [`Gem`](super::Gem) with p = 1 and [`Gsp`](super::Gsp) with
 /// `transport_ratio = 1` reduce to it.
 #[derive(Module, Debug, Default)]
 #[module(custom_display)]

@@ -119,7 +119,9 @@ pub(super) fn pool(
 /// for signed features such as ViT tokens, where negative channels all count as ε.
 ///
 /// Computed in a max-normalised log form (docs/maths.md §1), so p up to
-/// 1000 and channels entirely at or below ε give finite outputs and finite gradients in f32.
+/// 1000 and channels entirely at or below ε give finite outputs and finite gradients in f32,
+/// and values up to the largest float are pooled exactly. A NaN (or +∞) at a valid position
+/// makes its channel's output NaN on every backend; whatever padding holds is never read.
 ///
 /// Training hint from the paper: put `p` in its own parameter group with a 10× learning rate
 /// and no weight decay.

@@ -34,6 +34,10 @@ impl GmpConfig {
 /// The gradient of each output channel goes to its winning position only (the first one on
 /// ties, as the backend's `max_dim` picks it); every other position, padding included, gets 0.
 ///
+/// A NaN at a valid position makes its channel's output NaN (Burn's `max_dim` propagates it on
+/// Flex, NdArray and Cube wherever it sits in the row); NaN or ∞ in padding never reaches the
+/// output.
+///
 /// # Shapes
 ///
 /// - input: maps `[B, C, H, W]`, tokens `[B, N, C]`, or a [`PoolingInput`] with a `[B, N]`

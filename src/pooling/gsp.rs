@@ -139,6 +139,11 @@ pub struct GspOutput {
 /// Gradients of the solve are analytical (implicit differentiation at the fixed point), so
 /// backward memory does not grow with the iterations.
 ///
+/// The weights are summed from the plan (t_n = Σ_k P_kn), so they sum to 1 up to rounding even
+/// at tiny μ; φ is computed without overflow for any finite input; padded positions are read
+/// as 0 (their content reaches no output and no gradient), and a NaN at a valid position makes
+/// its sample's output NaN, never another sample's.
+///
 /// Initialise the prototypes from data with [`init_prototypes_kcenter`](Self::init_prototypes_kcenter)
 /// after a warm-up, and train them with [`ZeroShotLoss`](crate::loss::ZeroShotLoss) on the
 /// attributes next to the metric loss.
@@ -200,6 +205,8 @@ impl Gsp {
             };
         }
         let mu = self.settings.transport_ratio;
+        // Padding read as 0: its costs, plan entries and gradients stay finite.
+        let positions = positions.finite_padding();
         let mass = positions.mean_weights();
         let costs = transport_costs(
             positions.features.clone(),
@@ -207,11 +214,11 @@ impl Gsp {
             positions.layout,
         );
         let (marginals, (iterations, converged)) =
-            transport_marginals(costs, mass.clone(), &self.settings);
+            transport_marginals(costs, mass, &self.settings);
         let [_, width] = marginals.dims();
-        let residual = marginals.clone().slice([0..batch, 0..count]);
-        // w = t / μ with t = a − ρ: the reference's form, so the gradient reaches ρ.
-        let weights = (mass - residual).div_scalar(mu);
+        // w = t / μ with t_j = Σ_k P_kj summed from the plan, not the reference's a − ρ, which
+        // cancels at small μ (docs/maths.md §4).
+        let weights = marginals.clone().slice([0..batch, 0..count]).div_scalar(mu);
         let attributes = marginals.slice([0..batch, count..width]).div_scalar(mu);
         let pooled = positions.weighted_sum(weights.clone());
         GspOutput {

@@ -191,7 +191,8 @@ impl From<Tensor<3>> for PoolingInput {
 /// transpose is made), with the prefix dropped and an optional validity mask.
 #[derive(Debug, Clone)]
 pub(crate) struct Positions {
-    /// `[B, C, N]` or `[B, N, C]` as `layout` says.
+    /// `[B, C, N]` or `[B, N, C]` as `layout` says. Padded positions hold whatever the input
+    /// held there (garbage, NaN, ∞) until [`finite_padding`](Self::finite_padding).
     pub features: Tensor<3>,
     pub layout: Layout,
     /// `[B, N]`, `true` = valid position. Every row has at least one valid position.
@@ -216,25 +217,40 @@ impl Positions {
         self.features.sum_dim(axis).squeeze_dim(axis)
     }
 
+    /// The same positions with the padded features replaced by 0, with a select: what every
+    /// reduction that weighs positions (GAP's mean, GSP's costs and sum) must read, since a
+    /// padded NaN or ∞ weighed by 0 is still NaN. The select's gradient is 0 at the padding,
+    /// so no gradient reaches it either. One pass over the features, only when there is a
+    /// mask; the max and the generalized mean select padding themselves and skip it.
+    pub fn finite_padding(self) -> Self {
+        let features = match &self.mask {
+            Some(mask) => {
+                let padding = padding(mask, self.layout, self.features.dims());
+                self.features.mask_fill(padding, 0.0)
+            }
+            None => self.features,
+        };
+        Self { features, ..self }
+    }
+
     /// Global average pooling of the valid positions: `[B, C]`.
     pub fn mean(self) -> Tensor<2> {
-        let weights = self.mean_weights();
-        self.weighted_sum(weights)
+        let positions = self.finite_padding();
+        let weights = positions.mean_weights();
+        positions.weighted_sum(weights)
     }
 
     /// Global max pooling of the valid positions: `[B, C]`, `y_c = max_{n valid} x_{n,c}`.
     ///
     /// Padding is filled with −∞ before the max, so it never wins; since every mask row has a
     /// valid position, the result stays finite. The gradient reaches only the winning
-    /// position of each channel (padding gets 0).
+    /// position of each channel (padding gets 0). A NaN at a valid position makes its
+    /// channel's maximum NaN, as Burn's `max_dim` propagates it on every backend.
     pub fn max(self) -> Tensor<2> {
         let axis = self.layout.position_axis();
         let features = match self.mask {
             Some(mask) => {
-                let padding = mask
-                    .bool_not()
-                    .unsqueeze_dim::<3>(self.layout.channel_axis())
-                    .expand(self.features.dims());
+                let padding = padding(&mask, self.layout, self.features.dims());
                 self.features.mask_fill(padding, f64::NEG_INFINITY)
             }
             None => self.features,
@@ -262,7 +278,8 @@ impl Positions {
     }
 
     /// The generalized mean `[B, C]` with clamp `eps` over the valid positions, with one power
-    /// per channel: `powers(C)` gives them, `[C]`.
+    /// per channel: `powers(C)` gives them, `[C]`. Every backend's kernel selects the valid
+    /// positions, so padded garbage reaches neither the output nor a gradient.
     pub fn generalized_mean(self, powers: impl FnOnce(usize) -> Tensor<1>, eps: f64) -> Tensor<2> {
         let (_, _, channels) = self.dims();
         let powers = powers(channels);
@@ -270,10 +287,19 @@ impl Positions {
     }
 
     /// Σ_n w_bn x_bn over positions for weights `[B, N]`: `[B, C]`. Padded positions must have
-    /// weight 0.
+    /// weight 0, and hold finite values ([`finite_padding`](Self::finite_padding)).
     pub fn weighted_sum(self, weights: Tensor<2>) -> Tensor<2> {
         routing::weighted_sum(self.features, weights, self.layout)
     }
+}
+
+/// The padded positions of a mask `[B, N]` (`true` = valid), broadcast to features of `dims`
+/// in `layout`.
+fn padding(mask: &Tensor<2, Bool>, layout: Layout, dims: [usize; 3]) -> Tensor<3, Bool> {
+    mask.clone()
+        .bool_not()
+        .unsqueeze_dim::<3>(layout.channel_axis())
+        .expand(dims)
 }
 
 /// Panics (naming the first offending row) if a mask row has no `true`. Reads one small bool

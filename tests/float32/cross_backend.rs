@@ -9,7 +9,7 @@ use burn::tensor::{Bool, Device, Tensor, TensorData};
 use burn_pooling::PoolingInput;
 use burn_pooling::loss::{ZeroShotLossConfig, ZeroShotSplit};
 use burn_pooling::ops::extension_covers;
-use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, Gsp, GspConfig};
+use burn_pooling::{GapConfig, GapGmpConfig, GemConfig, GmpConfig, GroupGemConfig, Gsp, GspConfig};
 use common::{Rng, assert_close, values};
 
 fn devices() -> Vec<(&'static str, Device)> {
@@ -181,6 +181,430 @@ fn padded_outliers_get_zero_gradient_on_every_backend() {
             Some(expected) => {
                 for ((label, a), e) in ["y", "dx", "dp"].iter().zip(&outcome).zip(expected) {
                     assert_close(a, e, 1e-4, 1e-5, &format!("{name} vs flex: {label}"));
+                }
+            }
+        }
+    }
+}
+
+/// The layers by name, for the tests below: the output of `tokens` `[B, N, C]` (with `mask`
+/// when given) on `device`, or with `maps` of the same values as feature maps `[B, C, 1, N]`
+/// (the channels-first kernels), and GSP's prototypes (to read their gradient).
+fn pool(
+    layer: &str,
+    tokens: Tensor<3>,
+    maps: bool,
+    mask: Option<Tensor<2, Bool>>,
+    device: &Device,
+) -> (Tensor<2>, Option<Tensor<2>>) {
+    let [b, n, c] = tokens.dims();
+    let input = if maps {
+        PoolingInput::maps(tokens.swap_dims(1, 2).reshape([b, c, 1, n]))
+    } else {
+        PoolingInput::tokens(tokens)
+    };
+    let input = match mask {
+        Some(mask) => input.with_mask(mask),
+        None => input,
+    };
+    match layer {
+        "gap" => (GapConfig::new().init().forward(input), None),
+        "gmp" => (GmpConfig::new().init().forward(input), None),
+        "gap_gmp" => (GapGmpConfig::new().init().forward(input), None),
+        "gem" => (GemConfig::new().init(device).forward(input), None),
+        "ggem" => (GroupGemConfig::new(2).init(device).forward(input), None),
+        "gsp" => {
+            let mut rng = Rng::new(5);
+            let prototypes: Vec<f64> = (0..3 * c).map(|_| rng.uniform(-0.6, 0.9)).collect();
+            let gsp = Gsp {
+                prototypes: Param::from_tensor(floats(&prototypes, [3, c], device)),
+                ..GspConfig::new(c).with_num_prototypes(3).init(device)
+            };
+            (gsp.forward(input), Some(gsp.prototypes.val()))
+        }
+        other => panic!("unknown layer {other}"),
+    }
+}
+
+const LAYERS: [&str; 6] = ["gap", "gmp", "gap_gmp", "gem", "ggem", "gsp"];
+
+/// y, ∂L/∂x and (GSP) ∂L/∂prototypes of L = Σ y ⊙ r (r fixed, uneven) for tokens `x`
+/// `[B, N, C]` with an optional mask.
+fn outputs_and_gradients(
+    layer: &str,
+    x: &[f64],
+    dims: [usize; 3],
+    mask: Option<&[bool]>,
+    device: &Device,
+) -> Vec<Vec<f64>> {
+    outputs_and_gradients_of(layer, x, dims, false, mask, device)
+}
+
+/// [`outputs_and_gradients`], of the tokens pooled as maps when `maps`.
+fn outputs_and_gradients_of(
+    layer: &str,
+    x: &[f64],
+    dims: [usize; 3],
+    maps: bool,
+    mask: Option<&[bool]>,
+    device: &Device,
+) -> Vec<Vec<f64>> {
+    let device = device.clone().autodiff();
+    let tokens = floats(x, dims, &device).require_grad();
+    let mask = mask.map(|keep| {
+        Tensor::<2, Bool>::from_bool(TensorData::new(keep.to_vec(), [dims[0], dims[1]]), &device)
+    });
+    let (y, prototypes) = pool(layer, tokens.clone(), maps, mask, &device);
+    let [b, width] = y.dims();
+    let r: Vec<f64> = (0..b * width).map(|i| 0.5 + (i % 5) as f64 * 0.3).collect();
+    let grads = (y.clone() * floats(&r, [b, width], &device))
+        .sum()
+        .backward();
+    let mut out = vec![values(y), values(tokens.grad(&grads).unwrap())];
+    if let Some(prototypes) = prototypes {
+        out.push(values(prototypes.grad(&grads).unwrap()));
+    }
+    out
+}
+
+/// Issue #20: garbage at padded positions (NaN, ±∞, the largest float) never reaches an output
+/// or a gradient, on any layer or backend: the outputs and gradients equal those with 0 there,
+/// and the padded positions' gradient is exactly 0. (Before, GAP, GAP+GMP and GSP weighed the
+/// padding by 0, and 0·NaN = NaN.)
+#[test]
+fn padding_garbage_never_leaks() {
+    let (b, n, c) = (2, 5, 4);
+    let mut rng = Rng::new(21);
+    let clean: Vec<f64> = (0..b * n * c).map(|_| rng.uniform(-0.5, 1.5)).collect();
+    // Sample 0 pads positions 1 and 4, sample 1 position 0.
+    let keep: Vec<bool> = (0..b * n).map(|i| ![1, 4, 5].contains(&i)).collect();
+    let padded = |i: usize| !keep[i / c];
+    for (name, device) in devices() {
+        for (layer, maps) in LAYERS
+            .iter()
+            .flat_map(|&layer| [(layer, false), (layer, true)])
+        {
+            let run = |x: &[f64]| {
+                outputs_and_gradients_of(layer, x, [b, n, c], maps, Some(&keep), &device)
+            };
+            let expected = run(&clean);
+            for garbage in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 3e38] {
+                let x: Vec<f64> = clean
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| if padded(i) { garbage } else { v })
+                    .collect();
+                let actual = run(&x);
+                let layout = if maps { "maps" } else { "tokens" };
+                let what = format!("{name} {layer} ({layout}) with {garbage} padding");
+                for (part, (a, e)) in ["y", "dx", "dprototypes"]
+                    .iter()
+                    .zip(actual.iter().zip(&expected))
+                {
+                    assert!(a.iter().all(|v| v.is_finite()), "{what}: {part} {a:?}");
+                    assert_close(a, e, 1e-6, 1e-7, &format!("{what}: {part}"));
+                }
+                for (i, &d) in actual[1].iter().enumerate() {
+                    assert!(!padded(i) || d == 0.0, "{what}: dx[{i}] = {d} at padding");
+                }
+            }
+        }
+    }
+}
+
+/// Issue #20: φ(v) = v / max(1, ‖v‖) computes the norm without overflow. φ(cv) = φ(v) for v
+/// outside the unit ball, so the costs of features scaled by c = 2¹⁰⁰ (squared norms far past
+/// f32's range) equal those of the features, and their gradients are 1/c times as large (the
+/// prototypes' equal), on every backend. (Before, ‖v‖² = ∞ gave φ = 0.)
+#[test]
+fn costs_of_huge_features_are_those_of_their_direction() {
+    use burn_pooling::Layout;
+    use burn_pooling::transport::transport_costs;
+    let (b, n, c, k) = (2, 5, 6, 3);
+    let scale = 2f64.powi(100);
+    let mut rng = Rng::new(8);
+    // Norms above 1 (entries in [0.6, 1.6] in absolute value), signs mixed.
+    let x: Vec<f64> = (0..b * n * c)
+        .map(|i| rng.uniform(0.6, 1.6) * if i % 3 == 0 { -1.0 } else { 1.0 })
+        .collect();
+    let huge: Vec<f64> = x.iter().map(|v| v * scale).collect();
+    let prototypes: Vec<f64> = (0..k * c).map(|_| rng.uniform(-0.7, 0.7)).collect();
+    let weights: Vec<f64> = (0..b * k * n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    for (name, device) in devices() {
+        let device = device.autodiff();
+        for layout in [Layout::ChannelsLast, Layout::ChannelsFirst] {
+            let dims = layout.dims(b, n, c);
+            let run = |x: &[f64], prototypes: &[f64]| {
+                let x = floats(x, dims, &device).require_grad();
+                let w = floats(prototypes, [k, c], &device).require_grad();
+                let costs = transport_costs(x.clone(), w.clone(), layout);
+                let loss = (costs.clone() * floats(&weights, [b, k, n], &device)).sum();
+                let grads = loss.backward();
+                let (dx, dw) = (x.grad(&grads).unwrap(), w.grad(&grads).unwrap());
+                (values(costs), values(dx), values(dw))
+            };
+            let (costs, dx, dw) = run(&x, &prototypes);
+            let (huge_costs, huge_dx, huge_dw) = run(&huge, &prototypes);
+            let what = format!("{name} {layout:?}");
+            assert_close(&huge_costs, &costs, 1e-5, 1e-6, &format!("{what}: costs"));
+            let rescaled: Vec<f64> = huge_dx.iter().map(|d| d * scale).collect();
+            assert_close(&rescaled, &dx, 1e-4, 1e-6, &format!("{what}: dx · 2^100"));
+            assert_close(&huge_dw, &dw, 1e-4, 1e-6, &format!("{what}: dprototypes"));
+            // Huge prototypes are the same points too.
+            let huge_prototypes: Vec<f64> = prototypes.iter().map(|v| v * 1e30).collect();
+            let (far_costs, _, far_dw) = run(&x, &huge_prototypes);
+            // φ of a prototype with norm < 1 is itself, of 1e30 times it its direction: the
+            // costs differ, but must be those of the unit directions, and finite.
+            let directions: Vec<f64> = prototypes
+                .chunks(c)
+                .flat_map(|row| {
+                    let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+                    row.iter().map(move |v| v / norm)
+                })
+                .collect();
+            let (direction_costs, _, _) = run(&x, &directions);
+            assert_close(
+                &far_costs,
+                &direction_costs,
+                1e-5,
+                1e-6,
+                &format!("{what}: costs to huge prototypes"),
+            );
+            // φ's Jacobian at cω is 1/c times a matrix that does not depend on c once cω is
+            // outside the unit ball: 1e30 (rescaled by Flex) and 1e5 (not) agree.
+            let near_prototypes: Vec<f64> = prototypes.iter().map(|v| v * 1e5).collect();
+            let (_, _, near_dw) = run(&x, &near_prototypes);
+            let far: Vec<f64> = far_dw.iter().map(|d| d * 1e30).collect();
+            let near: Vec<f64> = near_dw.iter().map(|d| d * 1e5).collect();
+            assert_close(
+                &far,
+                &near,
+                1e-4,
+                1e-6,
+                &format!("{what}: dprototypes · scale"),
+            );
+        }
+    }
+}
+
+/// Issue #20: GSP's weights are the transported masses over μ summed from the plan: at
+/// μ = 1e-6 they sum to 1 and match their limit μ → 0, the softmax over positions of
+/// ℓ_n = logsumexp_k(−c_kn / ε) (attention pooling; off by O(μN) here), computed in f64, on
+/// every backend. (a − ρ lost several per cent to cancellation in f32.)
+#[test]
+fn gsp_weights_at_tiny_transport_ratio_sum_to_one() {
+    let (b, n, c, k, epsilon) = (2, 16, 6, 3, 0.2);
+    let mut rng = Rng::new(3);
+    let x: Vec<f64> = (0..b * n * c).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let prototypes: Vec<f64> = (0..k * c).map(|_| rng.uniform(-0.7, 0.7)).collect();
+    let phi = |v: &[f64]| -> Vec<f64> {
+        let norm = v.iter().map(|v| v * v).sum::<f64>().sqrt().max(1.0);
+        v.iter().map(|v| v / norm).collect()
+    };
+    let expected: Vec<f64> = x
+        .chunks(n * c)
+        .flat_map(|sample| {
+            let log_mass: Vec<f64> = sample
+                .chunks(c)
+                .map(|position| {
+                    let fx = phi(position);
+                    let scores: Vec<f64> = prototypes
+                        .chunks(c)
+                        .map(|w| {
+                            let fw = phi(w);
+                            let d2: f64 = fx.iter().zip(&fw).map(|(a, b)| (a - b).powi(2)).sum();
+                            -d2.sqrt() / epsilon
+                        })
+                        .collect();
+                    let top = scores.iter().cloned().fold(f64::MIN, f64::max);
+                    top + scores.iter().map(|s| (s - top).exp()).sum::<f64>().ln()
+                })
+                .collect();
+            let top = log_mass.iter().cloned().fold(f64::MIN, f64::max);
+            let total: f64 = log_mass.iter().map(|l| (l - top).exp()).sum();
+            log_mass.into_iter().map(move |l| (l - top).exp() / total)
+        })
+        .collect();
+    for (name, device) in devices() {
+        let gsp = GspConfig::new(c)
+            .with_num_prototypes(k)
+            .with_transport_ratio(1e-6)
+            .with_epsilon(epsilon)
+            .with_tolerance(1e-12)
+            .init(&device);
+        let gsp = Gsp {
+            prototypes: Param::from_tensor(floats(&prototypes, [k, c], &device)),
+            ..gsp
+        };
+        let weights = values(gsp.forward_detailed(floats(&x, [b, n, c], &device)).weights);
+        for (sample, row) in weights.chunks(n).enumerate() {
+            let total: f64 = row.iter().sum();
+            assert!(
+                (total - 1.0).abs() < 1e-5,
+                "{name}: sample {sample}'s weights sum to {total}"
+            );
+        }
+        assert_close(&weights, &expected, 1e-4, 1e-8, &format!("{name}: weights"));
+    }
+}
+
+/// Issue #20: a NaN at a valid position propagates within its sample and channel, never across
+/// samples, on every layer and backend: its sample's output is NaN in the NaN's channel (GSP:
+/// the whole sample, whose weights all depend on every position), the other sample's output is
+/// what it is without the NaN. (Flex's GeM clamped the NaN into ε and returned a finite value.)
+#[test]
+fn nan_input_propagates_within_its_sample_only() {
+    let (b, n, c) = (2, 5, 4);
+    let mut rng = Rng::new(13);
+    let clean: Vec<f64> = (0..b * n * c).map(|_| rng.uniform(-0.5, 1.5)).collect();
+    // Sample 0, channel 1, at the first, a middle or the last position (a maximum folded
+    // left to right may skip a NaN unless it comes last).
+    for position in [0, 2, n - 1] {
+        let poison = f64::NAN;
+        let mut x = clean.clone();
+        x[position * c + 1] = poison;
+        for (name, device) in devices() {
+            for (layer, maps) in LAYERS
+                .iter()
+                .flat_map(|&layer| [(layer, false), (layer, true)])
+            {
+                let run = |x: &[f64]| {
+                    let tokens = floats(x, [b, n, c], &device);
+                    values(pool(layer, tokens, maps, None, &device).0)
+                };
+                let (expected, actual) = (run(&clean), run(&x));
+                let width = actual.len() / b;
+                let layout = if maps { "maps" } else { "tokens" };
+                let what =
+                    format!("{name} {layer} ({layout}) with {poison} at valid position {position}");
+                assert!(
+                    actual[1].is_nan() || actual[..width].iter().all(|v| v.is_nan()),
+                    "{what}: sample 0 is {:?}",
+                    &actual[..width]
+                );
+                assert_close(
+                    &actual[width..],
+                    &expected[width..],
+                    0.0,
+                    0.0,
+                    &format!("{what}: sample 1"),
+                );
+                if layer != "gsp" {
+                    // The other channels of sample 0 keep their values (GAP+GMP concatenates
+                    // or sums per channel, so only channel 1's columns are NaN).
+                    for (i, (&a, &e)) in actual[..width].iter().zip(&expected[..width]).enumerate()
+                    {
+                        if i % c != 1 {
+                            assert!(
+                                a == e || (a - e).abs() <= 1e-6 * e.abs(),
+                                "{what}: y[0][{i}] = {a}, expected {e}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Issue #20: GeM near the largest f32 is exact (Flex's `exp` saturated at e^88 = 1.65e38)
+/// and its gradients are finite (∂y/∂p overflowed to +∞ as g · y), on every backend, against
+/// f64 closed forms.
+#[test]
+fn gem_near_the_largest_float_is_exact_with_finite_gradients() {
+    let (n, c, p) = (3, 2, 3.0);
+    let x = [3e38, 1e38, 2e38, 3.3e38, 1e38, 3.4e38];
+    let f32_x: Vec<f64> = x.iter().map(|&v| v as f32 as f64).collect();
+    let r = [0.75, 1.5];
+    let mut expected_y = Vec::new();
+    let mut expected_dp = 0.0;
+    let mut expected_dx = vec![0.0; n * c];
+    for ch in 0..c {
+        let column: Vec<f64> = (0..n).map(|i| f32_x[i * c + ch]).collect();
+        let top = column.iter().cloned().fold(f64::MIN, f64::max);
+        let mean: f64 = column.iter().map(|v| (v / top).powf(p)).sum::<f64>() / n as f64;
+        let y = top * mean.powf(1.0 / p);
+        let weights: Vec<f64> = column.iter().map(|v| (v / top).powf(p)).collect();
+        let mean_log = weights
+            .iter()
+            .zip(&column)
+            .map(|(w, v)| w * v.ln())
+            .sum::<f64>()
+            / weights.iter().sum::<f64>();
+        expected_dp += r[ch] * y / p * (mean_log - y.ln());
+        for i in 0..n {
+            expected_dx[i * c + ch] = r[ch] * (column[i] / y).powf(p - 1.0) / n as f64;
+        }
+        expected_y.push(y);
+    }
+    for (name, device) in devices() {
+        let device = device.autodiff();
+        let gem = GemConfig::new().with_p(p).init(&device);
+        let tokens = floats(&x, [1, n, c], &device).require_grad();
+        let y = gem.forward_tokens(tokens.clone());
+        let grads = (y.clone() * floats(&r, [1, c], &device)).sum().backward();
+        let what = format!("{name}: GeM near f32::MAX");
+        assert_close(&values(y), &expected_y, 1e-5, 0.0, &format!("{what}: y"));
+        let dp = values(gem.p.val().grad(&grads).unwrap());
+        assert_close(
+            &dp,
+            &[expected_dp],
+            1e-3,
+            1e-3 * expected_dp.abs(),
+            &format!("{what}: dp"),
+        );
+        let dx = values(tokens.grad(&grads).unwrap());
+        assert_close(&dx, &expected_dx, 1e-4, 1e-7, &format!("{what}: dx"));
+    }
+}
+
+/// Issue #20: GSP on features of norm ~1e35 (their squares overflow f32 by 30 orders; the
+/// loss's gradient through the weights, ~‖x‖/(με), still fits): finite output and gradients on
+/// every backend (the portable φ overflowed and NdArray's gradients were NaN), agreeing with
+/// Flex.
+#[test]
+fn gsp_near_the_largest_float_has_finite_gradients() {
+    let (b, n, c) = (2, 5, 4);
+    let mut rng = Rng::new(17);
+    let x: Vec<f64> = (0..b * n * c).map(|_| rng.uniform(-1e35, 1e35)).collect();
+    let mut flex: Option<Vec<Vec<f64>>> = None;
+    for (name, device) in devices() {
+        let outcome = outputs_and_gradients("gsp", &x, [b, n, c], None, &device);
+        for (part, v) in ["y", "dx", "dprototypes"].iter().zip(&outcome) {
+            assert!(
+                v.iter().all(|v| v.is_finite()),
+                "{name} gsp near f32::MAX: {part} {v:?}"
+            );
+        }
+        // The weights and attributes of features up to 3e38 (each a point of the unit sphere
+        // to φ): finite, and the prototypes' gradient of a loss of them too.
+        let device_t = device.clone().autodiff();
+        let huge: Vec<f64> = x.iter().map(|v| v * 3e3).collect();
+        let gsp = GspConfig::new(c).with_num_prototypes(3).init(&device_t);
+        let detailed = gsp.forward_detailed(floats(&huge, [b, n, c], &device_t));
+        let loss = (detailed.weights.clone() * detailed.weights.clone()).sum()
+            + (detailed.attributes.clone() * detailed.attributes.clone()).sum();
+        let grads = loss.backward();
+        let dw = values(gsp.prototypes.val().grad(&grads).unwrap());
+        for (part, v) in [
+            ("weights", values(detailed.weights)),
+            ("attributes", values(detailed.attributes)),
+            ("dprototypes", dw),
+        ] {
+            assert!(
+                v.iter().all(|v| v.is_finite()),
+                "{name} gsp at 3e38: {part} {v:?}"
+            );
+        }
+        match &flex {
+            None => flex = Some(outcome),
+            Some(expected) => {
+                for ((part, a), e) in ["y", "dx", "dprototypes"]
+                    .iter()
+                    .zip(&outcome)
+                    .zip(expected)
+                {
+                    assert_close(a, e, 1e-3, 1e-30, &format!("{name} vs flex: gsp {part}"));
                 }
             }
         }

@@ -193,19 +193,34 @@ fn normalize_kernel<F: Float>(
     let j = ABSOLUTE_POS % positions;
     let start = b * x.stride(0) + j * x.stride(position_axis);
     let step = x.stride(channel_axis);
+    let one = F::new(1.0);
     let mut sum = F::new(0.0);
     for c in 0..channels {
         let v = x[start + c * step];
         sum += v * v;
     }
-    let factor = sum.max(F::new(1.0)).sqrt();
+    // ‖v‖² overflowed (‖v‖ ≳ 1.8e19 in f32): divide by the largest |v_c| first, as the
+    // portable φ does, so that φ(v) does not become v / ∞ = 0. The usual row skips it.
+    let mut largest = one;
+    if sum > F::max_value() {
+        for c in 0..channels {
+            largest = largest.max(x[start + c * step].abs());
+        }
+        sum = F::new(0.0);
+        for c in 0..channels {
+            let v = x[start + c * step] / largest;
+            sum += v * v;
+        }
+    }
+    // max(1, ‖v‖) = largest · root, with ‖v‖ = largest · sqrt(sum).
+    let root = sum.max(one / (largest * largest)).sqrt();
     let row = ABSOLUTE_POS * normalized.stride(0);
     let out_step = normalized.stride(1);
     for c in 0..channels {
-        normalized[row + c * out_step] = x[start + c * step] / factor;
+        normalized[row + c * out_step] = x[start + c * step] / largest / root;
     }
-    squared[ABSOLUTE_POS] = sum / (factor * factor);
-    scale[ABSOLUTE_POS] = factor;
+    squared[ABSOLUTE_POS] = sum / (root * root);
+    scale[ABSOLUTE_POS] = largest * root;
 }
 
 /// One unit per cost (b, k, j): sqrt(max(floor, ‖φx_j‖² + ‖φω_k‖² − 2 φx_j·φω_k)).

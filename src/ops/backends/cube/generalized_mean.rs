@@ -96,6 +96,7 @@ struct MeanRow<F: Float> {
     mask_line: Strided,
     floor: F,
     p: F,
+    largest: F,
     log_max: F,
     count: F,
 }
@@ -134,6 +135,7 @@ impl<F: Float> MeanRow<F> {
             mask_line,
             floor,
             p: powers[c * powers.stride(0)],
+            largest,
             log_max: largest.ln(),
             count,
         }
@@ -144,9 +146,18 @@ impl<F: Float> MeanRow<F> {
     /// a padded value above the maximum gives an infinite term, and 0·∞ would poison the sums.
     fn weight(&self, raw: F, mask: &Tensor<F>, n: usize) -> (F, F) {
         let valid = mask[self.mask_line.at(n)];
-        let log_value = raw.max(self.floor).ln();
+        // Padding: weight 0 and ln ε, whatever it holds (NaN, ∞), so that the backward's
+        // Σ w ln x stays finite.
+        let mut log_value = self.floor.ln();
         let mut weight = F::new(0.0);
         if valid > F::new(0.0) {
+            // A select, not `max`: a NaN input must stay NaN (and make its channel's output
+            // NaN, as on the other backends), where a GPU's `max` may return the floor.
+            let mut clamped = raw;
+            if raw < self.floor {
+                clamped = self.floor;
+            }
+            log_value = clamped.ln();
             weight = valid * (self.p * (log_value - self.log_max)).exp();
         }
         (weight, log_value)
@@ -158,7 +169,7 @@ impl<F: Float> MeanRow<F> {
     }
 }
 
-/// `y[b, c] = exp(ln max + ln(Σ_n m_n exp(p_c (ln max(x_n, ε) − ln max)) / Σ_n m_n) / p_c)`,
+/// `y[b, c] = max · exp(ln(Σ_n m_n exp(p_c (ln max(x_n, ε) − ln max)) / Σ_n m_n) / p_c)`,
 /// with `max` the largest `max(x_n, ε)` over the valid positions: every term is at most 1, so
 /// the sum stays finite for any p. Two passes over the row: the maximum, then the sum.
 #[cube(launch)]
@@ -190,14 +201,15 @@ fn generalized_mean_kernel<F: Float>(
         sum += weight;
     }
     let at = row.b * output.stride(0) + row.c * output.stride(1);
-    output[at] = (row.log_max + (sum / row.count).ln() / row.p).exp();
+    // max · mean^(1/p): the exponent is ≤ 0, so y is exact up to the largest float.
+    output[at] = row.largest * ((sum / row.count).ln() / row.p).exp();
 }
 
 /// The generalized mean's backward for one (b, c), with w_n = m_n exp(p (ln max(x_n, ε) − ln max))
 /// as in the forward:
 /// `∂L/∂x_n = g/count · (x_n/y)^(p−1)` where x_n > ε (else 0), computed as
-/// `g/count · exp(p (ln max − ln y)) · y · w_n / x_n`; and this sample's
-/// `∂L/∂p = g · (y/p) · (Σ w ln x / Σ w − ln y)`.
+/// `g/count · exp(p (ln max − ln y)) · (w_n / x_n · y)`; and this sample's
+/// `∂L/∂p = g · (Σ w ln x / Σ w − ln y) / p · y`.
 #[cube(launch)]
 fn generalized_mean_backward_kernel<F: Float>(
     x: &Tensor<F>,
@@ -230,7 +242,9 @@ fn generalized_mean_backward_kernel<F: Float>(
     );
     let (y, g, p) = (output[row.at(output)], grad[row.at(grad)], row.p);
     let log_y = y.ln();
-    let factor = g / row.count * (p * (row.log_max - log_y)).exp() * y;
+    // y enters last (w / x · y, then the factor; g (…)/p, then y): it may be near the largest
+    // float, where multiplying it first overflows.
+    let factor = g / row.count * (p * (row.log_max - log_y)).exp();
     let zero = F::new(0.0);
     let mut sum = zero;
     let mut weighted_log = zero;
@@ -242,11 +256,11 @@ fn generalized_mean_backward_kernel<F: Float>(
         // 0 on padding (weight 0) and at the clamp.
         let mut derivative = zero;
         if raw > row.floor {
-            derivative = factor * weight / raw;
+            derivative = factor * (weight / raw * y);
         }
         dx[dx_line.at(n)] = derivative;
     }
 
     let at = row.b * dp.stride(0) + row.c * dp.stride(1);
-    dp[at] = g * y / p * (weighted_log / sum - log_y);
+    dp[at] = g * ((weighted_log / sum - log_y) / p) * y;
 }

@@ -13,7 +13,8 @@
 //! - the backward: the closed form of `maths::implicit_backward`, two passes over the plan,
 //!   h = X ⊙ g, U_j = Σ_k h_kj, t_j = Σ_k P_kj, λ = (Σ ρU/a − Σ h_0) / Σ ρt/a,
 //!   V = (U + λρ)/a, ∂L/∂c_kj = −(h_kj − V_j P_kj)/ε, with the upstream gradient of the plan
-//!   `[B, K+1, N]` or of its marginals `[B, N + K]` (never expanded).
+//!   `[B, K+1, N]` or of its marginals `[B, N + K]` (each position's sent mass, each
+//!   prototype's received mass; never expanded).
 //!
 //! Every reduction is over the cube's units through shared memory, so every unit reads the same
 //! sums and takes the same branches (the loop and its `sync_cube`s stay uniform).
@@ -382,7 +383,8 @@ fn partial_transport_kernel<F: Float>(
 }
 
 /// The upstream gradient of plan entry (k, j) of sample `b`: the plan's own, or its marginals'
-/// (ρ_j's for row 0, prototype k's mass's, constant along the row, for the others).
+/// (none for ρ in row 0; position j's sent mass's plus prototype k's received mass's for
+/// P_kj).
 #[cube]
 fn upstream<F: Float>(
     grad: &Tensor<F>,
@@ -395,9 +397,9 @@ fn upstream<F: Float>(
     if comptime![marginals] {
         let row = b * grad.stride(0);
         if k == 0 {
-            grad[row + j * grad.stride(1)]
+            F::new(0.0)
         } else {
-            grad[row + (n + k - 1) * grad.stride(1)]
+            grad[row + j * grad.stride(1)] + grad[row + (n + k - 1) * grad.stride(1)]
         }
     } else {
         grad[b * grad.stride(0) + k * grad.stride(1) + j * grad.stride(2)]

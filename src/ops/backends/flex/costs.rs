@@ -4,13 +4,14 @@
 //! written straight into the `[K, N]` layout the solver reads, and the backward is two
 //! products per sample plus two element-wise passes (no autodiff of the normalisation).
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
 use super::Shape3;
 use super::product::{Strided, product};
 use super::real::{Real, dot, lane_sum};
 use super::simd::wide_kernel;
-#[cfg(test)]
 use crate::layout::Layout;
 use crate::maths::costs::{MIN_ACTIVE_COST, MIN_SQUARED_DISTANCE};
 
@@ -65,18 +66,96 @@ fn scales_from_norms<T: Real>(squared_norm: Vec<T>) -> Scales<T> {
     }
 }
 
+/// A copy of a sample's features with its huge vectors rescaled, and (vector, factor) of each.
+type Rescaled<T> = (Vec<T>, Vec<(usize, T)>);
+
+/// Squared norms above this (or not a number) take [`rescale_huge`]: below it s = 1/‖v‖ ≥ 2⁻³⁰
+/// and the backward's s³ ≥ 2⁻⁹⁰ stay normal f32 numbers, and no product with v overflows.
+const HUGE_SQUARED_NORM: f64 = 1_152_921_504_606_846_976.0; // 2⁶⁰
+
+/// A copy of `x` (`[N, C]` or `[C, N]` in `shape`'s layout) in which each vector whose squared
+/// norm is above [`HUGE_SQUARED_NORM`] (or not a number) is multiplied by the power of two
+/// that brings its largest entry to [2¹⁰, 2¹¹), with those factors; `None` when there is no
+/// such vector (the usual case: no copy). Both vectors lie outside the unit ball, so φ is the
+/// same (φ(cv) = φ(v)), and φ's Jacobian at v is c times its Jacobian at cv: the kernels run
+/// on the copy, in the range where they are exact, and scale the gradients back. Exact: a
+/// power of two changes no mantissa.
+fn rescale_huge<T: Real>(x: &[T], squared_norms: &[T], shape: Shape3) -> Option<Rescaled<T>> {
+    let limit = T::from_f64(HUGE_SQUARED_NORM);
+    // Not `q > limit`: a NaN norm takes this path too.
+    let huge = |q: T| q.partial_cmp(&limit).is_none_or(|order| order.is_gt());
+    if !squared_norms.iter().any(|&q| huge(q)) {
+        return None;
+    }
+    let (n, c) = (shape.positions, shape.channels);
+    let index = |j: usize, ch: usize| {
+        if shape.layout.is_channels_last() {
+            j * c + ch
+        } else {
+            ch * n + j
+        }
+    };
+    let mut copy = x.to_vec();
+    let mut factors = Vec::new();
+    for (j, &q) in squared_norms.iter().enumerate() {
+        if !huge(q) {
+            continue;
+        }
+        let largest = (0..c)
+            .map(|ch| x[index(j, ch)].to_f64().abs())
+            .fold(0.0, f64::max);
+        // ∞ gives the factor 0 and NaN entries, as φ(∞) is undefined: the NaN propagates.
+        let factor = T::from_f64((10.0 - largest.log2().floor()).exp2());
+        for ch in 0..c {
+            copy[index(j, ch)] = copy[index(j, ch)] * factor;
+        }
+        factors.push((j, factor));
+    }
+    Some((copy, factors))
+}
+
+/// The prototypes as the kernels use them: `raw` `[K, C]` (a rescaled copy if a row is huge,
+/// see [`rescale_huge`]), φ(ω) and the scales, and the factors of the rescaled rows.
+struct Prototypes<'a, T: Clone> {
+    raw: Cow<'a, [T]>,
+    normalized: Vec<T>,
+    scales: Scales<T>,
+    factors: Vec<(usize, T)>,
+}
+
 /// φ(ω) `[K, C]` and the prototypes' scales.
-fn normalized_prototypes<T: Real>(prototypes: &[T], channels: usize) -> (Vec<T>, Scales<T>) {
-    let norms = prototypes
-        .chunks_exact(channels)
-        .map(|row| dot(row, row))
-        .collect();
+fn normalized_prototypes<T: Real>(prototypes: &[T], channels: usize) -> Prototypes<'_, T> {
+    let squared = |rows: &[T]| -> Vec<T> {
+        rows.chunks_exact(channels)
+            .map(|row| dot(row, row))
+            .collect()
+    };
+    let norms = squared(prototypes);
+    let count = norms.len();
+    let shape = Shape3 {
+        batch: 1,
+        positions: count,
+        channels,
+        layout: Layout::ChannelsLast,
+    };
+    let (raw, norms, factors) = match rescale_huge(prototypes, &norms, shape) {
+        Some((copy, factors)) => {
+            let norms = squared(&copy);
+            (Cow::Owned(copy), norms, factors)
+        }
+        None => (Cow::Borrowed(prototypes), norms, Vec::new()),
+    };
     let scales = scales_from_norms(norms);
-    let mut normalized = prototypes.to_vec();
+    let mut normalized = raw.to_vec();
     for (row, &s) in normalized.chunks_exact_mut(channels).zip(&scales.scale) {
         row.iter_mut().for_each(|v| *v = *v * s);
     }
-    (normalized, scales)
+    Prototypes {
+        raw,
+        normalized,
+        scales,
+        factors,
+    }
 }
 
 /// One sample's features as the `[C, N]` right operand (column j = position j).
@@ -100,15 +179,18 @@ fn features_by_row<T>(x: &[T], shape: Shape3) -> Strided<'_, T> {
 /// Costs `[B, K, N]`.
 pub(super) fn forward<T: Real>(x: &[T], prototypes: &[T], count: usize, shape: Shape3) -> Vec<T> {
     let (n, c) = (shape.positions, shape.channels);
-    let (normalized, prototype_scales) = normalized_prototypes(prototypes, c);
-    let prototype_squares = prototype_scales.normalized_squares();
+    let prototypes = normalized_prototypes(prototypes, c);
+    let (normalized, prototype_squares) = (
+        &prototypes.normalized,
+        prototypes.scales.normalized_squares(),
+    );
     let mut costs = vec![T::default(); shape.batch * count * n];
     costs
         .par_chunks_mut(count * n)
         .enumerate()
         .for_each(|(b, costs)| {
             let x = &x[b * n * c..(b + 1) * n * c];
-            forward_sample_wide(x, &normalized, &prototype_squares, shape, costs);
+            forward_sample_wide(x, normalized, &prototype_squares, shape, costs);
         });
     costs
 }
@@ -129,7 +211,8 @@ pub(super) fn backward<T: Real>(
     let (n, c) = (shape.positions, shape.channels);
     let zero = T::default();
     let one = T::from_f64(1.0);
-    let (normalized, prototype_scales) = normalized_prototypes(prototypes, c);
+    let prototypes = normalized_prototypes(prototypes, c);
+    let normalized = &prototypes.normalized;
     let mut dx = vec![zero; x.len()];
     // Per group of samples: Σ_b Σ_j a_kj φ(x_j) `[K, C]` and Σ_b Σ_j a_kj `[K]`. The groups
     // depend on B only, and their partial sums are added in order, so the prototypes' gradient
@@ -150,7 +233,7 @@ pub(super) fn backward<T: Real>(
                     x,
                     costs,
                     grad,
-                    &normalized,
+                    normalized,
                     shape,
                     dx,
                     &mut cross,
@@ -176,13 +259,13 @@ pub(super) fn backward<T: Real>(
     let mut dprototypes = vec![zero; count * c];
     for (k, d) in dprototypes.chunks_exact_mut(c).enumerate() {
         let range = k * c..(k + 1) * c;
-        let (z, z_hat) = (&prototypes[range.clone()], &normalized[range.clone()]);
+        let (z, z_hat) = (&prototypes.raw[range.clone()], &normalized[range.clone()]);
         let g: Vec<T> = z_hat
             .iter()
             .zip(&cross[range])
             .map(|(&v, &cr)| v * row_sums[k] - cr)
             .collect();
-        let s = prototype_scales.scale[k];
+        let s = prototypes.scales.scale[k];
         let coefficient = if s < one {
             s * s * s * dot(z, &g)
         } else {
@@ -190,6 +273,12 @@ pub(super) fn backward<T: Real>(
         };
         for ((d, &g), &v) in d.iter_mut().zip(&g).zip(z) {
             *d = s * g - coefficient * v;
+        }
+    }
+    // Rescaled rows: φ's Jacobian at ω is the factor times its Jacobian at the copy.
+    for &(k, factor) in &prototypes.factors {
+        for d in &mut dprototypes[k * c..(k + 1) * c] {
+            *d = *d * factor;
         }
     }
     (dx, dprototypes)
@@ -210,6 +299,11 @@ fn forward_sample<T: Real>(
     let floor = T::from_f64(MIN_SQUARED_DISTANCE);
     let two = T::from_f64(2.0);
     let scales = position_scales(x, shape);
+    let rescaled = rescale_huge(x, &scales.squared_norm, shape);
+    let (x, scales) = match &rescaled {
+        Some((copy, _)) => (copy.as_slice(), position_scales(copy, shape)),
+        None => (x, scales),
+    };
     // ⟨φ(ω_k), x_j⟩ for all k, j: [K, C] · [C, N].
     product(
         [count, n, c],
@@ -249,6 +343,11 @@ fn backward_sample<T: Real>(
     let count = row_sums.len();
     let zero = T::default();
     let scales = position_scales(x, shape);
+    let rescaled = rescale_huge(x, &scales.squared_norm, shape);
+    let (x, scales) = match &rescaled {
+        Some((copy, _)) => (copy.as_slice(), position_scales(copy, shape)),
+        None => (x, scales),
+    };
     let active = T::from_f64(MIN_ACTIVE_COST);
     let mut a: Vec<T> = costs
         .iter()
@@ -299,6 +398,19 @@ fn backward_sample<T: Real>(
         features_by_row(x, shape),
         T::from_f64(1.0),
     );
+    // Rescaled positions: φ's Jacobian at x_j is the factor times its Jacobian at the copy.
+    if let Some((_, factors)) = &rescaled {
+        for &(j, factor) in factors {
+            for ch in 0..c {
+                let at = if shape.layout.is_channels_last() {
+                    j * c + ch
+                } else {
+                    ch * n + j
+                };
+                dx[at] = dx[at] * factor;
+            }
+        }
+    }
 }
 => backward_sample_wide
 }
@@ -362,8 +474,11 @@ mod tests {
     fn wide_copy_matches_baseline() {
         let (n, c, k) = (9, 12, 4);
         let prototypes = values(k * c, 7, -0.5, 0.5);
-        let (normalized, scales) = normalized_prototypes(&prototypes, c);
-        let squares = scales.normalized_squares();
+        let prototypes = normalized_prototypes(&prototypes, c);
+        let (normalized, squares) = (
+            prototypes.normalized,
+            prototypes.scales.normalized_squares(),
+        );
         let x = values(n * c, 8, -0.6, 0.6);
         let grad = values(k * n, 9, -1.0, 1.0);
         for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {

@@ -9,10 +9,10 @@ use super::simd::wide_kernel;
 #[cfg(test)]
 use crate::layout::Layout;
 
-/// Per-sample, per-channel statistics of the forward: the log of the largest valid value and
+/// Per-sample, per-channel statistics of the forward: the largest valid (clamped) value and
 /// the scaled power sum Σ m·exp(p·(ln x − ln max)).
 struct Moments<T> {
-    log_max: Vec<T>,
+    largest: Vec<T>,
     sum: Vec<T>,
 }
 
@@ -47,8 +47,10 @@ fn forward_sample<T: Real>(
     let count = lane_sum(shape.positions, |i| mask[i]);
     let moments = moments(x, powers, mask, floor, shape);
     for (ch, out) in out.iter_mut().enumerate() {
+        // y = max · mean^(1/p): the exponent is ≤ 0 (mean ≤ 1), so y is exact up to the
+        // largest float; exp(ln max + ln(mean)/p) would need e^88.7 for a value near f32::MAX.
         let mean = moments.sum[ch] / count;
-        *out = (moments.log_max[ch] + mean.ln() / powers[ch]).exp();
+        *out = moments.largest[ch] * (mean.ln() / powers[ch]).exp();
     }
 }
 => forward_sample_wide
@@ -62,8 +64,9 @@ fn moments<T: Real>(x: &[T], powers: &[T], mask: &[T], floor: T, shape: Shape3) 
     let (n, c) = (shape.positions, shape.channels);
     let zero = T::default();
     let mut sum = vec![zero; c];
-    let log_max = if shape.layout.is_channels_last() {
-        let log_max = column_log_max(x, mask, floor, c);
+    let largest = if shape.layout.is_channels_last() {
+        let largest = column_largest(x, mask, floor, c);
+        let log_max: Vec<T> = largest.iter().map(|&m| m.ln()).collect();
         let mut log_x = vec![zero; c];
         let mut weight = vec![zero; c];
         for (row, &valid) in x.chunks_exact(c).zip(mask) {
@@ -74,22 +77,26 @@ fn moments<T: Real>(x: &[T], powers: &[T], mask: &[T], floor: T, shape: Shape3) 
                 }
             }
         }
-        log_max
+        largest
     } else {
         let mut log_x = vec![zero; n];
         let mut weight = vec![zero; n];
-        let mut log_max = vec![zero; c];
+        let mut largest = vec![zero; c];
         for (ch, row) in x.chunks_exact(n).enumerate() {
-            log_max[ch] = weigh_row(row, mask, powers[ch], floor, &mut log_x, &mut weight);
+            largest[ch] = weigh_row(row, mask, powers[ch], floor, &mut log_x, &mut weight);
             sum[ch] = lane_sum(n, |i| weight[i]);
         }
-        log_max
+        largest
     };
-    Moments { log_max, sum }
+    Moments { largest, sum }
 }
 
 /// One channel's row `[N]` (channels first): `log_x = ln max(x, ε)`, then the masked
-/// maximum of it, then `weight = m·exp(p (log_x − max))`. Returns the maximum.
+/// maximum of `max(x, ε)`, then `weight = m·exp(p (log_x − ln max))`. Returns the maximum.
+///
+/// A NaN input stays NaN through the clamp, `ln` and `exp` ([`Real::at_least`]), so its weight
+/// and the sum are NaN: the output of its channel is NaN, as in the portable body, whether or
+/// not the maximum skipped it.
 #[inline(always)]
 fn weigh_row<T: Real>(
     row: &[T],
@@ -100,26 +107,30 @@ fn weigh_row<T: Real>(
     weight: &mut [T],
 ) -> T {
     let zero = T::default();
-    for (l, &v) in log_x.iter_mut().zip(row) {
-        *l = v.max(floor).ln();
+    // Padding reads as ε: its weight is 0, and its ln must be finite for the backward's
+    // Σ w ln x (0 · NaN = NaN).
+    for ((l, &v), &valid) in log_x.iter_mut().zip(row).zip(mask) {
+        let v = if valid > zero { v } else { floor };
+        *l = v.at_least(floor).ln();
     }
-    let mut log_max = floor.ln();
-    for (&l, &valid) in log_x.iter().zip(mask) {
-        let candidate = log_max.max(l);
-        log_max = if valid > zero { candidate } else { log_max };
+    let mut largest = floor;
+    for (&v, &valid) in row.iter().zip(mask) {
+        let candidate = largest.max(v);
+        largest = if valid > zero { candidate } else { largest };
     }
+    let log_max = largest.ln();
     for ((w, &l), &valid) in weight.iter_mut().zip(log_x.iter()).zip(mask) {
         // A select, not `valid * term`: a padded value above the maximum overflows the `exp`,
         // and 0·∞ is NaN.
         let term = valid * (p * (l - log_max)).exp();
         *w = if valid > zero { term } else { zero };
     }
-    log_max
+    largest
 }
 
-/// Per channel of one sample `[N, C]` (channels last): ln of the largest valid value.
+/// Per channel of one sample `[N, C]` (channels last): the largest valid `max(x, ε)`.
 #[inline(always)]
-fn column_log_max<T: Real>(x: &[T], mask: &[T], floor: T, channels: usize) -> Vec<T> {
+fn column_largest<T: Real>(x: &[T], mask: &[T], floor: T, channels: usize) -> Vec<T> {
     let mut largest = vec![floor; channels];
     for (row, &valid) in x.chunks_exact(channels).zip(mask) {
         if valid > T::default() {
@@ -128,7 +139,7 @@ fn column_log_max<T: Real>(x: &[T], mask: &[T], floor: T, channels: usize) -> Ve
             }
         }
     }
-    largest.into_iter().map(|m| m.ln()).collect()
+    largest
 }
 
 /// One position's row `[C]` (channels last): `log_x = ln max(x, ε)` and
@@ -143,7 +154,7 @@ fn weigh_position<T: Real>(
     weight: &mut [T],
 ) {
     for (l, &v) in log_x.iter_mut().zip(row) {
-        *l = v.max(floor).ln();
+        *l = v.at_least(floor).ln();
     }
     for (((w, &l), &p), &m) in weight.iter_mut().zip(log_x.iter()).zip(powers).zip(log_max) {
         *w = (p * (l - m)).exp();
@@ -154,7 +165,9 @@ fn weigh_position<T: Real>(
 /// ∂L/∂p = Σ_b g · (y/p) · (Σ w ln x / Σ w − ln y) with w = exp(p (ln x − ln max)).
 ///
 /// One ln, one exp and one division per element: (x/y)^(p−1) = w · exp(p (ln max − ln y)) · y / x
-/// reuses w.
+/// reuses w. The products are ordered so that none overflows where the result is finite:
+/// w / x · y (≤ 1 for p ≥ 1) before the factor g/count · exp(p (ln max − ln y)), and
+/// g · (Σ w ln x / Σ w − ln y) / p before y, which may be near the largest float.
 pub(super) fn backward<T: Real>(
     x: &[T],
     powers: &[T],
@@ -206,13 +219,15 @@ fn backward_sample<T: Real>(
     let zero = T::default();
     let count = lane_sum(n, |i| mask[i]);
     let log_y: Vec<T> = y.iter().map(|&y| y.ln()).collect();
-    // ∂L/∂x = g/count · exp(p (ln max − ln y)) · y · w / x: `factor` holds all but w / x.
-    let factor =
-        |ch: usize, log_max: T| g[ch] / count * (powers[ch] * (log_max - log_y[ch])).exp() * y[ch];
+    // ∂L/∂x = g/count · exp(p (ln max − ln y)) · (w / x · y): `factor` holds the first part.
+    let factor = |ch: usize, log_max: T| g[ch] / count * (powers[ch] * (log_max - log_y[ch])).exp();
     let mut sum = vec![zero; c];
     let mut weighted_log = vec![zero; c];
     if shape.layout.is_channels_last() {
-        let log_max = column_log_max(x, mask, floor, c);
+        let log_max: Vec<T> = column_largest(x, mask, floor, c)
+            .into_iter()
+            .map(|m| m.ln())
+            .collect();
         let factors: Vec<T> = (0..c).map(|ch| factor(ch, log_max[ch])).collect();
         let mut log_x = vec![zero; c];
         let mut weight = vec![zero; c];
@@ -224,27 +239,36 @@ fn backward_sample<T: Real>(
             for ch in 0..c {
                 sum[ch] += weight[ch];
                 weighted_log[ch] += weight[ch] * log_x[ch];
-                let active = if row[ch] > floor { factors[ch] } else { zero };
-                dx_row[ch] = active * weight[ch] / row[ch].max(floor);
+                // A select: 0 at the clamp, and for a NaN (its output and ∂L/∂p are NaN).
+                let v = row[ch];
+                let term = factors[ch] * (weight[ch] / v * y[ch]);
+                dx_row[ch] = if v > floor { term } else { zero };
             }
         }
     } else {
         let mut log_x = vec![zero; n];
         let mut weight = vec![zero; n];
         for (ch, (dx_row, row)) in dx.chunks_exact_mut(n).zip(x.chunks_exact(n)).enumerate() {
-            let log_max = weigh_row(row, mask, powers[ch], floor, &mut log_x, &mut weight);
+            let largest = weigh_row(row, mask, powers[ch], floor, &mut log_x, &mut weight);
             sum[ch] = lane_sum(n, |i| weight[i]);
             weighted_log[ch] = lane_sum(n, |i| weight[i] * log_x[i]);
-            let row_factor = factor(ch, log_max);
+            let (row_factor, row_y) = (factor(ch, largest.ln()), y[ch]);
             for i in 0..n {
-                let active = if row[i] > floor { row_factor } else { zero };
-                dx_row[i] = active * weight[i] / row[i].max(floor);
+                // A select: 0 at the clamp and for NaN, and 0 on padding (weight 0, whatever
+                // the value there).
+                let v = row[i];
+                let term = row_factor * (weight[i] / v * row_y);
+                dx_row[i] = if v > floor && mask[i] > zero {
+                    term
+                } else {
+                    zero
+                };
             }
         }
     }
     for ch in 0..c {
         let mean_log = weighted_log[ch] / sum[ch];
-        dp[ch] = g[ch] * y[ch] / powers[ch] * (mean_log - log_y[ch]);
+        dp[ch] = g[ch] * ((mean_log - log_y[ch]) / powers[ch]) * y[ch];
     }
 }
 => backward_sample_wide
@@ -287,8 +311,8 @@ mod tests {
         }
     }
     /// A padded position's value does not matter: an outlier there (whose power overflows
-    /// f64 at p = 1000) leaves the output and ∂L/∂p unchanged and gets zero ∂L/∂x, in both
-    /// layouts.
+    /// f64 at p = 1000), a NaN or an ∞ leaves the output and ∂L/∂p unchanged and gets zero
+    /// ∂L/∂x, in both layouts: the kernel selects, it never multiplies by the mask.
     #[test]
     fn padded_values_do_not_matter() {
         let (batch, n, c) = (2, 6, 3);
@@ -314,23 +338,25 @@ mod tests {
             let plain: Vec<f64> = (0..batch * n * c)
                 .map(|i| 0.5 + (i % 5) as f64 * 0.3)
                 .collect();
-            let outlier: Vec<f64> = plain
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| if position(i) == 2 { 50.0 } else { v })
-                .collect();
             let run = |x: &[f64]| {
                 let y = forward(x, &powers, &mask, 1e-6, shape);
                 let (dx, dp) = backward(x, &powers, &mask, &y, &grad, 1e-6, shape);
                 (y, dx, dp)
             };
             let (y, dx, dp) = run(&plain);
-            let (y_outlier, dx_outlier, dp_outlier) = run(&outlier);
-            assert_eq!(y, y_outlier, "{layout:?}: y");
-            assert_eq!(dp, dp_outlier, "{layout:?}: dp");
-            for (i, (&d, &d_outlier)) in dx.iter().zip(&dx_outlier).enumerate() {
-                let expected = if position(i) == 2 { 0.0 } else { d };
-                assert_eq!(d_outlier, expected, "{layout:?}: dx[{i}]");
+            for garbage in [50.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                let outlier: Vec<f64> = plain
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| if position(i) == 2 { garbage } else { v })
+                    .collect();
+                let (y_outlier, dx_outlier, dp_outlier) = run(&outlier);
+                assert_eq!(y, y_outlier, "{layout:?}, {garbage}: y");
+                assert_eq!(dp, dp_outlier, "{layout:?}, {garbage}: dp");
+                for (i, (&d, &d_outlier)) in dx.iter().zip(&dx_outlier).enumerate() {
+                    let expected = if position(i) == 2 { 0.0 } else { d };
+                    assert_eq!(d_outlier, expected, "{layout:?}, {garbage}: dx[{i}]");
+                }
             }
         }
     }

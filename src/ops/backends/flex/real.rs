@@ -19,11 +19,18 @@ pub(super) trait Real:
     fn from_f64(value: f64) -> Self;
     fn to_f64(self) -> f64;
     fn sqrt(self) -> Self;
-    /// ln x for normal x > 0.
+    /// ln x for normal x > 0, +∞ and NaN (which it returns as they are).
     fn ln(self) -> Self;
-    /// eˣ, saturating outside the finite range.
+    /// eˣ, saturating outside the finite range; NaN for NaN.
     fn exp(self) -> Self;
+    /// The larger of the two, `other` when they are unordered: a maximum that a NaN may skip,
+    /// for the loops whose NaN surfaces elsewhere.
     fn max(self, other: Self) -> Self;
+    /// max(self, floor) that keeps a NaN `self` (`f32::max` and [`max`](Self::max) would turn
+    /// it into `floor`): the clamp of the generalized mean, which must not hide a NaN input.
+    fn at_least(self, floor: Self) -> Self {
+        if self < floor { floor } else { self }
+    }
     /// The smallest positive normal value (the floor of the clamp, so `ln` stays exact).
     const MIN_POSITIVE: Self;
 }
@@ -74,7 +81,10 @@ impl Real for f32 {
         let t2 = t * t;
         let series =
             2.0 + t2 * (2.0 / 3.0 + t2 * (2.0 / 5.0 + t2 * (2.0 / 7.0 + t2 * (2.0 / 9.0))));
-        e * std::f32::consts::LN_2 + t * series
+        let ln = e * std::f32::consts::LN_2 + t * series;
+        // The bits of +∞ and NaN read as 2¹²⁸·m: give them back as they are (a select, so the
+        // loops still vectorise).
+        if self < f32::INFINITY { ln } else { self }
     }
 
     /// eʸ = 2ᵏ·eʳ with k = round(y / ln 2), |r| ≤ ln2/2, eʳ by its degree-7 Taylor polynomial.
@@ -83,9 +93,11 @@ impl Real for f32 {
         const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
         const LN_2_HIGH: f32 = 0.693_145_75;
         const LN_2_LOW: f32 = 1.428_606_8e-6;
-        // Not `clamp`: max/min keep the loop free of its NaN assertion and vectorise.
-        #[allow(clippy::manual_clamp)]
-        let y = self.max(-87.0).min(88.0);
+        // Selects, not `clamp` (whose NaN assertion keeps the loop from vectorising) nor
+        // `f32::max`/`min` (which turn a NaN into the bound): a NaN goes through and the
+        // result is NaN.
+        let y = if self > 88.0 { 88.0 } else { self };
+        let y = if y < -87.0 { -87.0 } else { y };
         let rounded = y * std::f32::consts::LOG2_E + ROUND;
         let k = rounded - ROUND;
         // The integer k sits in the low mantissa bits of `rounded`: no float-to-int cast.
@@ -164,5 +176,20 @@ mod tests {
         }
         assert!(worst_ln < 2e-7, "ln: {worst_ln:e}");
         assert!(worst_exp < 5e-7, "exp: {worst_exp:e}");
+    }
+
+    /// NaN stays NaN through `ln`, `exp` and the clamp, and ln(+∞) = +∞, as in the standard
+    /// library (the bit tricks read them as finite numbers otherwise).
+    #[test]
+    fn non_finite_values_go_through() {
+        assert!(Real::ln(f32::NAN).is_nan());
+        assert_eq!(Real::ln(f32::INFINITY), f32::INFINITY);
+        assert!(Real::exp(f32::NAN).is_nan());
+        assert!(f32::NAN.at_least(1e-6).is_nan());
+        assert!(f64::NAN.at_least(1e-6).is_nan());
+        assert_eq!((-1.0f32).at_least(1e-6), 1e-6);
+        // ln of the largest finite value is finite and accurate.
+        let ln_max = Real::ln(f32::MAX) as f64;
+        assert!((ln_max - (f32::MAX as f64).ln()).abs() < 1e-5, "{ln_max}");
     }
 }

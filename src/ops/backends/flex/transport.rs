@@ -224,8 +224,9 @@ fn newton(
     unreachable!("the stopping rule ends the loop at the cap")
 }
 
-/// The marginals `[B, N + K]` of plans `[B, K+1, N]`: per sample the residual masses ρ `[N]`
-/// (row 0), then the mass sent to each prototype Σ_j P_kj `[K]`.
+/// The marginals `[B, N + K]` of plans `[B, K+1, N]`: per sample the mass each position sends
+/// t_j = Σ_k P_kj `[N]` (summed from the plan, not a_j − ρ_j, which cancels at small μ), then
+/// the mass each prototype receives Σ_j P_kj `[K]`.
 pub(super) fn marginals<T: Real>(plan: &[T], [count, n]: [usize; 2]) -> Vec<T> {
     let rows = count + 1;
     let batch = plan.len() / (rows * n);
@@ -233,9 +234,11 @@ pub(super) fn marginals<T: Real>(plan: &[T], [count, n]: [usize; 2]) -> Vec<T> {
     out.par_chunks_mut(n + count)
         .zip(plan.par_chunks(rows * n))
         .for_each(|(out, plan)| {
-            let (residual, prototypes) = out.split_at_mut(n);
-            residual.copy_from_slice(&plan[..n]);
+            let (sent, prototypes) = out.split_at_mut(n);
             for (total, row) in prototypes.iter_mut().zip(plan[n..].chunks_exact(n)) {
+                for (t, &p) in sent.iter_mut().zip(row) {
+                    *t += p;
+                }
                 *total = lane_sum(n, |j| row[j]);
             }
         });
@@ -243,29 +246,29 @@ pub(super) fn marginals<T: Real>(plan: &[T], [count, n]: [usize; 2]) -> Vec<T> {
 }
 
 /// ∂L/∂X of one sample, row by row: the full `[K+1, N]` gradient of the plan, or the gradients
-/// of its marginals, which are constant along each prototype's row.
+/// of its marginals (g_j of each position's sent mass, g_k of each prototype's received mass),
+/// which give P_kj the gradient g_j + g_k and ρ none.
 #[derive(Clone, Copy)]
 enum Upstream<'a, T> {
     Plan(&'a [T]),
-    Marginals {
-        residual: &'a [T],
-        prototypes: &'a [T],
-    },
+    Marginals { sent: &'a [T], prototypes: &'a [T] },
 }
 
 /// One row of an [`Upstream`].
 #[derive(Clone, Copy)]
 enum Row<'a, T> {
     Values(&'a [T]),
-    Constant(T),
+    /// `values[j] + constant` at position j.
+    Shifted(&'a [T], T),
+    Zero,
 }
 
 impl<'a, T: Real> Upstream<'a, T> {
     fn row(self, k: usize, n: usize) -> Row<'a, T> {
         match self {
             Upstream::Plan(grad) => Row::Values(&grad[k * n..(k + 1) * n]),
-            Upstream::Marginals { residual, .. } if k == 0 => Row::Values(residual),
-            Upstream::Marginals { prototypes, .. } => Row::Constant(prototypes[k - 1]),
+            Upstream::Marginals { .. } if k == 0 => Row::Zero,
+            Upstream::Marginals { sent, prototypes } => Row::Shifted(sent, prototypes[k - 1]),
         }
     }
 }
@@ -288,11 +291,8 @@ pub(super) fn backward<T: Real>(
         }
         TransportOutput::Marginals => {
             let width = n + count;
-            let (residual, prototypes) = grad[b * width..(b + 1) * width].split_at(n);
-            Upstream::Marginals {
-                residual,
-                prototypes,
-            }
+            let (sent, prototypes) = grad[b * width..(b + 1) * width].split_at(n);
+            Upstream::Marginals { sent, prototypes }
         }
     })
 }
@@ -331,15 +331,18 @@ fn implicit_backward<'a, T: Real>(
                             *u += (p * g).to_f64();
                         }
                     }
-                    Row::Constant(g) => {
-                        for (u, &p) in column.iter_mut().zip(p) {
-                            *u += (p * g).to_f64();
+                    Row::Shifted(g, constant) => {
+                        for ((u, &p), &g) in column.iter_mut().zip(p).zip(g) {
+                            *u += (p * (g + constant)).to_f64();
                         }
                     }
+                    Row::Zero => {}
                 }
             }
-            let Row::Values(residual_grad) = upstream.row(0, n) else {
-                unreachable!("row 0 always holds values")
+            // h_0j = ρ_j g_0j: none when the upstream is of the marginals.
+            let residual_grad = match upstream.row(0, n) {
+                Row::Values(g) => Some(g),
+                _ => None,
             };
             // λ's denominator Σ_j ρ_j t_j / a_j is the slope Σ a σ(1 − σ) of the mass in β
             // (1 − μ − Σ ρ²/a at the exact root), read from the plan: neither the solver's
@@ -352,8 +355,8 @@ fn implicit_backward<'a, T: Real>(
                     inverse_mass[j] = 1.0 / a;
                 }
                 let rho = plan[j].to_f64();
-                numerator +=
-                    rho * column[j] * inverse_mass[j] - (plan[j] * residual_grad[j]).to_f64();
+                let h0 = residual_grad.map_or(0.0, |g| (plan[j] * g[j]).to_f64());
+                numerator += rho * column[j] * inverse_mass[j] - h0;
                 slope += rho * sent[j] * inverse_mass[j];
             }
             let lambda = numerator / slope.max(MIN_DENOMINATOR);
@@ -372,11 +375,12 @@ fn implicit_backward<'a, T: Real>(
                             *d = scale * (p * g - v * p);
                         }
                     }
-                    Row::Constant(g) => {
-                        for ((d, &p), &v) in dc.iter_mut().zip(p).zip(&v) {
-                            *d = scale * p * (g - v);
+                    Row::Shifted(g, constant) => {
+                        for (((d, &p), &g), &v) in dc.iter_mut().zip(p).zip(g).zip(&v) {
+                            *d = scale * p * (g + constant - v);
                         }
                     }
+                    Row::Zero => unreachable!("only row 0 has no gradient"),
                 }
             }
         });
