@@ -213,8 +213,7 @@ impl Gsp {
             self.prototypes.val(),
             positions.layout,
         );
-        let (marginals, (iterations, converged)) =
-            transport_marginals(costs, mass, &self.settings);
+        let (marginals, (iterations, converged)) = transport_marginals(costs, mass, &self.settings);
         let [_, width] = marginals.dims();
         // w = t / μ with t_j = Σ_k P_kj summed from the plan, not the reference's a − ρ, which
         // cancels at small μ (docs/maths.md §4).

@@ -244,7 +244,13 @@ fn distance_kernel<F: Float>(
     let row = b * positions + j;
     let squared = feature_squared[row] + prototype_squared[k]
         - F::new(2.0) * cross[row * cross.stride(0) + k * cross.stride(1)];
-    costs[ABSOLUTE_POS] = squared.max(floor.get::<F>()).sqrt();
+    // Not `max`, which may drop a NaN: a NaN feature keeps NaN costs, so the solve sees it.
+    let floor = floor.get::<F>();
+    let mut clamped = squared;
+    if squared < floor {
+        clamped = floor;
+    }
+    costs[ABSOLUTE_POS] = clamped.sqrt();
 }
 
 /// One unit per position (b, j): a_kj = g_kj / c_kj (0 at a clamped distance) into row

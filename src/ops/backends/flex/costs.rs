@@ -319,7 +319,9 @@ fn forward_sample<T: Real>(
         for ((cost, &feature_square), &s) in row.iter_mut().zip(&feature_squares).zip(&scales.scale)
         {
             let squared = prototype_square + feature_square - two * s * *cost;
-            *cost = squared.max(floor).sqrt();
+            // Not `max`, which drops a NaN: a NaN feature keeps NaN costs, so the solve sees
+            // it and reports `converged = false`.
+            *cost = if squared < floor { floor } else { squared }.sqrt();
         }
     }
 }
