@@ -310,12 +310,12 @@ fn check_balance(owner: &str, row_mass: &Tensor<2>, column_mass: &Tensor<2>) {
     for sample in 0..batch {
         let [row_total, column_total, minimum] = [0, 1, 2].map(|i| values[sample * 3 + i]);
         assert!(
-            minimum >= 0.0,
-            "{owner}: masses must be non-negative, got a smallest mass of {minimum} in sample {sample}"
+            minimum >= 0.0 && row_total.is_finite() && column_total.is_finite(),
+            "{owner}: masses must be non-negative and finite, got a smallest mass of {minimum}, Σ row_mass = {row_total} and Σ column_mass = {column_total} in sample {sample}"
         );
         assert!(
-            row_total > 0.0 && row_total.is_finite(),
-            "{owner}: each sample's total mass must be positive and finite, got Σ row_mass = {row_total} in sample {sample}"
+            row_total > 0.0,
+            "{owner}: each sample's total mass must be positive, got Σ row_mass = {row_total} in sample {sample}"
         );
         assert!(
             (row_total - column_total).abs() <= 1e-3 * row_total.max(column_total),
