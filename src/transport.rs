@@ -621,6 +621,37 @@ mod validation {
         }
     }
 
+    /// On every CPU backend with autodiff, the gradient comes from the balanced node (its
+    /// counter moves), and a dustbin adds its row last.
+    #[cfg(feature = "autodiff")]
+    #[test]
+    fn balanced_gradients_come_from_the_node() {
+        use crate::ops::BACKWARD_CALLS;
+        use std::sync::atomic::Ordering;
+        for (name, device) in crate::test_support::cpu_devices() {
+            let device = device.autodiff();
+            let costs = Tensor::<3>::ones([1, 2, 4], &device).require_grad();
+            let before = BACKWARD_CALLS::BALANCED.load(Ordering::SeqCst);
+            let solved = balanced_transport(
+                costs.clone(),
+                Tensor::full([1, 2], 0.25, &device),
+                Tensor::full([1, 4], 0.25, &device),
+                Some(Dustbin {
+                    cost: Tensor::zeros([1, 4], &device),
+                    mass: Tensor::full([1], 0.5, &device),
+                }),
+                &BalancedSettings::new(0.5),
+            );
+            assert_eq!(solved.plan.dims(), [1, 3, 4], "{name}");
+            let grads = solved.plan.sum().backward();
+            assert!(costs.grad(&grads).is_some(), "{name}");
+            assert!(
+                BACKWARD_CALLS::BALANCED.load(Ordering::SeqCst) > before,
+                "{name}"
+            );
+        }
+    }
+
     /// Inputs on two devices: a panic naming both.
     #[cfg(feature = "ndarray")]
     #[test]

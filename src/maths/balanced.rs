@@ -581,4 +581,32 @@ mod tests {
             .into_data()
             .assert_approx_eq::<f32>(&centre(db2).into_data(), tolerance);
     }
+
+    /// The route of uncovered devices gives the same plan as the solve, with a finite
+    /// gradient through its one tracked column update (on Flex with autodiff, called directly).
+    #[test]
+    fn the_tracked_step_route_gives_the_same_plan() {
+        let device = Device::flex().autodiff();
+        device.seed(5);
+        let costs = Tensor::<3>::random(
+            [2, 3, 5],
+            burn::tensor::Distribution::Uniform(0.0, 1.0),
+            &device,
+        )
+        .require_grad();
+        let rows = Tensor::<2>::full([2, 3], 1.0 / 3.0, &device);
+        let columns = Tensor::<2>::full([2, 5], 0.2, &device);
+        let settings = BalancedSettings::new(0.2);
+        let (plan, _, converged) =
+            solve_with_tracked_step(costs.clone(), rows.clone(), columns.clone(), &settings);
+        assert!(converged.into_scalar::<bool>());
+        let (solved, _) = solve(costs.clone().detach(), rows, columns, &settings);
+        plan.clone().into_data().assert_approx_eq::<f32>(
+            &solved.into_data(),
+            burn::tensor::Tolerance::rel_abs(1e-5, 1e-7),
+        );
+        let grads = plan.mul_scalar(2.0).sum().backward();
+        let grad = costs.grad(&grads).unwrap().into_data().try_to_vec::<f32>();
+        assert!(grad.unwrap().iter().all(|g| g.is_finite()));
+    }
 }
