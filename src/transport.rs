@@ -16,7 +16,7 @@
 //! one tracked Newton step, which gives the same first derivative.
 //!
 //! [`balanced_transport`] solves the balanced problem (both marginals fixed) of the cluster
-//! aggregators, with an optional dustbin row (docs/maths.md §6).
+//! aggregators, with an optional dustbin row (docs/maths.md §7).
 
 use burn::tensor::{Bool, Int, Tensor};
 
@@ -196,7 +196,7 @@ pub struct BalancedPlan {
 ///
 /// solved by Sinkhorn's iterations on the potentials in the log domain. The gradients with
 /// respect to the costs, both masses and the dustbin come from implicit differentiation at
-/// the returned plan (docs/maths.md §6): backward memory is a few plans, whatever the
+/// the returned plan (docs/maths.md §7): backward memory is a few plans, whatever the
 /// iteration count. The mass gradients are defined up to adding t to the rows' and −t to the
 /// columns' (no balanced change of the masses sees it).
 ///

@@ -1,5 +1,5 @@
 //! Balanced entropic optimal transport, log domain, with its implicit backward
-//! (docs/maths.md §6): the solver behind the cluster aggregators (SALAD's dustbin, OTK).
+//! (docs/maths.md §7): the solver behind the cluster aggregators (SALAD's dustbin, OTK).
 //!
 //! Per sample, costs C `[K', N]`, row masses a `[K']`, column masses b `[N]` with Σa = Σb and
 //! entropy ε:
@@ -331,7 +331,7 @@ fn unit_roundoff(dtype: DType) -> f64 {
 }
 
 /// (∂L/∂C `[B, K', N]`, ∂L/∂a `[B, K']`, ∂L/∂b `[B, N]`) at the plan P `[B, K', N]` from
-/// G = ∂L/∂P, by implicit differentiation of the marginal conditions (docs/maths.md §6):
+/// G = ∂L/∂P, by implicit differentiation of the marginal conditions (docs/maths.md §7):
 ///
 /// ```text
 /// W = G ⊙ P,  r = P𝟙,  c = Pᵀ𝟙   (the plan's actual sums: consistent even unconverged)

@@ -1,7 +1,7 @@
 //! The balanced entropic transport in f64 against the independent plain Sinkhorn of
 //! `tests/reference` (kernel domain, run to a 1e-15 row error): the plan, its implicit gradient
 //! against central differences of the oracle at an ill-conditioned ε, and the properties of
-//! docs/maths.md §6 (uniform costs, masks, the dustbin, the marginals, the budget).
+//! docs/maths.md §7 (uniform costs, masks, the dustbin, the marginals, the budget).
 
 use crate::{common, reference};
 use burn::tensor::{Device, Tensor};

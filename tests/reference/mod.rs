@@ -635,7 +635,7 @@ pub fn zero_shot_loss(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Balanced entropic transport (docs/maths.md §6)
+// Balanced entropic transport (docs/maths.md §7)
 // ---------------------------------------------------------------------------------------------
 
 /// The balanced entropic plan `[k][n]` for costs `c[k][n]`, row masses `a` and column masses `b`
