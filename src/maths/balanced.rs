@@ -300,11 +300,14 @@ fn confirm(
     }
 }
 
-/// The route for devices the extension does not cover: the potentials solved untracked, then
-/// one tracked column update, v = ln b − logsumexp_i(u*_i + κ_ij), with u* held fixed. The plan
-/// is the solved one; its gradient is that of this last step (exact for the column masses' and
-/// the costs' direct effect, missing the feedback through u), an approximation of the implicit
-/// gradient of [`implicit_gradients`]. Also the iterations `[1]` and convergence `[1]`.
+/// The route for devices the extension does not cover: the plan solved off the tape, then
+/// rebuilt with tracked tensor ops as P = P̄ ⊙ exp(Δ − detach(Δ)), Δ_ij = x_i + y_j + κ_ij, with
+/// (x, y) = H⁻¹ [a − (P̄ ⊙ κ)𝟙; b − (P̄ ⊙ κ)ᵀ𝟙] for the detached plan P̄ and the detached
+/// (gauge-fixed) inverse of the matrix H of [`implicit_gradients`]. Its value is P̄ exactly;
+/// its first derivative is dP = P̄ ⊙ (dx + dy + dκ) with H [dx; dy] = [da; db] − [(P̄ ⊙ dκ)𝟙;
+/// (P̄ ⊙ dκ)ᵀ𝟙], the implicit one, so ordinary autodiff gets the implicit gradient. The tape
+/// holds the `[B, K', K']` inverse and a few plans, not the iterations. Also the iterations
+/// `[1]` and convergence `[1]`.
 pub(crate) fn solve_with_tracked_step(
     costs: Tensor<3>,
     row_mass: Tensor<2>,
@@ -312,12 +315,58 @@ pub(crate) fn solve_with_tracked_step(
     settings: &BalancedSettings,
 ) -> (Tensor<3>, Tensor<1, Int>, Tensor<1, Bool>) {
     let device = costs.device();
-    let problem = Problem::new(costs, row_mass.clone(), column_mass, settings.epsilon);
-    let (u, _, report) = iterate(&problem.detach(), &row_mass.detach(), settings);
-    let v = problem.column_update(u.clone());
-    let plan = problem.plan(u, v);
+    let problem = Problem::new(
+        costs,
+        row_mass.clone(),
+        column_mass.clone(),
+        settings.epsilon,
+    );
+    let detached = problem.detach();
+    let row_mass_detached = row_mass.clone().detach();
+    let (u, v, report) = iterate(&detached, &row_mass_detached, settings);
+    let fixed = detached.plan(u, v);
+    let report = confirm(&fixed, &row_mass_detached, report, settings.tolerance);
+    let plan = implicit_plan(fixed, problem.kernel, row_mass, column_mass);
     let (iterations, converged) = report_tensors(report, &device);
     (plan, iterations, converged)
+}
+
+/// P̄ ⊙ exp(Δ − detach(Δ)) of [`solve_with_tracked_step`], for the detached plan `[B, K', N]`,
+/// the tracked κ and masses.
+fn implicit_plan(
+    fixed: Tensor<3>,
+    kernel: Tensor<3>,
+    row_mass: Tensor<2>,
+    column_mass: Tensor<2>,
+) -> Tensor<3> {
+    let [batch, rows, columns] = fixed.dims();
+    if rows > columns {
+        let transposed = implicit_plan(
+            fixed.swap_dims(1, 2),
+            kernel.swap_dims(1, 2),
+            column_mass,
+            row_mass,
+        );
+        return transposed.swap_dims(1, 2);
+    }
+    let row_sums = fixed.clone().sum_dim(2);
+    let column_sums = fixed.clone().sum_dim(1);
+    let empty_columns = column_sums.clone().lower_equal_elem(0.0);
+    let inverse_columns = column_sums.recip().mask_fill(empty_columns, 0.0);
+    let scaled = fixed.clone() * inverse_columns.clone();
+    let identity = Tensor::<2>::eye(rows, &fixed.device())
+        .cast(fixed.dtype())
+        .unsqueeze_dim::<3>(0);
+    let schur =
+        row_sums.clone() * identity.clone() - scaled.clone().matmul(fixed.clone().swap_dims(1, 2));
+    let inverse = solve_schur(schur, identity.expand([batch, rows, rows]), row_sums);
+    let weighted = fixed.clone() * kernel.clone();
+    let rhs_rows = row_mass.unsqueeze_dim::<3>(2) - weighted.clone().sum_dim(2);
+    let rhs_columns = column_mass.unsqueeze_dim::<3>(1) - weighted.sum_dim(1);
+    let x = inverse.matmul(rhs_rows - scaled.matmul(rhs_columns.clone().swap_dims(1, 2)));
+    let y = (rhs_columns - x.clone().swap_dims(1, 2).matmul(fixed.clone())) * inverse_columns;
+    let delta = x + y + kernel;
+    fixed * (delta.clone() - delta.detach()).exp()
 }
 
 /// The unit roundoff of a float type: the relative error of one rounding.
@@ -382,13 +431,14 @@ pub(crate) fn implicit_gradients(
 }
 
 /// Solves the `[B, n, n]` Schur systems of [`implicit_gradients`] for right-hand sides
-/// `[B, n, 1]`, given the row sums r `[B, n, 1]`: on the host, in f64, by Cholesky (n = K' is
+/// `[B, n, m]`, given the row sums r `[B, n, 1]`: on the host, in f64, by Cholesky (n = K' is
 /// small: ~65 for SALAD, and the N·K'² assembly stays on the device). f64 because the system is
 /// ill-conditioned exactly when the forward converges slowly (small ε). Each squared pivot is
 /// floored at n·u·max_i A_ii (u the plan dtype's roundoff, the error the assembly left), so a
 /// plan whose support splits into blocks (entries underflowed at a tiny ε) gives finite values.
 fn solve_schur(schur: Tensor<3>, rhs: Tensor<3>, row_sums: Tensor<3>) -> Tensor<3> {
     let [batch, n, _] = schur.dims();
+    let [_, _, m] = rhs.dims();
     let device = schur.device();
     let dtype = schur.dtype();
     let read = |t: Tensor<3>| -> Vec<f64> {
@@ -399,23 +449,20 @@ fn solve_schur(schur: Tensor<3>, rhs: Tensor<3>, row_sums: Tensor<3>) -> Tensor<
     };
     let (schur, rhs, row_sums) = (read(schur), read(rhs), read(row_sums));
     let roundoff = unit_roundoff(dtype);
-    let mut solution = vec![0.0f64; batch * n];
+    let mut solution = vec![0.0f64; batch * n * m];
     for sample in 0..batch {
         let a = &schur[sample * n * n..(sample + 1) * n * n];
         let r = &row_sums[sample * n..(sample + 1) * n];
-        let b = &rhs[sample * n..(sample + 1) * n];
         let valid: Vec<bool> = r.iter().map(|&v| v > 0.0).collect();
         let count = valid.iter().filter(|&&v| v).count().max(1) as f64;
         let total: f64 = r.iter().filter(|v| **v > 0.0).sum();
         let gauge = total / (count * count);
         let mut matrix = vec![0.0f64; n * n];
-        let mut vector = vec![0.0f64; n];
         for i in 0..n {
             if !valid[i] {
                 matrix[i * n + i] = 1.0; // an empty row: x_i = 0
                 continue;
             }
-            vector[i] = b[i];
             for j in 0..n {
                 if valid[j] {
                     // Symmetrised: the assembly's rounding may differ across the diagonal.
@@ -423,15 +470,29 @@ fn solve_schur(schur: Tensor<3>, rhs: Tensor<3>, row_sums: Tensor<3>) -> Tensor<
                 }
             }
         }
-        cholesky_solve(&mut matrix, &mut vector, n, roundoff);
-        solution[sample * n..(sample + 1) * n].copy_from_slice(&vector);
+        cholesky_factor(&mut matrix, n, roundoff);
+        for column in 0..m {
+            let mut vector: Vec<f64> = (0..n)
+                .map(|i| {
+                    if valid[i] {
+                        rhs[(sample * n + i) * m + column]
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            cholesky_substitute(&matrix, &mut vector, n);
+            for i in 0..n {
+                solution[(sample * n + i) * m + column] = vector[i];
+            }
+        }
     }
-    Tensor::<3>::from_data(TensorData::new(solution, [batch, n, 1]), &device).cast(dtype)
+    Tensor::<3>::from_data(TensorData::new(solution, [batch, n, m]), &device).cast(dtype)
 }
 
-/// Solves A x = b in place (x into `b`) for symmetric positive (semi)definite A `[n, n]`, row
-/// major, overwritten by its Cholesky factor; squared pivots floored at n·u·max_i A_ii.
-fn cholesky_solve(a: &mut [f64], b: &mut [f64], n: usize, roundoff: f64) {
+/// The Cholesky factor L (A = L Lᵀ) of a symmetric positive (semi)definite A `[n, n]`, row
+/// major, in place (lower triangle); squared pivots floored at n·u·max_i A_ii.
+fn cholesky_factor(a: &mut [f64], n: usize, roundoff: f64) {
     let largest = (0..n).map(|i| a[i * n + i]).fold(0.0f64, f64::max);
     let floor = (n as f64 * roundoff * largest).max(f64::MIN_POSITIVE);
     for j in 0..n {
@@ -454,19 +515,23 @@ fn cholesky_solve(a: &mut [f64], b: &mut [f64], n: usize, roundoff: f64) {
             a[i * n + j] = value / pivot;
         }
     }
+}
+
+/// Solves L Lᵀ x = b in place (x into `b`) from the factor of [`cholesky_factor`].
+fn cholesky_substitute(l: &[f64], b: &mut [f64], n: usize) {
     for i in 0..n {
         let mut value = b[i];
         for k in 0..i {
-            value -= a[i * n + k] * b[k];
+            value -= l[i * n + k] * b[k];
         }
-        b[i] = value / a[i * n + i];
+        b[i] = value / l[i * n + i];
     }
     for i in (0..n).rev() {
         let mut value = b[i];
         for k in i + 1..n {
-            value -= a[k * n + i] * b[k];
+            value -= l[k * n + i] * b[k];
         }
-        b[i] = value / a[i * n + i];
+        b[i] = value / l[i * n + i];
     }
 }
 
@@ -483,7 +548,8 @@ mod tests {
         let mut b: Vec<f64> = (0..3)
             .map(|i| (0..3).map(|j| a[i * 3 + j] * x[j]).sum())
             .collect();
-        cholesky_solve(&mut a, &mut b, 3, f64::EPSILON);
+        cholesky_factor(&mut a, 3, f64::EPSILON);
+        cholesky_substitute(&a, &mut b, 3);
         for (got, want) in b.iter().zip(x) {
             assert!((got - want).abs() < 1e-12, "{b:?}");
         }
@@ -582,31 +648,75 @@ mod tests {
             .assert_approx_eq::<f32>(&centre(db2).into_data(), tolerance);
     }
 
-    /// The route of uncovered devices gives the same plan as the solve, with a finite
-    /// gradient through its one tracked column update (on Flex with autodiff, called directly).
+    /// The route of uncovered devices gives the same plan as the solve and, through ordinary
+    /// autodiff, the implicit gradient of the costs and of a balanced change of the masses
+    /// (on Flex with autodiff, called directly), for K' < N and K' > N, with a masked column.
     #[test]
-    fn the_tracked_step_route_gives_the_same_plan() {
+    fn the_tracked_route_gives_the_plan_and_the_implicit_gradient() {
         let device = Device::flex().autodiff();
         device.seed(5);
-        let costs = Tensor::<3>::random(
-            [2, 3, 5],
-            burn::tensor::Distribution::Uniform(0.0, 1.0),
-            &device,
-        )
-        .require_grad();
-        let rows = Tensor::<2>::full([2, 3], 1.0 / 3.0, &device);
-        let columns = Tensor::<2>::full([2, 5], 0.2, &device);
-        let settings = BalancedSettings::new(0.2);
-        let (plan, _, converged) =
-            solve_with_tracked_step(costs.clone(), rows.clone(), columns.clone(), &settings);
-        assert!(converged.into_scalar::<bool>());
-        let (solved, _) = solve(costs.clone().detach(), rows, columns, &settings);
-        plan.clone().into_data().assert_approx_eq::<f32>(
-            &solved.into_data(),
-            burn::tensor::Tolerance::rel_abs(1e-5, 1e-7),
-        );
-        let grads = plan.mul_scalar(2.0).sum().backward();
-        let grad = costs.grad(&grads).unwrap().into_data().try_to_vec::<f32>();
-        assert!(grad.unwrap().iter().all(|g| g.is_finite()));
+        for (k, n) in [(3, 5), (5, 3)] {
+            let costs = Tensor::<3>::random(
+                [2, k, n],
+                burn::tensor::Distribution::Uniform(0.0, 1.0),
+                &device,
+            )
+            .require_grad();
+            let upstream = Tensor::<3>::random(
+                [2, k, n],
+                burn::tensor::Distribution::Uniform(-1.0, 1.0),
+                &device,
+            );
+            let rows = Tensor::<2>::full([2, k], 1.0 / k as f64, &device).require_grad();
+            let mut column_values = vec![1.0 / n as f32; 2 * n];
+            column_values[n] = 0.0;
+            column_values[n + 1] *= 2.0;
+            let columns = Tensor::<1>::from_floats(column_values.as_slice(), &device)
+                .reshape([2, n])
+                .require_grad();
+            for epsilon in [0.1, 1.0] {
+                let settings = BalancedSettings::new(epsilon);
+                let (plan, _, converged) = solve_with_tracked_step(
+                    costs.clone(),
+                    rows.clone(),
+                    columns.clone(),
+                    &settings,
+                );
+                assert!(converged.into_scalar::<bool>());
+                let (solved, _) = solve(
+                    costs.clone().detach(),
+                    rows.clone().detach(),
+                    columns.clone().detach(),
+                    &settings,
+                );
+                let tolerance = burn::tensor::Tolerance::rel_abs(1e-4, 1e-6);
+                plan.clone()
+                    .into_data()
+                    .assert_approx_eq::<f32>(&solved.clone().into_data(), tolerance);
+                let grads = (plan * upstream.clone()).sum().backward();
+                let (exact, exact_rows, exact_columns) =
+                    implicit_gradients(solved.inner(), upstream.clone().inner(), epsilon);
+                costs
+                    .grad(&grads)
+                    .unwrap()
+                    .into_data()
+                    .assert_approx_eq::<f32>(&exact.into_data(), tolerance);
+                // A balanced change: ∂/∂a_i + ∂/∂b_j agrees whatever the gauge.
+                let pair =
+                    |a: Tensor<2>, b: Tensor<2>| a.unsqueeze_dim::<3>(2) + b.unsqueeze_dim::<3>(1);
+                let tracked = pair(rows.grad(&grads).unwrap(), columns.grad(&grads).unwrap());
+                let valid = Tensor::<1>::from_floats(column_values.as_slice(), &device)
+                    .inner()
+                    .reshape([2, 1, n])
+                    .greater_elem(0.0)
+                    .float();
+                (tracked * valid.clone())
+                    .into_data()
+                    .assert_approx_eq::<f32>(
+                        &(pair(exact_rows, exact_columns) * valid).into_data(),
+                        tolerance,
+                    );
+            }
+        }
     }
 }

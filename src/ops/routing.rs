@@ -90,7 +90,7 @@ fn solve<const D: usize>(
 
 /// The balanced plan `[B, K', N]` of costs `[B, K', N]` and masses `[B, K']`, `[B, N]`, and how
 /// the solve ended: the op with its implicit backward where the extension covers the device,
-/// else the solve with one tracked column update (an approximate gradient).
+/// else the solved plan rebuilt with tracked ops whose derivative is the implicit one.
 pub(crate) fn balanced_transport(
     costs: Tensor<3>,
     row_mass: Tensor<2>,
