@@ -14,6 +14,9 @@
 //! differentiation at the fixed point, so backward memory does not grow with the iterations.
 //! On a device the crate's extension does not cover, the same plan is differentiated through
 //! one tracked Newton step, which gives the same first derivative.
+//!
+//! [`balanced_transport`] solves the balanced problem (both marginals fixed) of the cluster
+//! aggregators, with an optional dustbin row (docs/maths.md §7).
 
 use burn::tensor::{Bool, Int, Tensor};
 
@@ -21,6 +24,7 @@ use crate::checks;
 use crate::layout::Layout;
 use crate::ops::routing;
 
+pub use crate::maths::balanced::BalancedSettings;
 pub use crate::maths::costs::lipschitz_normalize;
 pub use crate::maths::settings::{
     MAX_SOLVER_ITERATIONS, MIN_EPSILON, MIN_TRANSPORT_RATIO, TransportSettings, TransportSolver,
@@ -145,6 +149,177 @@ fn check_masses(mass: &Tensor<2>) {
         assert!(
             minimum >= 0.0 && (sum - 1.0).abs() <= 1e-3,
             "partial_transport: every mass row must be non-negative and sum to 1, got row {row} with sum {sum} and minimum {minimum}"
+        );
+    }
+}
+
+/// A dustbin: one more row of the balanced problem, appended after the K rows of the costs,
+/// that absorbs the column mass the rows do not take (SALAD's "unmatched" tokens).
+///
+/// Its cost row is the caller's: SALAD's learnable dustbin score z is a score, so its cost is
+/// −z, the same for every column (`(-z).reshape([1, 1]).expand([B, N])`; the row is tracked
+/// like the costs). Its mass is the row mass it must take, per sample: the row masses plus
+/// the dustbin's must sum to the column masses (SALAD: K clusters of 1/(N+K) each, the dustbin
+/// (N−K)/(N+K), N columns of 1/(N+K)). Note that a cost constant along its row changes no
+/// plan (the row potential absorbs it): such a dustbin score gets a zero gradient, as in the
+/// reference.
+#[derive(Debug, Clone)]
+pub struct Dustbin {
+    /// `[B, N]`: the dustbin's cost to each column (−score).
+    pub cost: Tensor<2>,
+    /// `[B]`: the dustbin's row mass, ≥ 0.
+    pub mass: Tensor<1>,
+}
+
+/// A solved balanced transport problem.
+#[derive(Debug, Clone)]
+pub struct BalancedPlan {
+    /// `[B, K, N]`, or `[B, K+1, N]` with a dustbin (its row last): row sums the row masses,
+    /// column sums the column masses (exactly, up to rounding: the last update is a column
+    /// update), zero on every zero-mass column or row.
+    pub plan: Tensor<3>,
+    /// `[1]`: solver iterations run (the maximum over the batch).
+    pub iterations: Tensor<1, Int>,
+    /// `[1]`: whether every sample's relative row error ‖P𝟙 − a‖₁ / Σa is within the
+    /// tolerance. False when a solve used its `max_iterations`, stalled at the float's rounding
+    /// floor or met a NaN (a NaN cost at a position with mass stays within its sample).
+    pub converged: Tensor<1, Bool>,
+}
+
+/// Solves the balanced entropic transport problem, with the implicit backward.
+///
+/// Per sample, with costs C, row masses a (the dustbin's appended) and column masses b:
+///
+/// ```text
+/// P = argmin ⟨C, P⟩ + ε Σ P (ln P − 1)   s.t.  P𝟙 = a,  Pᵀ𝟙 = b
+/// ```
+///
+/// solved by Sinkhorn's iterations on the potentials in the log domain. The gradients with
+/// respect to the costs, both masses and the dustbin come from implicit differentiation at
+/// the returned plan (docs/maths.md §7): backward memory is a few plans, whatever the
+/// iteration count. The mass gradients are defined up to adding t to the rows' and −t to the
+/// columns' (no balanced change of the masses sees it).
+///
+/// # Shapes
+///
+/// - costs: `[B, K, N]` (scores s enter as costs −s)
+/// - row_mass: `[B, K]`, non-negative
+/// - column_mass: `[B, N]`, non-negative; 0 marks a masked column (its costs are never read:
+///   NaN there is harmless) and gives it an exactly zero plan column
+/// - dustbin: cost `[B, N]`, mass `[B]` (see [`Dustbin`])
+/// - output plan: `[B, K, N]`, `[B, K+1, N]` with a dustbin (last row)
+///
+/// Per sample, Σ row_mass (+ the dustbin mass) must equal Σ column_mass within a relative
+/// 1e-3; the column masses are then rescaled to the row total exactly. B = 0 gives an empty
+/// plan, converged.
+///
+/// # Panics
+///
+/// `"balanced_transport: ..."`, naming the parameter and the expected and actual value, if a
+/// setting is invalid (ε below [`MIN_EPSILON`], NaN or not finite; `max_iterations` 0;
+/// `tolerance` not positive), a shape does not match the costs', K or N is 0, the inputs are
+/// on different devices, or a sample has a negative (or NaN) mass, a total mass of 0, or row
+/// and column totals that differ. Checking the masses reads `[B, 3]` values back.
+pub fn balanced_transport(
+    costs: Tensor<3>,
+    row_mass: Tensor<2>,
+    column_mass: Tensor<2>,
+    dustbin: Option<Dustbin>,
+    settings: &BalancedSettings,
+) -> BalancedPlan {
+    const OWNER: &str = "balanced_transport";
+    settings.validate(OWNER);
+    let [batch, rows, columns] = costs.dims();
+    assert!(
+        rows > 0 && columns > 0,
+        "{OWNER}: empty dimension: expected K, N > 0 in the costs [B, K, N], got K = {rows}, N = {columns}"
+    );
+    let named = |name: &str, actual: &[usize], expected: &[usize], what: &str| {
+        assert!(
+            actual == expected,
+            "{OWNER}: `{name}` shape mismatch: expected {what} = {expected:?} (from the costs [B, K, N]), got {actual:?}"
+        );
+    };
+    named("row_mass", &row_mass.dims(), &[batch, rows], "[B, K]");
+    named(
+        "column_mass",
+        &column_mass.dims(),
+        &[batch, columns],
+        "[B, N]",
+    );
+    let device = costs.device();
+    let same = |name: &str, other: &burn::tensor::Device| {
+        checks::same_device(OWNER, [("the costs", &device), (name, other)]);
+    };
+    same("`row_mass`", &row_mass.device());
+    same("`column_mass`", &column_mass.device());
+    if let Some(dustbin) = &dustbin {
+        named(
+            "dustbin.cost",
+            &dustbin.cost.dims(),
+            &[batch, columns],
+            "[B, N]",
+        );
+        named("dustbin.mass", &dustbin.mass.dims(), &[batch], "[B]");
+        same("`dustbin.cost`", &dustbin.cost.device());
+        same("`dustbin.mass`", &dustbin.mass.device());
+    }
+    let (costs, row_mass) = match dustbin {
+        Some(Dustbin { cost, mass }) => (
+            Tensor::cat(vec![costs, cost.unsqueeze_dim(1)], 1),
+            Tensor::cat(vec![row_mass, mass.unsqueeze_dim(1)], 1),
+        ),
+        None => (costs, row_mass),
+    };
+    let all_rows = row_mass.dims()[1];
+    if batch == 0 {
+        return BalancedPlan {
+            plan: Tensor::empty([0, all_rows, columns], &device),
+            iterations: Tensor::zeros([1], &device),
+            converged: Tensor::from_data([true], &device),
+        };
+    }
+    check_balance(OWNER, &row_mass, &column_mass);
+    let scale = row_mass.clone().sum_dim(1) / column_mass.clone().sum_dim(1);
+    let column_mass = column_mass * scale;
+    let (plan, (iterations, converged)) =
+        routing::balanced_transport(costs, row_mass, column_mass, settings);
+    BalancedPlan {
+        plan,
+        iterations,
+        converged,
+    }
+}
+
+/// Panics, naming the first offending sample, unless its masses are non-negative, its row
+/// total positive and equal to its column total within a relative 1e-3.
+fn check_balance(owner: &str, row_mass: &Tensor<2>, column_mass: &Tensor<2>) {
+    let (rows, columns) = (row_mass.clone().detach(), column_mass.clone().detach());
+    let [batch, _] = rows.dims();
+    let summary = Tensor::cat(
+        vec![
+            rows.clone().sum_dim(1),
+            columns.clone().sum_dim(1),
+            rows.min_dim(1).min_pair(columns.min_dim(1)),
+        ],
+        1,
+    )
+    .into_data()
+    .convert::<f64>();
+    let values = summary.iter::<f64>().collect::<Vec<_>>();
+    for sample in 0..batch {
+        let [row_total, column_total, minimum] = [0, 1, 2].map(|i| values[sample * 3 + i]);
+        assert!(
+            minimum >= 0.0 && row_total.is_finite() && column_total.is_finite(),
+            "{owner}: masses must be non-negative and finite, got a smallest mass of {minimum}, Σ row_mass = {row_total} and Σ column_mass = {column_total} in sample {sample}"
+        );
+        assert!(
+            row_total > 0.0,
+            "{owner}: each sample's total mass must be positive, got Σ row_mass = {row_total} in sample {sample}"
+        );
+        assert!(
+            (row_total - column_total).abs() <= 1e-3 * row_total.max(column_total),
+            "{owner}: Σ row_mass (with the dustbin's) must equal Σ column_mass (within a relative 1e-3), got {row_total} and {column_total} in sample {sample}"
         );
     }
 }
@@ -443,6 +618,37 @@ mod validation {
                     }
                 }
             }
+        }
+    }
+
+    /// On every CPU backend with autodiff, the gradient comes from the balanced node (its
+    /// counter moves), and a dustbin adds its row last.
+    #[cfg(feature = "autodiff")]
+    #[test]
+    fn balanced_gradients_come_from_the_node() {
+        use crate::ops::BACKWARD_CALLS;
+        use std::sync::atomic::Ordering;
+        for (name, device) in crate::test_support::cpu_devices() {
+            let device = device.autodiff();
+            let costs = Tensor::<3>::ones([1, 2, 4], &device).require_grad();
+            let before = BACKWARD_CALLS::BALANCED.load(Ordering::SeqCst);
+            let solved = balanced_transport(
+                costs.clone(),
+                Tensor::full([1, 2], 0.25, &device),
+                Tensor::full([1, 4], 0.25, &device),
+                Some(Dustbin {
+                    cost: Tensor::zeros([1, 4], &device),
+                    mass: Tensor::full([1], 0.5, &device),
+                }),
+                &BalancedSettings::new(0.5),
+            );
+            assert_eq!(solved.plan.dims(), [1, 3, 4], "{name}");
+            let grads = solved.plan.sum().backward();
+            assert!(costs.grad(&grads).is_some(), "{name}");
+            assert!(
+                BACKWARD_CALLS::BALANCED.load(Ordering::SeqCst) > before,
+                "{name}"
+            );
         }
     }
 

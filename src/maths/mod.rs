@@ -10,6 +10,7 @@
 //! The derivations are in `docs/maths.md` of the repository; each file's header gives the
 //! formulas it implements.
 
+pub(crate) mod balanced;
 pub(crate) mod costs;
 pub(crate) mod generalized_mean;
 pub(crate) mod implicit_backward;

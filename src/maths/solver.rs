@@ -199,7 +199,7 @@ impl Status {
 
     /// `progress` and `moved` `[B, 1]` per sample, counted only where the residual is finite
     /// and outside the tolerance.
-    fn read(
+    pub(crate) fn read(
         residual: &Tensor<2>,
         progress: Tensor<2, Bool>,
         moved: Tensor<2, Bool>,
@@ -233,14 +233,21 @@ impl Status {
 pub(crate) struct Stopping {
     cap: usize,
     tolerance: f64,
+    patience: usize,
     idle: usize,
 }
 
 impl Stopping {
     pub(crate) fn new(settings: &TransportSettings) -> Self {
+        Self::with_patience(settings.iteration_cap(), settings.tolerance, STALL_PATIENCE)
+    }
+
+    /// The same rule for another solver: its cap, tolerance and stall patience.
+    pub(crate) fn with_patience(cap: usize, tolerance: f64, patience: usize) -> Self {
         Self {
-            cap: settings.iteration_cap(),
-            tolerance: settings.tolerance,
+            cap,
+            tolerance,
+            patience,
             idle: 0,
         }
     }
@@ -260,7 +267,7 @@ impl Stopping {
             return report(false);
         }
         self.idle = if status.progress { 0 } else { self.idle + 1 };
-        if self.idle >= STALL_PATIENCE {
+        if self.idle >= self.patience {
             return report(false);
         }
         None

@@ -1,13 +1,15 @@
 //! The backend-extension trait behind which every backend-specific kernel of the crate lives:
-//! GSP's cost matrix and transport solve, each with its analytical backward, the generalized
+//! GSP's cost matrix and transport solve, the balanced transport solve of the cluster
+//! aggregators, each with its analytical backward, the generalized
 //! mean of GeM/GGeM with its analytical backward, and the weighted sum of GAP and GSP.
 //!
 //! - [`PoolingOps`]: the ops. Each default body is the portable composite from the crate's
 //!   reference maths (`portable`), valid on every backend; a backend overrides what it has a
 //!   kernel for.
-//! - `backends`: one folder or file per backend. Flex overrides every op with fused CPU
-//!   kernels; Cube (every CubeCL runtime, fused or not) overrides every op but the weighted
-//!   sum's features gradient with CubeCL kernels; NdArray keeps the defaults; `Autodiff<B, C>` runs the inner backend's forward off
+//! - `backends`: one folder or file per backend. Flex overrides every op but the balanced
+//!   transport with fused CPU kernels; Cube (every CubeCL runtime, fused or not) overrides
+//!   every op but the balanced transport and the weighted sum's features gradient with CubeCL
+//!   kernels (the balanced transport runs its portable body everywhere, for now); NdArray keeps the defaults; `Autodiff<B, C>` runs the inner backend's forward off
 //!   the tape and records one node whose backward is the closed form.
 //! - `routing`: the `Tensor`-level entry points the layers call, which take the extension on
 //!   a device it covers ([`extension_covers`]) and the composites, differentiated by ordinary
@@ -37,6 +39,7 @@ use burn::tensor::Device;
 pub use bridge::TensorBridge;
 
 use crate::layout::Layout;
+use crate::maths::balanced::BalancedSettings;
 use crate::maths::settings::TransportSettings;
 
 #[cfg(all(test, feature = "autodiff"))]
@@ -147,6 +150,32 @@ pub trait PoolingOps: TensorBridge {
         output: TransportOutput,
     ) -> FloatTensor<Self> {
         portable::partial_transport_backward::<Self>(plan, grad, mass, epsilon, output)
+    }
+
+    /// Solves the balanced entropic transport problem for costs `[B, K', N]`, row masses
+    /// `[B, K']` and column masses `[B, N]` (non-negative, equal sums per sample; a zero mass
+    /// gets an exactly zero row or column, whatever its costs). Returns the plan `[B, K', N]`,
+    /// the iteration count `[1]` (the most over the samples) and whether every sample's
+    /// marginal error met the tolerance `[1]` (see [`BalancedSettings`]).
+    fn balanced_transport(
+        costs: FloatTensor<Self>,
+        row_mass: FloatTensor<Self>,
+        column_mass: FloatTensor<Self>,
+        settings: BalancedSettings,
+    ) -> (FloatTensor<Self>, IntTensor<Self>, BoolTensor<Self>) {
+        portable::balanced_transport::<Self>(costs, row_mass, column_mass, settings)
+    }
+
+    /// (∂L/∂costs `[B, K', N]`, ∂L/∂row_mass `[B, K']`, ∂L/∂column_mass `[B, N]`) of
+    /// [`balanced_transport`](Self::balanced_transport) from its plan and ∂L/∂plan, by
+    /// implicit differentiation (no iteration replayed; the mass gradients are fixed up to
+    /// the null direction (+t, −t), with Σ over the shorter side's gradient = 0).
+    fn balanced_transport_backward(
+        plan: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        portable::balanced_transport_backward::<Self>(plan, grad, epsilon)
     }
 
     /// The clamped generalized mean `((Σ_n m_n max(x_n, ε)^p_c) / Σ_n m_n)^(1/p_c)` of

@@ -6,6 +6,7 @@ use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 
 use super::{SumOver, TensorBridge, TransportOutput};
 use crate::layout::Layout;
+use crate::maths::balanced::{self, BalancedSettings};
 use crate::maths::costs::{composite_costs, costs_gradient};
 use crate::maths::generalized_mean::{composite_backward, composite_forward};
 use crate::maths::implicit_backward::implicit_cost_gradient;
@@ -76,6 +77,33 @@ pub(crate) fn partial_transport_backward<B: TensorBridge>(
         }
     };
     B::unwrap(implicit_cost_gradient(plan, grad, B::wrap(mass), epsilon))
+}
+
+pub(crate) fn balanced_transport<B: TensorBridge>(
+    costs: FloatTensor<B>,
+    row_mass: FloatTensor<B>,
+    column_mass: FloatTensor<B>,
+    settings: BalancedSettings,
+) -> (FloatTensor<B>, IntTensor<B>, BoolTensor<B>) {
+    let costs = B::wrap::<3>(costs);
+    let device = costs.device();
+    let (plan, report) = balanced::solve(costs, B::wrap(row_mass), B::wrap(column_mass), &settings);
+    let (iterations, converged) = report_tensors(report, &device);
+    (
+        B::unwrap(plan),
+        B::unwrap_int(iterations),
+        B::unwrap_bool(converged),
+    )
+}
+
+pub(crate) fn balanced_transport_backward<B: TensorBridge>(
+    plan: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    epsilon: f64,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let (costs, rows, columns) =
+        balanced::implicit_gradients(B::wrap(plan), B::wrap(grad), epsilon);
+    (B::unwrap(costs), B::unwrap(rows), B::unwrap(columns))
 }
 
 pub(crate) fn generalized_mean<B: TensorBridge>(

@@ -9,6 +9,7 @@ use burn::tensor::{Bool, Int, Tensor};
 
 use super::{PoolingOps, SumOver, TransportOutput, extension_covers};
 use crate::layout::Layout;
+use crate::maths::balanced::{BalancedSettings, solve_with_tracked_step};
 use crate::maths::costs::composite_costs;
 use crate::maths::generalized_mean::composite_forward;
 use crate::maths::marginals::marginals_of;
@@ -84,6 +85,36 @@ fn solve<const D: usize>(
     } else {
         let (plan, iterations, converged) = partial_transport_newton_step(costs, mass, settings);
         (from_plan(plan), (iterations, converged))
+    }
+}
+
+/// The balanced plan `[B, K', N]` of costs `[B, K', N]` and masses `[B, K']`, `[B, N]`, and how
+/// the solve ended: the op with its implicit backward where the extension covers the device,
+/// else the solved plan rebuilt with tracked ops whose derivative is the implicit one.
+pub(crate) fn balanced_transport(
+    costs: Tensor<3>,
+    row_mass: Tensor<2>,
+    column_mass: Tensor<2>,
+    settings: &BalancedSettings,
+) -> (Tensor<3>, SolveStatus) {
+    if extension_covers(&costs.device()) {
+        let (plan, iterations, converged) = <Dispatch as PoolingOps>::balanced_transport(
+            costs.into_dispatch(),
+            row_mass.into_dispatch(),
+            column_mass.into_dispatch(),
+            *settings,
+        );
+        (
+            Tensor::from_dispatch(plan),
+            (
+                Tensor::from_dispatch(iterations),
+                Tensor::from_dispatch(converged),
+            ),
+        )
+    } else {
+        let (plan, iterations, converged) =
+            solve_with_tracked_step(costs, row_mass, column_mass, settings);
+        (plan, (iterations, converged))
     }
 }
 

@@ -25,7 +25,8 @@ use burn::module::Param;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use burn_pooling::loss::{ZeroShotLossConfig, ZeroShotSplit};
 use burn_pooling::transport::{
-    TransportSettings, TransportSolver, lipschitz_normalize, partial_transport,
+    BalancedSettings, TransportSettings, TransportSolver, balanced_transport, lipschitz_normalize,
+    partial_transport,
 };
 use burn_pooling::{
     GapConfig, GapGmpConfig, GemConfig, GmpConfig, GroupGemConfig, Gsp, GspConfig, MIN_POWER,
@@ -948,6 +949,7 @@ fn api_cases((backend, device): &(String, Device), cases: &mut Vec<Case>) {
             },
         ));
     }
+    balanced_cases(backend, device, cases);
     let d = device.clone();
     cases.push(Case::returns(
         tag("lipschitz_normalize([3e38, 0]) = [1, 0]"),
@@ -1000,6 +1002,172 @@ fn api_cases((backend, device): &(String, Device), cases: &mut Vec<Case>) {
             let labels = Tensor::<1, Int>::from_data([0, 1, -1, 3], &d);
             let split = ZeroShotSplit::Indices(vec![0, 1], vec![2, 3]);
             let _ = read(loss.forward(attributes, labels, &split));
+        },
+    ));
+}
+
+/// `balanced_transport`: empty sides, unbalanced, negative or NaN masses, a bad ε or shape
+/// (named panics); costs near the float limit (a finite plan, converged only with the right
+/// marginals); NaN costs in a masked column (no leak).
+fn balanced_cases(backend: &str, device: &Device, cases: &mut Vec<Case>) {
+    let tag = |what: &str| format!("balanced_transport {what}/{backend}");
+    let uniform = |d: &Device, b: usize, len: usize| {
+        Tensor::<2>::ones([b, len], d).div_scalar(len.max(1) as f64)
+    };
+    for (what, k, n, fragment) in [("K = 0", 0, 4, "K = 0"), ("N = 0", 3, 0, "N = 0")] {
+        let d = device.clone();
+        cases.push(Case::panics(
+            tag(what),
+            &["balanced_transport", fragment],
+            move || {
+                let costs = Tensor::<3>::ones([2, k, n], &d);
+                let solved = balanced_transport(
+                    costs,
+                    uniform(&d, 2, k),
+                    uniform(&d, 2, n),
+                    None,
+                    &BalancedSettings::new(0.1),
+                );
+                let _ = read(solved.plan);
+            },
+        ));
+    }
+    let masses: [(&str, [f64; 3], [f64; 4], &[&str]); 3] = [
+        (
+            "unequal masses",
+            [0.2, 0.3, 0.5],
+            [0.25, 0.25, 0.25, 0.5],
+            &["Σ row_mass", "Σ column_mass", "1.25"],
+        ),
+        (
+            "a negative mass",
+            [0.6, -0.1, 0.5],
+            [0.25; 4],
+            &["non-negative", "-0.1"],
+        ),
+        (
+            "a NaN mass",
+            [0.5, f64::NAN, 0.5],
+            [0.25; 4],
+            &["non-negative", "NaN"],
+        ),
+    ];
+    for (what, rows, columns, fragments) in masses {
+        let d = device.clone();
+        let mut expected = vec!["balanced_transport"];
+        expected.extend_from_slice(fragments);
+        cases.push(Case::panics(tag(what), &expected, move || {
+            let solved = balanced_transport(
+                Tensor::<3>::ones([1, 3, 4], &d),
+                floats(&rows, [1, 3], &d),
+                floats(&columns, [1, 4], &d),
+                None,
+                &BalancedSettings::new(0.1),
+            );
+            let _ = read(solved.plan);
+        }));
+    }
+    for epsilon in [0.0, -1.0, f64::NAN] {
+        let d = device.clone();
+        cases.push(Case::panics(
+            tag(&format!("ε = {epsilon}")),
+            &["balanced_transport", "epsilon", &format!("{epsilon}")],
+            move || {
+                let solved = balanced_transport(
+                    Tensor::<3>::ones([1, 3, 4], &d),
+                    uniform(&d, 1, 3),
+                    uniform(&d, 1, 4),
+                    None,
+                    &BalancedSettings::new(epsilon),
+                );
+                let _ = read(solved.plan);
+            },
+        ));
+    }
+    let d = device.clone();
+    cases.push(Case::panics(
+        tag("row_mass [1, 2] for K = 3"),
+        &["balanced_transport", "row_mass", "[1, 3]", "[1, 2]"],
+        move || {
+            let solved = balanced_transport(
+                Tensor::<3>::ones([1, 3, 4], &d),
+                uniform(&d, 1, 2),
+                uniform(&d, 1, 4),
+                None,
+                &BalancedSettings::new(0.1),
+            );
+            let _ = read(solved.plan);
+        },
+    ));
+    for cost in [1e30, 1e38] {
+        let d = device.clone();
+        cases.push(Case::returns(
+            tag(&format!(
+                "costs near {cost:e}: finite, right marginals or not converged"
+            )),
+            move || {
+                let (k, n) = (3, 4);
+                let mut rng = Rng::new(23);
+                let values: Vec<f64> = (0..2 * k * n)
+                    .map(|_| cost * rng.uniform(0.5, 1.0))
+                    .collect();
+                let solved = balanced_transport(
+                    floats(&values, [2, k, n], &d),
+                    uniform(&d, 2, k),
+                    uniform(&d, 2, n),
+                    None,
+                    &BalancedSettings::new(0.1).with_max_iterations(usize::MAX),
+                );
+                let plan = read(solved.plan);
+                all_finite("plan", &plan)?;
+                if !read_bool(solved.converged) {
+                    return Ok(());
+                }
+                for s in 0..2 {
+                    let sample = &plan[s * k * n..(s + 1) * k * n];
+                    for i in 0..k {
+                        let row: f64 = sample[i * n..(i + 1) * n].iter().sum();
+                        if (row - 1.0 / k as f64).abs() > 1e-4 {
+                            return Err(format!("sample {s} row {i} sums to {row}, converged"));
+                        }
+                    }
+                }
+                Ok(())
+            },
+        ));
+    }
+    let d = device.clone();
+    cases.push(Case::returns(
+        tag("NaN costs in a masked column do not leak"),
+        move || {
+            let (k, n) = (3, 5);
+            let mut rng = Rng::new(29);
+            let mut values: Vec<f64> = (0..k * n).map(|_| rng.uniform(0.0, 1.0)).collect();
+            let clean = values.clone();
+            for i in 0..k {
+                values[i * n + 2] = f64::NAN;
+            }
+            let columns = [0.25, 0.25, 0.0, 0.25, 0.25];
+            let solve = |values: &[f64]| {
+                let solved = balanced_transport(
+                    floats(values, [1, k, n], &d),
+                    uniform(&d, 1, k),
+                    floats(&columns, [1, n], &d),
+                    None,
+                    &BalancedSettings::new(0.1),
+                );
+                (read(solved.plan), read_bool(solved.converged))
+            };
+            let (plan, converged) = solve(&values);
+            let (reference, _) = solve(&clean);
+            all_finite("plan", &plan)?;
+            if !converged {
+                return Err("not converged".into());
+            }
+            if (0..k).any(|i| plan[i * n + 2] != 0.0) {
+                return Err(format!("the masked column is not 0: {plan:?}"));
+            }
+            close("plan", &plan, &reference, 1e-5)
         },
     ));
 }

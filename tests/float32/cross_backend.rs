@@ -595,6 +595,64 @@ fn gsp_near_the_largest_float_has_finite_gradients() {
                 v.iter().all(|v| v.is_finite()),
                 "{name} gsp at 3e38: {part} {v:?}"
             );
+/// `balanced_transport` with a masked column (NaN costs there) and a dustbin whose cost
+/// depends on a learnable score: the plan, the iterations and the gradients of the costs, both
+/// masses and the score agree across backends (each through its analytical node).
+#[test]
+fn balanced_transport_agrees_across_backends() {
+    use burn_pooling::transport::{BalancedSettings, Dustbin, balanced_transport};
+    let (b, k, n) = (2, 3, 7);
+    let mut rng = Rng::new(31);
+    let mut costs: Vec<f64> = (0..b * k * n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let upstream: Vec<f64> = (0..b * (k + 1) * n)
+        .map(|_| rng.uniform(-1.0, 1.0))
+        .collect();
+    // Sample 1, column 5: masked, NaN costs.
+    for i in 0..k {
+        costs[k * n + i * n + 5] = f64::NAN;
+    }
+    let total = (n + k) as f64;
+    let mut columns = vec![1.0 / total; b * n];
+    columns[n + 5] = 0.0;
+    // Sample 1 has one column less: its dustbin takes that much less.
+    let dustbin_mass = [(n - k) as f64 / total, (n - k - 1) as f64 / total];
+    let mut flex: Option<Vec<Vec<f64>>> = None;
+    for (name, device) in devices() {
+        let device = device.autodiff();
+        assert!(extension_covers(&device), "{name}");
+        let c = floats(&costs, [b, k, n], &device).require_grad();
+        let rows = floats(&[1.0 / total; 6], [b, k], &device).require_grad();
+        let cols = floats(&columns, [b, n], &device).require_grad();
+        let score = floats(&[0.5], [1], &device).require_grad();
+        let bin_cost = floats(
+            &(0..b * n).map(|j| (j % 3) as f64).collect::<Vec<_>>(),
+            [b, n],
+            &device,
+        ) - score.clone().reshape([1, 1]);
+        let solved = balanced_transport(
+            c.clone(),
+            rows.clone(),
+            cols.clone(),
+            Some(Dustbin {
+                cost: bin_cost,
+                mass: floats(&dustbin_mass, [b], &device),
+            }),
+            &BalancedSettings::new(0.2),
+        );
+        assert!(solved.converged.clone().into_scalar::<bool>(), "{name}");
+        let grads = (solved.plan.clone() * floats(&upstream, [b, k + 1, n], &device))
+            .sum()
+            .backward();
+        let outcome = vec![
+            values(solved.plan),
+            values(c.grad(&grads).unwrap()),
+            values(rows.grad(&grads).unwrap()),
+            values(cols.grad(&grads).unwrap()),
+            values(score.grad(&grads).unwrap()),
+        ];
+        let labels = ["plan", "dC", "da", "db", "dscore"];
+        for (label, v) in labels.iter().zip(&outcome) {
+            assert!(v.iter().all(|v| v.is_finite()), "{name} {label}: {v:?}");
         }
         match &flex {
             None => flex = Some(outcome),
@@ -605,6 +663,8 @@ fn gsp_near_the_largest_float_has_finite_gradients() {
                     .zip(expected)
                 {
                     assert_close(a, e, 1e-3, 1e-30, &format!("{name} vs flex: gsp {part}"));
+                for ((label, a), e) in labels.iter().zip(&outcome).zip(expected) {
+                    assert_close(a, e, 1e-3, 1e-5, &format!("{name} vs flex: {label}"));
                 }
             }
         }

@@ -1,6 +1,6 @@
 //! Independent plain-Rust `f64` reference implementation (test oracle) of the poolings in
-//! `burn-pooling`: GAP, GeM, GGeM, GSP (forward, limits, implicit backward) and the
-//! zero-shot regularisation loss. Written from the maths notes (`docs/maths.md`) only: std only,
+//! `burn-pooling`: GAP, GeM, GGeM, GSP (forward, limits, implicit backward), the balanced
+//! entropic plan and the zero-shot regularisation loss. Written from the maths notes (`docs/maths.md`) only: std only,
 //! scalar loops, clarity over speed. The β of GSP is found by plain bisection so that it does
 //! not share a solver with the library (which uses Newton / Sinkhorn).
 //!
@@ -632,6 +632,51 @@ pub fn zero_shot_loss(
     let loss_a = zero_shot_loss_direction(second, first, embeddings, lambda, scale);
     let loss_b = zero_shot_loss_direction(first, second, embeddings, lambda, scale);
     0.5 * (loss_a + loss_b)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Balanced entropic transport (docs/maths.md §7)
+// ---------------------------------------------------------------------------------------------
+
+/// The balanced entropic plan `[k][n]` for costs `c[k][n]`, row masses `a` and column masses `b`
+/// (Σa = Σb; zero masses allowed), by the plain (kernel-domain) Sinkhorn scaling
+/// u = a ⊘ (K s), s = b ⊘ (Kᵀ u) with K = exp(−c/ε), run until the row error is below 1e-15
+/// (or 200 000 sweeps). Costs where a mass is zero are never read. Needs max c/ε ≲ 700.
+pub fn balanced_plan(c: &[Vec<f64>], a: &[f64], b: &[f64], eps: f64) -> Vec<Vec<f64>> {
+    let (k, n) = (a.len(), b.len());
+    let kernel: Vec<Vec<f64>> = (0..k)
+        .map(|i| {
+            (0..n)
+                .map(|j| {
+                    if a[i] > 0.0 && b[j] > 0.0 {
+                        (-c[i][j] / eps).exp()
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let mut u = vec![1.0; k];
+    let mut s = vec![1.0; n];
+    for _ in 0..200_000 {
+        for j in 0..n {
+            let t: f64 = (0..k).map(|i| kernel[i][j] * u[i]).sum();
+            s[j] = if b[j] > 0.0 { b[j] / t } else { 0.0 };
+        }
+        let mut error = 0.0;
+        for i in 0..k {
+            let t: f64 = (0..n).map(|j| kernel[i][j] * s[j]).sum();
+            error += (u[i] * t - a[i]).abs();
+            u[i] = if a[i] > 0.0 { a[i] / t } else { 0.0 };
+        }
+        if error < 1e-15 {
+            break;
+        }
+    }
+    (0..k)
+        .map(|i| (0..n).map(|j| u[i] * kernel[i][j] * s[j]).collect())
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 //! [`PoolingOps`] for `Autodiff<B, C>`: each forward runs on the inner backend with no tape,
-//! and one node with the closed-form backward is recorded. The transport node saves the plan
-//! and the masses, whatever the number of solver iterations; the cost node saves its inputs
+//! and one node with the closed-form backward is recorded. The transport nodes save the plan
+//! (and GSP's the masses), whatever the number of solver iterations; the cost node saves its inputs
 //! and output, not the normalised features.
 //!
 //! The backward ops keep their default bodies here: the nodes call them on the inner backend,
@@ -15,6 +15,7 @@ use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 use burn::backend::{AutodiffBackend, Backend, DispatchKindConversion, DispatchTensor};
 
 use crate::layout::Layout;
+use crate::maths::balanced::BalancedSettings;
 use crate::maths::settings::TransportSettings;
 use crate::ops::{PoolingOps, SumOver, TransportOutput};
 
@@ -25,6 +26,7 @@ pub(crate) mod counters {
     pub static COSTS: AtomicUsize = AtomicUsize::new(0);
     pub static TRANSPORT: AtomicUsize = AtomicUsize::new(0);
     pub static GENERALIZED_MEAN: AtomicUsize = AtomicUsize::new(0);
+    pub static BALANCED: AtomicUsize = AtomicUsize::new(0);
 }
 #[cfg(test)]
 pub(crate) use counters as BACKWARD_CALLS;
@@ -51,6 +53,29 @@ impl<B: Backend + PoolingOps> Backward<B, 1> for TransportBackward {
         if let Some(costs) = costs {
             let cost_grad = B::partial_transport_backward(plan, grad, mass, epsilon, self.0);
             grads.register::<B>(costs.id, cost_grad);
+        }
+    }
+}
+
+/// The autodiff node of one balanced transport solve, over the costs and both masses.
+#[derive(Debug)]
+struct BalancedBackward;
+
+impl<B: Backend + PoolingOps> Backward<B, 3> for BalancedBackward {
+    /// Plan `[B, K', N]`, ε: all the implicit backward reads.
+    type State = (FloatTensor<B>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        #[cfg(test)]
+        count(&counters::BALANCED);
+        let (plan, epsilon) = ops.state;
+        let [costs, rows, columns] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (d_costs, d_rows, d_columns) = B::balanced_transport_backward(plan, grad, epsilon);
+        for (node, gradient) in [(costs, d_costs), (rows, d_rows), (columns, d_columns)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, gradient);
+            }
         }
     }
 }
@@ -198,6 +223,24 @@ where
             iterations,
             converged,
         )
+    }
+
+    fn balanced_transport(
+        costs: Tracked<B, C>,
+        row_mass: Tracked<B, C>,
+        column_mass: Tracked<B, C>,
+        settings: BalancedSettings,
+    ) -> (Tracked<B, C>, IntTensor<B>, BoolTensor<B>) {
+        let parents = [costs.node(), row_mass.node(), column_mass.node()];
+        let (plan, iterations, converged) = B::balanced_transport(
+            costs.into_primitive(),
+            row_mass.into_primitive(),
+            column_mass.into_primitive(),
+            settings,
+        );
+        let state = |plan: &FloatTensor<B>| (plan.clone(), settings.epsilon);
+        let plan = record::<B, C, _, 3>(BalancedBackward, parents, plan, state);
+        (plan, iterations, converged)
     }
 
     fn generalized_mean(

@@ -1,6 +1,7 @@
 //! [`PoolingOps`] for the CubeCL backend (`Cube`: every CubeCL runtime, wgpu, CUDA, ROCm,
 //! Vulkan, Metal, WebGPU and CubeCL's CPU runtime), every op as CubeCL kernels but the
-//! weighted sum's features gradient (one broadcast product):
+//! weighted sum's features gradient (one broadcast product) and the balanced transport (its
+//! portable body, for now):
 //!
 //! - GSP's costs and their backward (`costs.rs`): the φ-normalisation, the distances and the
 //!   gradient's element-wise parts as kernels, the products as matmuls;
