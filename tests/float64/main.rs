@@ -10,6 +10,7 @@ mod reference;
 mod gem;
 mod gmp;
 mod gsp;
+mod lse_tokens;
 mod properties;
 mod reference_selfcheck;
 mod zero_shot;
