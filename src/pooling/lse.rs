@@ -124,10 +124,20 @@ impl Lse {
     ///
     /// # Panics
     ///
-    /// If no position is left to pool, the mask's shape does not match, or a mask row has no
-    /// valid position.
+    /// If no position is left to pool, the mask's shape does not match, a mask row has no
+    /// valid position, or ρ is on another device than the input.
     pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
         let positions = input.into().resolve("Lse", self.num_prefix_tokens);
+        let (input, parameter) = (positions.features.device(), self.rho.device());
+        assert!(
+            input == parameter,
+            "Lse: the temperature and the input must be on one device, got ρ on {parameter:?}, the input on {input:?}"
+        );
+        let (batch, _, channels) = positions.dims();
+        if batch == 0 {
+            // Nothing to pool; backends differ on reductions and broadcasts of empty tensors.
+            return Tensor::zeros([0, channels], &input);
+        }
         log_sum_exp(positions, self.temperature(), self.output)
     }
 

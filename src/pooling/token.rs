@@ -152,6 +152,12 @@ impl TokenPooling {
             }
         });
         let positions = input.resolve("TokenPooling", self.num_prefix_tokens);
+        let (batch, _, channels) = positions.dims();
+        if batch == 0 {
+            // Nothing to pool; backends differ on reductions and broadcasts of empty tensors.
+            let device = positions.features.device();
+            return Tensor::zeros([0, self.output_channels(channels)], &device);
+        }
         let whole = whole.map(|whole| whole.resolve("TokenPooling", 0));
         let blocks = self
             .modes
