@@ -9,7 +9,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 
 use burn::tensor::{Device, Distribution, Tensor};
 use burn_pooling::PoolingInput;
-use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, GspConfig};
+use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, GspConfig, LseConfig};
 
 fn devices() -> Vec<(&'static str, Device)> {
     #[allow(unused_mut)]
@@ -65,6 +65,19 @@ fn maps_and_tokens(c: &mut Criterion) {
             bench.iter(|| {
                 let x = maps_t.clone().require_grad();
                 backward_sync(gem_t.forward(x.clone()).sum(), &x)
+            })
+        });
+        // LSE at GeM's shape (timm's LsePlus2d on ResNet-50 maps): the exact and the series
+        // branch are both evaluated, so this is its full cost.
+        let lse = LseConfig::new().init(&device);
+        group.bench_function("LSE forward", |bench| {
+            bench.iter(|| sync(lse.forward(maps.clone())))
+        });
+        let lse_t = LseConfig::new().init(&train);
+        group.bench_function("LSE forward+backward", |bench| {
+            bench.iter(|| {
+                let x = maps_t.clone().require_grad();
+                backward_sync(lse_t.forward(x.clone()).sum(), &x)
             })
         });
         group.finish();

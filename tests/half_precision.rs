@@ -12,7 +12,10 @@ use std::sync::Once;
 use burn::module::Param;
 use burn::tensor::{Bool, DType, Device, FloatDType, Tensor, TensorData};
 use burn_pooling::PoolingInput;
-use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, GroupLayout, GspConfig};
+use burn_pooling::{
+    GapConfig, GemConfig, GroupGemConfig, GroupLayout, GspConfig, LseConfig, TokenMode,
+    TokenPoolingConfig,
+};
 use common::{Rng, assert_close, tensor, values};
 
 const B: usize = 2;
@@ -211,4 +214,61 @@ fn gsp_in_f16_matches_the_f64_reference() {
         reference::central_difference(&loss_of_prototypes, &prototypes.concat(), 1e-6);
     let scale = expected_dw.iter().fold(0.0f64, |m, g| m.max(g.abs()));
     assert_close(&dprototypes, &expected_dw, 2e-2, 5e-3 * scale, "GSP dw");
+}
+
+/// LSE (r = 10, and r = 0.01 where its channels take the Taylor form) and the token modes in
+/// f16, with a padded token at 60000 (near f16's max; exp(r·x) of it overflows): f16 outputs,
+/// finite gradients that are zero on the padding, and the f64 reference on the valid tokens.
+#[test]
+fn lse_and_token_modes_in_f16_match_the_f64_reference() {
+    let device = flex_f16().autodiff();
+    let mut rng = Rng::new(67);
+    let mut raw: Vec<f64> = (0..B * N * C).map(|_| rng.uniform(-2.0, 2.0)).collect();
+    raw[(N + 3) * C..(N + 4) * C].fill(60000.0); // sample 1, token 3: padding
+    let x = tensor(raw, [B, N, C], &device).require_grad();
+    let xs = values(x.clone());
+    let keep: Vec<bool> = (0..B * N).map(|i| i != N + 3).collect();
+    let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep.clone(), [B, N]), &device);
+    let valid = |b: usize, c: usize| -> Vec<f64> {
+        (0..N)
+            .filter(|&n| keep[b * N + n])
+            .map(|n| xs[(b * N + n) * C + c])
+            .collect()
+    };
+    for r in [10.0, 0.01] {
+        let lse = LseConfig::new().with_r(r).init(&device);
+        let y = lse.forward(PoolingInput::tokens(x.clone()).with_mask(mask.clone()));
+        assert_eq!(y.dtype(), DType::F16);
+        let grads = y.clone().sum().backward();
+        let dx = half_gradient(x.grad(&grads).unwrap(), "LSE dx");
+        half_gradient(lse.rho.val().grad(&grads).unwrap(), "LSE dρ");
+        assert!(dx[(N + 3) * C..(N + 4) * C].iter().all(|&g| g == 0.0));
+        let expected: Vec<f64> = (0..B)
+            .flat_map(|b| (0..C).map(move |c| (b, c)))
+            .map(|(b, c)| reference::lse_channel(&valid(b, c), r))
+            .collect();
+        assert_close(&values(y), &expected, RTOL, 4e-3, &format!("LSE r = {r}"));
+    }
+    let modes = vec![
+        TokenMode::Last,
+        TokenMode::MeanSqrtLen,
+        TokenMode::WeightedMean,
+    ];
+    let pool = TokenPoolingConfig::new(modes).init();
+    let y = pool.forward(PoolingInput::tokens(x.clone()).with_mask(mask));
+    assert_eq!(y.dtype(), DType::F16);
+    let grads = y.clone().sum().backward();
+    let dx = half_gradient(x.grad(&grads).unwrap(), "modes dx");
+    assert!(dx[(N + 3) * C..(N + 4) * C].iter().all(|&g| g == 0.0));
+    let expected: Vec<f64> = (0..B)
+        .flat_map(|b| {
+            let sample: Vec<Vec<f64>> = rows(&xs, b);
+            let valid: Vec<bool> = keep[b * N..(b + 1) * N].to_vec();
+            ["last", "mean_sqrt_len", "weighted_mean"]
+                .into_iter()
+                .flat_map(move |m| reference::token_mode(&sample, &valid, 0, m))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_close(&values(y), &expected, 1e-2, 1e-2, "token modes");
 }

@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor};
 use super::input::PoolingInput;
 use super::{
     Gap, GapConfig, GapGmp, GapGmpCombine, GapGmpConfig, Gem, GemConfig, Gmp, GmpConfig, GroupGem,
-    GroupGemConfig, Gsp, GspConfig,
+    GroupGemConfig, Gsp, GspConfig, Lse, LseConfig, TokenPooling, TokenPoolingConfig,
 };
 
 /// The configuration of any pooling layer of this crate: one variant per layer, holding that
@@ -41,6 +41,10 @@ pub enum PoolingConfig {
     GroupGem(GroupGemConfig),
     /// Generalized sum pooling, [`Gsp`].
     Gsp(GspConfig),
+    /// Log-sum-exp pooling or its softmax-weighted mean, [`Lse`] (timm's `LsePlus`).
+    Lse(LseConfig),
+    /// Token modes concatenated, [`TokenPooling`] (sentence-transformers' `Pooling`).
+    TokenPooling(TokenPoolingConfig),
 }
 
 impl PoolingConfig {
@@ -57,14 +61,18 @@ impl PoolingConfig {
             Self::Gem(config) => Pooling::Gem(config.init(device)),
             Self::GroupGem(config) => Pooling::GroupGem(config.init(device)),
             Self::Gsp(config) => Pooling::Gsp(config.init(device)),
+            Self::Lse(config) => Pooling::Lse(config.init(device)),
+            Self::TokenPooling(config) => Pooling::TokenPooling(config.init()),
         }
     }
 
     /// The width of the pooled output for inputs of `channels` channels: `channels`, except
-    /// for the concatenating [`GapGmp`] (2 · `channels`). Size the next layer with it.
+    /// for the concatenating [`GapGmp`] (2 · `channels`) and [`TokenPooling`] (one block of
+    /// `channels` per mode). Size the next layer with it.
     pub fn output_channels(&self, channels: usize) -> usize {
         match self {
             Self::GapGmp(config) if config.combine == GapGmpCombine::Concat => 2 * channels,
+            Self::TokenPooling(config) => config.output_channels(channels),
             _ => channels,
         }
     }
@@ -79,7 +87,8 @@ impl PoolingConfig {
 ///
 /// - input: maps `[B, C, H, W]`, tokens `[B, N, C]`, or a [`PoolingInput`] with a `[B, N]`
 ///   mask
-/// - output: `[B, C]`, or `[B, 2C]` for a concatenating [`GapGmp`]
+/// - output: `[B, C]`, `[B, 2C]` for a concatenating [`GapGmp`], `[B, modes·C]` for
+///   [`TokenPooling`]
 #[derive(Module, Debug)]
 pub enum Pooling {
     /// [`Gap`].
@@ -94,6 +103,10 @@ pub enum Pooling {
     GroupGem(GroupGem),
     /// [`Gsp`].
     Gsp(Gsp),
+    /// [`Lse`].
+    Lse(Lse),
+    /// [`TokenPooling`].
+    TokenPooling(TokenPooling),
 }
 
 impl Pooling {
@@ -113,6 +126,8 @@ impl Pooling {
             Self::Gem(layer) => layer.forward(input),
             Self::GroupGem(layer) => layer.forward(input),
             Self::Gsp(layer) => layer.forward(input),
+            Self::Lse(layer) => layer.forward(input),
+            Self::TokenPooling(layer) => layer.forward(input),
         }
     }
 
@@ -132,7 +147,7 @@ impl Pooling {
     }
 
     /// The layer's name, as in its `Display`: `"Gap"`, `"Gmp"`, `"GapGmp"`, `"Gem"`,
-    /// `"GroupGem"` or `"Gsp"`.
+    /// `"GroupGem"`, `"Gsp"`, `"Lse"` or `"TokenPooling"`.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Gap(_) => "Gap",
@@ -141,6 +156,8 @@ impl Pooling {
             Self::Gem(_) => "Gem",
             Self::GroupGem(_) => "GroupGem",
             Self::Gsp(_) => "Gsp",
+            Self::Lse(_) => "Lse",
+            Self::TokenPooling(_) => "TokenPooling",
         }
     }
 }
@@ -148,6 +165,7 @@ impl Pooling {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pooling::{LseOutput, TokenMode};
     use burn::tensor::{Bool, Distribution, TensorData, Tolerance};
 
     /// Every variant, with settings that differ from the defaults where a layer has any.
@@ -168,6 +186,16 @@ mod tests {
                     .with_transport_ratio(0.5)
                     .with_num_prefix_tokens(1),
             ),
+            PoolingConfig::Lse(
+                LseConfig::new()
+                    .with_r(3.0)
+                    .with_output(LseOutput::SoftmaxMean)
+                    .with_num_prefix_tokens(1),
+            ),
+            PoolingConfig::TokenPooling(
+                TokenPoolingConfig::new(vec![TokenMode::Cls, TokenMode::Last, TokenMode::Mean])
+                    .with_num_prefix_tokens(1),
+            ),
         ]
     }
 
@@ -182,6 +210,8 @@ mod tests {
             PoolingConfig::Gem(c) => c.init(&device).forward(input()),
             PoolingConfig::GroupGem(c) => c.init(&device).forward(input()),
             PoolingConfig::Gsp(c) => c.init(&device).forward(input()),
+            PoolingConfig::Lse(c) => c.init(&device).forward(input()),
+            PoolingConfig::TokenPooling(c) => c.init().forward(input()),
         }
     }
 
@@ -190,7 +220,16 @@ mod tests {
     #[test]
     fn every_variant_round_trips_and_pools_as_its_layer() {
         let device = Device::flex();
-        let names = ["Gap", "Gmp", "GapGmp", "Gem", "GroupGem", "Gsp"];
+        let names = [
+            "Gap",
+            "Gmp",
+            "GapGmp",
+            "Gem",
+            "GroupGem",
+            "Gsp",
+            "Lse",
+            "TokenPooling",
+        ];
         for (config, name) in every_config().into_iter().zip(names) {
             let json = config.to_string();
             assert!(json.contains(&format!("\"{name}\"")), "{json}");
@@ -232,7 +271,7 @@ mod tests {
             .iter()
             .map(|config| config.init(&device).num_params())
             .collect();
-        assert_eq!(counts, [0, 0, 0, 1, 2, 12]);
+        assert_eq!(counts, [0, 0, 0, 1, 2, 12, 1, 0]);
         let gsp = PoolingConfig::Gsp(GspConfig::new(4).with_num_prototypes(3)).init(&device);
         assert!(gsp.as_gsp().is_some());
         assert!(

@@ -8,6 +8,8 @@
 //! | [`Gem`] | the generalized (power) mean | one power `p` |
 //! | [`GroupGem`] | the generalized mean, one `p` per channel group | `p: [groups]` |
 //! | [`Gsp`] | weights from partial optimal transport onto prototypes | `prototypes: [K, C]` |
+//! | [`Lse`] | the log-sum-exp (smooth max) or its softmax-weighted mean | temperature `r` |
+//! | [`TokenPooling`] | token modes: cls, last, mean, max, mean·√L, SGPT weights | none |
 //!
 //! Every layer has `forward(maps)`, `forward_tokens(tokens)` and `forward(input)` for a
 //! [`PoolingInput`] (maps or tokens, with a mask, with prefix tokens). [`PoolingConfig`] and
@@ -22,6 +24,8 @@ mod gmp;
 mod group_gem;
 mod gsp;
 mod input;
+mod lse;
+mod token;
 
 pub use choice::{Pooling, PoolingConfig};
 pub use gap::{Gap, GapConfig};
@@ -31,3 +35,5 @@ pub use gmp::{Gmp, GmpConfig};
 pub use group_gem::{GroupGem, GroupGemConfig, GroupLayout};
 pub use gsp::{Gsp, GspConfig, GspOutput};
 pub use input::PoolingInput;
+pub use lse::{Lse, LseConfig, LseOutput};
+pub use token::{TokenMode, TokenPooling, TokenPoolingConfig};

@@ -29,8 +29,8 @@ use burn_pooling::transport::{
     partial_transport,
 };
 use burn_pooling::{
-    GapConfig, GapGmpConfig, GemConfig, GmpConfig, GroupGemConfig, Gsp, GspConfig, MIN_POWER,
-    Pooling, PoolingConfig, PoolingInput,
+    GapConfig, GapGmpConfig, GemConfig, GmpConfig, GroupGemConfig, Gsp, GspConfig, LseConfig,
+    MIN_POWER, Pooling, PoolingConfig, PoolingInput, TokenMode, TokenPoolingConfig,
 };
 
 use crate::common::Rng;
@@ -79,7 +79,27 @@ fn backends() -> Vec<(String, Device)> {
 }
 
 /// The layers under test, by the name their panics use.
-const LAYERS: [&str; 6] = ["Gap", "Gmp", "GapGmp", "Gem", "GroupGem", "Gsp"];
+const LAYERS: [&str; 8] = [
+    "Gap",
+    "Gmp",
+    "GapGmp",
+    "Gem",
+    "GroupGem",
+    "Gsp",
+    "Lse",
+    "TokenPooling",
+];
+
+/// TokenPooling's modes here: every mode, `Cls` first (its block reads the prefix token, by
+/// design, so the skipped-prefix case checks it apart).
+const TOKEN_MODES: [TokenMode; 6] = [
+    TokenMode::Cls,
+    TokenMode::Last,
+    TokenMode::Mean,
+    TokenMode::Max,
+    TokenMode::MeanSqrtLen,
+    TokenMode::WeightedMean,
+];
 
 /// A layer with C = 4 channels (GroupGem: 2 groups; Gsp: K = 3), its default settings
 /// otherwise, through the one config type users store.
@@ -95,6 +115,10 @@ fn config(name: &str) -> PoolingConfig {
         "Gem" => PoolingConfig::Gem(GemConfig::new()),
         "GroupGem" => PoolingConfig::GroupGem(GroupGemConfig::new(2)),
         "Gsp" => PoolingConfig::Gsp(GspConfig::new(C).with_num_prototypes(3)),
+        "Lse" => PoolingConfig::Lse(LseConfig::new()),
+        "TokenPooling" => {
+            PoolingConfig::TokenPooling(TokenPoolingConfig::new(TOKEN_MODES.to_vec()))
+        }
         other => panic!("bad_input: unknown layer {other}"),
     }
 }
@@ -124,6 +148,32 @@ fn oracle(name: &str, rows: &[Vec<Vec<f64>>]) -> Option<Vec<f64>> {
         "Gmp" => Some(per_channel(&max)),
         "GapGmp" => Some(per_channel(&|set, c| mean(set, c) + max(set, c))),
         "Gem" | "GroupGem" => Some(per_channel(&gem)),
+        // LSE at its initial r = 10, in f64 (x − m cannot overflow there).
+        "Lse" => Some(per_channel(&|set, c| {
+            let m = max(set, c);
+            let sum: f64 = set.iter().map(|x| (10.0 * (x[c] - m)).exp()).sum();
+            m + (sum / set.len() as f64).ln() / 10.0
+        })),
+        // The blocks of TOKEN_MODES in order; `rows` holds no prefix here.
+        "TokenPooling" => Some(
+            rows.iter()
+                .flat_map(|set| {
+                    let len = set.len() as f64;
+                    let linear = |c: usize, w: &dyn Fn(usize) -> f64| -> f64 {
+                        set.iter().enumerate().map(|(l, x)| w(l) * x[c]).sum()
+                    };
+                    let mut out = Vec::new();
+                    out.extend_from_slice(&set[0]);
+                    out.extend_from_slice(&set[set.len() - 1]);
+                    out.extend((0..C).map(|c| linear(c, &|_| 1.0 / len)));
+                    out.extend((0..C).map(|c| max(set, c)));
+                    out.extend((0..C).map(|c| linear(c, &|_| 1.0 / len.sqrt())));
+                    let total = len * (len + 1.0) / 2.0;
+                    out.extend((0..C).map(|c| linear(c, &|l| (l + 1) as f64 / total)));
+                    out
+                })
+                .collect(),
+        ),
         _ => None,
     }
 }
@@ -441,13 +491,24 @@ fn padding_cases(name: &'static str, (backend, device): &(String, Device), cases
             values[n * C..(n + 1) * C].fill(f64::NAN);
             let pooling = layer(name, &d);
             let x = floats(&values, [b, n, C], &d);
-            let out = read(pooling.forward(PoolingInput::tokens(x).with_prefix_tokens(1)));
-            close(
-                "output",
-                &out,
-                &dropped_reference(&pooling, &rows, &d),
-                2e-4,
-            )
+            let mut out = read(pooling.forward(PoolingInput::tokens(x).with_prefix_tokens(1)));
+            let mut reference = dropped_reference(&pooling, &rows, &d);
+            if name == "TokenPooling" {
+                // `Cls` (each sample's first block) is the class token, the prefix: NaN here.
+                let width = out.len() / b;
+                let cls: Vec<usize> = (0..b).flat_map(|s| s * width..s * width + C).collect();
+                if let Some(&i) = cls.iter().find(|&&i| !out[i].is_nan()) {
+                    return Err(format!("Cls output {i} = {} is not the NaN prefix", out[i]));
+                }
+                let keep = |v: &[f64]| -> Vec<f64> {
+                    (0..v.len())
+                        .filter(|i| !cls.contains(i))
+                        .map(|i| v[i])
+                        .collect()
+                };
+                (out, reference) = (keep(&out), keep(&reference));
+            }
+            close("output", &out, &reference, 2e-4)
         },
     ));
     let d = device.clone();
@@ -617,6 +678,41 @@ fn config_cases((backend, device): &(String, Device), cases: &mut Vec<Case>) {
         ["GroupGem", "groups"],
         GroupGemConfig::new(0)
     );
+    for r in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e-5] {
+        refuses_init!(
+            &format!("Lse r = {r}"),
+            ["Lse", "r"],
+            LseConfig::new().with_r(r)
+        );
+    }
+    for r_min in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        refuses_init!(
+            &format!("Lse r_min = {r_min}"),
+            ["Lse", "r_min"],
+            LseConfig::new().with_r_min(r_min)
+        );
+    }
+    {
+        let d = device.clone();
+        cases.push(Case::panics(
+            tag("TokenPooling modes = []"),
+            &["TokenPooling", "modes"],
+            move || {
+                let pooling = PoolingConfig::TokenPooling(TokenPoolingConfig::new(vec![]));
+                let _ = read(pooling.init(&d).forward_tokens(tokens(&d)));
+            },
+        ));
+        let d = device.clone();
+        cases.push(Case::panics(
+            tag("TokenPooling modes listing Last twice"),
+            &["TokenPooling", "modes", "Last"],
+            move || {
+                let modes = vec![TokenMode::Last, TokenMode::Mean, TokenMode::Last];
+                let pooling = PoolingConfig::TokenPooling(TokenPoolingConfig::new(modes));
+                let _ = read(pooling.init(&d).forward_tokens(tokens(&d)));
+            },
+        ));
+    }
     let gsp = || GspConfig::new(C).with_num_prototypes(3);
     refuses_init!("Gsp channels = 0", ["Gsp", "channels"], GspConfig::new(0));
     refuses_init!(
@@ -1180,7 +1276,7 @@ fn device_cases(devices: &[(String, Device)], cases: &mut Vec<Case>) {
         .collect();
     for pair in plain.windows(2) {
         let ((a, da), (b, db)) = (pair[0].clone(), pair[1].clone());
-        for name in ["Gem", "GroupGem", "Gsp"] {
+        for name in ["Gem", "GroupGem", "Gsp", "Lse"] {
             let (da, db) = (da.clone(), db.clone());
             cases.push(Case::panics(
                 format!("{name}/params on {a}, input on {b}"),

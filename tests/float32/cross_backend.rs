@@ -9,7 +9,10 @@ use burn::tensor::{Bool, Device, Tensor, TensorData};
 use burn_pooling::PoolingInput;
 use burn_pooling::loss::{ZeroShotLossConfig, ZeroShotSplit};
 use burn_pooling::ops::extension_covers;
-use burn_pooling::{GapConfig, GapGmpConfig, GemConfig, GmpConfig, GroupGemConfig, Gsp, GspConfig};
+use burn_pooling::{
+    GapConfig, GapGmpConfig, GemConfig, GmpConfig, GroupGemConfig, Gsp, GspConfig, LseConfig,
+    LseOutput, TokenMode, TokenPoolingConfig,
+};
 use common::{Rng, assert_close, values};
 
 fn devices() -> Vec<(&'static str, Device)> {
@@ -71,6 +74,43 @@ fn outcome(device: &Device) -> Vec<(&'static str, Vec<f64>)> {
     let grads = y.sum().backward();
     out.push(("ggem dx", values(tokens.grad(&grads).unwrap())));
     out.push(("ggem dp", values(ggem.p.val().grad(&grads).unwrap())));
+
+    // LSE at a near-max, a middle and a Taylor-regime temperature, both outputs, masked with
+    // a prefix; the token modes, all six.
+    for (r, output, label) in [
+        (30.0, LseOutput::LogSumExp, "lse r=30"),
+        (2.0, LseOutput::SoftmaxMean, "softmax mean r=2"),
+        (1e-3, LseOutput::LogSumExp, "lse r=1e-3"),
+    ] {
+        let lse = LseConfig::new()
+            .with_r(r)
+            .with_r_min(1e-6)
+            .with_output(output)
+            .with_num_prefix_tokens(1)
+            .init(&device);
+        let tokens = floats(&x, [b, n, c], &device).require_grad();
+        let y = lse.forward(PoolingInput::tokens(tokens.clone()).with_mask(mask.clone()));
+        out.push((label, values(y.clone())));
+        let grads = y.sum().backward();
+        out.push((label, values(tokens.grad(&grads).unwrap())));
+        out.push((label, values(lse.rho.val().grad(&grads).unwrap())));
+    }
+    let modes = vec![
+        TokenMode::Cls,
+        TokenMode::Last,
+        TokenMode::Mean,
+        TokenMode::Max,
+        TokenMode::MeanSqrtLen,
+        TokenMode::WeightedMean,
+    ];
+    let pool = TokenPoolingConfig::new(modes)
+        .with_num_prefix_tokens(1)
+        .init();
+    let tokens = floats(&x, [b, n, c], &device).require_grad();
+    let y = pool.forward(PoolingInput::tokens(tokens.clone()).with_mask(mask.clone()));
+    out.push(("token modes y", values(y.clone())));
+    let grads = (y.clone() * y).sum().backward();
+    out.push(("token modes dx", values(tokens.grad(&grads).unwrap())));
 
     assert!(extension_covers(&device), "{device:?}");
     let gsp = GspConfig::new(c).with_num_prototypes(k).init(&device);

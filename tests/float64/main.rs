@@ -11,6 +11,7 @@ mod balanced;
 mod gem;
 mod gmp;
 mod gsp;
+mod lse_tokens;
 mod properties;
 mod reference_selfcheck;
 mod zero_shot;

@@ -680,6 +680,71 @@ pub fn balanced_plan(c: &[Vec<f64>], a: &[f64], b: &[f64], eps: f64) -> Vec<Vec<
 }
 
 // ---------------------------------------------------------------------------------------------
+// LSE and the token modes (docs/maths.md §8, §9)
+// ---------------------------------------------------------------------------------------------
+
+/// LSE of one channel's valid values at temperature `r > 0`:
+/// `m + (1/r) ln((1/N) Σ exp(r (x_n − m)))`, written as `m + ln_1p(mean(exp_m1(r (x_n − m)))) / r`,
+/// accurate for every r > 0 (the terms of the mean share one sign, nothing cancels), so it
+/// needs no Taylor switch.
+pub fn lse_channel(values: &[f64], r: f64) -> f64 {
+    let m = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mean = values.iter().map(|&v| (r * (v - m)).exp_m1()).sum::<f64>() / values.len() as f64;
+    m + mean.ln_1p() / r
+}
+
+/// The softmax-weighted mean of one channel's valid values: `Σ softmax(r x)_n x_n`.
+pub fn softmax_mean_channel(values: &[f64], r: f64) -> f64 {
+    let scaled: Vec<f64> = values.iter().map(|&v| r * v).collect();
+    softmax(&scaled)
+        .iter()
+        .zip(values)
+        .map(|(s, v)| s * v)
+        .sum()
+}
+
+/// `softplus(ρ) + r_min`, LSE's temperature from its parameter.
+pub fn lse_temperature(rho: f64, r_min: f64) -> f64 {
+    let softplus = if rho > 0.0 {
+        rho + (-rho).exp().ln_1p()
+    } else {
+        rho.exp().ln_1p()
+    };
+    softplus + r_min
+}
+
+/// The token modes of one sample, `x[n][c]` with `valid[n]` and `prefix` leading tokens:
+/// `mode` is one of "cls", "last", "mean", "max", "mean_sqrt_len", "weighted_mean". Cls is the
+/// first valid token of the whole sequence; the others use the valid tokens after the prefix.
+pub fn token_mode(x: &[Vec<f64>], valid: &[bool], prefix: usize, mode: &str) -> Vec<f64> {
+    let channels = x[0].len();
+    if mode == "cls" {
+        let first = valid.iter().position(|&v| v).expect("a valid token");
+        return x[first].clone();
+    }
+    let kept: Vec<&Vec<f64>> = (prefix..x.len())
+        .filter(|&n| valid[n])
+        .map(|n| &x[n])
+        .collect();
+    let length = kept.len() as f64;
+    let weighted = |weight: &dyn Fn(usize) -> f64| -> Vec<f64> {
+        (0..channels)
+            .map(|c| kept.iter().enumerate().map(|(l, t)| weight(l) * t[c]).sum())
+            .collect()
+    };
+    match mode {
+        "last" => kept.last().expect("a valid token").to_vec(),
+        "max" => (0..channels)
+            .map(|c| kept.iter().map(|t| t[c]).fold(f64::NEG_INFINITY, f64::max))
+            .collect(),
+        "mean" => weighted(&|_| 1.0 / length),
+        "mean_sqrt_len" => weighted(&|_| 1.0 / length.sqrt()),
+        "weighted_mean" => weighted(&|l| (l + 1) as f64 / (length * (length + 1.0) / 2.0)),
+        other => panic!("token_mode: unknown mode {other}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Finite differences
 // ---------------------------------------------------------------------------------------------
 
