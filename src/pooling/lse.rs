@@ -133,10 +133,9 @@ impl Lse {
             input == parameter,
             "Lse: the temperature and the input must be on one device, got ρ on {parameter:?}, the input on {input:?}"
         );
-        let (batch, _, channels) = positions.dims();
-        if batch == 0 {
-            // Nothing to pool; backends differ on reductions and broadcasts of empty tensors.
-            return Tensor::zeros([0, channels], &input);
+        if positions.is_empty() {
+            // An empty `[0, C]` that a backward still reaches.
+            return positions.empty();
         }
         log_sum_exp(positions, self.temperature(), self.output)
     }

@@ -152,11 +152,9 @@ impl TokenPooling {
             }
         });
         let positions = input.resolve("TokenPooling", self.num_prefix_tokens);
-        let (batch, _, channels) = positions.dims();
-        if batch == 0 {
-            // Nothing to pool; backends differ on reductions and broadcasts of empty tensors.
-            let device = positions.features.device();
-            return Tensor::zeros([0, self.output_channels(channels)], &device);
+        if positions.is_empty() {
+            // An empty `[0, modes·C]` that a backward still reaches.
+            return positions.empty().repeat_dim(1, self.modes.len());
         }
         let whole = whole.map(|whole| whole.resolve("TokenPooling", 0));
         let blocks = self
