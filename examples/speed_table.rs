@@ -473,7 +473,7 @@ fn print_bandwidth(rows: &[Row], routes: &[Route], given: Option<f64>, measured:
         for (route, (fwd, _)) in routes.iter().zip(&row.times) {
             let gbs = bytes as f64 / (fwd * 1e-3) / 1e9;
             let mut line = format!(
-                "| {} | {} | {} | {:.1} | {:.3} | {:.1} |",
+                "| {} | {} | {} | {:.1} | {:.3} | {:.2} |",
                 row.op,
                 row.shape,
                 route.name(),
