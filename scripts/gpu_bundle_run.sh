@@ -103,6 +103,20 @@ EOF
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/nvidia-smi: /' || true
 
+# The speed table travels xz-compressed; unpack it once into the prefix.
+table="$here/speed_table"
+if [ ! -x "$table" ]; then
+  table="$prefix/speed_table"
+  if [ ! -x "$table" ] || [ "$here/speed_table.xz" -nt "$table" ]; then
+    if command -v xz >/dev/null; then
+      xz -dc "$here/speed_table.xz" >"$table.part"
+    else
+      "$python" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$here/speed_table.xz" "$table.part"
+    fi
+    chmod +x "$table.part" && mv "$table.part" "$table"
+  fi
+fi
+
 results="$prefix/results"
 mkdir -p "$results"
 torch_json=()
@@ -119,6 +133,6 @@ fi
 
 echo
 echo "== burn-pooling on wgpu: kernels and composite path"
-"$here/speed_table" ${torch_json[@]+"${torch_json[@]}"} "${bench_args[@]}" ${quick[@]+"${quick[@]}"} | tee "$results/table.md"
+"$table" ${torch_json[@]+"${torch_json[@]}"} "${bench_args[@]}" ${quick[@]+"${quick[@]}"} | tee "$results/table.md"
 echo
 echo "(the table is also in $results/table.md)"
