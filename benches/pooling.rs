@@ -1,5 +1,5 @@
 //! Criterion benchmarks of every layer, forward and forward+backward, at the shapes of the
-//! PyTorch reference (`../shared/bench/torch_reference.py`): ResNet-50 maps `[64, 2048, 7, 7]`,
+//! PyTorch reference (`scripts/torch_reference.py`): ResNet-50 maps `[64, 2048, 7, 7]`,
 //! ViT-B/16 tokens `[64, 196, 768]`, and GSP heads `[64, 49, 512]` (K = 64) and
 //! `[128, 49, 128]` (K = 128). Throughput is the input's bytes.
 //!

@@ -1,15 +1,189 @@
-//! Times every layer at the shapes of `../shared/bench/torch_reference.py` the way that script
-//! does (median of repeated runs after a warm-up) and, given its JSON output, prints the ratio
-//! table ours / PyTorch. See `scripts/compare_with_pytorch.sh`.
+//! Times every layer, forward and forward+backward, at the shapes of
+//! `scripts/torch_reference.py` the way that script does (median of repeated runs after a
+//! warm-up) and, given its JSON output, prints the ratio table ours / PyTorch. See
+//! `scripts/compare_with_pytorch.sh` (CPU) and `scripts/gpu_bundle` (a GPU through wgpu).
 //!
-//! Run: `cargo run --release --example speed_table [-- torch.json]`
+//! ```text
+//! cargo run --release --example speed_table -- [TORCH.json] [OPTIONS]
+//!   --device flex|wgpu        where to run (default flex; wgpu needs `--features wgpu`)
+//!   --path kernels|composite|both
+//!                             the crate's kernels (default), the portable composites (the
+//!                             reference maths as tensor ops under ordinary autodiff, what a
+//!                             device without kernels runs), or both side by side
+//!   --bandwidth-gbs X         the memory bandwidth to rate GAP's and GeM's forward against
+//!   --measure-bandwidth       also measure the device's peak read bandwidth (Burn's probe)
+//!   --reps N, --warm N        timed and warm-up runs per op (default 20 and 3; GSP 10 and 2)
+//!   --quick                   3 timed runs after 1 warm-up (a dry run)
+//! ```
+//!
+//! Every timed run ends by reading one value back from the device (the output, or the input's
+//! gradient for forward+backward) and waiting for the device, so a GPU's queued work is inside
+//! the time.
 
 use std::time::Instant;
 
 use burn::module::Param;
 use burn::tensor::{Device, Distribution, Tensor};
 use burn_pooling::PoolingInput;
-use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, Gsp, GspConfig};
+use burn_pooling::ops::with_composites;
+use burn_pooling::{GapConfig, GapGmpConfig, GemConfig, GmpConfig, GroupGemConfig, Gsp, GspConfig};
+
+const USAGE: &str = "usage: speed_table [TORCH.json] [--device flex|wgpu] \
+[--path kernels|composite|both] [--bandwidth-gbs X] [--measure-bandwidth] [--reps N] \
+[--warm N] [--quick]";
+
+/// Which of the crate's two routes runs the layers' ops.
+#[derive(Clone, Copy, PartialEq)]
+enum Route {
+    /// The extension's kernels (`PoolingOps`) with their closed-form backward.
+    Kernels,
+    /// The portable composites (`burn_pooling::ops::with_composites`).
+    Composite,
+}
+
+impl Route {
+    fn name(self) -> &'static str {
+        match self {
+            Route::Kernels => "kernels",
+            Route::Composite => "composite",
+        }
+    }
+
+    fn run<R>(self, f: impl FnOnce() -> R) -> R {
+        match self {
+            Route::Kernels => f(),
+            Route::Composite => with_composites(f),
+        }
+    }
+}
+
+struct Options {
+    torch: Option<String>,
+    device: String,
+    routes: Vec<Route>,
+    bandwidth_gbs: Option<f64>,
+    measure_bandwidth: bool,
+    /// (timed, warm-up) runs for the pooling layers, then for GSP.
+    runs: [(usize, usize); 2],
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("speed_table: {message}\n{USAGE}");
+    std::process::exit(2)
+}
+
+fn parse_args() -> Options {
+    let mut options = Options {
+        torch: None,
+        device: "flex".into(),
+        routes: vec![Route::Kernels],
+        bandwidth_gbs: None,
+        measure_bandwidth: false,
+        runs: [(20, 3), (10, 2)],
+    };
+    let (mut reps, mut warm) = (None, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |flag: &str| {
+            args.next()
+                .unwrap_or_else(|| fail(&format!("{flag} needs a value")))
+        };
+        let count = |flag: &str, text: String| -> usize {
+            text.parse()
+                .unwrap_or_else(|_| fail(&format!("{flag}: expected a count, got {text:?}")))
+        };
+        match arg.as_str() {
+            "--device" => options.device = value("--device"),
+            "--path" => {
+                options.routes = match value("--path").as_str() {
+                    "kernels" => vec![Route::Kernels],
+                    "composite" => vec![Route::Composite],
+                    "both" => vec![Route::Kernels, Route::Composite],
+                    other => fail(&format!(
+                        "--path: expected kernels, composite or both, got {other:?}"
+                    )),
+                }
+            }
+            "--bandwidth-gbs" => {
+                let text = value("--bandwidth-gbs");
+                let gbs: f64 = text.parse().unwrap_or_else(|_| {
+                    fail(&format!("--bandwidth-gbs: expected GB/s, got {text:?}"))
+                });
+                if !gbs.is_finite() || gbs <= 0.0 {
+                    fail(&format!(
+                        "--bandwidth-gbs: expected a positive GB/s, got {gbs}"
+                    ));
+                }
+                options.bandwidth_gbs = Some(gbs);
+            }
+            "--measure-bandwidth" => options.measure_bandwidth = true,
+            "--reps" => reps = Some(count("--reps", value("--reps")).max(1)),
+            "--warm" => warm = Some(count("--warm", value("--warm"))),
+            "--quick" => (reps, warm) = (Some(3), Some(1)),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0)
+            }
+            flag if flag.starts_with("--") => fail(&format!("unknown option {flag}")),
+            path => options.torch = Some(path.to_string()),
+        }
+    }
+    for runs in &mut options.runs {
+        *runs = (reps.unwrap_or(runs.0), warm.unwrap_or(runs.1));
+    }
+    options
+}
+
+/// The device `--device` names.
+fn device(name: &str) -> Device {
+    match name {
+        "flex" => Device::flex(),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+        #[cfg(not(feature = "wgpu"))]
+        "wgpu" => fail("--device wgpu: this build has no wgpu (build with `--features wgpu`)"),
+        other => fail(&format!("--device: expected flex or wgpu, got {other:?}")),
+    }
+}
+
+/// What runs the layers: the adapter's own name where the device has one (a wgpu adapter),
+/// whether it is a card or a software/CPU adapter, and the peak read bandwidth if asked for.
+/// Returns that peak in GB/s.
+fn describe(device: &Device, measure: bool) -> Option<f64> {
+    println!("device: {device:?}");
+    #[cfg(feature = "wgpu")]
+    if let Some(identity) = device.identity() {
+        let kind = match &identity.physical {
+            Some(card) => format!("a card, {card:?}"),
+            None => "no card: a software rasteriser or CPU adapter".to_string(),
+        };
+        println!(
+            "adapter: {} (kernels compiled for {}; {kind})",
+            identity.name, identity.fingerprint
+        );
+        if measure {
+            use burn::tensor::{MemoryAccess, ThroughputKey, ThroughputMode};
+            let key = ThroughputKey {
+                mode: ThroughputMode::memory(MemoryAccess::Read),
+            };
+            let stat = device.performance_stats(&[key]).pop();
+            match stat.map(|stat| stat.value) {
+                Some(Ok(value)) => {
+                    let gbs = value.bytes_per_s(&key) / 1e9;
+                    println!("measured peak read bandwidth: {gbs:.1} GB/s (Burn's memory probe)");
+                    return Some(gbs);
+                }
+                Some(Err(error)) => println!("measured peak read bandwidth: none ({error})"),
+                None => println!("measured peak read bandwidth: none (no cubecl device)"),
+            }
+        }
+        return None;
+    }
+    if measure {
+        println!("measured peak read bandwidth: none (only a wgpu device has Burn's probe)");
+    }
+    None
+}
 
 /// Median wall time in milliseconds of `f` over `reps` runs after `warm` runs.
 fn median_ms(reps: usize, warm: usize, mut f: impl FnMut()) -> f64 {
@@ -27,47 +201,79 @@ fn median_ms(reps: usize, warm: usize, mut f: impl FnMut()) -> f64 {
     times[times.len() / 2]
 }
 
-/// Forces the computation (Flex is eager, but reading one value also syncs a GPU).
-fn sync(t: Tensor<2>) {
-    let _ = t.slice([0..1, 0..1]).into_scalar::<f32>();
+/// Waits for `value`: reads one element back (Flex is eager; on a GPU this flushes the queue up
+/// to it), then waits for everything else queued on its device.
+fn sync<const D: usize>(value: Tensor<D>) {
+    let device = value.device();
+    let _ = value
+        .flatten::<1>(0, D - 1)
+        .slice(0..1)
+        .into_scalar::<f32>();
+    device
+        .sync()
+        .unwrap_or_else(|error| panic!("speed_table: device sync failed: {error:?}"));
 }
 
+/// Runs the backward of `loss` and waits for the gradient of `input`.
+fn backward_sync<const D: usize>(loss: Tensor<1>, input: &Tensor<D>) {
+    let grads = loss.backward();
+    sync(input.grad(&grads).expect("the input is tracked"));
+}
+
+/// One row of the table: an op at one shape, timed on each route.
 struct Row {
     op: &'static str,
     torch_op: &'static str,
     shape: String,
-    fwd: f64,
-    fwd_bwd: f64,
+    /// Bytes a forward must read at least (the input, once), for the ops rated in GB/s.
+    rated_bytes: Option<usize>,
+    /// (forward ms, forward+backward ms) per route, in `Options::routes` order.
+    times: Vec<(f64, f64)>,
 }
 
 impl Row {
-    /// Times `forward` and `forward_backward` (median of `reps` after `warm` runs each).
+    /// Times `forward` and `forward_backward` on each route (median of `reps` after `warm`
+    /// runs each), one route after the other.
     fn timed(
         (op, torch_op, shape): (&'static str, &'static str, String),
+        routes: &[Route],
         (reps, warm): (usize, usize),
-        forward: impl FnMut(),
-        forward_backward: impl FnMut(),
+        forward: impl Fn(),
+        forward_backward: impl Fn(),
     ) -> Self {
+        eprintln!("timing {op} {shape}");
+        let times = routes
+            .iter()
+            .map(|route| {
+                route.run(|| {
+                    (
+                        median_ms(reps, warm, &forward),
+                        median_ms(reps, warm, &forward_backward),
+                    )
+                })
+            })
+            .collect();
         Self {
             op,
             torch_op,
             shape,
-            fwd: median_ms(reps, warm, forward),
-            fwd_bwd: median_ms(reps, warm, forward_backward),
+            rated_bytes: None,
+            times,
         }
     }
 }
 
 fn main() {
-    let device = Device::flex();
+    let options = parse_args();
+    let device = device(&options.device);
+    let measured_peak = describe(&device, options.measure_bandwidth);
+    let routes = &options.routes;
+    let [runs, gsp_runs] = options.runs;
     let train = device.clone().autodiff();
     device.seed(0);
     let mut rows = Vec::new();
 
-    for (name, (b, n, c)) in [
-        ("resnet50_7x7", (64, 49, 2048)),
-        ("vit_b16_224", (64, 196, 768)),
-    ] {
+    for (b, n, c) in [(64, 49, 2048), (64, 196, 768)] {
         let side = (n as f64).sqrt() as usize;
         let x = Tensor::<3>::random([b, n, c], Distribution::Uniform(0.0, 1.0), &device);
         let maps = x.clone().swap_dims(1, 2).reshape([b, c, side, side]);
@@ -75,34 +281,55 @@ fn main() {
         let maps_t = Tensor::<4>::from_data(maps.to_data(), &train);
         let tokens_t = Tensor::<3>::from_data(x.to_data(), &train);
         let shape = format!("[{b}, {c}, {side}, {side}]");
-        let _ = name;
+        let bytes = 4 * b * n * c;
 
         // A layer over the maps, timed as `op` (its twin on the autodiff device for the backward).
         let mut time_maps =
             |op,
              torch_op,
+             rated: bool,
              forward: &dyn Fn(Tensor<4>) -> Tensor<2>,
              train_forward: &dyn Fn(Tensor<4>) -> Tensor<2>| {
-                rows.push(Row::timed(
+                let mut row = Row::timed(
                     (op, torch_op, shape.clone()),
-                    (20, 3),
+                    routes,
+                    runs,
                     || sync(forward(maps.clone())),
                     || {
-                        let _ = train_forward(maps_t.clone().require_grad())
-                            .sum()
-                            .backward();
+                        let input = maps_t.clone().require_grad();
+                        backward_sync(train_forward(input.clone()).sum(), &input);
                     },
-                ))
+                );
+                row.rated_bytes = rated.then_some(bytes);
+                rows.push(row);
             };
         let gap = GapConfig::new().init();
-        time_maps("GAP", "gap_nchw", &|m| gap.forward(m), &|m| gap.forward(m));
+        time_maps("GAP", "gap_nchw", true, &|m| gap.forward(m), &|m| {
+            gap.forward(m)
+        });
+        let gmp = GmpConfig::new().init();
+        time_maps("GMP", "gmp_nchw", false, &|m| gmp.forward(m), &|m| {
+            gmp.forward(m)
+        });
+        let gap_gmp = GapGmpConfig::new().init();
+        time_maps(
+            "GAP+GMP",
+            "gap_gmp_nchw(sum)",
+            false,
+            &|m| gap_gmp.forward(m),
+            &|m| gap_gmp.forward(m),
+        );
         let (gem, gem_t) = (
             GemConfig::new().init(&device),
             GemConfig::new().init(&train),
         );
-        time_maps("GeM", "gem_nchw(cirtorch)", &|m| gem.forward(m), &|m| {
-            gem_t.forward(m)
-        });
+        time_maps(
+            "GeM",
+            "gem_nchw(cirtorch)",
+            true,
+            &|m| gem.forward(m),
+            &|m| gem_t.forward(m),
+        );
 
         let groups = if c % 12 == 0 { 12 } else { 16 };
         let ggem = GroupGemConfig::new(groups).init(&device);
@@ -114,11 +341,12 @@ fn main() {
         };
         rows.push(Row::timed(
             ("GGeM", torch_op, format!("[{b}, {n}, {c}]")),
-            (20, 3),
+            routes,
+            runs,
             || sync(ggem.forward_tokens(x.clone())),
             || {
-                let t = tokens_t.clone().require_grad();
-                let _ = ggem_t.forward_tokens(t).sum().backward();
+                let input = tokens_t.clone().require_grad();
+                backward_sync(ggem_t.forward_tokens(input.clone()).sum(), &input);
             },
         ));
     }
@@ -142,27 +370,55 @@ fn main() {
                 "gsp_tokens(analytic bwd)",
                 format!("[{b}, {n}, {d}], K = {k}"),
             ),
-            (10, 2),
+            routes,
+            gsp_runs,
             || sync(gsp.forward_tokens(x.clone())),
             || {
-                let t = x_t.clone().require_grad();
-                let out = gsp_t.forward_detailed(PoolingInput::tokens(t));
-                let _ = (out.pooled.sum() + out.attributes.sum()).backward();
+                let input = x_t.clone().require_grad();
+                let out = gsp_t.forward_detailed(PoolingInput::tokens(input.clone()));
+                backward_sync(out.pooled.sum() + out.attributes.sum(), &input);
             },
         ));
     }
 
-    let torch: Option<Vec<(String, f64, f64)>> = std::env::args().nth(1).map(|path| {
-        let text = std::fs::read_to_string(&path).expect("readable torch JSON");
+    let torch: Option<Vec<(String, f64, f64)>> = options.torch.as_ref().map(|path| {
+        let text = std::fs::read_to_string(path)
+            .unwrap_or_else(|error| fail(&format!("cannot read the torch JSON {path}: {error}")));
         parse_torch(&text)
     });
-    println!(
-        "| op | shape | ours fwd ms | ours fwd+bwd ms | torch fwd ms | torch fwd+bwd ms | ratio fwd | ratio fwd+bwd |"
-    );
-    println!("|---|---|---|---|---|---|---|---|");
-    let mut used = vec![false; torch.as_ref().map_or(0, |t| t.len())];
-    for row in &rows {
-        let reference = torch.as_ref().and_then(|t| {
+    print_table(&rows, routes, torch.as_deref());
+    print_bandwidth(&rows, routes, options.bandwidth_gbs, measured_peak);
+}
+
+/// The ratio table: with one route, the columns `scripts/compare_with_pytorch.sh` has always
+/// printed ("ours" = that route); with both, each route's times and its ratios to PyTorch, and
+/// the kernels' time over the composites'.
+fn print_table(rows: &[Row], routes: &[Route], torch: Option<&[(String, f64, f64)]>) {
+    let both = routes.len() == 2;
+    let mut header = String::from("| op | shape |");
+    if both {
+        for route in routes {
+            let name = route.name();
+            header += &format!(" {name} fwd ms | {name} fwd+bwd ms |");
+        }
+        header += " torch fwd ms | torch fwd+bwd ms |";
+        for route in routes {
+            let name = route.name();
+            header += &format!(" {name}/torch fwd | {name}/torch fwd+bwd |");
+        }
+        header += " kernels/composite fwd | kernels/composite fwd+bwd |";
+    } else {
+        header += " ours fwd ms | ours fwd+bwd ms | torch fwd ms | torch fwd+bwd ms | ratio fwd | ratio fwd+bwd |";
+    }
+    if routes.len() == 1 {
+        println!("path: {}", routes[0].name());
+    }
+    println!("{header}");
+    println!("|{}", "---|".repeat(header.matches(" |").count()));
+    let mut used = vec![false; torch.map_or(0, |t| t.len())];
+    let ratio = |a: f64, b: f64| format!("{:.2}×", a / b);
+    for row in rows {
+        let reference = torch.and_then(|t| {
             let i = t
                 .iter()
                 .enumerate()
@@ -170,22 +426,65 @@ fn main() {
             used[i] = true;
             Some((t[i].1, t[i].2))
         });
+        let mut line = format!("| {} | {} |", row.op, row.shape);
+        for (fwd, fwd_bwd) in &row.times {
+            line += &format!(" {fwd:.2} | {fwd_bwd:.2} |");
+        }
         match reference {
-            Some((tf, tb)) => println!(
-                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2}× | {:.2}× |",
+            Some((tf, tb)) => line += &format!(" {tf:.2} | {tb:.2} |"),
+            None => line += " – | – |",
+        }
+        for (fwd, fwd_bwd) in &row.times {
+            match reference {
+                Some((tf, tb)) => {
+                    line += &format!(" {} | {} |", ratio(*fwd, tf), ratio(*fwd_bwd, tb))
+                }
+                None => line += " – | – |",
+            }
+        }
+        if both {
+            let ((kf, kb), (cf, cb)) = (row.times[0], row.times[1]);
+            line += &format!(" {} | {} |", ratio(kf, cf), ratio(kb, cb));
+        }
+        println!("{line}");
+    }
+}
+
+/// Achieved bandwidth of the forwards rated in GB/s: the input's bytes (read at least once)
+/// over the forward's median time, and its share of the given and the measured bandwidth.
+fn print_bandwidth(rows: &[Row], routes: &[Route], given: Option<f64>, measured: Option<f64>) {
+    let mut header = String::from("| op | shape | path | MB read | fwd ms | GB/s |");
+    if let Some(gbs) = given {
+        header += &format!(" of {gbs:.0} GB/s (given) |");
+    }
+    if let Some(gbs) = measured {
+        header += &format!(" of {gbs:.0} GB/s (measured peak read) |");
+    }
+    println!();
+    println!(
+        "Achieved bandwidth of the forward (the input's bytes, read once, over the median time):"
+    );
+    println!("{header}");
+    println!("|{}", "---|".repeat(header.matches(" |").count()));
+    for row in rows {
+        let Some(bytes) = row.rated_bytes else {
+            continue;
+        };
+        for (route, (fwd, _)) in routes.iter().zip(&row.times) {
+            let gbs = bytes as f64 / (fwd * 1e-3) / 1e9;
+            let mut line = format!(
+                "| {} | {} | {} | {:.1} | {:.3} | {:.2} |",
                 row.op,
                 row.shape,
-                row.fwd,
-                row.fwd_bwd,
-                tf,
-                tb,
-                row.fwd / tf,
-                row.fwd_bwd / tb
-            ),
-            None => println!(
-                "| {} | {} | {:.2} | {:.2} | – | – | – | – |",
-                row.op, row.shape, row.fwd, row.fwd_bwd
-            ),
+                route.name(),
+                bytes as f64 / 1e6,
+                fwd,
+                gbs
+            );
+            for reference in [given, measured].into_iter().flatten() {
+                line += &format!(" {:.1} % |", 100.0 * gbs / reference);
+            }
+            println!("{line}");
         }
     }
 }

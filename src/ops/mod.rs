@@ -13,7 +13,7 @@
 //!   the tape and records one node whose backward is the closed form.
 //! - `routing`: the `Tensor`-level entry points the layers call, which take the extension on
 //!   a device it covers ([`extension_covers`]) and the composites, differentiated by ordinary
-//!   autodiff, elsewhere.
+//!   autodiff, elsewhere (or, for timing one against the other, wherever the caller asks).
 //!
 //! The list of covered backends is written once, in `pooling_extension!`: it generates the
 //! extension's dispatch, the [`TensorBridge`] of each backend and [`extension_covers`].
@@ -37,6 +37,10 @@ use burn::backend::{DispatchDevice, backend_extension};
 use burn::tensor::Device;
 
 pub use bridge::TensorBridge;
+/// Not API: the composite route on a covered device, for the speed table. Hidden, and free to
+/// change.
+#[doc(hidden)]
+pub use routing::with_composites;
 
 use crate::layout::Layout;
 use crate::maths::balanced::BalancedSettings;

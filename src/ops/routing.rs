@@ -1,11 +1,15 @@
 //! The `Tensor`-level face of the extension, what the layers and the public transport API
 //! call: each op runs on [`PoolingOps`] where [`extension_covers`] the device (a kernel with
 //! its analytical backward), and as the reference composite, differentiated by ordinary
-//! autodiff, elsewhere. This file is the only place that makes that choice.
+//! autodiff, elsewhere. This file is the only place that makes that choice. A caller can
+//! also ask for the composites on a covered device ([`with_composites`]), to time or check
+//! one route against the other on the same device.
+
+use std::cell::Cell;
 
 use burn::backend::Dispatch;
 use burn::backend::tensor::FloatTensor;
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 
 use super::{PoolingOps, SumOver, TransportOutput, extension_covers};
 use crate::layout::Layout;
@@ -16,6 +20,38 @@ use crate::maths::marginals::marginals_of;
 use crate::maths::newton_step::partial_transport_newton_step;
 use crate::maths::settings::TransportSettings;
 use crate::maths::weighted_sum;
+
+thread_local! {
+    /// Whether this thread is inside [`with_composites`].
+    static COMPOSITES_ONLY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every op the layers and the transport API call on this thread taking the
+/// composite route (the reference maths as tensor ops, differentiated by ordinary autodiff;
+/// GSP's solve differentiated through one tracked Newton step), as on a device the extension
+/// does not cover, even where it does. Restores the previous choice afterwards, also when `f`
+/// panics.
+///
+/// Not API: what `examples/speed_table.rs --path composite` times against the kernels on the
+/// same device. Thread-local, so other threads (and parallel tests) keep the kernels; a
+/// backward runs whatever its forward recorded, whenever it is called.
+pub fn with_composites<R>(f: impl FnOnce() -> R) -> R {
+    /// Puts the previous value back on drop, so a panic in `f` cannot leave the flag set.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            COMPOSITES_ONLY.with(|only| only.set(self.0));
+        }
+    }
+    let _restore = Restore(COMPOSITES_ONLY.with(|only| only.replace(true)));
+    f()
+}
+
+/// Whether the ops on `device` take the extension's kernels on this thread: it covers the
+/// device and no [`with_composites`] is running.
+fn kernels_run_on(device: &Device) -> bool {
+    extension_covers(device) && !COMPOSITES_ONLY.with(Cell::get)
+}
 
 /// GSP's costs `[B, K, N]` of features `[B, C, N]` or `[B, N, C]` and prototypes `[K, C]`.
 pub(crate) fn transport_costs(
@@ -68,7 +104,7 @@ fn solve<const D: usize>(
     output: TransportOutput,
     from_plan: impl FnOnce(Tensor<3>) -> Tensor<D>,
 ) -> (Tensor<D>, SolveStatus) {
-    if extension_covers(&costs.device()) {
+    if kernels_run_on(&costs.device()) {
         let (first, _plan, iterations, converged) = <Dispatch as PoolingOps>::partial_transport(
             costs.into_dispatch(),
             mass.into_dispatch(),
@@ -129,7 +165,7 @@ pub(crate) fn generalized_mean(
 ) -> Tensor<2> {
     // Both paths weigh the positions by a float mask (1 valid, 0 padding).
     let mask = mask.map(|mask| mask.float());
-    if extension_covers(&x.device()) {
+    if kernels_run_on(&x.device()) {
         let mask = mask.unwrap_or_else(|| {
             let (batch, positions, _) = layout.split(x.dims());
             Tensor::ones([batch, positions], &x.device())
@@ -157,16 +193,83 @@ pub(crate) fn weighted_sum(x: Tensor<3>, weights: Tensor<2>, layout: Layout) -> 
     )
 }
 
-/// A two-input op: `kernel` on the primitives where the extension covers the first input's
-/// device, `composite` on the tensors elsewhere.
+/// A two-input op: `kernel` on the primitives where the kernels run on the first input's
+/// device ([`kernels_run_on`]), `composite` on the tensors elsewhere.
 fn route<const A: usize, const B: usize, const OUT: usize>(
     (a, b, layout): (Tensor<A>, Tensor<B>, Layout),
     kernel: fn(FloatTensor<Dispatch>, FloatTensor<Dispatch>, Layout) -> FloatTensor<Dispatch>,
     composite: fn(Tensor<A>, Tensor<B>, Layout) -> Tensor<OUT>,
 ) -> Tensor<OUT> {
-    if extension_covers(&a.device()) {
+    if kernels_run_on(&a.device()) {
         Tensor::from_dispatch(kernel(a.into_dispatch(), b.into_dispatch(), layout))
     } else {
         composite(a, b, layout)
+    }
+}
+
+#[cfg(all(test, feature = "flex", feature = "autodiff"))]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, Tolerance};
+
+    use crate::pooling::{GemConfig, GspConfig};
+
+    #[test]
+    fn with_composites_holds_on_this_thread_only_and_restores() {
+        let device = Device::flex();
+        assert!(kernels_run_on(&device));
+        with_composites(|| {
+            assert!(!kernels_run_on(&device));
+            let elsewhere = device.clone();
+            let other_thread = std::thread::spawn(move || kernels_run_on(&elsewhere));
+            assert!(other_thread.join().expect("no panic"), "another thread");
+            with_composites(|| assert!(!kernels_run_on(&device)));
+            assert!(!kernels_run_on(&device), "after a nested call");
+        });
+        assert!(kernels_run_on(&device), "after the call");
+        let panicked = std::panic::catch_unwind(|| with_composites(|| panic!("inside")));
+        assert!(panicked.is_err());
+        assert!(kernels_run_on(&device), "after a panic inside");
+    }
+
+    /// The two routes the speed table times against each other compute the same outputs and
+    /// gradients: GSP's pooling, attributes and the gradients of its input and prototypes,
+    /// GeM's pooling and the gradients of its input and power.
+    #[test]
+    fn composite_route_matches_the_kernels_on_a_covered_device() {
+        use crate::ops::BACKWARD_CALLS;
+        use std::sync::atomic::Ordering;
+        let device = Device::flex().autodiff();
+        device.seed(19);
+        let x = Tensor::<3>::random([3, 7, 8], Distribution::Normal(0.0, 0.5), &device);
+        let gsp = GspConfig::new(8).with_num_prototypes(5).init(&device);
+        let gem = GemConfig::new().init(&device);
+        let run = || {
+            let tracked = x.clone().require_grad();
+            let out = gsp.forward_detailed(tracked.clone());
+            let pooled = gem.forward(tracked.clone().abs());
+            let loss = out.pooled.clone().sum()
+                + out.attributes.clone().powi_scalar(2).sum()
+                + pooled.clone().sum();
+            let grads = loss.backward();
+            [
+                out.pooled,
+                out.attributes,
+                pooled,
+                tracked.grad(&grads).expect("x's gradient").flatten(0, 1),
+                gsp.prototypes.val().grad(&grads).expect("ω's gradient"),
+                gem.p.val().grad(&grads).expect("p's gradient").unsqueeze(),
+            ]
+            .map(|t: Tensor<2>| t.into_data())
+        };
+        let before = BACKWARD_CALLS::TRANSPORT.load(Ordering::SeqCst);
+        let kernels = run();
+        assert!(BACKWARD_CALLS::TRANSPORT.load(Ordering::SeqCst) > before);
+        let composites = with_composites(run);
+        let names = ["pooled", "attributes", "GeM", "∂x", "∂ω", "∂p"];
+        for ((name, kernel), composite) in names.iter().zip(kernels).zip(composites) {
+            println!("{name}");
+            kernel.assert_approx_eq::<f32>(&composite, Tolerance::rel_abs(1e-4, 1e-5));
+        }
     }
 }

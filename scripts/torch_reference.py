@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""PyTorch versions of burn-pooling's layers, timed the way examples/speed_table.rs times ours.
+
+    THREADS=2 python3 scripts/torch_reference.py bench [OUT.json] [--device cpu|cuda] [--quick]
+
+Writes {"torch": version, "threads": n, "device": ..., "results": [{"op", "shape", "fwd_ms",
+"fwd_bwd_ms"}, ...]}, the layout speed_table reads. Each time is the median of 20 runs after 3
+warm-up runs (GSP: 10 after 2; --quick: 3 after 1). On CUDA every run ends with
+torch.cuda.synchronize(), so the queued kernels are inside the time.
+
+The maths is docs/maths.md's. GSP is written the way a PyTorch user of the paper's code runs
+it: the reference's Sinkhorn-style scaling in the linear domain for a fixed 100 iterations,
+then the implicit backward of docs/maths.md §4 (and, as a second row, autograd through the
+unrolled iterations). Needs only torch (pip install torch, in a virtualenv outside the
+repository).
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+EPS = 1e-6  # GeM's clamp
+
+
+# --------------------------------------------------------------------------- maths.md §1
+def gem(x, p, dim, eps=EPS):
+    """Generalized mean over `dim` with the power `p` broadcast against x: (mean max(x, ε)^p)^(1/p)."""
+    return x.clamp(min=eps).pow(p).mean(dim).pow(1.0 / p)
+
+
+def gem_maps(x, p):
+    """GeM of maps [B, C, H, W] -> [B, C], as cirtorch writes it (average pooling of x^p)."""
+    pooled = torch.nn.functional.avg_pool2d(x.clamp(min=EPS).pow(p), x.shape[-2:])
+    return pooled.pow(1.0 / p).flatten(1)
+
+
+def grouped_gem_tokens(x, powers):
+    """GGeM of tokens [B, N, C] with one power per contiguous group of channels -> [B, C]."""
+    b, n, c = x.shape
+    g = powers.shape[0]
+    grouped = x.reshape(b, n, g, c // g)
+    return gem(grouped, powers.reshape(1, 1, g, 1), dim=1).reshape(b, c)
+
+
+# --------------------------------------------------------------------------- maths.md §2-4
+def phi(v):
+    """φ(v) = v / max(1, ‖v‖₂) over the last axis."""
+    return v / v.norm(dim=-1, keepdim=True).clamp(min=1.0)
+
+
+def costs_of(x, prototypes):
+    """c_kn = ‖φ(ω_k) − φ(x_n)‖₂ for tokens [B, N, C] and prototypes [K, C] -> [B, K, N]."""
+    fx, fp = phi(x), phi(prototypes)
+    return torch.cdist(fp.unsqueeze(0).expand(x.shape[0], -1, -1), fx)
+
+
+def scaling_solve(costs, mu, epsilon, iterations):
+    """The reference's scaling for the scalar dual, linear domain, no stopping test.
+
+    With G = exp(−c/ε), s_n = Σ_k G_kn and b = e^β: a_n = (1/N) / (1 + b s_n), b = μ / Σ_n a_n s_n.
+    Returns X = [ρ; P] [B, K+1, N] with ρ_n = a_n and P_kn = b G_kn a_n.
+    """
+    batch, _, n = costs.shape
+    kernel = torch.exp(-costs / epsilon)
+    s = kernel.sum(1)
+    b = torch.ones(batch, 1, dtype=costs.dtype, device=costs.device)
+    for _ in range(iterations):
+        a = (1.0 / n) / (1.0 + b * s)
+        b = mu / (a * s).sum(1, keepdim=True)
+    a = (1.0 / n) / (1.0 + b * s)
+    plan = b.unsqueeze(1) * kernel * a.unsqueeze(1)
+    return torch.cat([a.unsqueeze(1), plan], 1)
+
+
+class ImplicitTransport(torch.autograd.Function):
+    """X = [ρ; P] of the partial transport, with the implicit backward of docs/maths.md §4."""
+
+    @staticmethod
+    def forward(ctx, costs, mu, epsilon, iterations):
+        with torch.no_grad():
+            x = scaling_solve(costs, mu, epsilon, iterations)
+        ctx.save_for_backward(x)
+        ctx.epsilon = epsilon
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        n = x.shape[2]
+        mass = 1.0 / n  # a_n, no padding here
+        h = x * grad
+        u = h.sum(1)  # U_n over all K+1 rows
+        rho, plan = x[:, 0, :], x[:, 1:, :]
+        sent = plan.sum(1)  # t_n
+        numerator = (rho * u).sum(1) / mass - h[:, 0, :].sum(1)
+        denominator = ((rho * sent).sum(1) / mass).clamp(min=1e-20)
+        lam = numerator / denominator
+        v = (u + lam.unsqueeze(1) * rho) / mass
+        d_costs = -(h[:, 1:, :] - v.unsqueeze(1) * plan) / ctx.epsilon
+        return d_costs, None, None, None
+
+
+def gsp_tokens(x, prototypes, mu=0.3, epsilon=0.2, iterations=100, implicit=True):
+    """GSP of tokens [B, N, C]: (pooled [B, C], weights [B, N], attributes [B, K])."""
+    n = x.shape[1]
+    costs = costs_of(x, prototypes)
+    if implicit:
+        plan = ImplicitTransport.apply(costs, mu, epsilon, iterations)
+    else:
+        plan = scaling_solve(costs, mu, epsilon, iterations)
+    weights = (1.0 / n - plan[:, 0, :]) / mu  # w = (a − ρ) / μ
+    pooled = (weights.unsqueeze(2) * x).sum(1)  # y = Σ_n w_n x_n, as the paper's code writes it
+    attributes = plan[:, 1:, :].sum(2) / mu
+    return pooled, weights, attributes
+
+
+# --------------------------------------------------------------------------- timing
+def median_ms(fn, reps, warm, sync):
+    for _ in range(warm):
+        fn()
+        sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def bench(device, quick):
+    torch.manual_seed(0)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    runs = (3, 1) if quick else (20, 3)
+    gsp_runs = (3, 1) if quick else (10, 2)
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    out = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": name,
+        "results": [],
+    }
+
+    def record(op, shape, forward, forward_backward, reps_warm=runs):
+        fwd = median_ms(forward, *reps_warm, sync)
+        fwd_bwd = median_ms(forward_backward, *reps_warm, sync)
+        out["results"].append({"op": op, "shape": shape, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd})
+        print(f"{op:28s} {str(shape):22s} fwd {fwd:9.3f} ms   fwd+bwd {fwd_bwd:9.3f} ms", flush=True)
+
+    def no_grad(f):
+        def run():
+            with torch.no_grad():
+                f()
+        return run
+
+    for b, n, c in [(64, 49, 2048), (64, 196, 768)]:
+        side = math.isqrt(n)
+        tokens = torch.rand(b, n, c, device=device)
+        tokens_g = tokens.clone().requires_grad_(True)
+        maps = tokens.transpose(1, 2).reshape(b, c, side, side).contiguous()
+        maps_g = maps.clone().requires_grad_(True)
+        shape = [b, c, side, side]
+
+        def gap(m):
+            return m.mean((2, 3))
+
+        def gmp(m):
+            return m.amax((2, 3))
+
+        def gap_gmp(m):
+            return m.mean((2, 3)) + m.amax((2, 3))
+
+        for op, layer in [("gap_nchw", gap), ("gmp_nchw", gmp), ("gap_gmp_nchw(sum)", gap_gmp)]:
+            record(
+                op,
+                shape,
+                no_grad(lambda: layer(maps)),
+                lambda: layer(maps_g).sum().backward(),
+            )
+
+        p = torch.tensor(3.0, device=device, requires_grad=True)
+        record(
+            "gem_nchw(cirtorch)",
+            shape,
+            no_grad(lambda: gem_maps(maps, p)),
+            lambda: gem_maps(maps_g, p).sum().backward(),
+        )
+
+        groups = 12 if c % 12 == 0 else 16
+        powers = torch.full((groups,), 3.0, device=device, requires_grad=True)
+        record(
+            f"ggem_tokens(G={groups})",
+            [b, n, c],
+            no_grad(lambda: grouped_gem_tokens(tokens, powers)),
+            lambda: grouped_gem_tokens(tokens_g, powers).sum().backward(),
+        )
+
+    for b, n, d, k in [(64, 49, 512, 64), (128, 49, 128, 128), (64, 196, 768, 64)]:
+        x = torch.randn(b, n, d, device=device) * 0.1
+        prototypes = torch.randn(k, d, device=device) * 0.1
+        x_g = x.clone().requires_grad_(True)
+        prototypes_g = prototypes.clone().requires_grad_(True)
+
+        def train(implicit):
+            def run():
+                pooled, _, attributes = gsp_tokens(x_g, prototypes_g, implicit=implicit)
+                (pooled.sum() + attributes.sum()).backward()
+            return run
+
+        forward = no_grad(lambda: gsp_tokens(x, prototypes))
+        record("gsp_tokens(analytic bwd)", [b, n, d, k], forward, train(True), gsp_runs)
+        record("gsp_tokens(unrolled bwd)", [b, n, d, k], forward, train(False), gsp_runs)
+    return out
+
+
+def main(argv):
+    args = list(argv)
+    device, quick = "cpu", False
+    if "--quick" in args:
+        args.remove("--quick")
+        quick = True
+    if "--device" in args:
+        at = args.index("--device")
+        if at + 1 >= len(args) or args[at + 1] not in ("cpu", "cuda"):
+            sys.exit("torch_reference.py: --device expects cpu or cuda")
+        device = args[at + 1]
+        del args[at : at + 2]
+    if not args or args[0] != "bench" or len(args) > 2:
+        sys.exit("usage: torch_reference.py bench [OUT.json] [--device cpu|cuda] [--quick]")
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("torch_reference.py: --device cuda, but torch.cuda.is_available() is False")
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    result = bench(torch.device(device), quick)
+    if len(args) == 2:
+        with open(args[1], "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
