@@ -14,6 +14,8 @@
 //!   --measure-bandwidth       also measure the device's peak read bandwidth (Burn's probe)
 //!   --reps N, --warm N        timed and warm-up runs per op (default 20 and 3; GSP 10 and 2)
 //!   --quick                   3 timed runs after 1 warm-up (a dry run)
+//!   --masked                  also time each GSP row with a mask (all positions valid): the
+//!                             cost of selecting the padding away
 //! ```
 //!
 //! Every timed run ends by reading one value back from the device (the output, or the input's
@@ -23,14 +25,14 @@
 use std::time::Instant;
 
 use burn::module::Param;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Bool, Device, Distribution, Tensor};
 use burn_pooling::PoolingInput;
 use burn_pooling::ops::with_composites;
 use burn_pooling::{GapConfig, GapGmpConfig, GemConfig, GmpConfig, GroupGemConfig, Gsp, GspConfig};
 
 const USAGE: &str = "usage: speed_table [TORCH.json] [--device flex|wgpu] \
 [--path kernels|composite|both] [--bandwidth-gbs X] [--measure-bandwidth] [--reps N] \
-[--warm N] [--quick]";
+[--warm N] [--quick] [--masked]";
 
 /// Which of the crate's two routes runs the layers' ops.
 #[derive(Clone, Copy, PartialEq)]
@@ -65,6 +67,8 @@ struct Options {
     measure_bandwidth: bool,
     /// (timed, warm-up) runs for the pooling layers, then for GSP.
     runs: [(usize, usize); 2],
+    /// Also time GSP with a mask.
+    masked: bool,
 }
 
 fn fail(message: &str) -> ! {
@@ -80,6 +84,7 @@ fn parse_args() -> Options {
         bandwidth_gbs: None,
         measure_bandwidth: false,
         runs: [(20, 3), (10, 2)],
+        masked: false,
     };
     let (mut reps, mut warm) = (None, None);
     let mut args = std::env::args().skip(1);
@@ -120,6 +125,7 @@ fn parse_args() -> Options {
             "--reps" => reps = Some(count("--reps", value("--reps")).max(1)),
             "--warm" => warm = Some(count("--warm", value("--warm"))),
             "--quick" => (reps, warm) = (Some(3), Some(1)),
+            "--masked" => options.masked = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0)
@@ -379,6 +385,30 @@ fn main() {
                 backward_sync(out.pooled.sum() + out.attributes.sum(), &input);
             },
         ));
+        if options.masked {
+            // Every position valid: the layer's result is the unmasked one, and the time
+            // difference is the mask's cost (the select that keeps padding out).
+            let (mask, mask_t) = (
+                Tensor::<2, Bool>::ones([b, n], &device),
+                Tensor::<2, Bool>::ones([b, n], &train),
+            );
+            rows.push(Row::timed(
+                (
+                    "GSP, masked (all valid)",
+                    "gsp_tokens_masked",
+                    format!("[{b}, {n}, {d}], K = {k}"),
+                ),
+                routes,
+                gsp_runs,
+                || sync(gsp.forward(PoolingInput::tokens(x.clone()).with_mask(mask.clone()))),
+                || {
+                    let input = x_t.clone().require_grad();
+                    let masked = PoolingInput::tokens(input.clone()).with_mask(mask_t.clone());
+                    let out = gsp_t.forward_detailed(masked);
+                    backward_sync(out.pooled.sum() + out.attributes.sum(), &input);
+                },
+            ));
+        }
     }
 
     let torch: Option<Vec<(String, f64, f64)>> = options.torch.as_ref().map(|path| {
