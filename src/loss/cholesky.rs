@@ -3,17 +3,9 @@
 //! both sides. Meant for the ridge systems of [`ZeroShotLoss`](super::ZeroShotLoss), whose
 //! size is half a batch: O(n) small ops, no explicit inverse.
 
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
 
-/// The unit roundoff of a float type: the relative error of one rounding.
-fn unit_roundoff(dtype: DType) -> f64 {
-    match dtype {
-        DType::F64 => f64::EPSILON,
-        DType::F16 => 9.765625e-4,
-        DType::BF16 => 7.8125e-3,
-        _ => f32::EPSILON as f64,
-    }
-}
+use crate::maths::precision::unit_roundoff;
 
 /// Lower-triangular L with A = L Lᵀ, built column by column.
 ///

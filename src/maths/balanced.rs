@@ -23,8 +23,9 @@
 //! (converged), the iteration cap, the potentials not moving, [`STALL_PATIENCE`] iterations
 //! without a new smallest error, or a NaN.
 
-use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 
+use super::precision::unit_roundoff;
 use super::settings::{MAX_SOLVER_ITERATIONS, MIN_EPSILON};
 use super::solver::{SolveReport, Status, Stopping, report_tensors};
 use crate::checks;
@@ -367,16 +368,6 @@ fn implicit_plan(
     let y = (rhs_columns - x.clone().swap_dims(1, 2).matmul(fixed.clone())) * inverse_columns;
     let delta = x + y + kernel;
     fixed * (delta.clone() - delta.detach()).exp()
-}
-
-/// The unit roundoff of a float type: the relative error of one rounding.
-fn unit_roundoff(dtype: DType) -> f64 {
-    match dtype {
-        DType::F64 => f64::EPSILON,
-        DType::F16 => 9.765625e-4,
-        DType::BF16 => 7.8125e-3,
-        _ => f32::EPSILON as f64,
-    }
 }
 
 /// (∂L/∂C `[B, K', N]`, ∂L/∂a `[B, K']`, ∂L/∂b `[B, N]`) at the plan P `[B, K', N]` from

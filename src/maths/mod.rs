@@ -16,6 +16,7 @@ pub(crate) mod generalized_mean;
 pub(crate) mod implicit_backward;
 pub(crate) mod marginals;
 pub(crate) mod newton_step;
+pub(crate) mod precision;
 pub(crate) mod settings;
 pub(crate) mod solver;
 pub(crate) mod weighted_sum;

@@ -9,6 +9,7 @@ use burn::tensor::{Bool, DType, Device, Tensor};
 use super::input::{PoolingInput, Positions};
 use crate::checks;
 use crate::display::one_line_display;
+use crate::maths::precision::unit_roundoff;
 
 /// What [`Lse`] outputs. Default: the log-sum-exp itself.
 #[derive(Config, Copy, Debug, PartialEq, Eq)]
@@ -157,16 +158,6 @@ fn lowest(dtype: DType) -> f64 {
     }
 }
 
-/// The machine epsilon of the dtype, for the Taylor crossover.
-fn epsilon(dtype: DType) -> f64 {
-    match dtype {
-        DType::F64 => f64::EPSILON,
-        DType::F16 => 9.77e-4,
-        DType::BF16 => 7.81e-3,
-        _ => f32::EPSILON as f64,
-    }
-}
-
 /// LSE or its softmax mean of the positions with temperature `r` `[1]`: docs/maths.md §8.
 fn log_sum_exp(positions: Positions, r: Tensor<1>, output: LseOutput) -> Tensor<2> {
     let (batch, _, channels) = positions.dims();
@@ -211,7 +202,7 @@ fn log_sum_exp(positions: Positions, r: Tensor<1>, output: LseOutput) -> Tensor<
             // others feed it zeros, so that nothing non-finite enters its unused backward.
             let bottom = select(x, f64::INFINITY).min_dim(axis).detach();
             let spread = (top.clone() - bottom) * r3.clone().detach();
-            let crossover = 4.0 * epsilon(dtype).cbrt();
+            let crossover = 4.0 * unit_roundoff(dtype).cbrt();
             let taylor = spread.lower_elem(crossover);
             let d = d.mask_fill(taylor.clone().bool_not().expand(dims), 0.0);
             let mean = d.clone().sum_dim(axis) / valid.clone();
