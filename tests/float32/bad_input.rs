@@ -1379,11 +1379,12 @@ fn run_in_thread(case: Case) -> (Outcome, String) {
     }
 }
 
-/// The environment variable that makes `isolated_case` run one case in a child process.
+/// The environment variable that makes `bad_input_matrix`, in a child process, run the one
+/// case it names.
 const ISOLATED: &str = "BURN_POOLING_BAD_INPUT_CASE";
 
-/// Runs a case in a child process (this test binary, `isolated_case`), so that an abort is
-/// seen and a hang is killed.
+/// Runs a case in a child process (this test binary's `bad_input_matrix`, told which case by
+/// the environment), so that an abort is seen and a hang is killed.
 fn run_in_child(name: &str) -> (Outcome, String) {
     static CHILDREN: AtomicUsize = AtomicUsize::new(0);
     let log = std::env::temp_dir().join(format!(
@@ -1393,9 +1394,8 @@ fn run_in_child(name: &str) -> (Outcome, String) {
     ));
     let mut child = std::process::Command::new(std::env::current_exe().expect("the test binary"))
         .args([
-            "bad_input::isolated_case",
+            "bad_input::bad_input_matrix",
             "--exact",
-            "--ignored",
             "--nocapture",
             "--test-threads=1",
         ])
@@ -1449,14 +1449,8 @@ fn run_in_child(name: &str) -> (Outcome, String) {
     }
 }
 
-/// The entry point of a child process: runs the case named by the environment.
-#[test]
-#[ignore = "run by bad_input_matrix in a child process"]
-fn isolated_case() {
-    let Ok(name) = std::env::var(ISOLATED) else {
-        return;
-    };
-    quiet_case_panics();
+/// The child process's part: runs the case named by the environment and prints its outcome.
+fn run_isolated(name: &str) {
     let case = all_cases()
         .into_iter()
         .find(|case| case.name == name)
@@ -1469,6 +1463,9 @@ fn isolated_case() {
 #[test]
 fn bad_input_matrix() {
     quiet_case_panics();
+    if let Ok(name) = std::env::var(ISOLATED) {
+        return run_isolated(&name);
+    }
     let cases = all_cases();
     let total = cases.len();
     let mut results: Vec<(String, Outcome, String)> = Vec::with_capacity(total);
