@@ -129,10 +129,12 @@ impl Lse {
     /// valid position, or ρ is on another device than the input.
     pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
         let positions = input.into().resolve("Lse", self.num_prefix_tokens);
-        let (input, parameter) = (positions.features.device(), self.rho.device());
-        assert!(
-            input == parameter,
-            "Lse: the temperature and the input must be on one device, got ρ on {parameter:?}, the input on {input:?}"
+        checks::same_device(
+            "Lse",
+            [
+                ("the input", &positions.features.device()),
+                ("the temperature", &self.rho.device()),
+            ],
         );
         if positions.is_empty() {
             // An empty `[0, C]` that a backward still reaches.

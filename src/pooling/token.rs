@@ -32,6 +32,16 @@ pub enum TokenMode {
 }
 
 impl TokenMode {
+    /// Every mode, in declaration order.
+    pub const ALL: [TokenMode; 6] = [
+        Self::Cls,
+        Self::Last,
+        Self::Mean,
+        Self::Max,
+        Self::MeanSqrtLen,
+        Self::WeightedMean,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Self::Cls => "Cls",
@@ -265,14 +275,7 @@ mod tests {
     use burn::tensor::{Device, TensorData, Tolerance};
 
     fn all_modes() -> Vec<TokenMode> {
-        vec![
-            TokenMode::Cls,
-            TokenMode::Last,
-            TokenMode::Mean,
-            TokenMode::Max,
-            TokenMode::MeanSqrtLen,
-            TokenMode::WeightedMean,
-        ]
+        TokenMode::ALL.to_vec()
     }
 
     /// One channel, tokens [p, 1, 2, 4, pad] with a prefix p = 9 and NaN padding.

@@ -92,14 +92,7 @@ const LAYERS: [&str; 8] = [
 
 /// TokenPooling's modes here: every mode, `Cls` first (its block reads the prefix token, by
 /// design, so the skipped-prefix case checks it apart).
-const TOKEN_MODES: [TokenMode; 6] = [
-    TokenMode::Cls,
-    TokenMode::Last,
-    TokenMode::Mean,
-    TokenMode::Max,
-    TokenMode::MeanSqrtLen,
-    TokenMode::WeightedMean,
-];
+const TOKEN_MODES: [TokenMode; 6] = TokenMode::ALL;
 
 /// A layer with C = 4 channels (GroupGem: 2 groups; Gsp: K = 3), its default settings
 /// otherwise, through the one config type users store.

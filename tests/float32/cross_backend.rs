@@ -95,14 +95,7 @@ fn outcome(device: &Device) -> Vec<(&'static str, Vec<f64>)> {
         out.push((label, values(tokens.grad(&grads).unwrap())));
         out.push((label, values(lse.rho.val().grad(&grads).unwrap())));
     }
-    let modes = vec![
-        TokenMode::Cls,
-        TokenMode::Last,
-        TokenMode::Mean,
-        TokenMode::Max,
-        TokenMode::MeanSqrtLen,
-        TokenMode::WeightedMean,
-    ];
+    let modes = TokenMode::ALL.to_vec();
     let pool = TokenPoolingConfig::new(modes)
         .with_num_prefix_tokens(1)
         .init();
