@@ -15,25 +15,20 @@
 //! [`PoolingInput`] (maps or tokens, with a mask, with prefix tokens). [`PoolingConfig`] and
 //! [`Pooling`] are one config and one module for all of them, to choose the pooling at run
 //! time.
+//!
+//! The layers live in families, one folder each: `reductions` (per-channel reductions),
+//! `transport` (weights from optimal transport onto prototypes).
 
 mod choice;
-mod gap;
-mod gap_gmp;
-mod gem;
-mod gmp;
-mod group_gem;
-mod gsp;
 mod input;
-mod lse;
-mod token;
+mod reductions;
+mod transport;
 
 pub use choice::{Pooling, PoolingConfig};
-pub use gap::{Gap, GapConfig};
-pub use gap_gmp::{GapGmp, GapGmpCombine, GapGmpConfig};
-pub use gem::{Gem, GemConfig, MIN_EPS, MIN_POWER};
-pub use gmp::{Gmp, GmpConfig};
-pub use group_gem::{GroupGem, GroupGemConfig, GroupLayout};
-pub use gsp::{Gsp, GspConfig, GspOutput};
 pub use input::PoolingInput;
-pub use lse::{Lse, LseConfig, LseOutput};
-pub use token::{TokenMode, TokenPooling, TokenPoolingConfig};
+pub use reductions::{
+    Gap, GapConfig, GapGmp, GapGmpCombine, GapGmpConfig, Gem, GemConfig, Gmp, GmpConfig, GroupGem,
+    GroupGemConfig, GroupLayout, Lse, LseConfig, LseOutput, MIN_EPS, MIN_POWER, TokenMode,
+    TokenPooling, TokenPoolingConfig,
+};
+pub use transport::{Gsp, GspConfig, GspOutput};

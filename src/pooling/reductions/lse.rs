@@ -6,10 +6,10 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::softplus;
 use burn::tensor::{Bool, DType, Device, Tensor};
 
-use super::input::{PoolingInput, Positions};
 use crate::checks;
 use crate::display::one_line_display;
 use crate::maths::precision::unit_roundoff;
+use crate::pooling::input::{PoolingInput, Positions};
 
 /// What [`Lse`] outputs. Default: the log-sum-exp itself.
 #[derive(Config, Copy, Debug, PartialEq, Eq)]

@@ -6,9 +6,9 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Int, Tensor};
 
-use super::input::{PoolingInput, Positions};
 use crate::display::one_line_display;
 use crate::layout::Layout;
+use crate::pooling::input::{PoolingInput, Positions};
 
 /// One reduction of [`TokenPooling`]. Each gives a `[B, C]` block.
 #[derive(Config, Copy, Debug, PartialEq, Eq)]

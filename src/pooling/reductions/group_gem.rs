@@ -5,9 +5,9 @@ use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 
 use super::gem::{initial_powers, pool};
-use super::input::PoolingInput;
 use crate::checks;
 use crate::display::one_line_display;
+use crate::pooling::input::PoolingInput;
 
 /// How channels are assigned to the groups of [`GroupGem`]. Default: contiguous.
 #[derive(Config, Copy, Debug, PartialEq, Eq)]
@@ -27,10 +27,10 @@ pub struct GroupGemConfig {
     /// Number of channel groups G, usually the number of attention heads (ViT-Ti 3, S 6, B 12,
     /// L 16). The channel count must be divisible by it.
     pub groups: usize,
-    /// Initial power of every group (≥ [`MIN_POWER`](super::MIN_POWER)). Default: 3.
+    /// Initial power of every group (≥ [`MIN_POWER`](crate::pooling::MIN_POWER)). Default: 3.
     #[config(default = 3.0)]
     pub p: f64,
-    /// Clamp ε (≥ [`MIN_EPS`](super::MIN_EPS)). Default: 1e-6.
+    /// Clamp ε (≥ [`MIN_EPS`](crate::pooling::MIN_EPS)). Default: 1e-6.
     #[config(default = 1e-6)]
     pub eps: f64,
     /// Whether the powers are trained. Default: true.
@@ -51,7 +51,7 @@ impl GroupGemConfig {
     /// # Panics
     ///
     /// If `groups` is 0 or above 2³¹ (checked before allocating), `p` is not a finite number
-    /// ≥ [`MIN_POWER`](super::MIN_POWER), or `eps` one ≥ [`MIN_EPS`](super::MIN_EPS).
+    /// ≥ [`MIN_POWER`](crate::pooling::MIN_POWER), or `eps` one ≥ [`MIN_EPS`](crate::pooling::MIN_EPS).
     pub fn init(&self, device: &Device) -> GroupGem {
         checks::at_least_one("GroupGem", "groups", self.groups);
         GroupGem {
@@ -76,7 +76,7 @@ impl GroupGemConfig {
 /// y_c = ( (1/N) Σ_n max(x_{n,c}, ε)^{p_g(c)} )^(1 / p_g(c))
 /// ```
 ///
-/// One group is [`Gem`](super::Gem); C groups give one power per channel; all p = 1 is GAP
+/// One group is [`Gem`](crate::pooling::Gem); C groups give one power per channel; all p = 1 is GAP
 /// (of the clamped values). Stable for large p and clamped channels, like `Gem`. Note the
 /// clamp: negative token values all count as ε.
 ///
@@ -133,7 +133,7 @@ impl GroupGem {
     /// Pools feature maps `[B, C, H, W]`, a token set `[B, N, C]` (skipping the first
     /// `num_prefix_tokens` tokens) or any [`PoolingInput`] (masked, with its own prefix) into
     /// `[B, C]`. C must be divisible by `groups`. Each group pools with max(p_g,
-    /// [`MIN_POWER`](super::MIN_POWER)) (no device read: a power trained below the floor
+    /// [`MIN_POWER`](crate::pooling::MIN_POWER)) (no device read: a power trained below the floor
     /// pools as the floor, and its gradient still reaches it). An empty batch (B = 0) gives an
     /// empty `[0, C]`.
     ///
@@ -141,7 +141,7 @@ impl GroupGem {
     ///
     /// If no position is left to pool (N, H or W is 0, or N ≤ the prefix), C = 0, the mask's
     /// shape does not match, a mask row has no valid position, C is not divisible by
-    /// `groups`, `eps` was set below [`MIN_EPS`](super::MIN_EPS) (or to a non-finite
+    /// `groups`, `eps` was set below [`MIN_EPS`](crate::pooling::MIN_EPS) (or to a non-finite
     /// value), or the input (or its mask) is on another device than `p`.
     pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
         pool(

@@ -4,8 +4,8 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::Tensor;
 
-use super::input::PoolingInput;
 use crate::display::one_line_display;
+use crate::pooling::input::PoolingInput;
 
 /// Configuration of [`Gmp`]: only the prefix to skip, the maximum has no parameter.
 #[derive(Config, Debug)]
@@ -29,7 +29,7 @@ impl GmpConfig {
 /// The channel-wise maximum over the N = H·W positions of a map or the N tokens of a set (over
 /// the valid ones only, when masked: padding never wins, whatever its values). Called MAC
 /// (maximum activations of convolutions) in image retrieval (Tolias, Sicre, Jégou, ICLR 2016);
-/// it is the p → ∞ limit of [`Gem`](super::Gem).
+/// it is the p → ∞ limit of [`Gem`](crate::pooling::Gem).
 ///
 /// The gradient of each output channel goes to its winning position only (the first one on
 /// ties, as the backend's `max_dim` picks it); every other position, padding included, gets 0.

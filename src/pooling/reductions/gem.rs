@@ -4,9 +4,9 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 
-use super::input::PoolingInput;
 use crate::checks;
 use crate::display::one_line_display;
+use crate::pooling::input::PoolingInput;
 
 /// The smallest power GeM and GGeM pool with. Below it f32 no longer resolves the mean of
 /// exp(p (l − M)) − 1 (about 1e-4 relative error in ln y at p = 1e-3, all of it at 1e-7):

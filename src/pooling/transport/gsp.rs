@@ -6,12 +6,12 @@ use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::{Bool, Device, Int, Tensor};
 
-use super::input::{PoolingInput, Positions};
 use crate::checks;
 use crate::display::one_line_display;
 use crate::maths::costs::lipschitz_normalize;
 use crate::maths::settings::{TransportSettings, TransportSolver};
 use crate::ops::routing::{transport_costs, transport_marginals};
+use crate::pooling::input::{PoolingInput, Positions};
 
 /// Configuration of [`Gsp`]. Defaults are the reference's for CUB/Cars196 (Gürbüz et al.,
 /// ICCV 2023): K = 64, μ = 0.3, γ = 5 (ε = 0.2), 100 iterations.

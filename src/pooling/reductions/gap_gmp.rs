@@ -4,8 +4,8 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::Tensor;
 
-use super::input::PoolingInput;
 use crate::display::one_line_display;
+use crate::pooling::input::PoolingInput;
 
 /// How [`GapGmp`] combines the mean and the maximum. Default: the sum.
 #[derive(Config, Copy, Debug, PartialEq, Eq)]
@@ -47,7 +47,7 @@ impl GapGmpConfig {
 /// ```
 ///
 /// Both halves see the same valid positions (the mask and the prefix apply to both), so this
-/// is exactly [`Gap`](super::Gap) and [`Gmp`](super::Gmp) of the same input, summed or
+/// is exactly [`Gap`](crate::pooling::Gap) and [`Gmp`](crate::pooling::Gmp) of the same input, summed or
 /// concatenated.
 ///
 /// # Shapes

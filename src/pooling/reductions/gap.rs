@@ -4,8 +4,8 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::Tensor;
 
-use super::input::PoolingInput;
 use crate::display::one_line_display;
+use crate::pooling::input::PoolingInput;
 
 /// Configuration of [`Gap`].
 #[derive(Config, Debug)]
@@ -28,7 +28,7 @@ impl GapConfig {
 ///
 /// The mean over the N = H·W positions of a map or the N tokens of a set (over the valid ones
 /// only, when masked: padding is selected away, so whatever it holds, NaN included, reaches
-/// neither the output nor a gradient). [`Gem`](super::Gem) with p = 1 and [`Gsp`](super::Gsp) with
+/// neither the output nor a gradient). [`Gem`](crate::pooling::Gem) with p = 1 and [`Gsp`](crate::pooling::Gsp) with
 /// `transport_ratio = 1` reduce to it.
 #[derive(Module, Debug, Default)]
 #[module(custom_display)]
