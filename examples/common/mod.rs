@@ -248,7 +248,7 @@ pub struct BackboneConfig {
     /// standardised with them.
     pub pixel_mean: f32,
     pub pixel_std: f32,
-    /// The side of the last map is the image side divided by this: 4 (default) or 2.
+    /// The side of the last map is the image side divided by this: 4 (default), 2 or 8.
     pub downsample: usize,
 }
 
@@ -280,8 +280,8 @@ pub struct Backbone {
 impl Backbone {
     pub fn new(config: &BackboneConfig, device: &Device) -> Self {
         assert!(
-            matches!(config.downsample, 2 | 4),
-            "Backbone: `downsample` must be 2 or 4, got {}",
+            matches!(config.downsample, 2 | 4 | 8),
+            "Backbone: `downsample` must be 2, 4 or 8, got {}",
             config.downsample
         );
         let conv = |input: usize, output: usize, stride: usize| {
@@ -293,11 +293,16 @@ impl Backbone {
         };
         let norm = |channels: usize| BatchNormConfig::new(channels).init(device);
         Self {
-            conv1: conv(1, 16, 1),
+            // Downsampling by 8 strides the first convolution too (large, cluttered canvases).
+            conv1: conv(
+                1,
+                16,
+                config.downsample / 4 + usize::from(config.downsample < 4),
+            ),
             norm1: norm(16),
             conv2: conv(16, 32, 2),
             norm2: norm(32),
-            conv3: conv(32, FEATURES, config.downsample / 2),
+            conv3: conv(32, FEATURES, config.downsample.min(4) / 2),
             norm3: norm(FEATURES),
             conv4: conv(FEATURES, FEATURES, 1),
             norm4: norm(FEATURES),
