@@ -19,15 +19,14 @@
 //! embedding and proxies, and sees the same batches. Heads:
 //!
 //! * GAP: the mean.
+//! * GMP: the maximum.
+//! * GAP+GMP: their sum.
 //! * GeM: learnable p (initially 3).
 //! * GGeM: 8 groups of 8 channels, one learnable p each (initially 3).
 //! * GSP + ZSR: K = 16 prototypes, μ = 0.3, ε = 0.05 (the `metric_learning` settings), loss
 //!   0.9·metric + 0.1·`ZeroShotLoss` over the batch's two class-disjoint halves; it pools as
 //!   GAP for the first eighth of the steps, then its prototypes are set by greedy k-center over
 //!   the last 1024 GAP-pooled features (the training recipe of docs/maths.md §6).
-//!
-//! GMP and GAP+GMP are not among this example's heads; `examples/learner.rs` trains them
-//! on Fashion-MNIST too.
 //!
 //! Run: `cargo run --release --example fashion_mnist` (defaults: `--train-classes 0,1,2,3,4
 //! --seeds 1,2,3 --steps 500`); `--help` lists the options, including GSP's ablations.
@@ -338,7 +337,7 @@ usage: fashion_mnist [options]
   --seeds LIST           seeds, e.g. 1,2,3 (default)
   --steps N              training steps per head and seed (default 500)
   --data DIR             the IDX files (default /usr/share/datasets/fashion-mnist)
-  --heads LIST           among gap,gem,ggem,gsp (default: all)
+  --heads LIST           among gap,gmp,gapgmp,gem,ggem,gsp (default: all)
   --map-side S           the backbone's map side: the canvas side / 2, / 4 (default) or / 8
 Clutter (cluttered MNIST, Mnih et al. 2014; defaults: the plain images):
   --canvas S             each garment at a random place on an S×S black canvas (28)
@@ -377,7 +376,7 @@ fn parse_options() -> Result<Options, String> {
         train_classes: vec![0, 1, 2, 3, 4],
         seeds: vec![1, 2, 3],
         steps: 500,
-        heads: Pooling::ALL.to_vec(),
+        heads: Pooling::EVERY.to_vec(),
         map_side: None,
         clutter: Clutter {
             canvas: 28,
@@ -475,7 +474,7 @@ fn parse_options() -> Result<Options, String> {
     if !(0.0..1.0).contains(&options.gsp.warmup) {
         return Err("--gsp-warmup: a fraction in [0, 1)".into());
     }
-    if options.gsp.kcenter && options.heads.contains(&Pooling::Gsp) {
+    if options.gsp.kcenter && options.heads.iter().any(|h| h.is_gsp()) {
         let warmup = (options.steps as f64 * options.gsp.warmup).round() as usize;
         if warmup == 0 {
             return Err(

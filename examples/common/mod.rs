@@ -18,7 +18,10 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_pooling::loss::{ZeroShotLoss, ZeroShotLossConfig, ZeroShotSplit};
-use burn_pooling::{GapConfig, Gem, GemConfig, GroupGem, GroupGemConfig, Gsp, GspConfig};
+use burn_pooling::{
+    GapConfig, GapGmp, GapGmpConfig, Gem, GemConfig, Gmp, GmpConfig, GroupGem, GroupGemConfig, Gsp,
+    GspConfig,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use retrieval::{RetrievalMetrics, evaluate_tensor};
 
@@ -204,31 +207,56 @@ impl Split {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pooling {
     Gap,
+    Gmp,
+    /// GAP + GMP, summed.
+    GapGmp,
     Gem,
     Ggem,
     Gsp,
 }
 
 impl Pooling {
+    /// The heads `metric_learning` and `gsp_heatmap` compare.
     pub const ALL: [Pooling; 4] = [Pooling::Gap, Pooling::Gem, Pooling::Ggem, Pooling::Gsp];
+    /// Every head, in table order.
+    pub const EVERY: [Pooling; 6] = [
+        Pooling::Gap,
+        Pooling::Gmp,
+        Pooling::GapGmp,
+        Pooling::Gem,
+        Pooling::Ggem,
+        Pooling::Gsp,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Gap => "GAP",
+            Self::Gmp => "GMP",
+            Self::GapGmp => "GAP+GMP",
             Self::Gem => "GeM",
             Self::Ggem => "GGeM",
             Self::Gsp => "GSP + ZSR",
         }
     }
 
+    /// The option's spelling of each head, for `--heads`.
+    pub const NAMES: &'static str = "gap, gmp, gapgmp, gem, ggem, gsp";
+
     pub fn parse(text: &str) -> Result<Self, String> {
         match text.to_ascii_lowercase().as_str() {
             "gap" => Ok(Self::Gap),
+            "gmp" => Ok(Self::Gmp),
+            "gapgmp" | "gap+gmp" => Ok(Self::GapGmp),
             "gem" => Ok(Self::Gem),
             "ggem" => Ok(Self::Ggem),
             "gsp" => Ok(Self::Gsp),
-            other => Err(format!("unknown head `{other}` (gap, gem, ggem, gsp)")),
+            other => Err(format!("unknown head `{other}` ({})", Self::NAMES)),
         }
+    }
+
+    /// Whether this head is GSP (trained with its warm-up and `ZeroShotLoss`).
+    pub fn is_gsp(self) -> bool {
+        self == Self::Gsp
     }
 }
 
@@ -325,6 +353,8 @@ impl Backbone {
 pub struct Net {
     pub backbone: Backbone,
     pub embed: Linear,
+    pub gmp: Option<Gmp>,
+    pub gap_gmp: Option<GapGmp>,
     pub gem: Option<Gem>,
     pub ggem: Option<GroupGem>,
     pub gsp: Option<Gsp>,
@@ -356,24 +386,32 @@ impl Net {
         Self {
             backbone,
             embed,
+            gmp: (pooling == Pooling::Gmp).then(|| GmpConfig::new().init()),
+            gap_gmp: (pooling == Pooling::GapGmp).then(|| GapGmpConfig::new().init()),
             gem: (pooling == Pooling::Gem).then(|| GemConfig::new().init(device)),
             ggem: (pooling == Pooling::Ggem).then(|| GroupGemConfig::new(GGEM_GROUPS).init(device)),
-            gsp: (pooling == Pooling::Gsp).then(|| gsp.init(device)),
+            gsp: (pooling.is_gsp()).then(|| gsp.init(device)),
         }
     }
 
     /// Embeds a batch; `as_gap` pools with the mean even when a head layer is set (warm-up).
     pub fn forward(&self, images: Tensor<4>, as_gap: bool) -> Embedded {
         let maps = self.backbone.forward(images);
-        let (pooled, gsp) = match (&self.gem, &self.ggem, &self.gsp) {
-            _ if as_gap => (GapConfig::new().init().forward(maps), None),
-            (Some(gem), _, _) => (gem.forward(maps), None),
-            (_, Some(ggem), _) => (ggem.forward(maps), None),
-            (_, _, Some(gsp)) => {
-                let out = gsp.forward_detailed(maps);
-                (out.pooled, Some((out.attributes, out.weights)))
-            }
-            _ => (GapConfig::new().init().forward(maps), None),
+        let (pooled, gsp) = if as_gap {
+            (GapConfig::new().init().forward(maps), None)
+        } else if let Some(gmp) = &self.gmp {
+            (gmp.forward(maps), None)
+        } else if let Some(gap_gmp) = &self.gap_gmp {
+            (gap_gmp.forward(maps), None)
+        } else if let Some(gem) = &self.gem {
+            (gem.forward(maps), None)
+        } else if let Some(ggem) = &self.ggem {
+            (ggem.forward(maps), None)
+        } else if let Some(gsp) = &self.gsp {
+            let out = gsp.forward_detailed(maps);
+            (out.pooled, Some((out.attributes, out.weights)))
+        } else {
+            (GapConfig::new().init().forward(maps), None)
         };
         Embedded {
             embeddings: self.embed.forward(pooled.clone()),
@@ -490,12 +528,11 @@ pub fn train(
         Some(classes),
         device,
     );
-    let zsr =
-        (pooling == Pooling::Gsp).then(|| ZeroShotLossConfig::new(classes, EMBEDDING).init(device));
+    let zsr = (pooling.is_gsp()).then(|| ZeroShotLossConfig::new(classes, EMBEDDING).init(device));
     let mut trainee = Trainee { net, proxies, zsr };
     let mut optimizer = AdamConfig::new().init();
     let mut rng = Rng::new(protocol.seed);
-    let warmup = if pooling == Pooling::Gsp {
+    let warmup = if pooling.is_gsp() {
         protocol.gsp_warmup.min(protocol.steps)
     } else {
         0
