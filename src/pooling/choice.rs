@@ -67,12 +67,14 @@ impl PoolingConfig {
     }
 
     /// The width of the pooled output for inputs of `channels` channels: `channels`, except
-    /// for the concatenating [`GapGmp`] (2 · `channels`) and [`TokenPooling`] (one block of
-    /// `channels` per mode). Size the next layer with it.
+    /// for the concatenating [`GapGmp`] (2 · `channels`), [`TokenPooling`] (one block of
+    /// `channels` per mode) and a projecting [`Gsp`] (its `projection` width D). Size the
+    /// next layer with it.
     pub fn output_channels(&self, channels: usize) -> usize {
         match self {
             Self::GapGmp(config) if config.combine == GapGmpCombine::Concat => 2 * channels,
             Self::TokenPooling(config) => config.output_channels(channels),
+            Self::Gsp(config) => config.projection.unwrap_or(channels),
             _ => channels,
         }
     }
@@ -88,7 +90,7 @@ impl PoolingConfig {
 /// - input: maps `[B, C, H, W]`, tokens `[B, N, C]`, or a [`PoolingInput`] with a `[B, N]`
 ///   mask
 /// - output: `[B, C]`, `[B, 2C]` for a concatenating [`GapGmp`], `[B, modes·C]` for
-///   [`TokenPooling`]
+///   [`TokenPooling`], `[B, D]` for a [`Gsp`] projecting to D
 #[derive(Module, Debug)]
 pub enum Pooling {
     /// [`Gap`].
@@ -408,5 +410,45 @@ mod tests {
     #[should_panic(expected = "Gem: `p` must be a finite number > 0, got -1")]
     fn invalid_config_panics_as_the_layer() {
         PoolingConfig::Gem(GemConfig::new().with_p(-1.0)).init(&Device::flex());
+    }
+
+    /// A projecting GSP with a read-out and the max branch through `PoolingConfig`: JSON round
+    /// trip, `output_channels` = D, the module pools into D as the layer does; a stored GSP
+    /// config without the new fields still loads.
+    #[test]
+    fn a_projecting_gsp_round_trips_and_pools_into_d() {
+        use crate::pooling::GspReadout;
+        let device = Device::flex();
+        let config = PoolingConfig::Gsp(
+            GspConfig::new(4)
+                .with_num_prototypes(3)
+                .with_projection(Some(6))
+                .with_readout(GspReadout::Max)
+                .with_max_branch(true),
+        );
+        let json = config.to_string();
+        let loaded = PoolingConfig::load_binary(json.as_bytes()).unwrap();
+        assert_eq!(loaded.to_string(), json);
+        assert_eq!(loaded.output_channels(4), 6);
+        let tokens = Tensor::<3>::random([2, 5, 4], Distribution::Uniform(0.1, 2.0), &device);
+        device.seed(3);
+        let pooling = loaded.init(&device);
+        assert_eq!(pooling.num_params(), 3 * 6 + 4 * 6);
+        let pooled = pooling.forward(tokens.clone());
+        assert_eq!(pooled.dims(), [2, 6]);
+        device.seed(3);
+        let PoolingConfig::Gsp(gsp) = &config else {
+            unreachable!()
+        };
+        pooled.into_data().assert_approx_eq::<f32>(
+            &gsp.init(&device).forward(tokens).into_data(),
+            Tolerance::default(),
+        );
+        let old = r#"{"Gsp": {"channels": 4, "num_prototypes": 3, "transport_ratio": 0.3,
+            "epsilon": 0.2, "max_iterations": 100, "tolerance": 1e-6, "solver": "Newton",
+            "initializer": {"XavierUniform": {"gain": 1.0}}, "num_prefix_tokens": 0}}"#;
+        let old = PoolingConfig::load_binary(old.as_bytes()).unwrap();
+        assert_eq!(old.output_channels(4), 4);
+        assert_eq!(old.init(&device).num_params(), 12);
     }
 }

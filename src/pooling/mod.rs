@@ -31,4 +31,5 @@ pub use reductions::{
     GroupGemConfig, GroupLayout, Lse, LseConfig, LseOutput, MIN_EPS, MIN_POWER, TokenMode,
     TokenPooling, TokenPoolingConfig,
 };
+pub use transport::{GSP_READOUT_EPS, GspReadout};
 pub use transport::{Gsp, GspConfig, GspOutput};

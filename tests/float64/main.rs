@@ -11,6 +11,7 @@ mod balanced;
 mod gem;
 mod gmp;
 mod gsp;
+mod gsp_authors;
 mod lse_tokens;
 mod properties;
 mod reference_selfcheck;

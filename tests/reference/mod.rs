@@ -762,3 +762,110 @@ pub fn central_difference(f: &dyn Fn(&[f64]) -> f64, x: &[f64], h: f64) -> Vec<f
     }
     grad
 }
+
+// ---------------------------------------------------------------------------------------------
+// GSP as its authors run it: projection and read-outs (docs/maths.md §10)
+// ---------------------------------------------------------------------------------------------
+
+/// What the GSP weights pool, with the GeM read-out's power.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Readout {
+    /// `Σ_j w_j F_j`.
+    Mean,
+    /// `A·g`, `g_c = ((1/N_valid) Σ_valid max(m_j x_jc, 1e-6)^p)^(1/p)`.
+    GeneralizedMean(f64),
+    /// `A·(max_valid m_j x_jc)`.
+    Max,
+}
+
+/// `v·A` for a row `v` of width C and `A` C×D.
+pub fn project_vector(v: &[f64], a: &[Vec<f64>]) -> Vec<f64> {
+    let (c, d) = check_rectangular(a);
+    assert_eq!(v.len(), c, "v·A: widths");
+    (0..d)
+        .map(|dd| (0..c).map(|cc| v[cc] * a[cc][dd]).sum())
+        .collect()
+}
+
+/// `X·A` row by row: N×C times C×D.
+pub fn project_rows(x: &[Vec<f64>], a: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    x.iter().map(|row| project_vector(row, a)).collect()
+}
+
+/// The authors' GSP for one sample (docs/maths.md §10): `x` N×C raw features, `valid` which
+/// positions count (masses `1/N_valid`, 0 elsewhere: the values of invalid rows are never
+/// read), `projection` C×D (`None`: the identity), `prototypes` K×D. The transport runs on
+/// F = X·A ([`gsp`] on F with those masses); with `w` its weights and `m_j = N_valid w_j`:
+///
+/// - Mean: `y = Σ_valid w_j F_j`;
+/// - GeneralizedMean(p): `y = g·A`, `g_c = GeM_p` (clamp 1e-6) of `m_j x_jc` over the valid j;
+/// - Max: `y = (max_valid m_j x_jc)_c · A`;
+/// - `max_branch`: `y += (max_valid x_jc)_c · A`.
+///
+/// Returns the transport outputs with `pooled` replaced by this read-out (width D, or C).
+#[allow(clippy::too_many_arguments)]
+pub fn gsp_authors(
+    x: &[Vec<f64>],
+    valid: &[bool],
+    projection: Option<&[Vec<f64>]>,
+    prototypes: &[Vec<f64>],
+    readout: Readout,
+    max_branch: bool,
+    mu: f64,
+    epsilon: f64,
+) -> GspReference {
+    let (n, c) = check_rectangular(x);
+    assert_eq!(valid.len(), n, "one validity flag per position");
+    let kept: Vec<usize> = (0..n).filter(|&j| valid[j]).collect();
+    assert!(!kept.is_empty(), "at least one valid position");
+    let n_valid = kept.len() as f64;
+    // Invalid rows are never read: zeros stand in for them.
+    let clean: Vec<Vec<f64>> = (0..n)
+        .map(|j| if valid[j] { x[j].clone() } else { vec![0.0; c] })
+        .collect();
+    let identity: Vec<Vec<f64>> = (0..c)
+        .map(|i| (0..c).map(|j| if i == j { 1.0 } else { 0.0 }).collect())
+        .collect();
+    let a: &[Vec<f64>] = projection.unwrap_or(&identity);
+    let features = project_rows(&clean, a);
+    let mass: Vec<f64> = valid
+        .iter()
+        .map(|&v| if v { 1.0 / n_valid } else { 0.0 })
+        .collect();
+    let mut out = gsp(&features, prototypes, &mass, mu, epsilon);
+    let w = out.weights.clone();
+    let mixed = |ch: usize| -> Vec<f64> {
+        kept.iter()
+            .map(|&j| n_valid * w[j] * clean[j][ch])
+            .collect()
+    };
+    let maximum = |v: Vec<f64>| v.into_iter().fold(f64::NEG_INFINITY, f64::max);
+    let mut pooled = match readout {
+        Readout::Mean => {
+            let d = features[0].len();
+            (0..d)
+                .map(|dd| kept.iter().map(|&j| w[j] * features[j][dd]).sum())
+                .collect()
+        }
+        Readout::GeneralizedMean(p) => {
+            let g: Vec<f64> = (0..c)
+                .map(|ch| gem_channel(&mixed(ch), p, GEM_EPS))
+                .collect();
+            project_vector(&g, a)
+        }
+        Readout::Max => {
+            let g: Vec<f64> = (0..c).map(|ch| maximum(mixed(ch))).collect();
+            project_vector(&g, a)
+        }
+    };
+    if max_branch {
+        let g: Vec<f64> = (0..c)
+            .map(|ch| maximum(kept.iter().map(|&j| clean[j][ch]).collect()))
+            .collect();
+        for (y, b) in pooled.iter_mut().zip(project_vector(&g, a)) {
+            *y += b;
+        }
+    }
+    out.pooled = pooled;
+    out
+}

@@ -1,9 +1,11 @@
 //! Generalized sum pooling (GSP): pooling weights from entropy-smoothed partial optimal
-//! transport of the features onto learnable prototypes.
+//! transport of the (optionally projected) features onto learnable prototypes, and the
+//! authors' read-outs of those weights (docs/maths.md §2–§4, §10).
 
-use burn::config::Config;
+use burn::config::{Config, config_to_json};
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
+use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{Bool, Device, Int, Tensor};
 
 use crate::checks;
@@ -11,49 +13,176 @@ use crate::display::one_line_display;
 use crate::maths::costs::lipschitz_normalize;
 use crate::maths::settings::{TransportSettings, TransportSolver};
 use crate::ops::routing::{transport_costs, transport_marginals};
+use crate::pooling::MIN_POWER;
 use crate::pooling::input::{PoolingInput, Positions};
 
+/// The clamp of the generalized-mean read-out, `max(m_j x_jc, 1e-6)`: the authors' value (and
+/// [`GemConfig`](crate::pooling::GemConfig)'s default).
+pub const GSP_READOUT_EPS: f64 = 1e-6;
+
+/// What [`Gsp`]'s transport weights pool (docs/maths.md §10). With w_j the weights (summing
+/// to 1 over the N_valid valid positions), m_j = N_valid · w_j the authors' mixing weights
+/// (m ≡ 1 at μ = 1) and A the projection (the identity without one):
+///
+/// ```text
+/// Mean             y = Σ_j w_j F_j = A·(Σ_j w_j x_j)                  F = X·A
+/// GeneralizedMean  y = A·g,  g_c = ( (1/N_valid) Σ_j max(m_j x_jc, 1e-6)^p )^(1/p)
+/// Max              y = A·(max_j m_j x_jc)_c
+/// ```
+///
+/// Serialises as `"Mean"`, `"GeneralizedMean"` or `"Max"`.
+#[derive(Config, Copy, Debug, PartialEq, Eq)]
+pub enum GspReadout {
+    /// The weighted mean of the (projected) features: the paper's GSP and the authors'
+    /// TensorFlow default. The default.
+    Mean,
+    /// The generalized mean of the re-weighted raw features m_j x_j, with one learnable power
+    /// p (the authors' `use_gemp`, their ResNet-50 configuration), then projected. The clamp
+    /// at 1e-6 assumes non-negative maps (after a ReLU).
+    GeneralizedMean,
+    /// The channel maximum of the re-weighted raw features m_j x_j, then projected (the
+    /// authors' PyTorch default, `pooling_method = 'gmp'`).
+    Max,
+}
+
 /// Configuration of [`Gsp`]. Defaults are the reference's for CUB/Cars196 (Gürbüz et al.,
-/// ICCV 2023): K = 64, μ = 0.3, γ = 5 (ε = 0.2), 100 iterations.
-#[derive(Config, Debug)]
+/// ICCV 2023): K = 64, μ = 0.3, γ = 5 (ε = 0.2), 100 iterations, no projection, the mean
+/// read-out. The authors' full layer adds a projection (`with_projection(Some(d))`, D = 128 or
+/// 512), and the GeM read-out or the max branch.
+///
+/// Saved and loaded as JSON like any Burn [`Config`]; the fields added with the read-outs
+/// (`projection`, `readout`, `readout_p`, `max_branch`) may be missing from a stored config,
+/// which then loads with their defaults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(crate = "burn::serde")]
 pub struct GspConfig {
-    /// Feature channels C (the prototypes' width).
+    /// Feature channels C of the input (the prototypes' width without a projection).
     pub channels: usize,
     /// Number of prototypes K. Default: 64 (the reference uses 128 for SOP and In-Shop).
-    #[config(default = 64)]
     pub num_prototypes: usize,
     /// Transport ratio μ in [[`MIN_TRANSPORT_RATIO`](crate::transport::MIN_TRANSPORT_RATIO), 1]:
     /// the fraction of the feature mass moved onto the prototypes, i.e. roughly the fraction
     /// of positions kept. μ = 1 is GAP. Default: 0.3.
-    #[config(default = 0.3)]
     pub transport_ratio: f64,
     /// Entropy weight ε ≥ [`MIN_EPSILON`](crate::transport::MIN_EPSILON) (the reference's
     /// `entropy_regularizer_weight` γ is 1/ε). Small ε selects positions hard, large ε tends
     /// to GAP. Default: 0.2 (γ = 5).
-    #[config(default = 0.2)]
     pub epsilon: f64,
     /// Upper bound on solver iterations (at most
     /// [`MAX_SOLVER_ITERATIONS`](crate::transport::MAX_SOLVER_ITERATIONS) run whatever it
     /// says). Default: 100.
-    #[config(default = 100)]
     pub max_iterations: usize,
     /// The solver stops once each sample's transported mass is within this of μ.
     /// Default: 1e-6.
-    #[config(default = 1e-6)]
     pub tolerance: f64,
     /// The β solver. Default: Newton.
-    #[config(default = "TransportSolver::Newton")]
     pub solver: TransportSolver,
     /// Prototype initializer, before [`Gsp::init_prototypes_kcenter`]. Default: Glorot
     /// (Xavier) uniform, as the reference.
-    #[config(default = "Initializer::XavierUniform { gain: 1.0 }")]
     pub initializer: Initializer,
     /// Leading tokens (class token, register tokens) that the token paths skip. Default: 0.
-    #[config(default = 0)]
     pub num_prefix_tokens: usize,
+    /// Width D of the authors' `feature_transform`, a 1×1 convolution C → D without bias
+    /// (a `[C, D]` matrix A, Glorot uniform): the costs, the `[K, D]` prototypes and the
+    /// output live in that space. `None`: no projection (A = I, output C). Default: `None`.
+    #[serde(default)]
+    pub projection: Option<usize>,
+    /// What the weights pool: [`GspReadout`]. Default: [`GspReadout::Mean`].
+    #[serde(default)]
+    pub readout: GspReadout,
+    /// Initial learnable power p of the [`GspReadout::GeneralizedMean`] read-out (checked,
+    /// ≥ [`MIN_POWER`], whatever the read-out). Default: 3 (the authors').
+    #[serde(default = "default_readout_p")]
+    pub readout_p: f64,
+    /// Adds the projected channel maximum of the raw features, y ← y + A·(max_j x_jc)_c (the
+    /// authors' `augment_max_pool`). Default: false.
+    #[serde(default)]
+    pub max_branch: bool,
+}
+
+fn default_readout_p() -> f64 {
+    3.0
+}
+
+impl Config for GspConfig {}
+
+impl core::fmt::Display for GspConfig {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(&config_to_json(self))
+    }
+}
+
+// Not derived: Burn's `Config` derive copies the variants' attributes into its serde twin,
+// where `#[default]` is unknown.
+#[allow(clippy::derivable_impls)]
+impl Default for GspReadout {
+    fn default() -> Self {
+        Self::Mean
+    }
+}
+
+/// `with_<field>` setters of [`GspConfig`], as Burn's `Config` derive writes them.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident => $field:ident: $ty:ty),+ $(,)?) => {
+        impl GspConfig {
+            $(
+                $(#[$doc])*
+                pub fn $name(mut self, $field: $ty) -> Self {
+                    self.$field = $field;
+                    self
+                }
+            )+
+        }
+    };
+}
+
+setters! {
+    /// Sets [`num_prototypes`](GspConfig::num_prototypes).
+    with_num_prototypes => num_prototypes: usize,
+    /// Sets [`transport_ratio`](GspConfig::transport_ratio).
+    with_transport_ratio => transport_ratio: f64,
+    /// Sets [`epsilon`](GspConfig::epsilon).
+    with_epsilon => epsilon: f64,
+    /// Sets [`max_iterations`](GspConfig::max_iterations).
+    with_max_iterations => max_iterations: usize,
+    /// Sets [`tolerance`](GspConfig::tolerance).
+    with_tolerance => tolerance: f64,
+    /// Sets [`solver`](GspConfig::solver).
+    with_solver => solver: TransportSolver,
+    /// Sets [`initializer`](GspConfig::initializer).
+    with_initializer => initializer: Initializer,
+    /// Sets [`num_prefix_tokens`](GspConfig::num_prefix_tokens).
+    with_num_prefix_tokens => num_prefix_tokens: usize,
+    /// Sets [`projection`](GspConfig::projection).
+    with_projection => projection: Option<usize>,
+    /// Sets [`readout`](GspConfig::readout).
+    with_readout => readout: GspReadout,
+    /// Sets [`readout_p`](GspConfig::readout_p).
+    with_readout_p => readout_p: f64,
+    /// Sets [`max_branch`](GspConfig::max_branch).
+    with_max_branch => max_branch: bool,
 }
 
 impl GspConfig {
+    /// The config for inputs of `channels` channels, every other field at its default.
+    pub fn new(channels: usize) -> Self {
+        Self {
+            channels,
+            num_prototypes: 64,
+            transport_ratio: 0.3,
+            epsilon: 0.2,
+            max_iterations: 100,
+            tolerance: 1e-6,
+            solver: TransportSolver::Newton,
+            initializer: Initializer::XavierUniform { gain: 1.0 },
+            num_prefix_tokens: 0,
+            projection: None,
+            readout: GspReadout::Mean,
+            readout_p: default_readout_p(),
+            max_branch: false,
+        }
+    }
+
     /// The transport settings this config gives the layer.
     pub fn settings(&self) -> TransportSettings {
         TransportSettings {
@@ -65,36 +194,87 @@ impl GspConfig {
         }
     }
 
-    /// Creates the [`Gsp`] layer with its `[K, C]` prototypes on `device`.
+    /// The width of the layer's output: D with a projection, C without.
+    pub fn output_channels(&self) -> usize {
+        self.projection.unwrap_or(self.channels)
+    }
+
+    /// Creates the [`Gsp`] layer with its `[K, D]` prototypes (`[K, C]` without a projection),
+    /// its `[C, D]` projection and its `[1]` read-out power (with the GeM read-out) on
+    /// `device`. The prototypes are drawn first, so a seed gives the same prototypes with
+    /// or without the new options.
     ///
     /// # Panics
     ///
-    /// If `channels` or `num_prototypes` is 0, the prototypes `[K, C]` would have more than
-    /// 2³¹ elements (checked before allocating), μ is outside
+    /// If `channels`, `num_prototypes` or the `projection` width is 0, a parameter (`[K, D]`,
+    /// `[C, D]`) would have more than 2³¹ elements (checked before allocating), μ is outside
     /// [[`MIN_TRANSPORT_RATIO`](crate::transport::MIN_TRANSPORT_RATIO), 1], ε is below
-    /// [`MIN_EPSILON`](crate::transport::MIN_EPSILON), or `max_iterations` or `tolerance` is
-    /// not positive.
+    /// [`MIN_EPSILON`](crate::transport::MIN_EPSILON), `max_iterations` or `tolerance` is
+    /// not positive, or `readout_p` is not a finite number ≥ [`MIN_POWER`].
     pub fn init(&self, device: &Device) -> Gsp {
         checks::at_least_one("Gsp", "channels", self.channels);
         checks::at_least_one("Gsp", "num_prototypes", self.num_prototypes);
-        checks::parameter_size(
-            "Gsp",
-            &[
-                ("num_prototypes", self.num_prototypes),
-                ("channels", self.channels),
-            ],
-        );
+        let width = match self.projection {
+            Some(width) => {
+                checks::at_least_one("Gsp", "projection", width);
+                checks::parameter_size(
+                    "Gsp",
+                    &[("channels", self.channels), ("projection", width)],
+                );
+                checks::parameter_size(
+                    "Gsp",
+                    &[
+                        ("num_prototypes", self.num_prototypes),
+                        ("projection", width),
+                    ],
+                );
+                width
+            }
+            None => {
+                checks::parameter_size(
+                    "Gsp",
+                    &[
+                        ("num_prototypes", self.num_prototypes),
+                        ("channels", self.channels),
+                    ],
+                );
+                self.channels
+            }
+        };
         self.settings().validate("Gsp");
+        checks::at_least(
+            "Gsp",
+            "readout_p",
+            self.readout_p,
+            MIN_POWER,
+            "what f32 resolves",
+        );
         let prototypes = self.initializer.init_with(
-            [self.num_prototypes, self.channels],
-            Some(self.channels),
+            [self.num_prototypes, width],
+            Some(width),
             Some(self.num_prototypes),
             device,
         );
+        // The authors' `feature_transform`: Keras' Glorot uniform of a 1×1 convolution, fan in
+        // C, fan out D.
+        let projection = self.projection.map(|width| {
+            Initializer::XavierUniform { gain: 1.0 }.init_with(
+                [self.channels, width],
+                Some(self.channels),
+                Some(width),
+                device,
+            )
+        });
+        let readout_p = (self.readout == GspReadout::GeneralizedMean)
+            .then(|| Param::from_tensor(Tensor::full([1], self.readout_p, device)));
         Gsp {
             prototypes,
             settings: self.settings(),
             num_prefix_tokens: self.num_prefix_tokens,
+            projection,
+            readout: self.readout,
+            readout_p,
+            max_branch: self.max_branch,
         }
     }
 }
@@ -102,7 +282,8 @@ impl GspConfig {
 /// Everything [`Gsp`] computes for a batch.
 #[derive(Debug, Clone)]
 pub struct GspOutput {
-    /// `[B, C]`: y = Σ_n w_n x_n.
+    /// `[B, D]` (`[B, C]` without a projection): the read-out (docs/maths.md §10), y = Σ_n w_n x_n
+    /// for the default mean read-out without projection.
     pub pooled: Tensor<2>,
     /// `[B, N]`: pooling weights w_n ≥ 0, rows sum to 1 (0 at padded positions). For maps, N
     /// runs over H·W in row-major order.
@@ -121,23 +302,39 @@ pub struct GspOutput {
 }
 
 /// Generalized sum pooling (Gürbüz, Şener, Alatan, "Generalized Sum Pooling for Metric
-/// Learning", ICCV 2023).
+/// Learning", ICCV 2023), with the authors' projection and read-outs.
 ///
-/// Each position holds mass 1/N. A fraction μ of it is moved onto K learnable prototypes ω by
-/// entropy-smoothed optimal transport at cost c_kn = ‖φ(ω_k) − φ(x_n)‖ (φ(v) = v / max(1, ‖v‖)),
-/// and each position is pooled with the mass it sent:
+/// The features x_n (or, with a projection, F_n = x_n·A for a learnable `[C, D]` matrix A, the
+/// authors' 1×1 `feature_transform`) are the transport's positions. Each holds mass
+/// 1/N. A fraction μ of it is moved onto K learnable prototypes ω by entropy-smoothed optimal
+/// transport at cost c_kn = ‖φ(ω_k) − φ(F_n)‖ (φ(v) = v / max(1, ‖v‖)), and each position is
+/// pooled with the mass it sent:
 ///
 /// ```text
 /// t_n = (1/N) σ(β + ℓ_n),   ℓ_n = logsumexp_k(−c_kn / ε),   Σ_n t_n = μ
-/// w_n = t_n / μ,            y = Σ_n w_n x_n
+/// w_n = t_n / μ,            m_n = N · w_n
+/// ```
+///
+/// and the read-out ([`GspReadout`]; A = I without a projection):
+///
+/// ```text
+/// Mean (default)   y = Σ_n w_n F_n = A·(Σ_n w_n x_n)
+/// GeneralizedMean  y = A·g,   g_c = ( (1/N) Σ_n max(m_n x_nc, 1e-6)^p )^(1/p),  p learnable
+/// Max              y = A·(max_n m_n x_nc)_c
+/// max_branch       y ← y + A·(max_n x_nc)_c
 /// ```
 ///
 /// Positions far from every prototype (background, nuisance) keep their mass and get almost no
-/// weight. μ = 1, ε → ∞, or identical features give GAP exactly; ε → 0 keeps the μN positions
-/// nearest the prototypes; μ → 0 is attention pooling with temperature ε.
+/// weight. μ = 1, ε → ∞, or identical features give m ≡ 1: the mean read-out is then GAP of F,
+/// the GeM read-out GeM(x)·A and the max read-out GMP(x)·A; ε → 0 keeps the μN positions
+/// nearest the prototypes; μ → 0 is attention pooling with temperature ε. With a mask, N is the
+/// valid count and padded positions have m_n = 0 and take no part in the maximum or in the
+/// generalized mean's count.
 ///
 /// Gradients of the solve are analytical (implicit differentiation at the fixed point), so
-/// backward memory does not grow with the iterations.
+/// backward memory does not grow with the iterations. The read-outs reuse the crate's
+/// generalized-mean kernels and the maximum on the re-weighted features m_n x_n (one
+/// elementwise product).
 ///
 /// The weights are summed from the plan (t_n = Σ_k P_kn), so they sum to 1 up to rounding even
 /// at tiny μ; φ is computed without overflow for any finite input; padded positions are read
@@ -145,27 +342,49 @@ pub struct GspOutput {
 /// its sample's output NaN, never another sample's.
 ///
 /// Initialise the prototypes from data with [`init_prototypes_kcenter`](Self::init_prototypes_kcenter)
-/// after a warm-up, and train them with [`ZeroShotLoss`](crate::loss::ZeroShotLoss) on the
-/// attributes next to the metric loss.
+/// after a warm-up (over [`project`](Self::project)ed GAP features when projected), and train
+/// them with [`ZeroShotLoss`](crate::loss::ZeroShotLoss) on the attributes next to the metric
+/// loss.
+///
+/// # Shapes
+///
+/// - input: maps `[B, C, H, W]`, tokens `[B, N, C]`, or a [`PoolingInput`] with a `[B, N]` mask
+/// - parameters: prototypes `[K, D]`, projection `[C, D]`, read-out power `[1]` (D = C
+///   without a projection)
+/// - output: `[B, D]` ([`output_width`](Self::output_width))
 #[derive(Module, Debug)]
 #[module(custom_display)]
 pub struct Gsp {
-    /// The prototypes ω, `[K, C]`.
+    /// The prototypes ω, `[K, D]` (`[K, C]` without a projection).
     pub prototypes: Param<Tensor<2>>,
     /// μ, ε and the solver's settings.
     #[module(skip)]
     pub settings: TransportSettings,
     /// Leading tokens skipped by the token paths.
     pub num_prefix_tokens: usize,
+    /// The projection A, `[C, D]` (F = X·A), or `None` (A = I).
+    pub projection: Option<Param<Tensor<2>>>,
+    /// What the weights pool.
+    #[module(skip)]
+    pub readout: GspReadout,
+    /// The power p `[1]` of the [`GspReadout::GeneralizedMean`] read-out (`None` with the
+    /// other read-outs). Pooled with max(p, [`MIN_POWER`]), straight through, as
+    /// [`Gem`](crate::pooling::Gem).
+    pub readout_p: Option<Param<Tensor<1>>>,
+    /// Whether the projected channel maximum of the raw features is added to the read-out.
+    pub max_branch: bool,
 }
 
 one_line_display!(Gsp, |gsp|
-    "channels" => gsp.prototypes.shape().dims::<2>()[1],
+    "channels" => gsp.input_width(),
     "num_prototypes" => gsp.prototypes.shape().dims::<2>()[0],
     "transport_ratio" => gsp.settings.transport_ratio,
     "epsilon" => gsp.settings.epsilon,
     "solver" => format!("{:?}", gsp.settings.solver),
     "num_prefix_tokens" => gsp.num_prefix_tokens,
+    "projection" => format!("{:?}", gsp.projection.as_ref().map(|_| gsp.output_width())),
+    "readout" => format!("{:?}", gsp.readout),
+    "max_branch" => gsp.max_branch,
 );
 
 impl Gsp {
@@ -173,18 +392,102 @@ impl Gsp {
         self.prototypes.shape().dims()
     }
 
-    fn pool(&self, positions: Positions) -> GspOutput {
-        let (batch, count, channels) = positions.dims();
-        let [prototypes, expected] = self.dims();
+    /// The input channels C: the projection's rows, or the prototypes' width.
+    fn input_width(&self) -> usize {
+        match &self.projection {
+            Some(projection) => projection.shape().dims::<2>()[0],
+            None => self.dims()[1],
+        }
+    }
+
+    /// The width of the output and of the space the transport runs in: D with a projection
+    /// (the prototypes' width), C without.
+    pub fn output_width(&self) -> usize {
+        self.dims()[1]
+    }
+
+    /// The power p `[1]` of the generalized-mean read-out, `None` with the other read-outs.
+    pub fn readout_power(&self) -> Option<Tensor<1>> {
+        self.readout_p.as_ref().map(|p| p.val())
+    }
+
+    /// Projects pooled features: y·A `[B, D]` for y `[B, C]`, y itself without a projection.
+    /// What the warm-up's GAP features go through before
+    /// [`init_prototypes_kcenter`](Self::init_prototypes_kcenter) (the authors keep GAP of F =
+    /// GAP(x)·A in their memory).
+    ///
+    /// # Shapes
+    ///
+    /// - pooled: `[B, C]`
+    /// - output: `[B, D]` ([`output_width`](Self::output_width))
+    ///
+    /// # Panics
+    ///
+    /// If the width of `pooled` is not C.
+    pub fn project(&self, pooled: Tensor<2>) -> Tensor<2> {
+        let [_, channels] = pooled.dims();
+        let expected = self.input_width();
         assert!(
             channels == expected,
-            "Gsp: channel mismatch: expected C = {expected} (the prototypes' width), got {channels}"
+            "Gsp::project: channel mismatch: expected C = {expected}, got {channels}"
+        );
+        match &self.projection {
+            Some(projection) => pooled.matmul(projection.val()),
+            None => pooled,
+        }
+    }
+
+    /// F = X·A in the positions' own layout: `[B, D, N]` or `[B, N, D]`.
+    fn project_positions(&self, positions: &Positions) -> Option<Tensor<3>> {
+        let projection = self.projection.as_ref()?.val();
+        let (batch, count, channels) = positions.dims();
+        let [_, width] = projection.dims();
+        let features = positions.features.clone();
+        Some(if positions.layout.is_channels_last() {
+            features
+                .reshape([batch * count, channels])
+                .matmul(projection)
+                .reshape([batch, count, width])
+        } else {
+            // [1, D, C] · [B, C, N], broadcast over the batch.
+            projection
+                .transpose()
+                .unsqueeze_dim::<3>(0)
+                .matmul(features)
+        })
+    }
+
+    fn pool(&self, positions: Positions) -> GspOutput {
+        let (batch, count, channels) = positions.dims();
+        let [prototypes, width] = self.dims();
+        let expected = self.input_width();
+        assert!(
+            channels == expected,
+            "Gsp: channel mismatch: expected C = {expected} ({}), got {channels}",
+            if self.projection.is_some() {
+                "the projection's rows"
+            } else {
+                "the prototypes' width"
+            }
         );
         // What may have changed since `init` (public fields): host values, no device read.
         assert!(
             prototypes > 0,
             "Gsp: the prototypes [K, C] are empty: expected K > 0, got K = 0"
         );
+        if let Some(projection) = &self.projection {
+            let [_, projected] = projection.shape().dims();
+            assert!(
+                projected == width,
+                "Gsp: projection width mismatch: the projection [C, D] has D = {projected}, the prototypes [K, D] have D = {width}"
+            );
+        }
+        let power = match self.readout {
+            GspReadout::GeneralizedMean => Some(self.readout_power().unwrap_or_else(|| {
+                panic!("Gsp: the GeneralizedMean read-out needs `readout_p`, got None (set readout before `init`)")
+            })),
+            _ => None,
+        };
         self.settings.validate("Gsp");
         let device = positions.features.device();
         checks::same_device(
@@ -199,7 +502,7 @@ impl Gsp {
             return GspOutput {
                 weights: empty(count),
                 attributes: empty(prototypes),
-                pooled: positions.empty(),
+                pooled: self.project(positions.empty()),
                 iterations: Tensor::zeros([1], &device),
                 converged: Tensor::from_data([true], &device),
             };
@@ -208,18 +511,21 @@ impl Gsp {
         // Padding read as 0: its costs, plan entries and gradients stay finite.
         let positions = positions.finite_padding();
         let mass = positions.mean_weights();
+        let projected = self.project_positions(&positions);
         let costs = transport_costs(
-            positions.features.clone(),
+            projected
+                .clone()
+                .unwrap_or_else(|| positions.features.clone()),
             self.prototypes.val(),
             positions.layout,
         );
         let (marginals, (iterations, converged)) = transport_marginals(costs, mass, &self.settings);
-        let [_, width] = marginals.dims();
+        let [_, total] = marginals.dims();
         // w = t / μ with t_j = Σ_k P_kj summed from the plan, not the reference's a − ρ, which
         // cancels at small μ (docs/maths.md §4).
         let weights = marginals.clone().slice([0..batch, 0..count]).div_scalar(mu);
-        let attributes = marginals.slice([0..batch, count..width]).div_scalar(mu);
-        let pooled = positions.weighted_sum(weights.clone());
+        let attributes = marginals.slice([0..batch, count..total]).div_scalar(mu);
+        let pooled = self.read_out(positions, projected, weights.clone(), power);
         GspOutput {
             pooled,
             weights,
@@ -229,18 +535,84 @@ impl Gsp {
         }
     }
 
+    /// The read-out (docs/maths.md §10) of finite-padded positions with weights `[B, N]`:
+    /// `[B, D]`. `projected` is F = X·A when there is a projection.
+    fn read_out(
+        &self,
+        positions: Positions,
+        projected: Option<Tensor<3>>,
+        weights: Tensor<2>,
+        power: Option<Tensor<1>>,
+    ) -> Tensor<2> {
+        let (_, count, channels) = positions.dims();
+        let width = self.output_width();
+        // The raw features' max branch, pooled in C space and projected with the read-out.
+        let branch = self.max_branch.then(|| positions.clone().max());
+        let in_channels = match self.readout {
+            GspReadout::Mean => match projected {
+                // Σ w F costs N·D per sample, A·(Σ w x) N·C + C·D: the cheaper one.
+                Some(features) if count * width <= count * channels + channels * width => {
+                    let pooled = Positions {
+                        features,
+                        layout: positions.layout,
+                        mask: None,
+                    }
+                    .weighted_sum(weights);
+                    return match branch {
+                        Some(branch) => pooled + self.project(branch),
+                        None => pooled,
+                    };
+                }
+                _ => positions.weighted_sum(weights),
+            },
+            GspReadout::GeneralizedMean | GspReadout::Max => {
+                // m_j = N_valid · w_j, folded into the features with one product; padding has
+                // w = 0 and is selected away by the reductions anyway.
+                let valid = match &positions.mask {
+                    Some(mask) => mask.clone().float().sum_dim(1),
+                    None => Tensor::full([weights.dims()[0], 1], count as f64, &weights.device()),
+                };
+                let mixing = (weights * valid).unsqueeze_dim::<3>(positions.layout.channel_axis());
+                let scaled = Positions {
+                    features: positions.features * mixing,
+                    layout: positions.layout,
+                    mask: positions.mask,
+                };
+                match power {
+                    Some(p) => {
+                        // max(p, MIN_POWER), straight through (as Gem).
+                        let floored =
+                            p.clone().detach().clamp_min(MIN_POWER) + (p.clone() - p.detach());
+                        scaled.generalized_mean(
+                            |channels| floored.expand([channels]),
+                            GSP_READOUT_EPS,
+                        )
+                    }
+                    None => scaled.max(),
+                }
+            }
+        };
+        let in_channels = match branch {
+            Some(branch) => in_channels + branch,
+            None => in_channels,
+        };
+        self.project(in_channels)
+    }
+
     /// Pools feature maps `[B, C, H, W]`, a token set `[B, N, C]` (skipping the first
     /// `num_prefix_tokens` tokens) or any [`PoolingInput`] (masked, with its own prefix) into
-    /// `[B, C]`. Each valid position holds mass 1/N_valid. An empty batch (B = 0) gives an
-    /// empty `[0, C]`.
+    /// `[B, D]` (`[B, C]` without a projection) with the configured read-out. Each valid
+    /// position holds mass 1/N_valid. An empty batch (B = 0) gives an empty `[0, D]`.
     ///
     /// # Panics
     ///
     /// If no position is left to pool (N, H or W is 0, or N ≤ the prefix), C = 0, the mask's
-    /// shape does not match, a mask row has no valid position, C differs from the prototypes'
-    /// width, the input (or its mask) is on another device than the prototypes, or
-    /// [`settings`](Self::settings) (a public field) was set to an invalid value (checked as
-    /// in [`GspConfig::init`], on the host: no device read).
+    /// shape does not match, a mask row has no valid position, C differs from the layer's
+    /// (the projection's rows, or the prototypes' width), the projection's and the
+    /// prototypes' widths differ, the GeM read-out has no `readout_p`, the input (or its mask)
+    /// is on another device than the prototypes, or [`settings`](Self::settings) (a public
+    /// field) was set to an invalid value (checked as in [`GspConfig::init`], on the host: no
+    /// device read).
     pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
         self.forward_detailed(input).pooled
     }
@@ -255,30 +627,34 @@ impl Gsp {
     ///
     /// # Shapes
     ///
-    /// - output: pooled `[B, C]`, weights `[B, N]` (N = H·W for maps, the tokens after the
-    ///   prefix for token sets), attributes `[B, K]`, iterations and converged `[1]`
+    /// - output: pooled `[B, D]` (`[B, C]` without a projection), weights `[B, N]` (N = H·W
+    ///   for maps, the tokens after the prefix for token sets), attributes `[B, K]`,
+    ///   iterations and converged `[1]`
     pub fn forward_detailed(&self, input: impl Into<PoolingInput>) -> GspOutput {
         self.pool(input.into().resolve("Gsp", self.num_prefix_tokens))
     }
 
     /// Sets the prototypes to K of the given feature vectors chosen by greedy k-center
     /// (farthest-point) selection in the cost's metric, as the reference does over ~1024 GAP
-    /// embeddings collected during a warm-up. Starts from the first row. The parameter keeps
-    /// its identity (an optimizer built before still trains it).
+    /// embeddings collected during a warm-up. With a projection these are projected GAP
+    /// features, GAP(x)·A ([`project`](Self::project)), in the D-wide space of the
+    /// prototypes. Starts from the first row. The parameter keeps its identity (an optimizer
+    /// built before still trains it).
     ///
     /// # Shapes
     ///
-    /// - features: `[M, C]`, M ≥ K
+    /// - features: `[M, D]` (`[M, C]` without a projection), M ≥ K
     ///
     /// # Panics
     ///
-    /// If C differs from the prototypes' width or M < K.
+    /// If the width differs from the prototypes' or M < K.
     pub fn init_prototypes_kcenter(self, features: Tensor<2>) -> Self {
         let [count, channels] = features.dims();
         let [prototypes, expected] = self.dims();
         assert!(
             channels == expected,
-            "Gsp::init_prototypes_kcenter: channel mismatch: expected C = {expected}, got {channels}"
+            "Gsp::init_prototypes_kcenter: channel mismatch: expected {} = {expected} (the prototypes' width), got {channels}",
+            if self.projection.is_some() { "D" } else { "C" }
         );
         assert!(
             count >= prototypes,
@@ -544,5 +920,130 @@ mod tests {
         let loaded = GspConfig::load_binary(config.to_string().as_bytes()).unwrap();
         assert_eq!(loaded.solver, TransportSolver::Sinkhorn);
         assert_eq!(loaded.num_prototypes, 64);
+    }
+
+    /// The projection's shapes: `[C, D]` A, `[K, D]` prototypes, `[B, D]` output on maps and
+    /// tokens, `project` and `output_width`, the read-out power only with the GeM read-out.
+    #[test]
+    fn a_projected_layer_pools_into_d() {
+        let device = Device::flex();
+        for readout in [
+            GspReadout::Mean,
+            GspReadout::GeneralizedMean,
+            GspReadout::Max,
+        ] {
+            let gsp = GspConfig::new(8)
+                .with_num_prototypes(4)
+                .with_projection(Some(5))
+                .with_readout(readout)
+                .with_max_branch(true)
+                .init(&device);
+            assert_eq!(gsp.prototypes.dims(), [4, 5]);
+            assert_eq!(gsp.projection.as_ref().unwrap().dims(), [8, 5]);
+            assert_eq!(gsp.output_width(), 5);
+            assert_eq!(
+                gsp.readout_power().map(|p| p.into_scalar::<f32>()),
+                (readout == GspReadout::GeneralizedMean).then_some(3.0)
+            );
+            let maps = Tensor::<4>::random([2, 8, 3, 3], Distribution::Uniform(0.0, 1.0), &device);
+            assert_eq!(gsp.forward(maps).dims(), [2, 5]);
+            let tokens = Tensor::<3>::random([2, 7, 8], Distribution::Uniform(0.0, 1.0), &device);
+            let out = gsp.forward_detailed(tokens);
+            assert_eq!(out.pooled.dims(), [2, 5]);
+            assert_eq!(out.weights.dims(), [2, 7]);
+            assert!(out.converged.into_scalar::<bool>());
+            assert_eq!(gsp.project(Tensor::zeros([3, 8], &device)).dims(), [3, 5]);
+            let empty = gsp.forward(Tensor::<3>::zeros([0, 7, 8], &device));
+            assert_eq!(empty.dims(), [0, 5]);
+            // k-center in the projected space: [M, D] features.
+            let features = Tensor::<2>::random([6, 5], Distribution::Normal(0.0, 1.0), &device);
+            let gsp = gsp.init_prototypes_kcenter(features);
+            assert_eq!(gsp.prototypes.dims(), [4, 5]);
+        }
+        let plain = small(&device);
+        let y = Tensor::<2>::ones([2, 8], &device);
+        assert_eq!(plain.output_width(), 8);
+        assert!(plain.readout_power().is_none());
+        plain
+            .project(y.clone())
+            .into_data()
+            .assert_eq(&y.into_data(), true);
+    }
+
+    #[test]
+    #[should_panic(expected = "Gsp: `projection` must be at least 1, got 0")]
+    fn zero_projection_width_panics() {
+        GspConfig::new(4)
+            .with_projection(Some(0))
+            .init(&Device::flex());
+    }
+
+    #[test]
+    #[should_panic(expected = "Gsp: `readout_p` must be a finite number > 0, got -1")]
+    fn negative_readout_power_panics() {
+        GspConfig::new(4)
+            .with_readout(GspReadout::GeneralizedMean)
+            .with_readout_p(-1.0)
+            .init(&Device::flex());
+    }
+
+    #[test]
+    #[should_panic(expected = "Gsp::project: channel mismatch: expected C = 8, got 5")]
+    fn project_checks_the_width() {
+        let device = Device::flex();
+        let gsp = GspConfig::new(8)
+            .with_num_prototypes(2)
+            .with_projection(Some(5))
+            .init(&device);
+        gsp.project(Tensor::zeros([1, 5], &device));
+    }
+
+    #[test]
+    #[should_panic(expected = "Gsp: the GeneralizedMean read-out needs `readout_p`, got None")]
+    fn gem_readout_set_after_init_needs_its_power() {
+        let device = Device::flex();
+        let mut gsp = small(&device);
+        gsp.readout = GspReadout::GeneralizedMean;
+        gsp.forward_tokens(Tensor::<3>::ones([1, 3, 8], &device));
+    }
+
+    /// The new fields round-trip through JSON, and a config stored before they existed loads
+    /// with their defaults.
+    #[test]
+    fn readout_config_json_and_old_json() {
+        let config = GspConfig::new(8)
+            .with_projection(Some(3))
+            .with_readout(GspReadout::GeneralizedMean)
+            .with_readout_p(4.5)
+            .with_max_branch(true);
+        let json = config.to_string();
+        assert!(json.contains("\"GeneralizedMean\""), "{json}");
+        let loaded = GspConfig::load_binary(json.as_bytes()).unwrap();
+        assert_eq!(loaded.to_string(), json);
+        assert_eq!(
+            (
+                loaded.projection,
+                loaded.readout,
+                loaded.readout_p,
+                loaded.max_branch
+            ),
+            (Some(3), GspReadout::GeneralizedMean, 4.5, true)
+        );
+        assert_eq!(loaded.output_channels(), 3);
+        let old = r#"{"channels": 8, "num_prototypes": 16, "transport_ratio": 0.3,
+            "epsilon": 0.2, "max_iterations": 100, "tolerance": 1e-6, "solver": "Newton",
+            "initializer": {"XavierUniform": {"gain": 1.0}}, "num_prefix_tokens": 1}"#;
+        let loaded = GspConfig::load_binary(old.as_bytes()).unwrap();
+        assert_eq!(
+            (
+                loaded.num_prototypes,
+                loaded.projection,
+                loaded.readout,
+                loaded.readout_p,
+                loaded.max_branch
+            ),
+            (16, None, GspReadout::Mean, 3.0, false)
+        );
+        assert_eq!(loaded.output_channels(), 8);
     }
 }

@@ -3,4 +3,4 @@
 
 mod gsp;
 
-pub use gsp::{Gsp, GspConfig, GspOutput};
+pub use gsp::{GSP_READOUT_EPS, Gsp, GspConfig, GspOutput, GspReadout};
