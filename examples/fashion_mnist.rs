@@ -23,10 +23,13 @@
 //! * GAP+GMP: their sum.
 //! * GeM: learnable p (initially 3).
 //! * GGeM: 8 groups of 8 channels, one learnable p each (initially 3).
-//! * GSP + ZSR: K = 16 prototypes, μ = 0.3, ε = 0.05 (the `metric_learning` settings), loss
-//!   0.9·metric + 0.1·`ZeroShotLoss` over the batch's two class-disjoint halves; it pools as
-//!   GAP for the first eighth of the steps, then its prototypes are set by greedy k-center over
-//!   the last 1024 GAP-pooled features (the training recipe of docs/maths.md §6).
+//! * GSP as its authors run it, with each read-out (mean, GeM, max) and the mean with the max
+//!   branch: the 1×1 projection C → 64 is the embedding (it starts as the other heads'
+//!   embedding), the transport runs in the projected space; K = 16 prototypes, μ = 0.3,
+//!   ε = 0.05 (the `metric_learning` settings), loss 0.9·metric + 0.1·`ZeroShotLoss` over the
+//!   batch's two class-disjoint halves; it pools as projected GAP for the first eighth of the
+//!   steps, then its prototypes are set by greedy k-center over the last 1024 projected
+//!   GAP-pooled features (the training recipe of docs/maths.md §6).
 //!
 //! Run: `cargo run --release --example fashion_mnist` (defaults: `--train-classes 0,1,2,3,4
 //! --seeds 1,2,3 --steps 500`); `--help` lists the options, including GSP's ablations.
@@ -337,7 +340,9 @@ usage: fashion_mnist [options]
   --seeds LIST           seeds, e.g. 1,2,3 (default)
   --steps N              training steps per head and seed (default 500)
   --data DIR             the IDX files (default /usr/share/datasets/fashion-mnist)
-  --heads LIST           among gap,gmp,gapgmp,gem,ggem,gsp (default: all)
+  --heads LIST           among gap,gmp,gapgmp,gem,ggem,gsp,gsp-gem,gsp-max,gsp-mean-max
+                         (GSP with the mean, GeM or max read-out, or the mean and the max
+                         branch; default: all)
   --map-side S           the backbone's map side: the canvas side / 2, / 4 (default) or / 8
 Clutter (cluttered MNIST, Mnih et al. 2014; defaults: the plain images):
   --canvas S             each garment at a random place on an S×S black canvas (28)
@@ -640,7 +645,7 @@ fn main() {
             let evaluation = evaluate(&net, test_set, &device);
             let m = evaluation.metrics;
             let mut line = format!(
-                "seed {seed} {:<9} R@1 {:5.2}  R@4 {:5.2}  MAP@R {:5.2}  (loss {loss:.3}, {:.0} s)",
+                "seed {seed} {:<21} R@1 {:5.2}  R@4 {:5.2}  MAP@R {:5.2}  (loss {loss:.3}, {:.0} s)",
                 head.name(),
                 100.0 * m.recall_at_1,
                 100.0 * m.recall_at_4,
@@ -661,6 +666,10 @@ fn main() {
                     .unwrap_or_default();
                 let p: Vec<String> = p.iter().map(|v| format!("{v:.1}")).collect();
                 line += &format!("  p = [{}]", p.join(" "));
+            }
+            if let Some(p) = net.gsp.as_ref().and_then(|gsp| gsp.readout_power()) {
+                let p: f32 = p.into_scalar();
+                line += &format!("  read-out p = {p:.2}");
             }
             if let Some((weight, cells)) = evaluation.gsp_on_garment {
                 line += &format!(
@@ -725,7 +734,7 @@ fn main() {
                 format!("{:+.2} ± {:.2}", 100.0 * mean, 100.0 * std)
             };
             println!(
-                "  {:<9} Recall@1 {}  Recall@4 {}  MAP@R {}",
+                "  {:<21} Recall@1 {}  Recall@4 {}  MAP@R {}",
                 head.name(),
                 diff(|m| m.recall_at_1),
                 diff(|m| m.recall_at_4),

@@ -42,7 +42,7 @@ fn main() {
     let bar = common::progress_bar(protocol.steps);
     let model = (&BackboneConfig::GLYPHS, &config);
     let (trained, _) = common::train(
-        Pooling::Gsp,
+        Pooling::GSP,
         model,
         &split,
         &protocol,
@@ -73,7 +73,7 @@ fn main() {
     let plain = device.clone().inner();
     let loaded_config = GspConfig::load(dir.join("gsp.json")).expect("load the config");
     let net = Net::new(
-        Pooling::Gsp,
+        Pooling::GSP,
         &BackboneConfig::GLYPHS,
         &loaded_config,
         &plain,

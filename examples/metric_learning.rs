@@ -14,12 +14,13 @@
 //!
 //! * GAP: the mean.
 //! * GeM: learnable p (initially 3).
-//! * GSP + ZSR: K = 16 prototypes, μ = 0.3 (the object overlaps about a quarter of the 8×8
+//! * GSP + ZSR (its projection is the embedding, the transport runs in the projected space, as
+//!   the authors' layer): K = 16 prototypes, μ = 0.3 (the object overlaps about a quarter of the 8×8
 //!   map), ε = 0.05 (picked from {0.02, 0.05, 0.2, 0.5} in short runs on this data; 0.2 gave
 //!   Recall@1 56 % against 67 % for 0.05 at 200 steps); loss 0.9·metric + 0.1·`ZeroShotLoss` on GSP's attributes with the batch split into
 //!   its two class-disjoint halves. As in the reference (docs/maths.md §6) the layer pools as GAP for a
 //!   warm-up, then its prototypes are set by greedy k-center over the memory of the last 1024
-//!   GAP-pooled features.
+//!   projected GAP-pooled features.
 //!
 //! Evaluation: 40 images of each of the 24 held-out classes; Recall@1 and MAP@R by cosine
 //! similarity (`examples/common/retrieval.rs`).
@@ -71,7 +72,7 @@ fn main() {
         let metrics = evaluate_zero_shot(&net, &split, TEST_PER_CLASS, TEST_SEED, &device);
         rows.push(("untrained CNN + GAP".into(), metrics, f32::NAN, 0.0));
     }
-    for pooling in [Pooling::Gap, Pooling::Gem, Pooling::Gsp] {
+    for pooling in [Pooling::Gap, Pooling::Gem, Pooling::GSP] {
         let start = Instant::now();
         let bar = common::progress_bar(protocol.steps);
         let model = (&BackboneConfig::GLYPHS, &gsp_config);

@@ -20,7 +20,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_pooling::loss::{ZeroShotLoss, ZeroShotLossConfig, ZeroShotSplit};
 use burn_pooling::{
     GapConfig, GapGmp, GapGmpConfig, Gem, GemConfig, Gmp, GmpConfig, GroupGem, GroupGemConfig, Gsp,
-    GspConfig,
+    GspConfig, GspReadout,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use retrieval::{RetrievalMetrics, evaluate_tensor};
@@ -212,20 +212,44 @@ pub enum Pooling {
     GapGmp,
     Gem,
     Ggem,
-    Gsp,
+    /// GSP (trained with `ZeroShotLoss`) as its authors run it: the projection first, the
+    /// transport in the projected space, then `readout`, plus the projected GMP when
+    /// `max_branch`.
+    Gsp {
+        readout: GspReadout,
+        max_branch: bool,
+    },
 }
 
 impl Pooling {
+    /// GSP with the paper's weighted mean and no max branch.
+    pub const GSP: Pooling = Pooling::Gsp {
+        readout: GspReadout::Mean,
+        max_branch: false,
+    };
     /// The heads `metric_learning` and `gsp_heatmap` compare.
-    pub const ALL: [Pooling; 4] = [Pooling::Gap, Pooling::Gem, Pooling::Ggem, Pooling::Gsp];
-    /// Every head, in table order.
-    pub const EVERY: [Pooling; 6] = [
+    pub const ALL: [Pooling; 4] = [Pooling::Gap, Pooling::Gem, Pooling::Ggem, Pooling::GSP];
+    /// Every head, in table order: the reductions, then GSP with each read-out and with the
+    /// max branch.
+    pub const EVERY: [Pooling; 9] = [
         Pooling::Gap,
         Pooling::Gmp,
         Pooling::GapGmp,
         Pooling::Gem,
         Pooling::Ggem,
-        Pooling::Gsp,
+        Pooling::GSP,
+        Pooling::Gsp {
+            readout: GspReadout::GeneralizedMean,
+            max_branch: false,
+        },
+        Pooling::Gsp {
+            readout: GspReadout::Max,
+            max_branch: false,
+        },
+        Pooling::Gsp {
+            readout: GspReadout::Mean,
+            max_branch: true,
+        },
     ];
 
     pub fn name(self) -> &'static str {
@@ -235,28 +259,48 @@ impl Pooling {
             Self::GapGmp => "GAP+GMP",
             Self::Gem => "GeM",
             Self::Ggem => "GGeM",
-            Self::Gsp => "GSP + ZSR",
+            Self::Gsp {
+                readout,
+                max_branch,
+            } => match (readout, max_branch) {
+                (GspReadout::Mean, false) => "GSP mean",
+                (GspReadout::GeneralizedMean, false) => "GSP GeM",
+                (GspReadout::Max, false) => "GSP max",
+                (GspReadout::Mean, true) => "GSP mean + max branch",
+                (GspReadout::GeneralizedMean, true) => "GSP GeM + max branch",
+                (GspReadout::Max, true) => "GSP max + max branch",
+            },
         }
     }
 
     /// The option's spelling of each head, for `--heads`.
-    pub const NAMES: &'static str = "gap, gmp, gapgmp, gem, ggem, gsp";
+    pub const NAMES: &'static str =
+        "gap, gmp, gapgmp, gem, ggem, gsp, gsp-gem, gsp-max, gsp-mean-max (the max branch)";
 
     pub fn parse(text: &str) -> Result<Self, String> {
+        let gsp = |readout, max_branch| Self::Gsp {
+            readout,
+            max_branch,
+        };
         match text.to_ascii_lowercase().as_str() {
             "gap" => Ok(Self::Gap),
             "gmp" => Ok(Self::Gmp),
             "gapgmp" | "gap+gmp" => Ok(Self::GapGmp),
             "gem" => Ok(Self::Gem),
             "ggem" => Ok(Self::Ggem),
-            "gsp" => Ok(Self::Gsp),
+            "gsp" | "gsp-mean" => Ok(Self::GSP),
+            "gsp-gem" => Ok(gsp(GspReadout::GeneralizedMean, false)),
+            "gsp-max" => Ok(gsp(GspReadout::Max, false)),
+            "gsp-mean-max" => Ok(gsp(GspReadout::Mean, true)),
+            "gsp-gem-max" => Ok(gsp(GspReadout::GeneralizedMean, true)),
+            "gsp-max-max" => Ok(gsp(GspReadout::Max, true)),
             other => Err(format!("unknown head `{other}` ({})", Self::NAMES)),
         }
     }
 
     /// Whether this head is GSP (trained with its warm-up and `ZeroShotLoss`).
     pub fn is_gsp(self) -> bool {
-        self == Self::Gsp
+        matches!(self, Self::Gsp { .. })
     }
 }
 
@@ -348,11 +392,12 @@ impl Backbone {
     }
 }
 
-/// Backbone, global pooling (GAP when no head layer is set), linear embedding.
+/// Backbone, global pooling (GAP when no head layer is set), linear embedding. GSP heads have
+/// no separate embedding: GSP's own projection is the embedding (the authors' layer).
 #[derive(Module, Debug)]
 pub struct Net {
     pub backbone: Backbone,
-    pub embed: Linear,
+    pub embed: Option<Linear>,
     pub gmp: Option<Gmp>,
     pub gap_gmp: Option<GapGmp>,
     pub gem: Option<Gem>,
@@ -364,14 +409,17 @@ pub struct Net {
 pub struct Embedded {
     /// `[B, EMBEDDING]`, not normalized.
     pub embeddings: Tensor<2>,
-    /// The pooled features `[B, FEATURES]` (before the embedding layer).
+    /// What GSP's k-center memory keeps during the warm-up: the GAP-pooled features, projected
+    /// by GSP's projection for GSP heads (then the same as `embeddings`).
     pub pooled: Tensor<2>,
     /// GSP's attributes `[B, K]` and weights `[B, H·W]`, when GSP pooled.
     pub gsp: Option<(Tensor<2>, Tensor<2>)>,
 }
 
 impl Net {
-    /// The network for `pooling`; `gsp` sets GSP's hyper-parameters.
+    /// The network for `pooling`; `gsp` sets GSP's hyper-parameters (its channels are
+    /// [`FEATURES`]; the head's read-out, max branch and an [`EMBEDDING`]-wide projection are
+    /// set here).
     pub fn new(
         pooling: Pooling,
         backbone: &BackboneConfig,
@@ -383,38 +431,65 @@ impl Net {
         let embed = LinearConfig::new(FEATURES, EMBEDDING)
             .with_bias(false)
             .init(device);
+        let gsp = match pooling {
+            Pooling::Gsp {
+                readout,
+                max_branch,
+            } => {
+                let mut layer = gsp
+                    .clone()
+                    .with_projection(Some(EMBEDDING))
+                    .with_readout(readout)
+                    .with_max_branch(max_branch)
+                    .init(device);
+                // GSP's projection starts as the other heads' embedding ([C, D] both).
+                layer.projection = Some(Param::from_tensor(embed.weight.val()));
+                Some(layer)
+            }
+            _ => None,
+        };
         Self {
             backbone,
-            embed,
+            embed: gsp.is_none().then_some(embed),
             gmp: (pooling == Pooling::Gmp).then(|| GmpConfig::new().init()),
             gap_gmp: (pooling == Pooling::GapGmp).then(|| GapGmpConfig::new().init()),
             gem: (pooling == Pooling::Gem).then(|| GemConfig::new().init(device)),
             ggem: (pooling == Pooling::Ggem).then(|| GroupGemConfig::new(GGEM_GROUPS).init(device)),
-            gsp: (pooling.is_gsp()).then(|| gsp.init(device)),
+            gsp,
         }
     }
 
-    /// Embeds a batch; `as_gap` pools with the mean even when a head layer is set (warm-up).
+    /// Embeds a batch; `as_gap` pools with the mean even when a head layer is set (GSP's
+    /// warm-up: then GSP's projection embeds the mean).
     pub fn forward(&self, images: Tensor<4>, as_gap: bool) -> Embedded {
         let maps = self.backbone.forward(images);
-        let (pooled, gsp) = if as_gap {
-            (GapConfig::new().init().forward(maps), None)
+        let gap = || GapConfig::new().init().forward(maps.clone());
+        let (pooled, gsp) = if let Some(gsp) = &self.gsp {
+            if as_gap {
+                (gsp.project(gap()), None)
+            } else {
+                let out = gsp.forward_detailed(maps.clone());
+                (out.pooled, Some((out.attributes, out.weights)))
+            }
+        } else if as_gap {
+            (gap(), None)
         } else if let Some(gmp) = &self.gmp {
-            (gmp.forward(maps), None)
+            (gmp.forward(maps.clone()), None)
         } else if let Some(gap_gmp) = &self.gap_gmp {
-            (gap_gmp.forward(maps), None)
+            (gap_gmp.forward(maps.clone()), None)
         } else if let Some(gem) = &self.gem {
-            (gem.forward(maps), None)
+            (gem.forward(maps.clone()), None)
         } else if let Some(ggem) = &self.ggem {
-            (ggem.forward(maps), None)
-        } else if let Some(gsp) = &self.gsp {
-            let out = gsp.forward_detailed(maps);
-            (out.pooled, Some((out.attributes, out.weights)))
+            (ggem.forward(maps.clone()), None)
         } else {
-            (GapConfig::new().init().forward(maps), None)
+            (gap(), None)
+        };
+        let embeddings = match &self.embed {
+            Some(embed) => embed.forward(pooled.clone()),
+            None => pooled.clone(),
         };
         Embedded {
-            embeddings: self.embed.forward(pooled.clone()),
+            embeddings,
             pooled,
             gsp,
         }
