@@ -128,6 +128,8 @@ struct Subset {
     /// in the garment itself, whatever the clutter drew there). `None`: the garment is every
     /// pixel above 10 % grey.
     garment: Option<Vec<bool>>,
+    /// Cluttered images only: where a patch drew a pixel above 10 % grey.
+    clutter: Option<Vec<bool>>,
 }
 
 /// How `--canvas`, `--clutter` and `--patch` put nuisance into the images (cluttered MNIST,
@@ -157,6 +159,7 @@ impl Subset {
             labels: Vec::new(),
             by_class: vec![Vec::new(); classes.len()],
             garment: None,
+            clutter: None,
         };
         for (i, &label) in split.labels.iter().enumerate() {
             if let Some(c) = classes.iter().position(|&c| c == label as usize) {
@@ -182,9 +185,11 @@ impl Subset {
         let (size, canvas_size) = (side * side, canvas * canvas);
         let mut pixels = vec![0u8; self.len() * canvas_size];
         let mut garment = vec![false; self.len() * canvas_size];
-        for (i, (image, mask)) in pixels
+        let mut clutter_mask = vec![false; self.len() * canvas_size];
+        for (i, ((image, mask), clutter_mask)) in pixels
             .chunks_exact_mut(canvas_size)
             .zip(garment.chunks_exact_mut(canvas_size))
+            .zip(clutter_mask.chunks_exact_mut(canvas_size))
             .enumerate()
         {
             let source = &self.pixels[i * size..][..size];
@@ -204,8 +209,9 @@ impl Subset {
                 for y in 0..patch {
                     for x in 0..patch {
                         let value = other[(cut_y + y) * side + cut_x + x];
-                        let pixel = &mut image[(at_y + y) * canvas + at_x + x];
-                        *pixel = (*pixel).max(value);
+                        let at = (at_y + y) * canvas + at_x + x;
+                        image[at] = image[at].max(value);
+                        clutter_mask[at] |= value > 25;
                     }
                 }
             }
@@ -216,12 +222,33 @@ impl Subset {
             labels: self.labels.clone(),
             by_class: self.by_class.clone(),
             garment: Some(garment),
+            clutter: Some(clutter_mask),
         }
     }
 
-    /// Whether pixel `pixel` of image `image` belongs to the garment.
-    fn is_garment(&self, image: usize, pixel: usize) -> bool {
-        let index = image * self.side * self.side + pixel;
+    /// What map cell `cell` of image `image` shows, on a `map_side`² map: the garment
+    /// (any of its pixels), else clutter (any patch pixel), else nothing.
+    fn cell_content(&self, image: usize, cell: usize, map_side: usize) -> CellContent {
+        let pool = self.side / map_side;
+        let (cy, cx) = (cell / map_side, cell % map_side);
+        let pixels = (0..pool * pool).map(|k| {
+            let (y, x) = (cy * pool + k / pool, cx * pool + k % pool);
+            image * self.side * self.side + y * self.side + x
+        });
+        let mut content = CellContent::Empty;
+        for index in pixels {
+            if self.is_garment_pixel(index) {
+                return CellContent::Garment;
+            }
+            if self.clutter.as_ref().is_some_and(|mask| mask[index]) {
+                content = CellContent::Clutter;
+            }
+        }
+        content
+    }
+
+    /// Whether pixel `index` (over the whole subset) belongs to a garment.
+    fn is_garment_pixel(&self, index: usize) -> bool {
         match &self.garment {
             Some(mask) => mask[index],
             None => self.pixels[index] > 25,
@@ -261,12 +288,31 @@ impl ClassImages for Subset {
 // ---------------------------------------------------------------------------------------------
 // Evaluation.
 
+/// What a map cell shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CellContent {
+    Garment = 0,
+    Clutter = 1,
+    Empty = 2,
+}
+
+/// Where GSP's pooling weights go over a test set.
+#[derive(Clone, Copy, Debug, Default)]
+struct Placement {
+    /// Mean share of an image's weight on its garment, clutter and empty cells.
+    weight: [f64; 3],
+    /// Share of the cells of each kind.
+    cells: [f64; 3],
+    /// Mean effective number of pooled positions, 1 / Σ w², as a fraction of the map (1:
+    /// uniform weights, as GAP; μ: an even spread over a μ share of the cells).
+    effective: f64,
+}
+
 /// What an evaluation measures.
 struct Evaluation {
     metrics: Metrics,
-    /// GSP only: the share of its weight on map cells that the garment overlaps, and the share
-    /// of such cells.
-    gsp_on_garment: Option<(f64, f64)>,
+    /// GSP only: where its weights go.
+    gsp_placement: Option<Placement>,
 }
 
 /// Embeds every image of `test` (a held-out class set) and measures retrieval.
@@ -275,12 +321,12 @@ fn evaluate(net: &Net, test: &Subset, device: &Device) -> Evaluation {
     let device = device.clone().inner();
     let all: Vec<usize> = (0..test.len()).collect();
     let mut chunks = Vec::new();
-    let (mut on_garment, mut garment_cells, mut cells) = (0.0f64, 0usize, 0usize);
+    let mut placement = Placement::default();
+    let mut cells = 0usize;
     for indices in all.chunks(500) {
         let batch = test.images(indices, &device);
         let out = net.forward(batch, false);
         if let Some((_, weights)) = out.gsp {
-            // A map cell overlaps the garment when any of its pixels is above 10 % grey.
             let [_, n] = weights.dims();
             let weights: Vec<f32> = weights
                 .into_data()
@@ -288,34 +334,32 @@ fn evaluate(net: &Net, test: &Subset, device: &Device) -> Evaluation {
                 .try_into_vec::<f32>()
                 .expect("f32");
             let map_side = (n as f64).sqrt().round() as usize;
-            let pool = test.side / map_side;
             for (row, &image) in indices.iter().enumerate() {
-                for cell in 0..n {
-                    let (cy, cx) = (cell / map_side, cell % map_side);
-                    let garment = (0..pool * pool).any(|k| {
-                        let (y, x) = (cy * pool + k / pool, cx * pool + k % pool);
-                        test.is_garment(image, y * test.side + x)
-                    });
-                    if garment {
-                        on_garment += weights[row * n + cell] as f64;
-                        garment_cells += 1;
-                    }
+                let row_weights = &weights[row * n..][..n];
+                for (cell, &weight) in row_weights.iter().enumerate() {
+                    let content = test.cell_content(image, cell, map_side) as usize;
+                    placement.weight[content] += weight as f64;
+                    placement.cells[content] += 1.0;
                 }
+                let squares: f64 = row_weights.iter().map(|&w| (w as f64).powi(2)).sum();
+                placement.effective += 1.0 / (squares * n as f64);
                 cells += n;
             }
         }
         chunks.push(out.embeddings);
     }
     let metrics = retrieval_metrics(Tensor::cat(chunks, 0), &test.labels);
-    let gsp_on_garment = (cells > 0).then(|| {
-        (
-            on_garment / test.len() as f64,
-            garment_cells as f64 / cells as f64,
-        )
+    let gsp_placement = (cells > 0).then(|| {
+        let images = test.len() as f64;
+        Placement {
+            weight: placement.weight.map(|w| w / images),
+            cells: placement.cells.map(|c| c / cells as f64),
+            effective: placement.effective / images,
+        }
     });
     Evaluation {
         metrics,
-        gsp_on_garment,
+        gsp_placement,
     }
 }
 
@@ -611,7 +655,8 @@ fn main() {
     let mut names_rows = vec!["untrained CNN + GAP".to_string()];
     names_rows.extend(options.heads.iter().map(|h| h.name().to_string()));
     let mut results: Vec<Vec<Metrics>> = vec![Vec::new(); names_rows.len()];
-    let mut gsp_garment: Vec<(f64, f64)> = Vec::new();
+    // GSP heads only: where each seed's weights went, by row.
+    let mut placements: Vec<Vec<Placement>> = vec![Vec::new(); names_rows.len()];
     for &seed in &options.seeds {
         device.seed(seed);
         // Cluttered images: generated once per seed, the same for every head.
@@ -671,13 +716,17 @@ fn main() {
                 let p: f32 = p.into_scalar();
                 line += &format!("  read-out p = {p:.2}");
             }
-            if let Some((weight, cells)) = evaluation.gsp_on_garment {
+            if let Some(placement) = evaluation.gsp_placement {
+                let [garment, clutter, empty] = placement.weight.map(|w| 100.0 * w);
+                let [garment_cells, clutter_cells, empty_cells] =
+                    placement.cells.map(|c| 100.0 * c);
                 line += &format!(
-                    "  weight on garment cells {:.1} % (they are {:.1} % of the cells)",
-                    100.0 * weight,
-                    100.0 * cells
+                    "  weight on garment/clutter/empty cells {garment:.1}/{clutter:.1}/{empty:.1} % \
+                     (cells {garment_cells:.1}/{clutter_cells:.1}/{empty_cells:.1} %), effective \
+                     positions {:.1} % of the map",
+                    100.0 * placement.effective
                 );
-                gsp_garment.push((weight, cells));
+                placements[row + 1].push(placement);
             }
             // Above the bar on a terminal; plain lines when the bar is hidden (a pipe).
             if bar.is_hidden() {
@@ -742,15 +791,42 @@ fn main() {
             );
         }
     }
-    if !gsp_garment.is_empty() {
-        let weight: Vec<f64> = gsp_garment.iter().map(|g| g.0).collect();
-        let cells: Vec<f64> = gsp_garment.iter().map(|g| g.1).collect();
+    if placements.iter().any(|p| !p.is_empty()) {
         println!();
         println!(
-            "GSP's weight on map cells the garment overlaps: {} % (such cells: {} % of the map)",
-            cell(weight),
-            cell(cells)
+            "Where GSP's weights go (mean ± std over the seeds, %): a cell is the garment's when \
+             any garment pixel is above 10 % grey, else clutter when a patch pixel is, else empty"
         );
+        println!();
+        println!(
+            "| head | on garment cells | on clutter cells | on empty cells | effective positions |"
+        );
+        println!("|---|---:|---:|---:|---:|");
+        let first = placements
+            .iter()
+            .find(|p| !p.is_empty())
+            .expect("a GSP row");
+        let share =
+            |seeds: &[Placement], kind: usize| cell(seeds.iter().map(|p| p.cells[kind]).collect());
+        println!(
+            "| (share of such cells) | {} | {} | {} | |",
+            share(first, 0),
+            share(first, 1),
+            share(first, 2)
+        );
+        for (name, seeds) in names_rows.iter().zip(&placements) {
+            if seeds.is_empty() {
+                continue;
+            }
+            let weight = |kind: usize| cell(seeds.iter().map(|p| p.weight[kind]).collect());
+            println!(
+                "| {name} | {} | {} | {} | {} |",
+                weight(0),
+                weight(1),
+                weight(2),
+                cell(seeds.iter().map(|p| p.effective).collect())
+            );
+        }
     }
     println!();
     println!("Wall time: {:.0} s", start.elapsed().as_secs_f64());
