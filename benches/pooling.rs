@@ -8,6 +8,7 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 use burn::tensor::{Device, Distribution, Tensor};
+use burn_pooling::GspReadout;
 use burn_pooling::PoolingInput;
 use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, GspConfig, LseConfig};
 
@@ -134,5 +135,68 @@ fn gsp(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, maps_and_tokens, gsp);
+criterion_group!(benches, maps_and_tokens, gsp, gsp_readouts);
 criterion_main!(benches);
+
+/// GSP's read-outs (docs/maths.md §10), forward and forward+backward (the read-out and the
+/// attributes in the loss, waiting for the prototypes' gradient), K = 64: without a
+/// projection on the GSP head's tokens `[64, 49, 512]`, where they differ only by their
+/// reduction, and as the authors' ResNet-50 layer, maps `[64, 2048, 7, 7]` projected to
+/// D = 512. The last row adds the max branch to the GeM read-out.
+fn gsp_readouts(c: &mut Criterion) {
+    let readouts = [
+        ("mean", GspReadout::Mean, false),
+        ("GeM", GspReadout::GeneralizedMean, false),
+        ("max", GspReadout::Max, false),
+        ("GeM+max branch", GspReadout::GeneralizedMean, true),
+    ];
+    // (label, the input's shape, channels, projection)
+    let shapes: [(&str, &[usize], usize, Option<usize>); 2] = [
+        ("tokens [64, 49, 512]", &[64, 49, 512], 512, None),
+        (
+            "maps [64, 2048, 7, 7] D=512",
+            &[64, 2048, 7, 7],
+            2048,
+            Some(512),
+        ),
+    ];
+    let input = |shape: &[usize], device: &Device| -> PoolingInput {
+        let uniform = Distribution::Uniform(0.0, 1.0);
+        match *shape {
+            [b, n, c] => PoolingInput::tokens(Tensor::<3>::random([b, n, c], uniform, device)),
+            [b, c, h, w] => PoolingInput::maps(Tensor::<4>::random([b, c, h, w], uniform, device)),
+            _ => unreachable!(),
+        }
+    };
+    for (name, device) in devices() {
+        let train = device.clone().autodiff();
+        let mut group = c.benchmark_group(format!("GSP read-outs {name}"));
+        group.sample_size(10);
+        for (label, shape, channels, projection) in shapes {
+            let (x, x_t) = (input(shape, &device), input(shape, &train));
+            group.throughput(bytes(shape));
+            for (readout_name, readout, branch) in readouts {
+                let config = GspConfig::new(channels)
+                    .with_num_prototypes(64)
+                    .with_projection(projection)
+                    .with_readout(readout)
+                    .with_max_branch(branch);
+                let id = format!("{label} {readout_name}");
+                let layer = config.init(&device);
+                group.bench_function(BenchmarkId::new("forward", &id), |bench| {
+                    bench.iter(|| sync(layer.forward(x.clone())))
+                });
+                let layer_t = config.init(&train);
+                group.bench_function(BenchmarkId::new("forward+backward", &id), |bench| {
+                    bench.iter(|| {
+                        let out = layer_t.forward_detailed(x_t.clone());
+                        let grads = (out.pooled.sum() + out.attributes.sum()).backward();
+                        let grad = layer_t.prototypes.val().grad(&grads).expect("tracked");
+                        let _ = grad.slice([0..1, 0..1]).into_scalar::<f32>();
+                    })
+                });
+            }
+        }
+        group.finish();
+    }
+}

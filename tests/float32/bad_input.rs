@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use burn::module::Param;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn_pooling::GspReadout;
 use burn_pooling::loss::{ZeroShotLossConfig, ZeroShotSplit};
 use burn_pooling::transport::{
     BalancedSettings, TransportSettings, TransportSolver, balanced_transport, lipschitz_normalize,
@@ -982,6 +983,7 @@ fn gsp_cases((backend, device): &(String, Device), cases: &mut Vec<Case>) {
             },
         ));
     }
+    gsp_readout_cases(backend, device, cases);
 }
 
 /// The public transport API and the zero-shot loss.
@@ -1490,4 +1492,155 @@ fn bad_input_matrix() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// GSP as its authors run it (a `[C, 3]` projection, the GeM and max read-outs, the max
+/// branch): its config rows (projection width 0 or allocation-sized, read-out power p ≤ 0), a
+/// read-out changed after `init`, a power trained to 0, padding garbage and NaN at a valid
+/// position, and a channel mismatch.
+fn gsp_readout_cases(backend: &str, device: &Device, cases: &mut Vec<Case>) {
+    let tag = |what: &str| format!("Gsp/{backend}/{what}");
+    let tokens = |d: &Device| Tensor::<3>::ones([2, 3, C], d);
+    let projected = |readout: GspReadout| {
+        GspConfig::new(C)
+            .with_num_prototypes(3)
+            .with_projection(Some(3))
+            .with_readout(readout)
+            .with_max_branch(true)
+    };
+    let d = device.clone();
+    cases.push(Case::panics(
+        tag("projection = 0"),
+        &["Gsp", "projection"],
+        move || {
+            let gsp = projected(GspReadout::Mean)
+                .with_projection(Some(0))
+                .init(&d);
+            let _ = read(gsp.forward_tokens(tokens(&d)));
+        },
+    ));
+    let d = device.clone();
+    cases.push(
+        Case::panics(
+            tag("projection = 2^40"),
+            &["Gsp", "projection"],
+            move || {
+                let _ = projected(GspReadout::Mean)
+                    .with_projection(Some(1 << 40))
+                    .init(&d);
+            },
+        )
+        .isolated(),
+    );
+    for p in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e-50] {
+        let d = device.clone();
+        cases.push(Case::panics(
+            tag(&format!("readout_p = {p}")),
+            &["Gsp", "readout_p"],
+            move || {
+                let gsp = projected(GspReadout::GeneralizedMean)
+                    .with_readout_p(p)
+                    .init(&d);
+                let _ = read(gsp.forward_tokens(tokens(&d)));
+            },
+        ));
+    }
+    let d = device.clone();
+    cases.push(Case::panics(
+        tag("readout set to GeneralizedMean after init"),
+        &["Gsp", "GeneralizedMean", "readout_p"],
+        move || {
+            let mut gsp = projected(GspReadout::Mean).init(&d);
+            gsp.readout = GspReadout::GeneralizedMean;
+            let _ = read(gsp.forward_tokens(tokens(&d)));
+        },
+    ));
+    let d = device.clone();
+    cases.push(Case::panics(
+        tag("projected, C = 3 input for C = 4"),
+        &["Gsp", "channel mismatch", "projection"],
+        move || {
+            let gsp = projected(GspReadout::Max).init(&d);
+            let _ = read(gsp.forward_tokens(Tensor::<3>::ones([2, 5, 3], &d)));
+        },
+    ));
+    // A power trained to 0 or below pools as MIN_POWER, as Gem's does.
+    for p in [0.0, -2.0] {
+        let d = device.clone();
+        cases.push(Case::returns(
+            tag(&format!(
+                "readout_p set to {p} after init pools as MIN_POWER"
+            )),
+            move || {
+                let x = floats(&tokens_values(31, (2, 5), (0.1, 1.0)), [2, 5, C], &d);
+                let gsp = projected(GspReadout::GeneralizedMean).init(&d);
+                let with = |p: f64| {
+                    let mut gsp = gsp.clone();
+                    gsp.readout_p =
+                        Some(Param::from_tensor(Tensor::<1>::from_data([p as f32], &d)));
+                    read(gsp.forward_tokens(x.clone()))
+                };
+                close("GSP GeM read-out", &with(p), &with(MIN_POWER), 1e-5)
+            },
+        ));
+    }
+    for readout in [GspReadout::GeneralizedMean, GspReadout::Max] {
+        let (b, n) = (2, 5);
+        let keep = [
+            true, false, true, true, false, true, true, true, true, false,
+        ];
+        for (garbage_name, garbage) in [("NaN", f64::NAN), ("+Inf", f64::INFINITY)] {
+            let d = device.clone();
+            cases.push(Case::returns(
+                tag(&format!(
+                    "projected {readout:?} + max branch, {garbage_name} at masked positions"
+                )),
+                move || {
+                    let mut values = tokens_values(32, (b, n), (0.1, 1.0));
+                    let rows = valid_rows(&values, n, &keep);
+                    for (i, v) in values.iter_mut().enumerate() {
+                        if !keep[i / C] {
+                            *v = garbage;
+                        }
+                    }
+                    let pooling = Pooling::Gsp(projected(readout).init(&d));
+                    let (out, grad) = forward_tokens(&pooling, &values, (b, n), Some(&keep), &d);
+                    let reference: Vec<f64> = rows
+                        .iter()
+                        .flat_map(|set| {
+                            let x = floats(&set.concat(), [1, set.len(), C], &d);
+                            read(pooling.forward_tokens(x))
+                        })
+                        .collect();
+                    close("output vs the padding-free input", &out, &reference, 2e-4)?;
+                    if let Some(grad) = grad {
+                        all_finite("input gradient", &grad)?;
+                        if let Some(i) = (0..grad.len()).find(|&i| !keep[i / C] && grad[i] != 0.0) {
+                            return Err(format!(
+                                "input gradient at masked element {i} = {}",
+                                grad[i]
+                            ));
+                        }
+                    }
+                    Ok(())
+                },
+            ));
+        }
+        let d = device.clone();
+        cases.push(Case::returns(
+            tag(&format!(
+                "projected {readout:?}: NaN at a valid position stays in its sample"
+            )),
+            move || {
+                let mut values = tokens_values(33, (b, n), (0.1, 1.0));
+                values[C..2 * C].fill(f64::NAN);
+                let gsp = projected(readout).init(&d);
+                let out = read(gsp.forward_tokens(floats(&values, [b, n, C], &d)));
+                if out[..3].iter().all(|v| v.is_finite()) {
+                    return Err(format!("sample 0 hides its NaN: {out:?}"));
+                }
+                all_finite("sample 1", &out[3..])
+            },
+        ));
+    }
 }

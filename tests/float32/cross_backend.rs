@@ -713,3 +713,89 @@ fn balanced_transport_agrees_across_backends() {
         }
     }
 }
+
+/// GSP as its authors run it, projected (C = 8 → D = 5), with the GeM read-out and the max
+/// branch, and with the max read-out, on masked tokens and on maps: every backend's outputs
+/// and gradients (input, prototypes, projection, p) agree with Flex's.
+#[test]
+fn projected_gsp_readouts_agree_across_backends() {
+    use burn_pooling::GspReadout;
+    let outcome = |device: &Device| -> Vec<(String, Vec<f64>)> {
+        let device = device.clone().autodiff();
+        let mut rng = Rng::new(12);
+        let (b, n, c, d, k) = (2, 6, 8, 5, 3);
+        let x: Vec<f64> = (0..b * n * c).map(|_| rng.uniform(0.0, 1.5)).collect();
+        let prototypes: Vec<f64> = (0..k * d).map(|_| rng.uniform(-0.5, 0.8)).collect();
+        let projection: Vec<f64> = (0..c * d).map(|_| rng.uniform(-0.6, 0.6)).collect();
+        let mask = Tensor::<2, Bool>::from_bool(
+            TensorData::new(
+                vec![
+                    true, true, false, true, true, true, true, true, true, true, true, false,
+                ],
+                [b, n],
+            ),
+            &device,
+        );
+        let mut out = Vec::new();
+        for (readout, branch) in [
+            (GspReadout::GeneralizedMean, true),
+            (GspReadout::Max, false),
+            (GspReadout::Mean, true),
+        ] {
+            let gsp = GspConfig::new(c)
+                .with_num_prototypes(k)
+                .with_projection(Some(d))
+                .with_readout(readout)
+                .with_readout_p(2.5)
+                .with_max_branch(branch)
+                .init(&device);
+            let gsp = Gsp {
+                prototypes: Param::from_tensor(floats(&prototypes, [k, d], &device)),
+                projection: Some(Param::from_tensor(floats(&projection, [c, d], &device))),
+                ..gsp
+            };
+            let label = |what: &str| format!("{readout:?} branch {branch}: {what}");
+            let tokens = floats(&x, [b, n, c], &device).require_grad();
+            let maps = floats(&x, [b, c, 2, 3], &device).require_grad();
+            let masked =
+                gsp.forward_detailed(PoolingInput::tokens(tokens.clone()).with_mask(mask.clone()));
+            let map_out = gsp.forward_detailed(maps.clone());
+            out.push((label("y tokens"), values(masked.pooled.clone())));
+            out.push((label("y maps"), values(map_out.pooled.clone())));
+            out.push((label("w maps"), values(map_out.weights.clone())));
+            let loss = (masked.pooled.clone() * masked.pooled).sum()
+                + map_out.pooled.sum()
+                + masked.attributes.slice([0..b, 0..1]).sum();
+            let grads = loss.backward();
+            out.push((label("dx tokens"), values(tokens.grad(&grads).unwrap())));
+            out.push((label("dx maps"), values(maps.grad(&grads).unwrap())));
+            out.push((
+                label("dprototypes"),
+                values(gsp.prototypes.val().grad(&grads).unwrap()),
+            ));
+            out.push((
+                label("dprojection"),
+                values(gsp.projection.as_ref().unwrap().val().grad(&grads).unwrap()),
+            ));
+            if let Some(p) = gsp.readout_power() {
+                out.push((label("dp"), values(p.grad(&grads).unwrap())));
+            }
+        }
+        out
+    };
+    let devices = devices();
+    let (_, flex) = &devices[0];
+    let expected = outcome(flex);
+    for (name, device) in &devices[1..] {
+        let actual = outcome(device);
+        assert_eq!(actual.len(), expected.len());
+        for ((label, a), (_, e)) in actual.iter().zip(&expected) {
+            assert!(a.iter().all(|v| v.is_finite()), "{name} {label}: {a:?}");
+            assert_close(a, e, 1e-4, 1e-5, &format!("{name} vs flex: {label}"));
+        }
+        println!(
+            "{name}: {} projected GSP outputs and gradients agree with flex",
+            actual.len()
+        );
+    }
+}
