@@ -6,7 +6,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, FloatDType, Tensor};
 
 use super::{channels_last, mask_logits};
 use crate::checks;
@@ -113,8 +113,9 @@ impl SimPoolConfig {
 ///
 /// Padding is selected away (the features set to 0 through a select, the logits to −∞, the
 /// padded `u` to 1 before its logarithm), so NaN or ±∞ there never reaches the output or the
-/// gradients. A mask row with no valid token panics by name (timm's layer has no mask; given
-/// all-masked logits it returns NaN). Inputs near the float limits overflow the mean's
+/// gradients. With f16 or bf16 inputs the power form runs in f32 (ε = 10⁻⁶ is subnormal in
+/// f16, where `u^p` underflows and its backward meets 0 · ∞). A mask row with no valid token
+/// panics by name (timm's layer has no mask; given all-masked logits it returns NaN). Inputs near the float limits overflow the mean's
 /// projection, as they would any linear layer.
 ///
 /// # Shapes
@@ -244,7 +245,13 @@ impl SimPool {
         let Some(p) = self.exponent() else {
             return weights.matmul(v).reshape([batch, channels]);
         };
-        // The power form: u = v − min_valid v + ε, y = (Σ a u^p)^(1/p) as exp/ln (u ≥ ε > 0).
+        // The power form: u = v − min_valid v + ε, y = (Σ a u^p)^(1/p) as exp/ln (u ≥ ε > 0),
+        // in f32 for half-precision inputs: ε = 10⁻⁶ is subnormal in f16, u^p underflows there
+        // and ∂ ln u = 1/u overflows, 0 · ∞ in the backward.
+        let dtype = v.dtype();
+        let half = matches!(dtype, DType::F16 | DType::BF16);
+        let widen = |t: Tensor<3>| if half { t.cast(FloatDType::F32) } else { t };
+        let (v, weights) = (widen(v), widen(weights));
         let padding = mask.map(|mask| {
             mask.bool_not()
                 .reshape([batch, count, 1])
@@ -256,10 +263,15 @@ impl SimPool {
         };
         let low = select(v.clone(), f64::INFINITY).min_dim(1);
         let u = select((v - low).add_scalar(SHIFT_EPS), 1.0);
-        let p = p.reshape([1, 1, 1]);
+        let p = widen(p.reshape([1, 1, 1]));
         let powered = (u.log() * p.clone()).exp();
         let mean = weights.matmul(powered);
-        (mean.log() / p).exp().reshape([batch, channels])
+        let y = (mean.log() / p).exp().reshape([batch, channels]);
+        if half {
+            y.cast(FloatDType::from(dtype))
+        } else {
+            y
+        }
     }
 }
 
