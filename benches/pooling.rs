@@ -10,6 +10,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use burn::tensor::{Device, Distribution, Tensor};
 use burn_pooling::GspReadout;
 use burn_pooling::PoolingInput;
+use burn_pooling::{AttentionPoolConfig, SimPoolConfig};
 use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, GspConfig, LseConfig};
 
 fn devices() -> Vec<(&'static str, Device)> {
@@ -135,7 +136,46 @@ fn gsp(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, maps_and_tokens, gsp, gsp_readouts);
+/// MAP and SimPool (γ = 1.25 + β) over a ViT-B/16's 197 tokens.
+fn attention(c: &mut Criterion) {
+    for (name, device) in devices() {
+        let train = device.clone().autodiff();
+        let (b, n, ch) = (64, 197, 768);
+        let tokens = Tensor::<3>::random([b, n, ch], Distribution::Uniform(-1.0, 1.0), &device);
+        let tokens_t = Tensor::<3>::from_data(tokens.to_data(), &train);
+        let mut group = c.benchmark_group(format!("attention [64, 197, 768] {name}"));
+        group.throughput(bytes(&[b, n, ch]));
+        group.sample_size(10);
+        let map = AttentionPoolConfig::new(ch).init(&device);
+        group.bench_function("MAP forward", |bench| {
+            bench.iter(|| sync(map.forward_tokens(tokens.clone())))
+        });
+        let map_t = AttentionPoolConfig::new(ch).init(&train);
+        group.bench_function("MAP forward+backward", |bench| {
+            bench.iter(|| {
+                let x = tokens_t.clone().require_grad();
+                backward_sync(map_t.forward_tokens(x.clone()).sum(), &x)
+            })
+        });
+        let config = SimPoolConfig::new(ch)
+            .with_gamma(Some(1.25))
+            .with_learnable_shift(true);
+        let sim = config.init(&device);
+        group.bench_function("SimPool(γ) forward", |bench| {
+            bench.iter(|| sync(sim.forward_tokens(tokens.clone())))
+        });
+        let sim_t = config.init(&train);
+        group.bench_function("SimPool(γ) forward+backward", |bench| {
+            bench.iter(|| {
+                let x = tokens_t.clone().require_grad();
+                backward_sync(sim_t.forward_tokens(x.clone()).sum(), &x)
+            })
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, maps_and_tokens, gsp, gsp_readouts, attention);
 criterion_main!(benches);
 
 /// GSP's read-outs (docs/maths.md §10), forward and forward+backward (the read-out and the

@@ -28,6 +28,7 @@ use burn::module::Param;
 use burn::tensor::{Bool, Device, Distribution, Tensor};
 use burn_pooling::PoolingInput;
 use burn_pooling::ops::with_composites;
+use burn_pooling::{AttentionPoolConfig, LseConfig, SimPoolConfig};
 use burn_pooling::{GapConfig, GapGmpConfig, GemConfig, GmpConfig, GroupGemConfig, Gsp, GspConfig};
 
 const USAGE: &str = "usage: speed_table [TORCH.json] [--device flex|wgpu] \
@@ -409,6 +410,79 @@ fn main() {
                 },
             ));
         }
+    }
+
+    // Attention pooling over a ViT-B/16's token set (196 patches + the class token, all 197
+    // pooled on both sides): MAP (8 heads, one latent, its MLP) and SimPool, plain and with
+    // γ = 1.25 and β (the ViT setting). The backward reaches the input and every parameter.
+    {
+        let (b, n, c) = (64, 197, 768);
+        let x = Tensor::<3>::random([b, n, c], Distribution::Uniform(-1.0, 1.0), &device);
+        let x_t = Tensor::<3>::from_data(x.to_data(), &train);
+        let shape = format!("[{b}, {n}, {c}]");
+        let map = AttentionPoolConfig::new(c).init(&device);
+        let map_t = AttentionPoolConfig::new(c).init(&train);
+        rows.push(Row::timed(
+            ("MAP", "map_tokens(H=8)", shape.clone()),
+            routes,
+            runs,
+            || sync(map.forward_tokens(x.clone())),
+            || {
+                let input = x_t.clone().require_grad();
+                backward_sync(map_t.forward_tokens(input.clone()).sum(), &input);
+            },
+        ));
+        for (op, torch_op, config) in [
+            ("SimPool", "simpool_tokens", SimPoolConfig::new(c)),
+            (
+                "SimPool, γ = 1.25 + β",
+                "simpool_tokens(gamma=1.25+beta)",
+                SimPoolConfig::new(c)
+                    .with_gamma(Some(1.25))
+                    .with_learnable_shift(true),
+            ),
+        ] {
+            let pool = config.init(&device);
+            let pool_t = config.init(&train);
+            rows.push(Row::timed(
+                (op, torch_op, shape.clone()),
+                routes,
+                runs,
+                || sync(pool.forward_tokens(x.clone())),
+                || {
+                    let input = x_t.clone().require_grad();
+                    backward_sync(pool_t.forward_tokens(input.clone()).sum(), &input);
+                },
+            ));
+        }
+    }
+
+    // LSE (r = 10, learnable) at GeM's map shapes.
+    for (b, n, c) in [(64, 49, 2048), (64, 196, 768)] {
+        let side = (n as f64).sqrt() as usize;
+        let maps =
+            Tensor::<4>::random([b, c, side, side], Distribution::Uniform(0.0, 1.0), &device);
+        let maps_t = Tensor::<4>::from_data(maps.to_data(), &train);
+        let (lse, lse_t) = (
+            LseConfig::new().init(&device),
+            LseConfig::new().init(&train),
+        );
+        let mut row = Row::timed(
+            (
+                "LSE",
+                "lse_nchw(timm)",
+                format!("[{b}, {c}, {side}, {side}]"),
+            ),
+            routes,
+            runs,
+            || sync(lse.forward(maps.clone())),
+            || {
+                let input = maps_t.clone().require_grad();
+                backward_sync(lse_t.forward(input.clone()).sum(), &input);
+            },
+        );
+        row.rated_bytes = Some(4 * b * n * c);
+        rows.push(row);
     }
 
     let torch: Option<Vec<(String, f64, f64)>> = options.torch.as_ref().map(|path| {

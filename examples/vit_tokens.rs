@@ -1,4 +1,4 @@
-//! GGeM and GSP as the pooling of a tiny transformer encoder over `[B, N, C]` tokens with a
+//! GGeM, GSP, MAP and SimPool as the pooling of a tiny transformer encoder over `[B, N, C]` tokens with a
 //! class token and padding masks, compared with the class token itself and masked GAP.
 //!
 //! The data (generated): each sample is a set of 8–16 tokens (width 16), padded to 16 with
@@ -14,6 +14,10 @@
 //!   over all tokens with the mask (it skips the class token itself).
 //! * GSP: `Gsp::forward_tokens_masked` over the patch tokens (GSP has no prefix option, so the
 //!   class token is sliced off), 8 prototypes, μ = 0.3.
+//! * MAP: `AttentionPool` (SigLIP's head) with 4 heads, one latent and its MLP, over all
+//!   tokens with the mask and `num_prefix_tokens = 1`.
+//! * SimPool: `SimPool` with the ViT setting γ = 1.25 and the learnable shift β, over all
+//!   tokens with the mask and `num_prefix_tokens = 1`.
 //!
 //! Each head is trained from the same seed with a normalized-softmax proxy loss on the first
 //! 16 classes and evaluated zero-shot (Recall@1, MAP@R) on the other 16.
@@ -31,6 +35,7 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use burn_pooling::PoolingInput;
+use burn_pooling::{AttentionPool, AttentionPoolConfig, SimPool, SimPoolConfig};
 use burn_pooling::{Gap, GapConfig, GroupGem, GroupGemConfig, Gsp, GspConfig};
 use common::Rng;
 use common::retrieval::{RetrievalMetrics, evaluate_tensor};
@@ -116,6 +121,8 @@ enum Head {
     Gap,
     GroupGem,
     Gsp,
+    Map,
+    SimPool,
 }
 
 impl Head {
@@ -125,6 +132,8 @@ impl Head {
             Self::Gap => "GAP (masked)",
             Self::GroupGem => "GGeM (4 groups)",
             Self::Gsp => "GSP (K = 8)",
+            Self::Map => "MAP (4 heads)",
+            Self::SimPool => "SimPool (γ = 1.25 + β)",
         }
     }
 }
@@ -137,6 +146,8 @@ struct Model {
     gap: Option<Gap>,
     ggem: Option<GroupGem>,
     gsp: Option<Gsp>,
+    map: Option<AttentionPool>,
+    simpool: Option<SimPool>,
     embed: Linear,
     proxies: Param<Tensor<2>>,
 }
@@ -164,6 +175,19 @@ impl Model {
                 GspConfig::new(WIDTH)
                     .with_num_prototypes(8)
                     .with_transport_ratio(0.3)
+                    .init(device)
+            }),
+            map: (head == Head::Map).then(|| {
+                AttentionPoolConfig::new(WIDTH)
+                    .with_num_heads(HEADS)
+                    .with_num_prefix_tokens(1)
+                    .init(device)
+            }),
+            simpool: (head == Head::SimPool).then(|| {
+                SimPoolConfig::new(WIDTH)
+                    .with_gamma(Some(1.25))
+                    .with_learnable_shift(true)
+                    .with_num_prefix_tokens(1)
                     .init(device)
             }),
             embed: LinearConfig::new(WIDTH, WIDTH)
@@ -202,6 +226,10 @@ impl Model {
             ggem.forward(PoolingInput::tokens(out.clone()).with_mask(valid.clone()))
         } else if let Some(gsp) = &self.gsp {
             gsp.forward(PoolingInput::tokens(patches()).with_mask(patch_valid()))
+        } else if let Some(map) = &self.map {
+            map.forward(PoolingInput::tokens(out.clone()).with_mask(valid.clone()))
+        } else if let Some(simpool) = &self.simpool {
+            simpool.forward(PoolingInput::tokens(out.clone()).with_mask(valid.clone()))
         } else {
             out.clone().slice([0..batch, 0..1, 0..WIDTH]).squeeze_dim(1)
         };
@@ -275,7 +303,14 @@ fn main() {
         CLASSES - TRAIN_CLASSES
     );
     let mut rows = Vec::new();
-    for head in [Head::ClassToken, Head::Gap, Head::GroupGem, Head::Gsp] {
+    for head in [
+        Head::ClassToken,
+        Head::Gap,
+        Head::GroupGem,
+        Head::Gsp,
+        Head::Map,
+        Head::SimPool,
+    ] {
         let model = train(head, &task, &device);
         let metrics = evaluate(&model, &task, &device);
         if let Some(ggem) = &model.ggem {

@@ -117,6 +117,62 @@ def gsp_tokens(x, prototypes, mu=0.3, epsilon=0.2, iterations=100, implicit=True
     return pooled, weights, attributes
 
 
+# --------------------------------------------------------------------------- maths.md §8, §11
+def lse_maps(x, r):
+    """LSE of maps [B, C, H, W] -> [B, C] as timm's LsePlus2d writes it (r a raw parameter)."""
+    top = x.amax((2, 3), keepdim=True)
+    return (top + torch.log(torch.exp(r * (x - top)).mean((2, 3), keepdim=True)) / r).flatten(1)
+
+
+def attention_params(c, hidden, device, map_head):
+    """Random parameters (requires_grad) of MAP (map_head) or SimPool at width c."""
+    def p(*shape, scale):
+        return (torch.randn(*shape, device=device) * scale).requires_grad_(True)
+    w = c ** -0.5
+    if map_head:
+        return {
+            "latent": p(1, c, scale=w), "wq": p(c, c, scale=w), "bq": p(c, scale=w),
+            "wkv": p(c, 2 * c, scale=w), "bkv": p(2 * c, scale=w),
+            "wo": p(c, c, scale=w), "bo": p(c, scale=w),
+            "ln_g": p(c, scale=1.0), "ln_b": p(c, scale=0.1),
+            "w1": p(c, hidden, scale=w), "b1": p(hidden, scale=w),
+            "w2": p(hidden, c, scale=hidden ** -0.5), "b2": p(c, scale=w),
+        }
+    return {"ln_g": p(c, scale=1.0), "ln_b": p(c, scale=0.1), "wq": p(c, c, scale=w),
+            "wk": p(c, c, scale=w), "beta": p(1, scale=0.0)}
+
+
+def map_tokens(x, prm, heads=8):
+    """MAP of tokens [B, N, C] -> [B, C], the textbook way (timm's fused path): q from the
+    latent, k and v of every token from one [C, 2C] projection, scaled_dot_product_attention,
+    the output projection, y = o + MLP(LN(o)), the first latent."""
+    b, n, c = x.shape
+    d = c // heads
+    latents = prm["latent"].shape[0]
+    q = (prm["latent"] @ prm["wq"] + prm["bq"]).reshape(1, latents, heads, d).transpose(1, 2)
+    kv = (x @ prm["wkv"] + prm["bkv"]).reshape(b, n, 2, heads, d).permute(2, 0, 3, 1, 4)
+    o = torch.nn.functional.scaled_dot_product_attention(q.expand(b, -1, -1, -1), kv[0], kv[1])
+    o = o.transpose(1, 2).reshape(b, latents, c) @ prm["wo"] + prm["bo"]
+    normed = torch.nn.functional.layer_norm(o, (c,), prm["ln_g"], prm["ln_b"], 1e-6)
+    y = o + torch.nn.functional.gelu(normed @ prm["w1"] + prm["b1"]) @ prm["w2"] + prm["b2"]
+    return y[:, 0]
+
+
+def simpool_tokens(x, prm, gamma=None):
+    """SimPool of tokens [B, N, C] -> [B, C]: q = W_q mean(x), k = W_k LN(x), v = LN(x), one
+    head; with gamma, (a (v − min v + 1e-6)^(γ+β))^(1/(γ+β)), the min per sample and channel."""
+    c = x.shape[2]
+    q = x.mean(1) @ prm["wq"]
+    v = torch.nn.functional.layer_norm(x, (c,), prm["ln_g"], prm["ln_b"], 1e-6)
+    k = v @ prm["wk"]
+    a = torch.softmax((k @ q.unsqueeze(2)).squeeze(2) / math.sqrt(c), dim=1).unsqueeze(1)
+    if gamma is None:
+        return (a @ v).squeeze(1)
+    e = gamma + prm["beta"]
+    u = v - v.amin(1, keepdim=True) + 1e-6
+    return (a @ u.pow(e)).squeeze(1).pow(1.0 / e)
+
+
 # --------------------------------------------------------------------------- timing
 def median_ms(fn, reps, warm, sync):
     for _ in range(warm):
@@ -215,6 +271,39 @@ def bench(device, quick):
         forward = no_grad(lambda: gsp_tokens(x, prototypes))
         record("gsp_tokens(analytic bwd)", [b, n, d, k], forward, train(True), gsp_runs)
         record("gsp_tokens(unrolled bwd)", [b, n, d, k], forward, train(False), gsp_runs)
+
+    # Attention pooling over a ViT-B/16's 197 tokens; the backward reaches x and every parameter.
+    b, n, c = 64, 197, 768
+    x = torch.rand(b, n, c, device=device) * 2.0 - 1.0
+    x_g = x.clone().requires_grad_(True)
+    prm = attention_params(c, 4 * c, device, map_head=True)
+    record(
+        "map_tokens(H=8)",
+        [b, n, c],
+        no_grad(lambda: map_tokens(x, prm)),
+        lambda: map_tokens(x_g, prm).sum().backward(),
+    )
+    prm = attention_params(c, 0, device, map_head=False)
+    for op, gamma in [("simpool_tokens", None), ("simpool_tokens(gamma=1.25+beta)", 1.25)]:
+        record(
+            op,
+            [b, n, c],
+            no_grad(lambda: simpool_tokens(x, prm, gamma)),
+            lambda: simpool_tokens(x_g, prm, gamma).sum().backward(),
+        )
+
+    # LSE at GeM's map shapes.
+    for b, n, c in [(64, 49, 2048), (64, 196, 768)]:
+        side = math.isqrt(n)
+        maps = torch.rand(b, c, side, side, device=device)
+        maps_g = maps.clone().requires_grad_(True)
+        r = torch.tensor(10.0, device=device, requires_grad=True)
+        record(
+            "lse_nchw(timm)",
+            [b, c, side, side],
+            no_grad(lambda: lse_maps(maps, r)),
+            lambda: lse_maps(maps_g, r).sum().backward(),
+        )
     return out
 
 

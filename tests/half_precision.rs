@@ -12,6 +12,7 @@ use std::sync::Once;
 use burn::module::Param;
 use burn::tensor::{Bool, DType, Device, FloatDType, Tensor, TensorData};
 use burn_pooling::PoolingInput;
+use burn_pooling::{AttentionPoolConfig, SimPoolConfig};
 use burn_pooling::{
     GapConfig, GemConfig, GroupGemConfig, GroupLayout, GspConfig, LseConfig, TokenMode,
     TokenPoolingConfig,
@@ -271,4 +272,97 @@ fn lse_and_token_modes_in_f16_match_the_f64_reference() {
         })
         .collect();
     assert_close(&values(y), &expected, 1e-2, 1e-2, "token modes");
+}
+
+/// MAP and SimPool (γ = 1.25 with β) in f16 with one padded token at 60000 (whose logit would
+/// overflow f16): −∞ masking gives it zero weight and zero gradient, and the outputs match
+/// the f64 reference on the f16 parameters and inputs; the gradients stay f16 and finite.
+#[test]
+fn attention_pooling_in_f16_masks_with_minus_infinity() {
+    let device = flex_f16().autodiff();
+    let mut rng = Rng::new(71);
+    let mut raw: Vec<f64> = (0..B * N * C).map(|_| rng.uniform(-2.0, 2.0)).collect();
+    raw[(N + 3) * C..(N + 4) * C].fill(60000.0); // sample 1, token 3: padding
+    let x = tensor(raw, [B, N, C], &device).require_grad();
+    let xs = values(x.clone());
+    let keep: Vec<bool> = (0..B * N).map(|i| i != N + 3).collect();
+    let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep.clone(), [B, N]), &device);
+    let valid_rows = |b: usize| -> Vec<Vec<f64>> {
+        rows(&xs, b)
+            .into_iter()
+            .enumerate()
+            .filter(|(n, _)| keep[b * N + n])
+            .map(|(_, r)| r)
+            .collect()
+    };
+    let input = || PoolingInput::tokens(x.clone()).with_mask(mask.clone());
+    let linear = |l: &burn::nn::Linear| {
+        vec![
+            values(l.weight.val()),
+            l.bias.as_ref().map_or(vec![0.0; C], |b| values(b.val())),
+        ]
+    };
+
+    let map = AttentionPoolConfig::new(C).with_num_heads(2).init(&device);
+    let y = map.forward(input());
+    assert_eq!(y.dtype(), DType::F16);
+    let grads = y.clone().sum().backward();
+    let dx = half_gradient(x.grad(&grads).unwrap(), "MAP dx");
+    assert!(dx[(N + 3) * C..(N + 4) * C].iter().all(|&g| g == 0.0));
+    let norm = map.norm.as_ref().unwrap();
+    let mut fields = vec![values(map.latent.val())];
+    for l in [&map.query, &map.key, &map.value, &map.projection] {
+        fields.extend(linear(l));
+    }
+    fields.push(values(norm.gamma.val()));
+    fields.push(values(norm.beta.as_ref().unwrap().val()));
+    fields.push(values(map.fc1.weight.val()));
+    fields.push(values(map.fc1.bias.as_ref().unwrap().val()));
+    fields.push(values(map.fc2.weight.val()));
+    fields.push(values(map.fc2.bias.as_ref().unwrap().val()));
+    let params = reference::MapParams {
+        channels: C,
+        heads: 2,
+        latents: 1,
+        hidden: 4 * C,
+        eps: 1e-6,
+        norm: true,
+        mean_latents: false,
+        fields,
+    };
+    let expected: Vec<f64> = (0..B)
+        .flat_map(|b| reference::map_pool(&valid_rows(b), &params))
+        .collect();
+    assert_close(&values(y), &expected, 2e-2, 2e-2, "MAP");
+
+    let sim = SimPoolConfig::new(C)
+        .with_gamma(Some(1.25))
+        .with_learnable_shift(true)
+        .init(&device);
+    let y = sim.forward(input());
+    assert_eq!(y.dtype(), DType::F16);
+    let grads = y.clone().sum().backward();
+    let dx = half_gradient(x.grad(&grads).unwrap(), "SimPool dx");
+    half_gradient(
+        sim.beta.as_ref().unwrap().val().grad(&grads).unwrap(),
+        "SimPool dβ",
+    );
+    assert!(dx[(N + 3) * C..(N + 4) * C].iter().all(|&g| g == 0.0));
+    let mut fields = vec![
+        values(sim.norm.gamma.val()),
+        values(sim.norm.beta.as_ref().unwrap().val()),
+    ];
+    fields.extend(linear(&sim.query));
+    fields.extend(linear(&sim.key));
+    fields.push(vec![0.0]);
+    let params = reference::SimPoolParams {
+        eps: 1e-6,
+        gamma: Some(1.25),
+        shift: true,
+        fields,
+    };
+    let expected: Vec<f64> = (0..B)
+        .flat_map(|b| reference::simpool(&valid_rows(b), &params))
+        .collect();
+    assert_close(&values(y), &expected, 2e-2, 2e-2, "SimPool");
 }

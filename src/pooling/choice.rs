@@ -6,6 +6,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
 use super::input::PoolingInput;
+use super::{AttentionPool, AttentionPoolConfig, SimPool, SimPoolConfig};
 use super::{
     Gap, GapConfig, GapGmp, GapGmpCombine, GapGmpConfig, Gem, GemConfig, Gmp, GmpConfig, GroupGem,
     GroupGemConfig, Gsp, GspConfig, Lse, LseConfig, TokenPooling, TokenPoolingConfig,
@@ -45,6 +46,11 @@ pub enum PoolingConfig {
     Lse(LseConfig),
     /// Token modes concatenated, [`TokenPooling`] (sentence-transformers' `Pooling`).
     TokenPooling(TokenPoolingConfig),
+    /// Multi-head attention pooling from learned latents, [`AttentionPool`] (MAP: SigLIP's
+    /// head, timm's `AttentionPoolLatent`).
+    AttentionPool(AttentionPoolConfig),
+    /// Attention pooling with the mean as query, [`SimPool`] (timm's `SimPool1d/2d`).
+    SimPool(SimPoolConfig),
 }
 
 impl PoolingConfig {
@@ -63,6 +69,8 @@ impl PoolingConfig {
             Self::Gsp(config) => Pooling::Gsp(config.init(device)),
             Self::Lse(config) => Pooling::Lse(config.init(device)),
             Self::TokenPooling(config) => Pooling::TokenPooling(config.init()),
+            Self::AttentionPool(config) => Pooling::AttentionPool(config.init(device)),
+            Self::SimPool(config) => Pooling::SimPool(config.init(device)),
         }
     }
 
@@ -91,6 +99,9 @@ impl PoolingConfig {
 ///   mask
 /// - output: `[B, C]`, `[B, 2C]` for a concatenating [`GapGmp`], `[B, modes·C]` for
 ///   [`TokenPooling`], `[B, D]` for a [`Gsp`] projecting to D
+// AttentionPool's seven linear layers make its variant the largest; a model holds one `Pooling`,
+// so the size is not worth a Box (which the Module derive would have to see through).
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Pooling {
     /// [`Gap`].
@@ -109,6 +120,10 @@ pub enum Pooling {
     Lse(Lse),
     /// [`TokenPooling`].
     TokenPooling(TokenPooling),
+    /// [`AttentionPool`].
+    AttentionPool(AttentionPool),
+    /// [`SimPool`].
+    SimPool(SimPool),
 }
 
 impl Pooling {
@@ -130,6 +145,8 @@ impl Pooling {
             Self::Gsp(layer) => layer.forward(input),
             Self::Lse(layer) => layer.forward(input),
             Self::TokenPooling(layer) => layer.forward(input),
+            Self::AttentionPool(layer) => layer.forward(input),
+            Self::SimPool(layer) => layer.forward(input),
         }
     }
 
@@ -149,7 +166,7 @@ impl Pooling {
     }
 
     /// The layer's name, as in its `Display`: `"Gap"`, `"Gmp"`, `"GapGmp"`, `"Gem"`,
-    /// `"GroupGem"`, `"Gsp"`, `"Lse"` or `"TokenPooling"`.
+    /// `"GroupGem"`, `"Gsp"`, `"Lse"`, `"TokenPooling"`, `"AttentionPool"` or `"SimPool"`.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Gap(_) => "Gap",
@@ -160,6 +177,8 @@ impl Pooling {
             Self::Gsp(_) => "Gsp",
             Self::Lse(_) => "Lse",
             Self::TokenPooling(_) => "TokenPooling",
+            Self::AttentionPool(_) => "AttentionPool",
+            Self::SimPool(_) => "SimPool",
         }
     }
 }
@@ -198,6 +217,17 @@ mod tests {
                 TokenPoolingConfig::new(vec![TokenMode::Cls, TokenMode::Last, TokenMode::Mean])
                     .with_num_prefix_tokens(1),
             ),
+            PoolingConfig::AttentionPool(
+                AttentionPoolConfig::new(4)
+                    .with_num_heads(2)
+                    .with_latent_len(2)
+                    .with_num_prefix_tokens(1),
+            ),
+            PoolingConfig::SimPool(
+                SimPoolConfig::new(4)
+                    .with_gamma(Some(2.0))
+                    .with_num_prefix_tokens(1),
+            ),
         ]
     }
 
@@ -214,6 +244,8 @@ mod tests {
             PoolingConfig::Gsp(c) => c.init(&device).forward(input()),
             PoolingConfig::Lse(c) => c.init(&device).forward(input()),
             PoolingConfig::TokenPooling(c) => c.init().forward(input()),
+            PoolingConfig::AttentionPool(c) => c.init(&device).forward(input()),
+            PoolingConfig::SimPool(c) => c.init(&device).forward(input()),
         }
     }
 
@@ -231,6 +263,8 @@ mod tests {
             "Gsp",
             "Lse",
             "TokenPooling",
+            "AttentionPool",
+            "SimPool",
         ];
         for (config, name) in every_config().into_iter().zip(names) {
             let json = config.to_string();
@@ -273,7 +307,9 @@ mod tests {
             .iter()
             .map(|config| config.init(&device).num_params())
             .collect();
-        assert_eq!(counts, [0, 0, 0, 1, 2, 12, 1, 0]);
+        // AttentionPool (C = 4, L = 2, hidden 16): latents 8, 4 linears of 20, LN 8, MLP 80 + 68.
+        // SimPool: LN 8, two linears of 16.
+        assert_eq!(counts, [0, 0, 0, 1, 2, 12, 1, 0, 244, 40]);
         let gsp = PoolingConfig::Gsp(GspConfig::new(4).with_num_prototypes(3)).init(&device);
         assert!(gsp.as_gsp().is_some());
         assert!(
@@ -390,7 +426,11 @@ mod tests {
             );
             if matches!(
                 config,
-                PoolingConfig::Gem(_) | PoolingConfig::GroupGem(_) | PoolingConfig::Gsp(_)
+                PoolingConfig::Gem(_)
+                    | PoolingConfig::GroupGem(_)
+                    | PoolingConfig::Gsp(_)
+                    | PoolingConfig::AttentionPool(_)
+                    | PoolingConfig::SimPool(_)
             ) {
                 let tokens = Tensor::<3>::ones([2, 5, 4], &ndarray);
                 let message = panic_message(|| {

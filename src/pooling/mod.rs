@@ -10,6 +10,8 @@
 //! | [`Gsp`] | weights from partial optimal transport onto prototypes | `prototypes: [K, C]` |
 //! | [`Lse`] | the log-sum-exp (smooth max) or its softmax-weighted mean | temperature `r` |
 //! | [`TokenPooling`] | token modes: cls, last, mean, max, mean·√L, SGPT weights | none |
+//! | [`AttentionPool`] | multi-head attention from learned latents, then an MLP (MAP) | latents, projections, MLP |
+//! | [`SimPool`] | attention from the mean as query, optional power γ | LayerNorm, `W_q`, `W_k`, β |
 //!
 //! Every layer has `forward(maps)`, `forward_tokens(tokens)` and `forward(input)` for a
 //! [`PoolingInput`] (maps or tokens, with a mask, with prefix tokens). [`PoolingConfig`] and
@@ -17,13 +19,19 @@
 //! time.
 //!
 //! The layers live in families, one folder each: `reductions` (per-channel reductions),
-//! `transport` (weights from optimal transport onto prototypes).
+//! `transport` (weights from optimal transport onto prototypes), `attention` (attention
+//! weights from a query).
 
+mod attention;
 mod choice;
 mod input;
 mod reductions;
 mod transport;
 
+pub use attention::{
+    AttentionPool, AttentionPoolConfig, AttentionPoolOutput, SIMPOOL_MIN_EXPONENT, SimPool,
+    SimPoolConfig,
+};
 pub use choice::{Pooling, PoolingConfig};
 pub use input::PoolingInput;
 pub use reductions::{

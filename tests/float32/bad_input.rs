@@ -29,6 +29,7 @@ use burn_pooling::transport::{
     BalancedSettings, TransportSettings, TransportSolver, balanced_transport, lipschitz_normalize,
     partial_transport,
 };
+use burn_pooling::{AttentionPoolConfig, SimPoolConfig};
 use burn_pooling::{
     GapConfig, GapGmpConfig, GemConfig, GmpConfig, GroupGemConfig, Gsp, GspConfig, LseConfig,
     MIN_POWER, Pooling, PoolingConfig, PoolingInput, TokenMode, TokenPoolingConfig,
@@ -80,7 +81,7 @@ fn backends() -> Vec<(String, Device)> {
 }
 
 /// The layers under test, by the name their panics use.
-const LAYERS: [&str; 8] = [
+const LAYERS: [&str; 10] = [
     "Gap",
     "Gmp",
     "GapGmp",
@@ -89,6 +90,8 @@ const LAYERS: [&str; 8] = [
     "Gsp",
     "Lse",
     "TokenPooling",
+    "AttentionPool",
+    "SimPool",
 ];
 
 /// TokenPooling's modes here: every mode, `Cls` first (its block reads the prefix token, by
@@ -113,6 +116,16 @@ fn config(name: &str) -> PoolingConfig {
         "TokenPooling" => {
             PoolingConfig::TokenPooling(TokenPoolingConfig::new(TOKEN_MODES.to_vec()))
         }
+        // 2 heads of 2 channels; SimPool with its power form and learnable shift (the ViT
+        // setting), the path with a minimum, a logarithm and a power.
+        "AttentionPool" => {
+            PoolingConfig::AttentionPool(AttentionPoolConfig::new(C).with_num_heads(2))
+        }
+        "SimPool" => PoolingConfig::SimPool(
+            SimPoolConfig::new(C)
+                .with_gamma(Some(1.25))
+                .with_learnable_shift(true),
+        ),
         other => panic!("bad_input: unknown layer {other}"),
     }
 }
@@ -418,9 +431,9 @@ fn shape_cases(name: &'static str, (backend, device): &(String, Device), cases: 
                 .ok_or(format!("dims {:?}, expected {expected:?}", y.dims()))
         },
     ));
-    if matches!(name, "Gsp" | "GroupGem") {
+    if matches!(name, "Gsp" | "GroupGem" | "AttentionPool" | "SimPool") {
         let d = device.clone();
-        let what = if name == "Gsp" { "C" } else { "groups" };
+        let what = if name == "GroupGem" { "groups" } else { "C" };
         cases.push(Case::panics(
             tag("channels that do not fit the layer"),
             &[name, what],
@@ -590,6 +603,13 @@ fn value_cases(name: &'static str, (backend, device): &(String, Device), cases: 
                 let values: Vec<f64> = values.iter().map(|&v| v as f32 as f64).collect();
                 let pooling = layer(name, &d);
                 let (out, grad) = forward_tokens(&pooling, &values, (b, n), None, &d);
+                if matches!(name, "AttentionPool" | "SimPool") && range.1 > 1e30 {
+                    // Their linear projections (and SimPool's LayerNorm) overflow f32 at these
+                    // values, as any linear layer does (their rustdoc says so): what is checked
+                    // here is that they return, without a panic or a hang. "One sample huge,
+                    // one tiny" checks that the overflow stays in its sample.
+                    return Ok(());
+                }
                 let rows = valid_rows(&values, n, &[true; 10]);
                 match oracle(name, &rows) {
                     // GapGmp's sum can overflow f32 legitimately: compare where the oracle fits.
@@ -741,6 +761,107 @@ fn config_cases((backend, device): &(String, Device), cases: &mut Vec<Case>) {
         );
     }
 
+    // The attention layers (C = 4).
+    let map = || AttentionPoolConfig::new(C).with_num_heads(2);
+    refuses_init!(
+        "AttentionPool channels = 0",
+        ["AttentionPool", "channels"],
+        AttentionPoolConfig::new(0)
+    );
+    refuses_init!(
+        "AttentionPool num_heads = 0",
+        ["AttentionPool", "num_heads"],
+        map().with_num_heads(0)
+    );
+    refuses_init!(
+        "AttentionPool num_heads = 3 with C = 4",
+        ["AttentionPool", "num_heads", "channels = 4"],
+        map().with_num_heads(3)
+    );
+    refuses_init!(
+        "AttentionPool latent_len = 0",
+        ["AttentionPool", "latent_len"],
+        map().with_latent_len(0)
+    );
+    for ratio in [0.0, -1.0, f64::NAN, f64::INFINITY, 0.1] {
+        refuses_init!(
+            &format!("AttentionPool mlp_ratio = {ratio}"),
+            ["AttentionPool", "mlp_ratio"],
+            map().with_mlp_ratio(ratio)
+        );
+    }
+    for eps in [0.0, f64::NAN] {
+        refuses_init!(
+            &format!("AttentionPool norm_eps = {eps}"),
+            ["AttentionPool", "norm_eps"],
+            map().with_norm_eps(eps)
+        );
+        refuses_init!(
+            &format!("SimPool norm_eps = {eps}"),
+            ["SimPool", "norm_eps"],
+            SimPoolConfig::new(C).with_norm_eps(eps)
+        );
+    }
+    refuses_init!(
+        "SimPool channels = 0",
+        ["SimPool", "channels"],
+        SimPoolConfig::new(0)
+    );
+    for gamma in [0.0, -1.0, f64::NAN, f64::INFINITY, 0.01] {
+        refuses_init!(
+            &format!("SimPool gamma = {gamma}"),
+            ["SimPool", "gamma"],
+            SimPoolConfig::new(C).with_gamma(Some(gamma))
+        );
+    }
+    refuses_init!(
+        "SimPool learnable_shift without gamma",
+        ["SimPool", "learnable_shift", "gamma"],
+        SimPoolConfig::new(C).with_learnable_shift(true)
+    );
+    for (what, fragment, run) in [
+        (
+            "AttentionPool num_heads set to 3 after init",
+            ["AttentionPool", "num_heads"],
+            (|d: &Device| {
+                let mut pool = AttentionPoolConfig::new(C).with_num_heads(2).init(d);
+                pool.num_heads = 3;
+                let _ = read(pool.forward_tokens(Tensor::<3>::ones([2, 3, C], d)));
+            }) as fn(&Device),
+        ),
+        (
+            "SimPool gamma set to NaN after init",
+            ["SimPool", "gamma"],
+            |d| {
+                let mut pool = SimPoolConfig::new(C).with_gamma(Some(2.0)).init(d);
+                pool.gamma = Some(f64::NAN);
+                let _ = read(pool.forward_tokens(Tensor::<3>::ones([2, 3, C], d)));
+            },
+        ),
+    ] {
+        let d = device.clone();
+        cases.push(Case::panics(tag(what), &fragment, move || run(&d)));
+    }
+    let d = device.clone();
+    cases.push(Case::returns(
+        tag("SimPool β trained to -5 pools at the exponent floor"),
+        move || {
+            let mut shifted = SimPoolConfig::new(C)
+                .with_gamma(Some(1.25))
+                .with_learnable_shift(true)
+                .init(&d);
+            shifted.beta = Some(Param::from_tensor(Tensor::<1>::from_data([-5.0f32], &d)));
+            let floor = burn_pooling::SimPool {
+                gamma: Some(burn_pooling::SIMPOOL_MIN_EXPONENT),
+                beta: None,
+                ..shifted.clone()
+            };
+            let x = floats(&tokens_values(18, (2, 3), (-1.0, 1.0)), [2, 3, C], &d);
+            let a = read(shifted.forward_tokens(x.clone()));
+            close("γ + β = -3.75", &a, &read(floor.forward_tokens(x)), 1e-5)
+        },
+    ));
+
     // Allocation-sized parameters: a named panic before any allocation, not an abort.
     for (what, config) in [
         (
@@ -761,6 +882,38 @@ fn config_cases((backend, device): &(String, Device), cases: &mut Vec<Case>) {
         };
         cases.push(
             Case::panics(tag(what), &["Gsp", fragment], move || {
+                let _ = config.init(&d);
+            })
+            .isolated(),
+        );
+    }
+    for (what, layer, fragment, config) in [
+        (
+            "AttentionPool channels = 2^40",
+            "AttentionPool",
+            "channels",
+            PoolingConfig::AttentionPool(AttentionPoolConfig::new(1 << 40)),
+        ),
+        (
+            "AttentionPool latent_len = 2^40",
+            "AttentionPool",
+            "latent_len",
+            PoolingConfig::AttentionPool(
+                AttentionPoolConfig::new(C)
+                    .with_num_heads(2)
+                    .with_latent_len(1 << 40),
+            ),
+        ),
+        (
+            "SimPool channels = 2^40",
+            "SimPool",
+            "channels",
+            PoolingConfig::SimPool(SimPoolConfig::new(1 << 40)),
+        ),
+    ] {
+        let d = device.clone();
+        cases.push(
+            Case::panics(tag(what), &[layer, fragment], move || {
                 let _ = config.init(&d);
             })
             .isolated(),
@@ -1271,7 +1424,7 @@ fn device_cases(devices: &[(String, Device)], cases: &mut Vec<Case>) {
         .collect();
     for pair in plain.windows(2) {
         let ((a, da), (b, db)) = (pair[0].clone(), pair[1].clone());
-        for name in ["Gem", "GroupGem", "Gsp", "Lse"] {
+        for name in ["Gem", "GroupGem", "Gsp", "Lse", "AttentionPool", "SimPool"] {
             let (da, db) = (da.clone(), db.clone());
             cases.push(Case::panics(
                 format!("{name}/params on {a}, input on {b}"),

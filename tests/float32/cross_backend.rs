@@ -4,11 +4,14 @@
 #![cfg(any(feature = "ndarray", feature = "wgpu"))]
 
 use crate::common;
-use burn::module::Param;
+use burn::module::{Module, Param};
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 use burn_pooling::PoolingInput;
 use burn_pooling::loss::{ZeroShotLossConfig, ZeroShotSplit};
 use burn_pooling::ops::extension_covers;
+use burn_pooling::{
+    AttentionPool, AttentionPoolConfig, AttentionPoolOutput, SimPool, SimPoolConfig,
+};
 use burn_pooling::{
     GapConfig, GapGmpConfig, GemConfig, GmpConfig, GroupGemConfig, Gsp, GspConfig, LseConfig,
     LseOutput, TokenMode, TokenPoolingConfig,
@@ -795,6 +798,116 @@ fn projected_gsp_readouts_agree_across_backends() {
         }
         println!(
             "{name}: {} projected GSP outputs and gradients agree with flex",
+            actual.len()
+        );
+    }
+}
+
+/// MAP (two latents, their mean) and SimPool (plain, and γ = 1.25 with the shift β), built
+/// once on Flex and forked to each backend, on masked tokens with a prefix and on maps: the
+/// outputs and the gradients of the input and of the parameters agree with Flex.
+#[test]
+fn attention_layers_agree_across_backends() {
+    // Tracked parameters, which `fork` keeps tracked on each backend.
+    let flex = Device::flex().autodiff();
+    let (b, n, c) = (2, 6, 8);
+    let mut rng = Rng::new(19);
+    let x: Vec<f64> = (0..b * n * c).map(|_| rng.uniform(-0.5, 1.5)).collect();
+    let upstream: Vec<f64> = (0..b * c).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let valid = vec![
+        true, true, true, false, true, true, true, true, false, true, true, false,
+    ];
+    let map = AttentionPoolConfig::new(c)
+        .with_num_heads(2)
+        .with_latent_len(2)
+        .with_output(AttentionPoolOutput::MeanLatents)
+        .with_num_prefix_tokens(1)
+        .init(&flex);
+    let plain = SimPoolConfig::new(c)
+        .with_qk_bias(true)
+        .with_num_prefix_tokens(1)
+        .init(&flex);
+    let mut powered = SimPoolConfig::new(c)
+        .with_gamma(Some(1.25))
+        .with_learnable_shift(true)
+        .with_num_prefix_tokens(1)
+        .init(&flex);
+    powered.beta = Some(Param::from_tensor(Tensor::from_data([0.3f32], &flex)));
+
+    let run = |device: &Device| -> Vec<(String, Vec<f64>)> {
+        let device = device.clone().autodiff();
+        let mut out = Vec::new();
+        let inputs = |d: &Device| {
+            let tokens = floats(&x, [b, n, c], d).require_grad();
+            let mask = Tensor::<2, Bool>::from_bool(TensorData::new(valid.clone(), [b, n]), d);
+            let maps = floats(&x, [b, c, 2, 3], d).require_grad();
+            (tokens, mask, maps)
+        };
+        let g = floats(&upstream, [b, c], &device);
+        let map = map.clone().fork(&device);
+        let (tokens, mask, maps) = inputs(&device);
+        let y = map.forward(PoolingInput::tokens(tokens.clone()).with_mask(mask));
+        let y_maps = map.forward(maps.clone());
+        out.push(("map y".to_string(), values(y.clone())));
+        out.push(("map y maps".to_string(), values(y_maps.clone())));
+        let grads = ((y + y_maps) * g.clone()).sum().backward();
+        let params = |m: &AttentionPool| {
+            [
+                ("latent", values(m.latent.val().grad(&grads).unwrap())),
+                ("key", values(m.key.weight.val().grad(&grads).unwrap())),
+                ("value", values(m.value.weight.val().grad(&grads).unwrap())),
+                ("fc1", values(m.fc1.weight.val().grad(&grads).unwrap())),
+            ]
+        };
+        out.push(("map dx".to_string(), values(tokens.grad(&grads).unwrap())));
+        out.push((
+            "map dx maps".to_string(),
+            values(maps.grad(&grads).unwrap()),
+        ));
+        for (name, grad) in params(&map) {
+            out.push((format!("map d{name}"), grad));
+        }
+        for (label, pool) in [("simpool", &plain), ("simpool γ β", &powered)] {
+            let pool: SimPool = pool.clone().fork(&device);
+            let (tokens, mask, maps) = inputs(&device);
+            let y = pool.forward(PoolingInput::tokens(tokens.clone()).with_mask(mask));
+            let y_maps = pool.forward(maps.clone());
+            out.push((format!("{label} y"), values(y.clone())));
+            out.push((format!("{label} y maps"), values(y_maps.clone())));
+            let grads = ((y + y_maps) * g.clone()).sum().backward();
+            out.push((format!("{label} dx"), values(tokens.grad(&grads).unwrap())));
+            out.push((
+                format!("{label} dx maps"),
+                values(maps.grad(&grads).unwrap()),
+            ));
+            out.push((
+                format!("{label} dW_k"),
+                values(pool.key.weight.val().grad(&grads).unwrap()),
+            ));
+            out.push((
+                format!("{label} dLN"),
+                values(pool.norm.gamma.val().grad(&grads).unwrap()),
+            ));
+            if let Some(beta) = &pool.beta {
+                out.push((
+                    format!("{label} dβ"),
+                    values(beta.val().grad(&grads).unwrap()),
+                ));
+            }
+        }
+        out
+    };
+    let devices = devices();
+    let expected = run(&devices[0].1);
+    for (name, device) in &devices[1..] {
+        let actual = run(device);
+        assert_eq!(actual.len(), expected.len());
+        for ((label, a), (_, e)) in actual.iter().zip(&expected) {
+            assert!(a.iter().all(|v| v.is_finite()), "{name} {label}: {a:?}");
+            assert_close(a, e, 1e-4, 1e-5, &format!("{name} vs flex: {label}"));
+        }
+        println!(
+            "{name}: {} attention outputs and gradients agree with flex",
             actual.len()
         );
     }

@@ -134,3 +134,61 @@ fn pooling_round_trips_through_json_and_burnpack() {
         "the record should have changed the prototypes"
     );
 }
+
+/// MAP (two latents, its optional LayerNorm on) and SimPool (with β) save and load through
+/// burnpack inside a `Pooling`: a fresh layer from another seed pools as the saved one once
+/// the record is loaded, β included.
+#[test]
+fn attention_layers_round_trip_through_burnpack() {
+    use burn_pooling::{AttentionPoolConfig, PoolingConfig, PoolingInput, SimPoolConfig};
+    let dir = TempDir::new("records-attention");
+    let device = Device::flex();
+    let tokens = Tensor::<3>::from_data(
+        TensorData::new(
+            (0..48).map(|i| (i as f32 * 0.37).sin()).collect(),
+            [2, 3, 8],
+        ),
+        &device,
+    );
+    for (name, config) in [
+        (
+            "map",
+            PoolingConfig::AttentionPool(
+                AttentionPoolConfig::new(8)
+                    .with_num_heads(2)
+                    .with_latent_len(2),
+            ),
+        ),
+        (
+            "simpool",
+            PoolingConfig::SimPool(
+                SimPoolConfig::new(8)
+                    .with_gamma(Some(1.25))
+                    .with_learnable_shift(true),
+            ),
+        ),
+    ] {
+        device.seed(1);
+        let mut pooling = config.init(&device);
+        if let burn_pooling::Pooling::SimPool(pool) = &mut pooling {
+            pool.beta = Some(Param::from_tensor(Tensor::from_floats([0.4], &device)));
+        }
+        let path = dir.path(&format!("{name}.bpk"));
+        pooling.clone().save_file(&path).unwrap();
+        device.seed(2);
+        let fresh = config.init(&device);
+        let before = fresh.forward(PoolingInput::tokens(tokens.clone()));
+        let loaded = fresh.load_file(&path);
+        let (expected, got) = (
+            pooling.forward(tokens.clone()),
+            loaded.forward(tokens.clone()),
+        );
+        got.clone()
+            .into_data()
+            .assert_eq(&expected.into_data(), true);
+        assert!(
+            before.sub(got).abs().max().into_scalar::<f32>() > 1e-4,
+            "{name}: the record should have changed the parameters"
+        );
+    }
+}

@@ -7,6 +7,7 @@ mod common;
 #[path = "../reference/mod.rs"]
 mod reference;
 
+mod attention;
 mod balanced;
 mod gem;
 mod gmp;

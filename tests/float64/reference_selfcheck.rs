@@ -891,3 +891,83 @@ fn central_difference_on_known_function() {
     let exact = [2.0 * x[0] * x[1], x[0] * x[0], x[2].cos()];
     assert_vec_close(&g, &exact, 1e-9, "central difference");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Attention pooling (docs/maths.md §11)
+// ---------------------------------------------------------------------------------------------
+
+/// erf against tabulated values (Abramowitz & Stegun 7.1, 16 digits), its symmetry and its
+/// limit; the exact GELU at ±1.
+#[test]
+fn erf_and_gelu_on_known_values() {
+    use crate::reference::{erf, gelu};
+    #[allow(clippy::excessive_precision)]
+    for (x, value) in [
+        (0.1, 0.1124629160182849),
+        (0.5, 0.5204998778130465),
+        (1.0, 0.8427007929497149),
+        (2.0, 0.9953222650189527),
+        (3.5, 0.9999992569016276),
+    ] {
+        assert_close(erf(x), value, 1e-15, "erf");
+        assert_close(erf(-x), -value, 1e-15, "erf is odd");
+    }
+    assert_eq!(erf(7.0), 1.0);
+    assert_close(gelu(1.0), 0.8413447460685429, 1e-15, "GELU(1) = Φ(1)");
+    assert_close(gelu(-1.0), -0.15865525393145707, 1e-15, "GELU(−1) = −Φ(−1)");
+}
+
+/// MAP of one token: every weight is 1, so the output is `o + MLP(LN(o))` with
+/// `o = W_o (W_v x + b_v) + b_o`, whatever the latents and keys.
+#[test]
+fn map_of_one_token_is_its_projected_value() {
+    use crate::reference::{MAP_FIELDS, MapParams, gelu, layer_norm, linear_row, map_pool};
+    let (c, hidden) = (4, 6);
+    let mut rng = Rng::new(5);
+    let sizes = [
+        2 * c,
+        c * c,
+        c,
+        c * c,
+        c,
+        c * c,
+        c,
+        c * c,
+        c,
+        c,
+        c,
+        c * hidden,
+        hidden,
+        hidden * c,
+        c,
+    ];
+    let fields: Vec<Vec<f64>> = sizes
+        .iter()
+        .map(|&len| (0..len).map(|_| rng.range(-1.0, 1.0)).collect())
+        .collect();
+    assert_eq!(fields.len(), MAP_FIELDS.len());
+    let p = MapParams {
+        channels: c,
+        heads: 2,
+        latents: 2,
+        hidden,
+        eps: 1e-6,
+        norm: true,
+        mean_latents: true,
+        fields,
+    };
+    let x: Vec<f64> = (0..c).map(|_| rng.range(-1.0, 1.0)).collect();
+    let v = linear_row(&x, p.field("wv"), Some(p.field("bv")));
+    let o = linear_row(&v, p.field("wo"), Some(p.field("bo")));
+    let h: Vec<f64> = linear_row(
+        &layer_norm(&o, p.field("ln_g"), p.field("ln_b"), 1e-6),
+        p.field("w1"),
+        Some(p.field("b1")),
+    )
+    .into_iter()
+    .map(gelu)
+    .collect();
+    let mlp = linear_row(&h, p.field("w2"), Some(p.field("b2")));
+    let expected: Vec<f64> = (0..c).map(|j| o[j] + mlp[j]).collect();
+    assert_vec_close(&map_pool(&[x], &p), &expected, 1e-14, "MAP of one token");
+}

@@ -869,3 +869,207 @@ pub fn gsp_authors(
     out.pooled = pooled;
     out
 }
+
+// ---------------------------------------------------------------------------------------------
+// Attention pooling: MAP and SimPool (docs/maths.md §11)
+// ---------------------------------------------------------------------------------------------
+
+/// `y = x W + b` for one row: `w` is `[d_in][d_out]` flattened row-major (Burn's `Linear`).
+pub fn linear_row(x: &[f64], w: &[f64], b: Option<&[f64]>) -> Vec<f64> {
+    let d_in = x.len();
+    let d_out = w.len() / d_in;
+    assert_eq!(d_in * d_out, w.len(), "linear_row: weight size");
+    (0..d_out)
+        .map(|o| {
+            let mut s = b.map_or(0.0, |b| b[o]);
+            for i in 0..d_in {
+                s += x[i] * w[i * d_out + o];
+            }
+            s
+        })
+        .collect()
+}
+
+/// LayerNorm of one row: `(x − mean) / √(var + eps) · g + b`, the biased variance.
+pub fn layer_norm(x: &[f64], g: &[f64], b: &[f64], eps: f64) -> Vec<f64> {
+    let n = x.len() as f64;
+    let mean = x.iter().sum::<f64>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    (0..x.len())
+        .map(|i| (x[i] - mean) * inv * g[i] + b[i])
+        .collect()
+}
+
+/// erf by its everywhere-convergent series of positive terms,
+/// `erf(x) = (2/√π) e^(−x²) Σ_k 2^k x^(2k+1) / (1·3·…·(2k+1))` (no cancellation); ±1 beyond
+/// |x| = 6, where erf is 1 to f64.
+pub fn erf(x: f64) -> f64 {
+    if x.abs() > 6.0 {
+        return x.signum();
+    }
+    let mut term = x;
+    let mut sum = x;
+    let mut k = 0.0;
+    while term.abs() > 1e-17 * sum.abs() {
+        k += 1.0;
+        term *= 2.0 * x * x / (2.0 * k + 1.0);
+        sum += term;
+    }
+    2.0 / std::f64::consts::PI.sqrt() * (-x * x).exp() * sum
+}
+
+/// The exact GELU, `x Φ(x) = x (1 + erf(x/√2)) / 2`.
+pub fn gelu(x: f64) -> f64 {
+    0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2))
+}
+
+/// The names of MAP's parameter fields, in `MapParams::fields` order.
+pub const MAP_FIELDS: [&str; 15] = [
+    "latent", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "ln_g", "ln_b", "w1", "b1", "w2",
+    "b2",
+];
+
+/// MAP's parameters: each field of `MAP_FIELDS` flattened row-major (latent `[L][C]`, weights
+/// `[d_in][d_out]`).
+#[derive(Clone, Debug)]
+pub struct MapParams {
+    pub channels: usize,
+    pub heads: usize,
+    pub latents: usize,
+    pub hidden: usize,
+    pub eps: f64,
+    /// Whether the LayerNorm before the MLP is on.
+    pub norm: bool,
+    /// The mean of the latents' outputs instead of the first.
+    pub mean_latents: bool,
+    pub fields: Vec<Vec<f64>>,
+}
+
+impl MapParams {
+    pub fn field(&self, name: &str) -> &[f64] {
+        let i = MAP_FIELDS.iter().position(|f| *f == name).expect("a field");
+        &self.fields[i]
+    }
+}
+
+/// MAP of one sample's valid tokens `x[n][c]`, the textbook way: every key and value
+/// projected, per head `softmax(q·k/√D)`, the weighted values, the output projection, then
+/// `y = o + MLP(LN(o))`.
+pub fn map_pool(x: &[Vec<f64>], p: &MapParams) -> Vec<f64> {
+    let (c, h, l) = (p.channels, p.heads, p.latents);
+    let d = c / h;
+    let keys: Vec<Vec<f64>> = x
+        .iter()
+        .map(|t| linear_row(t, p.field("wk"), Some(p.field("bk"))))
+        .collect();
+    let values: Vec<Vec<f64>> = x
+        .iter()
+        .map(|t| linear_row(t, p.field("wv"), Some(p.field("bv"))))
+        .collect();
+    let mut outputs = Vec::new();
+    for latent in 0..l {
+        let row = &p.field("latent")[latent * c..(latent + 1) * c];
+        let q = linear_row(row, p.field("wq"), Some(p.field("bq")));
+        let mut attended = vec![0.0; c];
+        for head in 0..h {
+            let logits: Vec<f64> = keys
+                .iter()
+                .map(|k| {
+                    (head * d..(head + 1) * d).map(|j| q[j] * k[j]).sum::<f64>() / (d as f64).sqrt()
+                })
+                .collect();
+            let a = softmax(&logits);
+            for j in head * d..(head + 1) * d {
+                attended[j] = (0..x.len()).map(|n| a[n] * values[n][j]).sum();
+            }
+        }
+        let o = linear_row(&attended, p.field("wo"), Some(p.field("bo")));
+        let normed = if p.norm {
+            layer_norm(&o, p.field("ln_g"), p.field("ln_b"), p.eps)
+        } else {
+            o.clone()
+        };
+        let hidden: Vec<f64> = linear_row(&normed, p.field("w1"), Some(p.field("b1")))
+            .into_iter()
+            .map(gelu)
+            .collect();
+        let mlp = linear_row(&hidden, p.field("w2"), Some(p.field("b2")));
+        outputs.push((0..c).map(|j| o[j] + mlp[j]).collect::<Vec<f64>>());
+    }
+    if p.mean_latents {
+        (0..c)
+            .map(|j| outputs.iter().map(|y| y[j]).sum::<f64>() / l as f64)
+            .collect()
+    } else {
+        outputs[0].clone()
+    }
+}
+
+/// The names of SimPool's parameter fields, in `SimPoolParams::fields` order (`beta`: `[1]`).
+pub const SIMPOOL_FIELDS: [&str; 7] = ["ln_g", "ln_b", "wq", "bq", "wk", "bk", "beta"];
+
+/// SimPool's parameters.
+#[derive(Clone, Debug)]
+pub struct SimPoolParams {
+    pub eps: f64,
+    /// γ; `None`: the plain form.
+    pub gamma: Option<f64>,
+    /// Whether β shifts the exponent (`γ + β`).
+    pub shift: bool,
+    pub fields: Vec<Vec<f64>>,
+}
+
+impl SimPoolParams {
+    pub fn field(&self, name: &str) -> &[f64] {
+        let i = SIMPOOL_FIELDS
+            .iter()
+            .position(|f| *f == name)
+            .expect("a field");
+        &self.fields[i]
+    }
+}
+
+/// SimPool of one sample's valid tokens `x[n][c]`: the query from the mean, keys `W_k LN(x)`,
+/// values `LN(x)`, one head with scale `1/√C`; with γ the power form with the minimum per
+/// channel over these tokens.
+pub fn simpool(x: &[Vec<f64>], p: &SimPoolParams) -> Vec<f64> {
+    let c = x[0].len();
+    let mean: Vec<f64> = (0..c)
+        .map(|j| x.iter().map(|t| t[j]).sum::<f64>() / x.len() as f64)
+        .collect();
+    let q = linear_row(&mean, p.field("wq"), Some(p.field("bq")));
+    let v: Vec<Vec<f64>> = x
+        .iter()
+        .map(|t| layer_norm(t, p.field("ln_g"), p.field("ln_b"), p.eps))
+        .collect();
+    let logits: Vec<f64> = v
+        .iter()
+        .map(|vn| {
+            let k = linear_row(vn, p.field("wk"), Some(p.field("bk")));
+            dot(&q, &k) / (c as f64).sqrt()
+        })
+        .collect();
+    let a = softmax(&logits);
+    match p.gamma {
+        None => (0..c)
+            .map(|j| (0..v.len()).map(|n| a[n] * v[n][j]).sum())
+            .collect(),
+        Some(gamma) => {
+            let exponent = if p.shift {
+                gamma + p.field("beta")[0]
+            } else {
+                gamma
+            };
+            (0..c)
+                .map(|j| {
+                    let low = v.iter().map(|vn| vn[j]).fold(f64::INFINITY, f64::min);
+                    let s: f64 = (0..v.len())
+                        .map(|n| a[n] * (v[n][j] - low + 1e-6).powf(exponent))
+                        .sum();
+                    s.powf(1.0 / exponent)
+                })
+                .collect()
+        }
+    }
+}
