@@ -301,6 +301,11 @@ enum CellContent {
 struct Placement {
     /// Mean share of an image's weight on its garment, clutter and empty cells.
     weight: [f64; 3],
+    /// Mean share of an image's pooled vector that comes from each kind of cell: cell j
+    /// contributes w_j ‖F_j‖ (F the projected features GSP transports), shares of Σ_j w_j ‖F_j‖.
+    /// Unlike the weight, this sees that a cell whose features project to nearly zero adds
+    /// nothing however much weight it holds.
+    contribution: [f64; 3],
     /// Share of the cells of each kind.
     cells: [f64; 3],
     /// Mean effective number of pooled positions, 1 / Σ w², as a fraction of the map (1:
@@ -325,8 +330,26 @@ fn evaluate(net: &Net, test: &Subset, device: &Device) -> Evaluation {
     let mut cells = 0usize;
     for indices in all.chunks(500) {
         let batch = test.images(indices, &device);
+        // ‖F_j‖ per position for GSP heads: the backbone again, then GSP's projection.
+        let norms: Option<Vec<f32>> = net.gsp.as_ref().map(|gsp| {
+            let maps = net.backbone.forward(batch.clone());
+            let [b, c, h, w] = maps.dims();
+            let positions = maps
+                .reshape([b, c, h * w])
+                .swap_dims(1, 2)
+                .reshape([b * h * w, c]);
+            let projected = gsp.project(positions);
+            projected
+                .square()
+                .sum_dim(1)
+                .sqrt()
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("f32")
+        });
         let out = net.forward(batch, false);
-        if let Some((_, weights)) = out.gsp {
+        if let (Some((_, weights)), Some(norms)) = (out.gsp, norms) {
             let [_, n] = weights.dims();
             let weights: Vec<f32> = weights
                 .into_data()
@@ -336,9 +359,16 @@ fn evaluate(net: &Net, test: &Subset, device: &Device) -> Evaluation {
             let map_side = (n as f64).sqrt().round() as usize;
             for (row, &image) in indices.iter().enumerate() {
                 let row_weights = &weights[row * n..][..n];
-                for (cell, &weight) in row_weights.iter().enumerate() {
+                let row_norms = &norms[row * n..][..n];
+                let total: f64 = row_weights
+                    .iter()
+                    .zip(row_norms)
+                    .map(|(&w, &f)| w as f64 * f as f64)
+                    .sum();
+                for (cell, (&weight, &norm)) in row_weights.iter().zip(row_norms).enumerate() {
                     let content = test.cell_content(image, cell, map_side) as usize;
                     placement.weight[content] += weight as f64;
+                    placement.contribution[content] += weight as f64 * norm as f64 / total;
                     placement.cells[content] += 1.0;
                 }
                 let squares: f64 = row_weights.iter().map(|&w| (w as f64).powi(2)).sum();
@@ -353,6 +383,7 @@ fn evaluate(net: &Net, test: &Subset, device: &Device) -> Evaluation {
         let images = test.len() as f64;
         Placement {
             weight: placement.weight.map(|w| w / images),
+            contribution: placement.contribution.map(|c| c / images),
             cells: placement.cells.map(|c| c / cells as f64),
             effective: placement.effective / images,
         }
@@ -718,12 +749,15 @@ fn main() {
             }
             if let Some(placement) = evaluation.gsp_placement {
                 let [garment, clutter, empty] = placement.weight.map(|w| 100.0 * w);
+                let [from_garment, from_clutter, from_empty] =
+                    placement.contribution.map(|c| 100.0 * c);
                 let [garment_cells, clutter_cells, empty_cells] =
                     placement.cells.map(|c| 100.0 * c);
                 line += &format!(
                     "  weight on garment/clutter/empty cells {garment:.1}/{clutter:.1}/{empty:.1} % \
                      (cells {garment_cells:.1}/{clutter_cells:.1}/{empty_cells:.1} %), effective \
-                     positions {:.1} % of the map",
+                     positions {:.1} % of the map; pooled vector from garment/clutter/empty cells \
+                     {from_garment:.1}/{from_clutter:.1}/{from_empty:.1} %",
                     100.0 * placement.effective
                 );
                 placements[row + 1].push(placement);
@@ -799,9 +833,10 @@ fn main() {
         );
         println!();
         println!(
-            "| head | on garment cells | on clutter cells | on empty cells | effective positions |"
+            "| head | weight on garment cells | on clutter cells | on empty cells | effective \
+             positions | pooled vector from garment cells | from clutter cells | from empty cells |"
         );
-        println!("|---|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
         let first = placements
             .iter()
             .find(|p| !p.is_empty())
@@ -809,7 +844,7 @@ fn main() {
         let share =
             |seeds: &[Placement], kind: usize| cell(seeds.iter().map(|p| p.cells[kind]).collect());
         println!(
-            "| (share of such cells) | {} | {} | {} | |",
+            "| (share of such cells) | {} | {} | {} | | | | |",
             share(first, 0),
             share(first, 1),
             share(first, 2)
@@ -819,12 +854,16 @@ fn main() {
                 continue;
             }
             let weight = |kind: usize| cell(seeds.iter().map(|p| p.weight[kind]).collect());
+            let from = |kind: usize| cell(seeds.iter().map(|p| p.contribution[kind]).collect());
             println!(
-                "| {name} | {} | {} | {} | {} |",
+                "| {name} | {} | {} | {} | {} | {} | {} | {} |",
                 weight(0),
                 weight(1),
                 weight(2),
-                cell(seeds.iter().map(|p| p.effective).collect())
+                cell(seeds.iter().map(|p| p.effective).collect()),
+                from(0),
+                from(1),
+                from(2)
             );
         }
     }

@@ -69,16 +69,15 @@ fn main() {
         .expect("GSP head")
         .save_file(dir.join("gsp.bpk"))
         .expect("save GSP's record");
-    config.save(dir.join("gsp.json")).expect("save the config");
+    // The head's own config: the shared settings with its projection and read-out.
+    let head_config = Pooling::GSP.gsp_config(&config).expect("a GSP head");
+    head_config
+        .save(dir.join("gsp.json"))
+        .expect("save the config");
     let plain = device.clone().inner();
     let loaded_config = GspConfig::load(dir.join("gsp.json")).expect("load the config");
-    let net = Net::new(
-        Pooling::GSP,
-        &BackboneConfig::GLYPHS,
-        &loaded_config,
-        &plain,
-    )
-    .load_file(dir.join("net.bpk"));
+    let net = Net::new(Pooling::GSP, &BackboneConfig::GLYPHS, &config, &plain)
+        .load_file(dir.join("net.bpk"));
     let gsp_alone = loaded_config.init(&plain).load_file(dir.join("gsp.bpk"));
     println!(
         "saved and reloaded through {}: net.bpk ({} parameters), gsp.bpk, gsp.json",

@@ -298,6 +298,24 @@ impl Pooling {
         }
     }
 
+    /// The config of this head's GSP layer from the shared GSP settings `base` (channels
+    /// [`FEATURES`]): the head's read-out and max branch, projected to [`EMBEDDING`]. `None`
+    /// for the other heads.
+    pub fn gsp_config(self, base: &GspConfig) -> Option<GspConfig> {
+        match self {
+            Self::Gsp {
+                readout,
+                max_branch,
+            } => Some(
+                base.clone()
+                    .with_projection(Some(EMBEDDING))
+                    .with_readout(readout)
+                    .with_max_branch(max_branch),
+            ),
+            _ => None,
+        }
+    }
+
     /// Whether this head is GSP (trained with its warm-up and `ZeroShotLoss`).
     pub fn is_gsp(self) -> bool {
         matches!(self, Self::Gsp { .. })
@@ -431,23 +449,12 @@ impl Net {
         let embed = LinearConfig::new(FEATURES, EMBEDDING)
             .with_bias(false)
             .init(device);
-        let gsp = match pooling {
-            Pooling::Gsp {
-                readout,
-                max_branch,
-            } => {
-                let mut layer = gsp
-                    .clone()
-                    .with_projection(Some(EMBEDDING))
-                    .with_readout(readout)
-                    .with_max_branch(max_branch)
-                    .init(device);
-                // GSP's projection starts as the other heads' embedding ([C, D] both).
-                layer.projection = Some(Param::from_tensor(embed.weight.val()));
-                Some(layer)
-            }
-            _ => None,
-        };
+        let gsp = pooling.gsp_config(gsp).map(|config| {
+            let mut layer = config.init(device);
+            // GSP's projection starts as the other heads' embedding ([C, D] both).
+            layer.projection = Some(Param::from_tensor(embed.weight.val()));
+            layer
+        });
         Self {
             backbone,
             embed: gsp.is_none().then_some(embed),
