@@ -10,6 +10,7 @@ use burn::tensor::{Bool, Device, Int, Tensor};
 
 use crate::checks;
 use crate::display::one_line_display;
+use crate::layout::Layout;
 use crate::maths::costs::lipschitz_normalize;
 use crate::maths::settings::{TransportSettings, TransportSolver};
 use crate::ops::routing::{transport_costs, transport_marginals};
@@ -437,23 +438,27 @@ impl Gsp {
         }
     }
 
-    /// F = X·A in the positions' own layout: `[B, D, N]` or `[B, N, D]`.
-    fn project_positions(&self, positions: &Positions) -> Option<Tensor<3>> {
+    /// F = X·A `[B, N, D]` (channels last, whatever the input's layout) as one `[B·N, C]·[C, D]`
+    /// product: for maps `[B, C, N]`, a batched `Aᵀ·X` would need the `[B, D, C]` gradient of A
+    /// (268 MB at `[64, 2048, 7, 7]` → 512) summed over the batch; the transpose copy of X is
+    /// far cheaper.
+    fn project_positions(&self, positions: &Positions) -> Option<Positions> {
         let projection = self.projection.as_ref()?.val();
         let (batch, count, channels) = positions.dims();
         let [_, width] = projection.dims();
-        let features = positions.features.clone();
-        Some(if positions.layout.is_channels_last() {
-            features
-                .reshape([batch * count, channels])
-                .matmul(projection)
-                .reshape([batch, count, width])
+        let features = if positions.layout.is_channels_last() {
+            positions.features.clone()
         } else {
-            // [1, D, C] · [B, C, N], broadcast over the batch.
-            projection
-                .transpose()
-                .unsqueeze_dim::<3>(0)
-                .matmul(features)
+            positions.features.clone().swap_dims(1, 2)
+        };
+        let features = features
+            .reshape([batch * count, channels])
+            .matmul(projection)
+            .reshape([batch, count, width]);
+        Some(Positions {
+            features,
+            layout: Layout::ChannelsLast,
+            mask: None,
         })
     }
 
@@ -512,13 +517,11 @@ impl Gsp {
         let positions = positions.finite_padding();
         let mass = positions.mean_weights();
         let projected = self.project_positions(&positions);
-        let costs = transport_costs(
-            projected
-                .clone()
-                .unwrap_or_else(|| positions.features.clone()),
-            self.prototypes.val(),
-            positions.layout,
-        );
+        let (features, layout) = match &projected {
+            Some(projected) => (projected.features.clone(), projected.layout),
+            None => (positions.features.clone(), positions.layout),
+        };
+        let costs = transport_costs(features, self.prototypes.val(), layout);
         let (marginals, (iterations, converged)) = transport_marginals(costs, mass, &self.settings);
         let [_, total] = marginals.dims();
         // w = t / μ with t_j = Σ_k P_kj summed from the plan, not the reference's a − ρ, which
@@ -540,7 +543,7 @@ impl Gsp {
     fn read_out(
         &self,
         positions: Positions,
-        projected: Option<Tensor<3>>,
+        projected: Option<Positions>,
         weights: Tensor<2>,
         power: Option<Tensor<1>>,
     ) -> Tensor<2> {
@@ -551,13 +554,8 @@ impl Gsp {
         let in_channels = match self.readout {
             GspReadout::Mean => match projected {
                 // Σ w F costs N·D per sample, A·(Σ w x) N·C + C·D: the cheaper one.
-                Some(features) if count * width <= count * channels + channels * width => {
-                    let pooled = Positions {
-                        features,
-                        layout: positions.layout,
-                        mask: None,
-                    }
-                    .weighted_sum(weights);
+                Some(projected) if count * width <= count * channels + channels * width => {
+                    let pooled = projected.weighted_sum(weights);
                     return match branch {
                         Some(branch) => pooled + self.project(branch),
                         None => pooled,
