@@ -164,6 +164,17 @@ fn truncated_normal(shape: [usize; 2], std: f64, device: &Device) -> Tensor<2> {
 /// (`proj`), `norm`, `fc1` and `fc2` (`mlp.fc1`, `mlp.fc2`); Burn's `Linear` stores the
 /// transpose of PyTorch's weight.
 ///
+/// ```rust
+/// # use burn::tensor::{Bool, Device, Tensor};
+/// # use burn_pooling::{AttentionPoolConfig, PoolingInput};
+/// let device = Device::flex();
+/// // A ViT's class token + 16 patch tokens of width 64; the class token is skipped.
+/// let map = AttentionPoolConfig::new(64).with_num_prefix_tokens(1).init(&device);
+/// let tokens = Tensor::<3>::ones([2, 17, 64], &device);
+/// let mask = Tensor::<2, Bool>::from_data([[true; 17], [true; 17]], &device);
+/// assert_eq!(map.forward(PoolingInput::tokens(tokens).with_mask(mask)).dims(), [2, 64]);
+/// ```
+///
 /// # Shapes
 ///
 /// - input: maps `[B, C, H, W]`, tokens `[B, N, C]`, or a [`PoolingInput`] with a `[B, N]`

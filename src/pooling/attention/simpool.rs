@@ -118,6 +118,16 @@ impl SimPoolConfig {
 /// panics by name (timm's layer has no mask; given all-masked logits it returns NaN). Inputs near the float limits overflow the mean's
 /// projection, as they would any linear layer.
 ///
+/// ```rust
+/// # use burn::tensor::{Device, Tensor};
+/// # use burn_pooling::SimPoolConfig;
+/// let device = Device::flex();
+/// // The paper's CNN setting, γ = 2, on a ResNet's last maps.
+/// let simpool = SimPoolConfig::new(32).with_gamma(Some(2.0)).init(&device);
+/// let maps = Tensor::<4>::ones([2, 32, 7, 7], &device);
+/// assert_eq!(simpool.forward(maps).dims(), [2, 32]);
+/// ```
+///
 /// # Shapes
 ///
 /// - input: maps `[B, C, H, W]`, tokens `[B, N, C]`, or a [`PoolingInput`] with a `[B, N]`
