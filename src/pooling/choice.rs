@@ -10,6 +10,7 @@ use super::{
     Gap, GapConfig, GapGmp, GapGmpCombine, GapGmpConfig, Gem, GemConfig, Gmp, GmpConfig, GroupGem,
     GroupGemConfig, Gsp, GspConfig, Lse, LseConfig, TokenPooling, TokenPoolingConfig,
 };
+use super::{NetVlad, NetVladConfig};
 
 /// The configuration of any pooling layer of this crate: one variant per layer, holding that
 /// layer's config. Serialises as `{"<Variant>": {<the layer's config>}}`.
@@ -45,6 +46,8 @@ pub enum PoolingConfig {
     Lse(LseConfig),
     /// Token modes concatenated, [`TokenPooling`] (sentence-transformers' `Pooling`).
     TokenPooling(TokenPoolingConfig),
+    /// NetVLAD, [`NetVlad`]: output K·C.
+    NetVlad(NetVladConfig),
 }
 
 impl PoolingConfig {
@@ -63,18 +66,21 @@ impl PoolingConfig {
             Self::Gsp(config) => Pooling::Gsp(config.init(device)),
             Self::Lse(config) => Pooling::Lse(config.init(device)),
             Self::TokenPooling(config) => Pooling::TokenPooling(config.init()),
+            Self::NetVlad(config) => Pooling::NetVlad(config.init(device)),
         }
     }
 
     /// The width of the pooled output for inputs of `channels` channels: `channels`, except
     /// for the concatenating [`GapGmp`] (2 · `channels`), [`TokenPooling`] (one block of
-    /// `channels` per mode) and a projecting [`Gsp`] (its `projection` width D). Size the
+    /// `channels` per mode), a projecting [`Gsp`] (its `projection` width D) and [`NetVlad`]
+    /// (K · `channels`, whatever its config's `channels` says). Size the
     /// next layer with it.
     pub fn output_channels(&self, channels: usize) -> usize {
         match self {
             Self::GapGmp(config) if config.combine == GapGmpCombine::Concat => 2 * channels,
             Self::TokenPooling(config) => config.output_channels(channels),
             Self::Gsp(config) => config.projection.unwrap_or(channels),
+            Self::NetVlad(config) => config.num_clusters * channels,
             _ => channels,
         }
     }
@@ -109,6 +115,8 @@ pub enum Pooling {
     Lse(Lse),
     /// [`TokenPooling`].
     TokenPooling(TokenPooling),
+    /// [`NetVlad`].
+    NetVlad(NetVlad),
 }
 
 impl Pooling {
@@ -130,6 +138,7 @@ impl Pooling {
             Self::Gsp(layer) => layer.forward(input),
             Self::Lse(layer) => layer.forward(input),
             Self::TokenPooling(layer) => layer.forward(input),
+            Self::NetVlad(layer) => layer.forward(input),
         }
     }
 
@@ -149,7 +158,7 @@ impl Pooling {
     }
 
     /// The layer's name, as in its `Display`: `"Gap"`, `"Gmp"`, `"GapGmp"`, `"Gem"`,
-    /// `"GroupGem"`, `"Gsp"`, `"Lse"` or `"TokenPooling"`.
+    /// `"GroupGem"`, `"Gsp"`, `"Lse"`, `"TokenPooling"` or `"NetVlad"`.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Gap(_) => "Gap",
@@ -160,6 +169,7 @@ impl Pooling {
             Self::Gsp(_) => "Gsp",
             Self::Lse(_) => "Lse",
             Self::TokenPooling(_) => "TokenPooling",
+            Self::NetVlad(_) => "NetVlad",
         }
     }
 }
@@ -198,6 +208,13 @@ mod tests {
                 TokenPoolingConfig::new(vec![TokenMode::Cls, TokenMode::Last, TokenMode::Mean])
                     .with_num_prefix_tokens(1),
             ),
+            PoolingConfig::NetVlad(
+                NetVladConfig::new(4)
+                    .with_num_clusters(3)
+                    .with_version(crate::pooling::NetVladVersion::V2)
+                    .with_alpha(2.0)
+                    .with_num_prefix_tokens(1),
+            ),
         ]
     }
 
@@ -214,6 +231,7 @@ mod tests {
             PoolingConfig::Gsp(c) => c.init(&device).forward(input()),
             PoolingConfig::Lse(c) => c.init(&device).forward(input()),
             PoolingConfig::TokenPooling(c) => c.init().forward(input()),
+            PoolingConfig::NetVlad(c) => c.init(&device).forward(input()),
         }
     }
 
@@ -231,6 +249,7 @@ mod tests {
             "Gsp",
             "Lse",
             "TokenPooling",
+            "NetVlad",
         ];
         for (config, name) in every_config().into_iter().zip(names) {
             let json = config.to_string();
@@ -273,7 +292,7 @@ mod tests {
             .iter()
             .map(|config| config.init(&device).num_params())
             .collect();
-        assert_eq!(counts, [0, 0, 0, 1, 2, 12, 1, 0]);
+        assert_eq!(counts, [0, 0, 0, 1, 2, 12, 1, 0, 3 * 4 + 3 * 4 + 3]);
         let gsp = PoolingConfig::Gsp(GspConfig::new(4).with_num_prototypes(3)).init(&device);
         assert!(gsp.as_gsp().is_some());
         assert!(
@@ -390,7 +409,10 @@ mod tests {
             );
             if matches!(
                 config,
-                PoolingConfig::Gem(_) | PoolingConfig::GroupGem(_) | PoolingConfig::Gsp(_)
+                PoolingConfig::Gem(_)
+                    | PoolingConfig::GroupGem(_)
+                    | PoolingConfig::Gsp(_)
+                    | PoolingConfig::NetVlad(_)
             ) {
                 let tokens = Tensor::<3>::ones([2, 5, 4], &ndarray);
                 let message = panic_message(|| {

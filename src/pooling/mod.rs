@@ -10,6 +10,7 @@
 //! | [`Gsp`] | weights from partial optimal transport onto prototypes | `prototypes: [K, C]` |
 //! | [`Lse`] | the log-sum-exp (smooth max) or its softmax-weighted mean | temperature `r` |
 //! | [`TokenPooling`] | token modes: cls, last, mean, max, mean·√L, SGPT weights | none |
+//! | [`NetVlad`] | soft-assigned residuals to K centroids, intra- and globally L2-normalised | centroids, assignment `[K, C]`, bias `[K]` |
 //!
 //! Every layer has `forward(maps)`, `forward_tokens(tokens)` and `forward(input)` for a
 //! [`PoolingInput`] (maps or tokens, with a mask, with prefix tokens). [`PoolingConfig`] and
@@ -17,14 +18,17 @@
 //! time.
 //!
 //! The layers live in families, one folder each: `reductions` (per-channel reductions),
-//! `transport` (weights from optimal transport onto prototypes).
+//! `transport` (weights from optimal transport onto prototypes), `clusters` (statistics of the
+//! positions softly assigned to learnable centroids).
 
 mod choice;
+mod clusters;
 mod input;
 mod reductions;
 mod transport;
 
 pub use choice::{Pooling, PoolingConfig};
+pub use clusters::{NETVLAD_EPS, NetVlad, NetVladConfig, NetVladVersion};
 pub use input::PoolingInput;
 pub use reductions::{
     Gap, GapConfig, GapGmp, GapGmpCombine, GapGmpConfig, Gem, GemConfig, Gmp, GmpConfig, GroupGem,
