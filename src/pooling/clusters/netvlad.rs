@@ -571,3 +571,117 @@ fn kmeans(rows: Tensor<2>, clusters: usize, iterations: usize) -> Tensor<2> {
     }
     centres
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, TensorData, Tolerance};
+
+    #[test]
+    fn output_is_k_times_c_and_unit_norm() {
+        let device = Device::flex();
+        for version in [NetVladVersion::V1, NetVladVersion::V2] {
+            let layer = NetVladConfig::new(8)
+                .with_num_clusters(5)
+                .with_version(version)
+                .init(&device);
+            let maps = Tensor::<4>::random([3, 8, 2, 3], Distribution::Normal(0.0, 1.0), &device);
+            let y = layer.forward(maps);
+            assert_eq!(y.dims(), [3, 40]);
+            y.square().sum_dim(1).into_data().assert_approx_eq::<f32>(
+                &TensorData::from([[1.0f32], [1.0], [1.0]]),
+                Tolerance::default(),
+            );
+        }
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "NetVlad: channel mismatch: expected C = 8 (the centroids' width), got 6"
+    )]
+    fn channel_mismatch_panics() {
+        let device = Device::flex();
+        let layer = NetVladConfig::new(8).with_num_clusters(2).init(&device);
+        layer.forward_tokens(Tensor::<3>::ones([1, 4, 6], &device));
+    }
+
+    #[test]
+    #[should_panic(expected = "NetVlad: `num_clusters` must be at least 1, got 0")]
+    fn zero_clusters_panics() {
+        NetVladConfig::new(8)
+            .with_num_clusters(0)
+            .init(&Device::flex());
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "NetVlad::init_from_descriptors: need at least K = 4 descriptors, got 3"
+    )]
+    fn too_few_descriptors_panic() {
+        let device = Device::flex();
+        NetVladConfig::new(2)
+            .with_num_clusters(4)
+            .init(&device)
+            .init_from_descriptors(Tensor::<2>::ones([3, 2], &device), 10);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "NetVlad::init_from_descriptors: the descriptors do not separate the centroids"
+    )]
+    fn duplicate_descriptors_panic() {
+        let device = Device::flex();
+        NetVladConfig::new(2)
+            .with_num_clusters(2)
+            .with_version(NetVladVersion::V2)
+            .init(&device)
+            .init_from_descriptors(Tensor::<2>::ones([5, 2], &device), 10);
+    }
+
+    /// Parameter counts of each variant, the parameters' identity across the initialiser,
+    /// the display, and the JSON round trip.
+    #[test]
+    fn parameters_display_and_json() {
+        let device = Device::flex();
+        let config = NetVladConfig::new(3).with_num_clusters(2);
+        assert_eq!(config.init(&device).num_params(), 12);
+        let v2 = config.clone().with_version(NetVladVersion::V2);
+        let layer = v2.init(&device);
+        assert_eq!(layer.num_params(), 14);
+        assert_eq!(
+            v2.clone().with_decoupled(false).init(&device).num_params(),
+            6
+        );
+        let ids = (
+            layer.centroids.id,
+            layer.assignment.as_ref().unwrap().id,
+            layer.bias.as_ref().unwrap().id,
+        );
+        let descriptors = Tensor::<2>::from_floats(
+            [
+                [0.0, 0.0, 0.0],
+                [0.1, 0.0, 0.0],
+                [5.0, 5.0, 0.0],
+                [5.0, 5.1, 0.0],
+            ],
+            &device,
+        );
+        let layer = layer.init_from_descriptors(descriptors, 10);
+        assert_eq!(
+            ids,
+            (
+                layer.centroids.id,
+                layer.assignment.as_ref().unwrap().id,
+                layer.bias.as_ref().unwrap().id,
+            )
+        );
+        assert!(
+            format!("{layer}").starts_with("NetVlad {num_clusters: 2, channels: 3, version: V2"),
+            "{layer}"
+        );
+        let json = v2.to_string();
+        let loaded = NetVladConfig::load_binary(json.as_bytes()).unwrap();
+        assert_eq!(loaded.version, NetVladVersion::V2);
+        assert_eq!(loaded.to_string(), json);
+    }
+}
