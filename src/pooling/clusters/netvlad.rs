@@ -316,9 +316,10 @@ impl NetVlad {
     ///   centres: V2 `α = −ln 0.01 / mean(d₂² − d₁²)`, V1
     ///   `α = −ln 0.01 / mean(top1 − top2 of ĉ_kᵀ x̂)`. The popular PyTorch port
     ///   (Nanne/pytorch-NetVlad) computes V2's α from the squared neighbour *indices*
-    ///   returned by its k-NN search instead of the squared distances; this initialiser
-    ///   uses the distances, as the paper's definition does. With K = 1 there is no second
-    ///   centre and α is left as it is.
+    ///   returned by its k-NN search instead of the squared distances (and over each
+    ///   centroid's two nearest descriptors, with `b = −α‖c‖`, unsquared); this initialiser
+    ///   uses each descriptor's squared distances and `b = −α‖c‖²`, as the paper defines
+    ///   them. With K = 1 there is no second centre and α is left as it is.
     ///
     /// # Shapes
     ///
