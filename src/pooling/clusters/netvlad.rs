@@ -205,23 +205,24 @@ one_line_display!(NetVlad, |vlad|
 fn unit<const D: usize>(v: Tensor<D>, axis: usize) -> Tensor<D> {
     let scale = v.clone().abs().max_dim(axis).clamp_min(1.0).detach();
     let v = v / scale;
-    let norm = v
-        .clone()
-        .square()
-        .sum_dim(axis)
-        .clamp_min(NETVLAD_EPS * NETVLAD_EPS)
-        .sqrt();
+    let floor = squared_floor(v.dtype());
+    let norm = v.clone().square().sum_dim(axis).clamp_min(floor).sqrt();
     v / norm
+}
+
+/// The clamp of ‖v‖² in [`unit`] and [`l2`]: eps² = 1e-24, except in f16, where it is 0: there
+/// the smallest subnormal, 6e-8 (eps ≈ 2.4e-4), so that a zero vector gives 0, not 0/0.
+fn squared_floor(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 6.0e-8,
+        _ => NETVLAD_EPS * NETVLAD_EPS,
+    }
 }
 
 /// `v / max(‖v‖, eps)` along `axis`, for values that cannot overflow ‖v‖².
 fn l2(v: Tensor<3>, axis: usize) -> Tensor<3> {
-    let norm = v
-        .clone()
-        .square()
-        .sum_dim(axis)
-        .clamp_min(NETVLAD_EPS * NETVLAD_EPS)
-        .sqrt();
+    let floor = squared_floor(v.dtype());
+    let norm = v.clone().square().sum_dim(axis).clamp_min(floor).sqrt();
     v / norm
 }
 
