@@ -158,8 +158,8 @@ impl NetVladConfig {
 /// **Robustness.** Padding is read as 0 and gets a_kj = 0, so its content reaches no output
 /// and no gradient. V2 divides each sample by s = max(1, max_j |x_j|) (detached) before the
 /// reductions, which the intra-normalisation cancels, and clamps its logits to the finite
-/// range, so features up to the float's limit give finite outputs; V1's input normalisation
-/// scales by the position's largest entry first, for the same reason. A NaN at a valid
+/// range, so features up to the float's limit give finite outputs; every L2 normalisation
+/// divides its vector by max(1, its largest |entry|) first, for the same reason. A NaN at a valid
 /// position makes its own sample's output NaN, never another sample's.
 ///
 /// Initialise from data with [`init_from_descriptors`](Self::init_from_descriptors) (k-means of
@@ -210,20 +210,13 @@ fn unit<const D: usize>(v: Tensor<D>, axis: usize) -> Tensor<D> {
     v / norm
 }
 
-/// The clamp of ‖v‖² in [`unit`] and [`l2`]: eps² = 1e-24, except in f16, where it is 0: there
-/// the smallest subnormal, 6e-8 (eps ≈ 2.4e-4), so that a zero vector gives 0, not 0/0.
+/// The clamp of ‖v‖² in [`unit`]: eps² = 1e-24, except in f16, where 1e-24 rounds to 0: there
+/// it is the smallest subnormal, 6e-8 (eps ≈ 2.4e-4), so that a zero vector gives 0, not 0/0.
 fn squared_floor(dtype: DType) -> f64 {
     match dtype {
         DType::F16 => 6.0e-8,
         _ => NETVLAD_EPS * NETVLAD_EPS,
     }
-}
-
-/// `v / max(‖v‖, eps)` along `axis`, for values that cannot overflow ‖v‖².
-fn l2(v: Tensor<3>, axis: usize) -> Tensor<3> {
-    let floor = squared_floor(v.dtype());
-    let norm = v.clone().square().sum_dim(axis).clamp_min(floor).sqrt();
-    v / norm
 }
 
 /// The dtype's largest finite value: where V2's logits are clamped.
@@ -515,9 +508,10 @@ impl NetVlad {
             Some(scale) => mass * centroids / scale,
             None => mass * centroids,
         };
-        let residuals = l2(weighted - shifted, 2);
-        let flat = residuals.reshape([batch, 1, clusters * channels]);
-        l2(flat, 2).reshape([batch, clusters * channels])
+        // Both normalisations scale first, so that ‖V_k‖² cannot overflow (up to N², f16).
+        let residuals = unit(weighted - shifted, 2);
+        let flat = residuals.reshape([batch, clusters * channels]);
+        unit(flat, 1)
     }
 }
 
