@@ -12,6 +12,7 @@ use burn_pooling::GspReadout;
 use burn_pooling::PoolingInput;
 use burn_pooling::{AttentionPoolConfig, SimPoolConfig};
 use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, GspConfig, LseConfig};
+use burn_pooling::{NetVladConfig, NetVladVersion};
 
 fn devices() -> Vec<(&'static str, Device)> {
     #[allow(unused_mut)]
@@ -175,7 +176,46 @@ fn attention(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, maps_and_tokens, gsp, gsp_readouts, attention);
+/// NetVLAD V1 on VGG16 conv5 maps at 224, `[32, 512, 14, 14]`, K = 64 (the paper's setting).
+fn netvlad(c: &mut Criterion) {
+    for (name, device) in devices() {
+        let train = device.clone().autodiff();
+        let (b, ch, side, k) = (32, 512, 14, 64);
+        let maps = Tensor::<4>::random(
+            [b, ch, side, side],
+            Distribution::Uniform(0.0, 1.0),
+            &device,
+        );
+        let maps_t = Tensor::<4>::from_data(maps.to_data(), &train);
+        let config = NetVladConfig::new(ch)
+            .with_num_clusters(k)
+            .with_version(NetVladVersion::V1);
+        let mut group = c.benchmark_group(format!("NetVLAD [32, 512, 14, 14] K=64 {name}"));
+        group.throughput(bytes(&[b, ch, side, side]));
+        group.sample_size(10);
+        let layer = config.init(&device);
+        group.bench_function("forward", |bench| {
+            bench.iter(|| sync(layer.forward(maps.clone())))
+        });
+        let layer_t = config.init(&train);
+        group.bench_function("forward+backward", |bench| {
+            bench.iter(|| {
+                let x = maps_t.clone().require_grad();
+                backward_sync(layer_t.forward(x.clone()).sum(), &x)
+            })
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(
+    benches,
+    maps_and_tokens,
+    gsp,
+    gsp_readouts,
+    attention,
+    netvlad
+);
 criterion_main!(benches);
 
 /// GSP's read-outs (docs/maths.md §10), forward and forward+backward (the read-out and the

@@ -30,6 +30,7 @@ use burn_pooling::PoolingInput;
 use burn_pooling::ops::with_composites;
 use burn_pooling::{AttentionPoolConfig, LseConfig, SimPoolConfig};
 use burn_pooling::{GapConfig, GapGmpConfig, GemConfig, GmpConfig, GroupGemConfig, Gsp, GspConfig};
+use burn_pooling::{NetVladConfig, NetVladVersion};
 
 const USAGE: &str = "usage: speed_table [TORCH.json] [--device flex|wgpu] \
 [--path kernels|composite|both] [--bandwidth-gbs X] [--measure-bandwidth] [--reps N] \
@@ -483,6 +484,36 @@ fn main() {
         );
         row.rated_bytes = Some(4 * b * n * c);
         rows.push(row);
+    }
+
+    // NetVLAD V1 (the authors' experiments) on VGG16 conv5 maps at 224: [32, 512, 14, 14],
+    // K = 64, decoupled assignment.
+    {
+        let (b, c, side, k) = (32, 512, 14, 64);
+        let maps =
+            Tensor::<4>::random([b, c, side, side], Distribution::Uniform(0.0, 1.0), &device);
+        let maps_t = Tensor::<4>::from_data(maps.to_data(), &train);
+        let config = NetVladConfig::new(c)
+            .with_num_clusters(k)
+            .with_version(NetVladVersion::V1);
+        device.seed(1);
+        let vlad = config.init(&device);
+        train.seed(1);
+        let vlad_t = config.init(&train);
+        rows.push(Row::timed(
+            (
+                "NetVLAD",
+                "netvlad_nchw(v1,K=64)",
+                format!("[{b}, {c}, {side}, {side}], K = {k}"),
+            ),
+            routes,
+            runs,
+            || sync(vlad.forward(maps.clone())),
+            || {
+                let input = maps_t.clone().require_grad();
+                backward_sync(vlad_t.forward(input.clone()).sum(), &input);
+            },
+        ));
     }
 
     let torch: Option<Vec<(String, f64, f64)>> = options.torch.as_ref().map(|path| {

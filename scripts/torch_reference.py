@@ -173,6 +173,24 @@ def simpool_tokens(x, prm, gamma=None):
     return (a @ u.pow(e)).squeeze(1).pow(1.0 / e)
 
 
+# --------------------------------------------------------------------------- NetVLAD
+def netvlad_maps(x, centroids, weights, bias=None, normalize_input=True):
+    """NetVLAD of maps [B, C, H, W] -> [B, K·C] (cluster-major), written from docs/maths.md's
+    formulas in the two-reduction form: V_k = Σ_j a_kj x_j − (Σ_j a_kj) c_k (a batched matmul
+    and a sum, never the [B, K, N, C] residuals), intra-L2, then L2 (eps 1e-12)."""
+    normalize = torch.nn.functional.normalize
+    x = x.flatten(2)  # [B, C, N]
+    if normalize_input:
+        x = normalize(x, p=2, dim=1)
+    logits = torch.matmul(weights, x)  # [K, C] · [B, C, N] -> [B, K, N]
+    if bias is not None:
+        logits = logits + bias[None, :, None]
+    a = logits.softmax(1)
+    v = torch.bmm(a, x.transpose(1, 2)) - a.sum(2, keepdim=True) * centroids  # [B, K, C]
+    v = normalize(v, p=2, dim=2)
+    return normalize(v.flatten(1), p=2, dim=1)
+
+
 # --------------------------------------------------------------------------- timing
 def median_ms(fn, reps, warm, sync):
     for _ in range(warm):
@@ -304,6 +322,19 @@ def bench(device, quick):
             no_grad(lambda: lse_maps(maps, r)),
             lambda: lse_maps(maps_g, r).sum().backward(),
         )
+
+    # NetVLAD V1 (the authors' experiments) on VGG16 conv5 maps at 224: [32, 512, 14, 14], K = 64.
+    b, c, side, k = 32, 512, 14, 64
+    maps = torch.rand(b, c, side, side, device=device)
+    maps_g = maps.clone().requires_grad_(True)
+    centroids = torch.rand(k, c, device=device).requires_grad_(True)
+    weights = (100.0 * torch.nn.functional.normalize(centroids.detach(), dim=1)).requires_grad_(True)
+    record(
+        "netvlad_nchw(v1,K=64)",
+        [b, c, side, side],
+        no_grad(lambda: netvlad_maps(maps, centroids, weights)),
+        lambda: netvlad_maps(maps_g, centroids, weights).sum().backward(),
+    )
     return out
 
 

@@ -366,3 +366,63 @@ fn attention_pooling_in_f16_masks_with_minus_infinity() {
         .collect();
     assert_close(&values(y), &expected, 2e-2, 2e-2, "SimPool");
 }
+
+/// NetVLAD V1 and V2 in f16 on masked tokens with a padded token far above the valid ones:
+/// f16 outputs and gradients, finite, zero gradient at the padding, and the f64 reference on
+/// the f16-rounded inputs and parameters.
+#[test]
+fn netvlad_in_half_precision() {
+    use burn_pooling::{NetVlad, NetVladConfig, NetVladVersion};
+    let device = flex_f16().autodiff();
+    let k = 4;
+    let mut rng = Rng::new(71);
+    let mut raw: Vec<f64> = (0..B * N * C).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    raw[(N + 3) * C..(N + 4) * C].fill(60000.0); // sample 1, token 3: padding
+    let x = tensor(raw, [B, N, C], &device).require_grad();
+    let xs = values(x.clone());
+    let keep: Vec<bool> = (0..B * N).map(|i| i != N + 3).collect();
+    let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep.clone(), [B, N]), &device);
+    for version in [NetVladVersion::V1, NetVladVersion::V2] {
+        let v2 = version == NetVladVersion::V2;
+        let half = |v: Vec<f64>, shape: [usize; 2]| tensor(v, shape, &device);
+        let centroids = half((0..k * C).map(|_| rng.uniform(-0.5, 0.5)).collect(), [k, C]);
+        let weights = half((0..k * C).map(|_| rng.uniform(-2.0, 2.0)).collect(), [k, C]);
+        let bias: Vec<f64> = (0..k).map(|_| rng.uniform(-0.5, 0.5)).collect();
+        let bias = tensor(bias, [k], &device);
+        let layer = NetVladConfig::new(C)
+            .with_num_clusters(k)
+            .with_version(version)
+            .init(&device);
+        let layer = NetVlad {
+            centroids: Param::from_tensor(centroids.clone()),
+            assignment: Some(Param::from_tensor(weights.clone())),
+            bias: v2.then(|| Param::from_tensor(bias.clone())),
+            ..layer
+        };
+        let y = layer.forward(PoolingInput::tokens(x.clone()).with_mask(mask.clone()));
+        assert_eq!(y.dtype(), DType::F16);
+        let grads = y.clone().sum().backward();
+        let dx = half_gradient(x.grad(&grads).unwrap(), "NetVLAD dx");
+        half_gradient(layer.centroids.val().grad(&grads).unwrap(), "NetVLAD dc");
+        assert!(dx[(N + 3) * C..(N + 4) * C].iter().all(|&g| g == 0.0));
+        let matrix =
+            |t: Tensor<2>| -> Vec<Vec<f64>> { values(t).chunks(C).map(|r| r.to_vec()).collect() };
+        let (c, w) = (matrix(centroids), matrix(weights));
+        let b = if v2 { values(bias) } else { vec![0.0; k] };
+        let expected: Vec<f64> = (0..B)
+            .flat_map(|s| {
+                let valid: Vec<Vec<f64>> = rows(&xs, s)
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(n, _)| keep[s * N + n])
+                    .map(|(_, r)| r)
+                    .collect();
+                reference::netvlad(&valid, &c, &w, &b, !v2)
+            })
+            .collect();
+        let got = values(y);
+        let error = common::max_abs_difference(&got, &expected);
+        println!("NetVLAD {version:?} f16: max |y − f64 reference| = {error:.2e}");
+        assert_close(&got, &expected, RTOL, 2e-3, &format!("NetVLAD {version:?}"));
+    }
+}

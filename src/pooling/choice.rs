@@ -11,6 +11,7 @@ use super::{
     Gap, GapConfig, GapGmp, GapGmpCombine, GapGmpConfig, Gem, GemConfig, Gmp, GmpConfig, GroupGem,
     GroupGemConfig, Gsp, GspConfig, Lse, LseConfig, TokenPooling, TokenPoolingConfig,
 };
+use super::{NetVlad, NetVladConfig};
 
 /// The configuration of any pooling layer of this crate: one variant per layer, holding that
 /// layer's config. Serialises as `{"<Variant>": {<the layer's config>}}`.
@@ -51,6 +52,8 @@ pub enum PoolingConfig {
     AttentionPool(AttentionPoolConfig),
     /// Attention pooling with the mean as query, [`SimPool`] (timm's `SimPool1d/2d`).
     SimPool(SimPoolConfig),
+    /// NetVLAD, [`NetVlad`]: output K·C.
+    NetVlad(NetVladConfig),
 }
 
 impl PoolingConfig {
@@ -71,18 +74,21 @@ impl PoolingConfig {
             Self::TokenPooling(config) => Pooling::TokenPooling(config.init()),
             Self::AttentionPool(config) => Pooling::AttentionPool(config.init(device)),
             Self::SimPool(config) => Pooling::SimPool(config.init(device)),
+            Self::NetVlad(config) => Pooling::NetVlad(config.init(device)),
         }
     }
 
     /// The width of the pooled output for inputs of `channels` channels: `channels`, except
     /// for the concatenating [`GapGmp`] (2 · `channels`), [`TokenPooling`] (one block of
-    /// `channels` per mode) and a projecting [`Gsp`] (its `projection` width D). Size the
+    /// `channels` per mode), a projecting [`Gsp`] (its `projection` width D) and [`NetVlad`]
+    /// (K · `channels`, whatever its config's `channels` says). Size the
     /// next layer with it.
     pub fn output_channels(&self, channels: usize) -> usize {
         match self {
             Self::GapGmp(config) if config.combine == GapGmpCombine::Concat => 2 * channels,
             Self::TokenPooling(config) => config.output_channels(channels),
             Self::Gsp(config) => config.projection.unwrap_or(channels),
+            Self::NetVlad(config) => config.num_clusters * channels,
             _ => channels,
         }
     }
@@ -124,6 +130,8 @@ pub enum Pooling {
     AttentionPool(AttentionPool),
     /// [`SimPool`].
     SimPool(SimPool),
+    /// [`NetVlad`].
+    NetVlad(NetVlad),
 }
 
 impl Pooling {
@@ -147,6 +155,7 @@ impl Pooling {
             Self::TokenPooling(layer) => layer.forward(input),
             Self::AttentionPool(layer) => layer.forward(input),
             Self::SimPool(layer) => layer.forward(input),
+            Self::NetVlad(layer) => layer.forward(input),
         }
     }
 
@@ -166,7 +175,8 @@ impl Pooling {
     }
 
     /// The layer's name, as in its `Display`: `"Gap"`, `"Gmp"`, `"GapGmp"`, `"Gem"`,
-    /// `"GroupGem"`, `"Gsp"`, `"Lse"`, `"TokenPooling"`, `"AttentionPool"` or `"SimPool"`.
+    /// `"GroupGem"`, `"Gsp"`, `"Lse"`, `"TokenPooling"`, `"AttentionPool"`, `"SimPool"` or
+    /// `"NetVlad"`.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Gap(_) => "Gap",
@@ -179,6 +189,7 @@ impl Pooling {
             Self::TokenPooling(_) => "TokenPooling",
             Self::AttentionPool(_) => "AttentionPool",
             Self::SimPool(_) => "SimPool",
+            Self::NetVlad(_) => "NetVlad",
         }
     }
 }
@@ -228,6 +239,13 @@ mod tests {
                     .with_gamma(Some(2.0))
                     .with_num_prefix_tokens(1),
             ),
+            PoolingConfig::NetVlad(
+                NetVladConfig::new(4)
+                    .with_num_clusters(3)
+                    .with_version(crate::pooling::NetVladVersion::V2)
+                    .with_alpha(2.0)
+                    .with_num_prefix_tokens(1),
+            ),
         ]
     }
 
@@ -246,6 +264,7 @@ mod tests {
             PoolingConfig::TokenPooling(c) => c.init().forward(input()),
             PoolingConfig::AttentionPool(c) => c.init(&device).forward(input()),
             PoolingConfig::SimPool(c) => c.init(&device).forward(input()),
+            PoolingConfig::NetVlad(c) => c.init(&device).forward(input()),
         }
     }
 
@@ -265,6 +284,7 @@ mod tests {
             "TokenPooling",
             "AttentionPool",
             "SimPool",
+            "NetVlad",
         ];
         for (config, name) in every_config().into_iter().zip(names) {
             let json = config.to_string();
@@ -308,8 +328,11 @@ mod tests {
             .map(|config| config.init(&device).num_params())
             .collect();
         // AttentionPool (C = 4, L = 2, hidden 16): latents 8, 4 linears of 20, LN 8, MLP 80 + 68.
-        // SimPool: LN 8, two linears of 16.
-        assert_eq!(counts, [0, 0, 0, 1, 2, 12, 1, 0, 244, 40]);
+        // SimPool: LN 8, two linears of 16. NetVlad (K = 3, C = 4): centroids, assignment, bias.
+        assert_eq!(
+            counts,
+            [0, 0, 0, 1, 2, 12, 1, 0, 244, 40, 3 * 4 + 3 * 4 + 3]
+        );
         let gsp = PoolingConfig::Gsp(GspConfig::new(4).with_num_prototypes(3)).init(&device);
         assert!(gsp.as_gsp().is_some());
         assert!(
@@ -431,6 +454,7 @@ mod tests {
                     | PoolingConfig::Gsp(_)
                     | PoolingConfig::AttentionPool(_)
                     | PoolingConfig::SimPool(_)
+                    | PoolingConfig::NetVlad(_)
             ) {
                 let tokens = Tensor::<3>::ones([2, 5, 4], &ndarray);
                 let message = panic_message(|| {

@@ -12,6 +12,7 @@
 //! | [`TokenPooling`] | token modes: cls, last, mean, max, mean·√L, SGPT weights | none |
 //! | [`AttentionPool`] | multi-head attention from learned latents, then an MLP (MAP) | latents, projections, MLP |
 //! | [`SimPool`] | attention from the mean as query, optional power γ | LayerNorm, `W_q`, `W_k`, β |
+//! | [`NetVlad`] | soft-assigned residuals to K centroids, intra- and globally L2-normalised | centroids, assignment `[K, C]`, bias `[K]` |
 //!
 //! Every layer has `forward(maps)`, `forward_tokens(tokens)` and `forward(input)` for a
 //! [`PoolingInput`] (maps or tokens, with a mask, with prefix tokens). [`PoolingConfig`] and
@@ -20,10 +21,12 @@
 //!
 //! The layers live in families, one folder each: `reductions` (per-channel reductions),
 //! `transport` (weights from optimal transport onto prototypes), `attention` (attention
-//! weights from a query).
+//! weights from a query), `clusters` (statistics of the positions softly assigned to learnable
+//! centroids).
 
 mod attention;
 mod choice;
+mod clusters;
 mod input;
 mod reductions;
 mod transport;
@@ -33,6 +36,7 @@ pub use attention::{
     SimPoolConfig,
 };
 pub use choice::{Pooling, PoolingConfig};
+pub use clusters::{NETVLAD_EPS, NetVlad, NetVladConfig, NetVladVersion};
 pub use input::PoolingInput;
 pub use reductions::{
     Gap, GapConfig, GapGmp, GapGmpCombine, GapGmpConfig, Gem, GemConfig, Gmp, GmpConfig, GroupGem,

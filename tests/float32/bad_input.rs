@@ -34,6 +34,7 @@ use burn_pooling::{
     GapConfig, GapGmpConfig, GemConfig, GmpConfig, GroupGemConfig, Gsp, GspConfig, LseConfig,
     MIN_POWER, Pooling, PoolingConfig, PoolingInput, TokenMode, TokenPoolingConfig,
 };
+use burn_pooling::{NetVlad, NetVladConfig, NetVladVersion};
 
 use crate::common::Rng;
 
@@ -81,7 +82,7 @@ fn backends() -> Vec<(String, Device)> {
 }
 
 /// The layers under test, by the name their panics use.
-const LAYERS: [&str; 10] = [
+const LAYERS: [&str; 11] = [
     "Gap",
     "Gmp",
     "GapGmp",
@@ -92,6 +93,7 @@ const LAYERS: [&str; 10] = [
     "TokenPooling",
     "AttentionPool",
     "SimPool",
+    "NetVlad",
 ];
 
 /// TokenPooling's modes here: every mode, `Cls` first (its block reads the prefix token, by
@@ -126,6 +128,7 @@ fn config(name: &str) -> PoolingConfig {
                 .with_gamma(Some(1.25))
                 .with_learnable_shift(true),
         ),
+        "NetVlad" => PoolingConfig::NetVlad(NetVladConfig::new(C).with_num_clusters(3)),
         other => panic!("bad_input: unknown layer {other}"),
     }
 }
@@ -431,7 +434,10 @@ fn shape_cases(name: &'static str, (backend, device): &(String, Device), cases: 
                 .ok_or(format!("dims {:?}, expected {expected:?}", y.dims()))
         },
     ));
-    if matches!(name, "Gsp" | "GroupGem" | "AttentionPool" | "SimPool") {
+    if matches!(
+        name,
+        "Gsp" | "GroupGem" | "AttentionPool" | "SimPool" | "NetVlad"
+    ) {
         let d = device.clone();
         let what = if name == "GroupGem" { "groups" } else { "C" };
         cases.push(Case::panics(
@@ -1424,7 +1430,15 @@ fn device_cases(devices: &[(String, Device)], cases: &mut Vec<Case>) {
         .collect();
     for pair in plain.windows(2) {
         let ((a, da), (b, db)) = (pair[0].clone(), pair[1].clone());
-        for name in ["Gem", "GroupGem", "Gsp", "Lse", "AttentionPool", "SimPool"] {
+        for name in [
+            "Gem",
+            "GroupGem",
+            "Gsp",
+            "Lse",
+            "AttentionPool",
+            "SimPool",
+            "NetVlad",
+        ] {
             let (da, db) = (da.clone(), db.clone());
             cases.push(Case::panics(
                 format!("{name}/params on {a}, input on {b}"),
@@ -1450,6 +1464,7 @@ fn all_cases() -> Vec<Case> {
         config_cases(backend, &mut cases);
         gsp_cases(backend, &mut cases);
         api_cases(backend, &mut cases);
+        netvlad_cases(backend, &mut cases);
     }
     device_cases(&devices, &mut cases);
     cases
@@ -1795,5 +1810,159 @@ fn gsp_readout_cases(backend: &str, device: &Device, cases: &mut Vec<Case>) {
                 all_finite("sample 1", &out[3..])
             },
         ));
+    }
+}
+
+/// NetVLAD's own cases: configs `init` refuses, values changed after `init`, and V2 (the
+/// matrix's `NetVlad` is V1) on padding garbage and at the float limits.
+fn netvlad_cases((backend, device): &(String, Device), cases: &mut Vec<Case>) {
+    let tag = |what: &str| format!("NetVlad/{backend}/{what}");
+    let tokens = |d: &Device| Tensor::<3>::ones([2, 3, C], d);
+    let small = || NetVladConfig::new(C).with_num_clusters(3);
+    let mut refuses = |what: &str, fragment: &'static str, config: NetVladConfig| {
+        let d = device.clone();
+        cases.push(Case::panics(tag(what), &["NetVlad", fragment], move || {
+            let _ = read(config.init(&d).forward_tokens(tokens(&d)));
+        }));
+    };
+    refuses(
+        "num_clusters = 0",
+        "num_clusters",
+        small().with_num_clusters(0),
+    );
+    refuses("channels = 0", "channels", NetVladConfig::new(0));
+    for alpha in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        refuses(
+            &format!("alpha = {alpha}"),
+            "alpha",
+            small().with_alpha(alpha),
+        );
+    }
+    let d = device.clone();
+    cases.push(
+        Case::panics(
+            tag("K·C = 2^62"),
+            &["NetVlad", "num_clusters"],
+            move || {
+                let _ = NetVladConfig::new(1 << 31)
+                    .with_num_clusters(1 << 31)
+                    .init(&d);
+            },
+        )
+        .isolated(),
+    );
+    // Values changed after `init`.
+    let changed = |what: &str, fragments: &[&str], edit: fn(NetVlad, &Device) -> NetVlad| {
+        let d = device.clone();
+        Case::panics(tag(what), fragments, move || {
+            let layer = edit(small().init(&d), &d);
+            let _ = read(layer.forward_tokens(tokens(&d)));
+        })
+    };
+    cases.push(changed(
+        "centroids set to [0, C]",
+        &["NetVlad", "K = 0"],
+        |layer, d| NetVlad {
+            centroids: Param::from_tensor(Tensor::<2>::zeros([0, C], d)),
+            ..layer
+        },
+    ));
+    cases.push(changed(
+        "assignment set to [3, C + 1]",
+        &["NetVlad", "assignment", "[3, 4]"],
+        |layer, d| NetVlad {
+            assignment: Some(Param::from_tensor(Tensor::<2>::zeros([3, C + 1], d))),
+            ..layer
+        },
+    ));
+    cases.push(changed(
+        "bias set to [2]",
+        &["NetVlad", "bias", "[3]"],
+        |layer, d| NetVlad {
+            bias: Some(Param::from_tensor(Tensor::<1>::zeros([2], d))),
+            ..layer
+        },
+    ));
+    cases.push(changed(
+        "alpha set to NaN",
+        &["NetVlad", "alpha"],
+        |layer, _| NetVlad {
+            alpha: f64::NAN,
+            ..layer
+        },
+    ));
+    // V2 (decoupled and tied): padding garbage never leaks, and values at the float limits
+    // give finite outputs and gradients.
+    let (b, n) = (2, 5);
+    let keep = [
+        true, false, true, true, false, true, true, true, true, false,
+    ];
+    for decoupled in [true, false] {
+        let v2 = move |d: &Device| {
+            Pooling::NetVlad(
+                small()
+                    .with_version(NetVladVersion::V2)
+                    .with_alpha(2.0)
+                    .with_decoupled(decoupled)
+                    .init(d),
+            )
+        };
+        for (garbage_name, garbage) in [("NaN", f64::NAN), ("f32::MAX", f32::MAX as f64)] {
+            let d = device.clone();
+            cases.push(Case::returns(
+                tag(&format!(
+                    "V2 decoupled = {decoupled}: {garbage_name} at masked positions"
+                )),
+                move || {
+                    let mut values = tokens_values(3, (b, n), (0.1, 1.0));
+                    let rows = valid_rows(&values, n, &keep);
+                    for (i, v) in values.iter_mut().enumerate() {
+                        if !keep[i / C] {
+                            *v = garbage;
+                        }
+                    }
+                    let pooling = v2(&d);
+                    let (out, grad) = forward_tokens(&pooling, &values, (b, n), Some(&keep), &d);
+                    close(
+                        "output vs the padding-free input",
+                        &out,
+                        &dropped_reference(&pooling, &rows, &d),
+                        2e-4,
+                    )?;
+                    if let Some(grad) = grad {
+                        all_finite("input gradient", &grad)?;
+                        if let Some(i) = (0..grad.len()).find(|&i| !keep[i / C] && grad[i] != 0.0) {
+                            return Err(format!("input gradient at masked element {i}"));
+                        }
+                    }
+                    Ok(())
+                },
+            ));
+        }
+        for (range_name, range, seed) in [
+            ("values near f32::MAX", (1e37, 3.0e38), 7),
+            ("values of mixed sign near f32::MAX", (-3.0e38, 3.0e38), 9),
+            ("values near f32's smallest normal", (1e-38, 1e-37), 8),
+        ] {
+            let d = device.clone();
+            cases.push(Case::returns(
+                tag(&format!("V2 decoupled = {decoupled}: {range_name}")),
+                move || {
+                    let values = tokens_values(seed, (b, n), range);
+                    let pooling = v2(&d);
+                    let (out, grad) = forward_tokens(&pooling, &values, (b, n), None, &d);
+                    all_finite("output", &out)?;
+                    let norms: Vec<f64> = out
+                        .chunks(out.len() / b)
+                        .map(|y| y.iter().map(|v| v * v).sum::<f64>().sqrt())
+                        .collect();
+                    close("‖y‖ per sample", &norms, &[1.0; 2], 1e-4)?;
+                    if let Some(grad) = grad {
+                        all_finite("input gradient", &grad)?;
+                    }
+                    Ok(())
+                },
+            ));
+        }
     }
 }

@@ -16,6 +16,7 @@ use burn_pooling::{
     GapConfig, GapGmpConfig, GemConfig, GmpConfig, GroupGemConfig, Gsp, GspConfig, LseConfig,
     LseOutput, TokenMode, TokenPoolingConfig,
 };
+use burn_pooling::{NetVlad, NetVladConfig, NetVladVersion};
 use common::{Rng, assert_close, values};
 
 fn devices() -> Vec<(&'static str, Device)> {
@@ -151,6 +152,65 @@ fn outcome(device: &Device) -> Vec<(&'static str, Vec<f64>)> {
         "zsr dembeddings",
         values(zsr.embeddings.val().grad(&grads).unwrap()),
     ));
+
+    // NetVLAD, V1 and V2, decoupled and tied, on masked tokens with a prefix and on maps:
+    // outputs and the gradients of the input and of every parameter.
+    let weights: Vec<f64> = (0..k * c).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let bias: Vec<f64> = (0..k).map(|_| rng.uniform(-0.5, 0.5)).collect();
+    let mask = Tensor::<2, Bool>::from_bool(
+        TensorData::new(
+            vec![
+                true, true, true, false, true, true, true, true, false, true, true, false,
+            ],
+            [b, n],
+        ),
+        &device,
+    );
+    for version in [NetVladVersion::V1, NetVladVersion::V2] {
+        for decoupled in [true, false] {
+            let layer = NetVladConfig::new(c)
+                .with_num_clusters(k)
+                .with_version(version)
+                .with_alpha(3.0)
+                .with_decoupled(decoupled)
+                .with_num_prefix_tokens(1)
+                .init(&device);
+            let layer = NetVlad {
+                centroids: Param::from_tensor(floats(&prototypes, [k, c], &device)),
+                assignment: decoupled
+                    .then(|| Param::from_tensor(floats(&weights, [k, c], &device))),
+                bias: (decoupled && version == NetVladVersion::V2)
+                    .then(|| Param::from_tensor(floats(&bias, [k], &device))),
+                ..layer
+            };
+            let tokens = floats(&x, [b, n, c], &device).require_grad();
+            let y = layer.forward(PoolingInput::tokens(tokens.clone()).with_mask(mask.clone()));
+            let maps = floats(&x, [b, c, 2, 3], &device).require_grad();
+            let z = layer.forward(maps.clone());
+            out.push(("netvlad y", values(y.clone())));
+            out.push(("netvlad maps y", values(z.clone())));
+            let g = floats(
+                &(0..b * k * c)
+                    .map(|i| ((i * 7) % 5) as f64 - 2.0)
+                    .collect::<Vec<_>>(),
+                [b, k * c],
+                &device,
+            );
+            let grads = ((y + z) * g).sum().backward();
+            out.push(("netvlad dx", values(tokens.grad(&grads).unwrap())));
+            out.push(("netvlad dx maps", values(maps.grad(&grads).unwrap())));
+            out.push((
+                "netvlad dcentroids",
+                values(layer.centroids.val().grad(&grads).unwrap()),
+            ));
+            if let Some(w) = &layer.assignment {
+                out.push(("netvlad dw", values(w.val().grad(&grads).unwrap())));
+            }
+            if let Some(bias) = &layer.bias {
+                out.push(("netvlad db", values(bias.val().grad(&grads).unwrap())));
+            }
+        }
+    }
     out
 }
 

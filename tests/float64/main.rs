@@ -14,6 +14,7 @@ mod gmp;
 mod gsp;
 mod gsp_authors;
 mod lse_tokens;
+mod netvlad;
 mod properties;
 mod reference_selfcheck;
 mod zero_shot;

@@ -1073,3 +1073,65 @@ pub fn simpool(x: &[Vec<f64>], p: &SimPoolParams) -> Vec<f64> {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// NetVLAD (docs/maths.md §12)
+// ---------------------------------------------------------------------------------------------
+
+/// The L2 clamp of NetVLAD: `v / max(‖v‖, 1e-12)`.
+pub const NETVLAD_EPS: f64 = 1e-12;
+
+fn netvlad_unit(v: &[f64]) -> Vec<f64> {
+    let n = norm(v).max(NETVLAD_EPS);
+    v.iter().map(|a| a / n).collect()
+}
+
+/// The assignment tied to `centroids` (K×C) and α: V2 `w_k = 2α c_k`, `b_k = −α‖c_k‖²`;
+/// V1 `w_k = α c_k / ‖c_k‖`, `b_k = 0`.
+pub fn netvlad_tied(centroids: &[Vec<f64>], alpha: f64, v2: bool) -> (Vec<Vec<f64>>, Vec<f64>) {
+    centroids
+        .iter()
+        .map(|c| {
+            if v2 {
+                (
+                    c.iter().map(|a| 2.0 * alpha * a).collect(),
+                    -alpha * dot(c, c),
+                )
+            } else {
+                (netvlad_unit(c).iter().map(|a| alpha * a).collect(), 0.0)
+            }
+        })
+        .unzip()
+}
+
+/// NetVLAD of one sample's valid positions `x` (N×C), plain loops, in the residual form:
+/// x_j ← x_j/max(‖x_j‖, eps) when `normalize_input` (V1); a_kj = softmax_k(w_kᵀ x_j + b_k);
+/// V_k = Σ_j a_kj (x_j − c_k); V_k ← V_k / max(‖V_k‖, eps); the K·C vector, cluster-major
+/// (index k·C + c), divided by max(its norm, eps).
+pub fn netvlad(
+    x: &[Vec<f64>],
+    centroids: &[Vec<f64>],
+    w: &[Vec<f64>],
+    b: &[f64],
+    normalize_input: bool,
+) -> Vec<f64> {
+    let (_, c) = check_rectangular(x);
+    let k = centroids.len();
+    let rows: Vec<Vec<f64>> = if normalize_input {
+        x.iter().map(|r| netvlad_unit(r)).collect()
+    } else {
+        x.to_vec()
+    };
+    let mut v = vec![vec![0.0; c]; k];
+    for xj in &rows {
+        let logits: Vec<f64> = (0..k).map(|kk| dot(&w[kk], xj) + b[kk]).collect();
+        let a = softmax(&logits);
+        for kk in 0..k {
+            for ch in 0..c {
+                v[kk][ch] += a[kk] * (xj[ch] - centroids[kk][ch]);
+            }
+        }
+    }
+    let flat: Vec<f64> = v.iter().flat_map(|vk| netvlad_unit(vk)).collect();
+    netvlad_unit(&flat)
+}
