@@ -1,4 +1,5 @@
-//! Learnable global pooling layers: `[B, C, H, W]` maps or `[B, N, C]` token sets to `[B, C]`.
+//! Learnable global pooling layers: `[B, C, H, W]` maps or `[B, N, C]` token sets to `[B, C]`
+//! (`[B, D]` for a projecting GSP, `[B, K·C]` for NetVLAD).
 //!
 //! | layer | pools with | parameters |
 //! |---|---|---|
@@ -7,7 +8,7 @@
 //! | [`GapGmp`] | the mean and the maximum, summed or concatenated | none |
 //! | [`Gem`] | the generalized (power) mean | one power `p` |
 //! | [`GroupGem`] | the generalized mean, one `p` per channel group | `p: [groups]` |
-//! | [`Gsp`] | weights from partial optimal transport onto prototypes | `prototypes: [K, C]` |
+//! | [`Gsp`] | weights from partial optimal transport onto prototypes; optional projection, mean / GeM / max read-out, max branch | `prototypes: [K, D]`, projection `[C, D]`, read-out `p` |
 //! | [`Lse`] | the log-sum-exp (smooth max) or its softmax-weighted mean | temperature `r` |
 //! | [`TokenPooling`] | token modes: cls, last, mean, max, mean·√L, SGPT weights | none |
 //! | [`AttentionPool`] | multi-head attention from learned latents, then an MLP (MAP) | latents, projections, MLP |
