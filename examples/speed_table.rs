@@ -501,10 +501,11 @@ fn main() {
         train.seed(1);
         let vlad_t = config.init(&train);
         rows.push(Row::timed(
+            // K is in the op's name: the shape is the input's, as the PyTorch script records it.
             (
-                "NetVLAD",
-                "netvlad_nchw(v1,K=64)",
-                format!("[{b}, {c}, {side}, {side}], K = {k}"),
+                "NetVLAD (K = 64)",
+                "netvlad_nchw(v1)",
+                format!("[{b}, {c}, {side}, {side}]"),
             ),
             routes,
             runs,
@@ -625,7 +626,7 @@ fn print_bandwidth(rows: &[Row], routes: &[Route], given: Option<f64>, measured:
 }
 
 /// `(op, fwd_ms, fwd_bwd_ms)` in file order from torch_reference.py's JSON (a flat, known
-/// layout, read without a JSON crate).
+/// layout, read without a JSON crate: an op's name must not hold a comma).
 fn parse_torch(text: &str) -> Vec<(String, f64, f64)> {
     let field = |chunk: &str, key: &str| -> Option<String> {
         let start = chunk.find(&format!("\"{key}\""))? + key.len() + 3;

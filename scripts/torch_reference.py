@@ -330,7 +330,7 @@ def bench(device, quick):
     centroids = torch.rand(k, c, device=device).requires_grad_(True)
     weights = (100.0 * torch.nn.functional.normalize(centroids.detach(), dim=1)).requires_grad_(True)
     record(
-        "netvlad_nchw(v1,K=64)",
+        "netvlad_nchw(v1)",
         [b, c, side, side],
         no_grad(lambda: netvlad_maps(maps, centroids, weights)),
         lambda: netvlad_maps(maps_g, centroids, weights).sum().backward(),
