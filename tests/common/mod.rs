@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use burn::tensor::{Device, FloatDType, Tensor, TensorData};
+use burn::tensor::{Bool, Device, FloatDType, Tensor, TensorData};
 
 /// The Flex device with f64 floats (configured once per test process).
 pub fn flex_f64() -> Device {
@@ -115,4 +115,17 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// The `[b, N]` mask of `valid` (b rows of N flags, row-major; true = valid).
+pub fn bool_mask(valid: &[bool], b: usize, device: &Device) -> Tensor<2, Bool> {
+    Tensor::from_bool(
+        TensorData::new(valid.to_vec(), [b, valid.len() / b]),
+        device,
+    )
+}
+
+/// The dot product of two equally long slices.
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }

@@ -7,11 +7,11 @@ use crate::{common, reference};
 use burn::module::Param;
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::Gradients;
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use burn_pooling::{
     AttentionPool, AttentionPoolConfig, AttentionPoolOutput, PoolingInput, SimPool, SimPoolConfig,
 };
-use common::{Rng, assert_close, flex_f64, max_abs_difference, tensor, values};
+use common::{Rng, assert_close, bool_mask, dot, flex_f64, max_abs_difference, tensor, values};
 use proptest::prelude::*;
 use reference::{MAP_FIELDS, MapParams, SIMPOOL_FIELDS, SimPoolParams};
 
@@ -23,17 +23,6 @@ const PREFIX: usize = 1;
 
 /// Valid positions per sample (prefix included); the second sample has padding.
 const VALID: [[bool; N]; B] = [[true; N], [true, true, false, true, false, true]];
-
-fn mask(valid: &[bool], b: usize, device: &Device) -> Tensor<2, Bool> {
-    Tensor::from_bool(
-        TensorData::new(valid.to_vec(), [b, valid.len() / b]),
-        device,
-    )
-}
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
 
 /// Random tokens `[B, N, C]` whose prefix and padding hold large values, so that letting them
 /// through fails.
@@ -66,11 +55,11 @@ fn as_maps(x: &[f64], device: &Device) -> PoolingInput {
     let maps = tensor(x.to_vec(), [B, N, C], device)
         .swap_dims(1, 2)
         .reshape([B, C, 1, N]);
-    PoolingInput::maps(maps).with_mask(mask(&valid, B, device))
+    PoolingInput::maps(maps).with_mask(bool_mask(&valid, B, device))
 }
 
 fn masked_tokens(x: Tensor<3>, device: &Device) -> PoolingInput {
-    PoolingInput::tokens(x).with_mask(mask(&VALID.concat(), B, device))
+    PoolingInput::tokens(x).with_mask(bool_mask(&VALID.concat(), B, device))
 }
 
 fn linear(w: &[f64], b: Option<&[f64]>, device: &Device) -> Linear {
@@ -511,7 +500,7 @@ proptest! {
             let dropped = values(pool(PoolingInput::tokens(tensor(x.clone(), [1, len, C], &device))));
             for (side, (values_padded, valid)) in ["right", "left"].iter().zip(padded(&x, len, n, f64::NAN)) {
                 let input = PoolingInput::tokens(tensor(values_padded, [1, n, C], &device))
-                    .with_mask(mask(&valid, 1, &device));
+                    .with_mask(bool_mask(&valid, 1, &device));
                 let y = values(pool(input));
                 assert_close(&y, &dropped, 1e-12, 1e-12, &format!("{name}: {side} padding = dropped"));
             }

@@ -5,7 +5,7 @@
 use crate::{common, reference};
 use burn::tensor::{Bool, Tensor, TensorData};
 use burn_pooling::{GapGmpCombine, GapGmpConfig, GmpConfig, PoolingInput};
-use common::{Rng, assert_close, flex_f64, tensor, values};
+use common::{Rng, assert_close, dot, flex_f64, tensor, values};
 
 const B: usize = 2;
 const N: usize = 6;
@@ -64,10 +64,6 @@ fn max_gradient_reference(x: &[f64], g: &[f64]) -> Vec<f64> {
         }
     }
     grad
-}
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// Random tokens where the padded and the prefix positions hold the largest values, so that a

@@ -5,11 +5,11 @@
 
 use crate::{common, reference};
 use burn::module::Param;
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use burn_pooling::{
     Lse, LseConfig, LseOutput, PoolingInput, TokenMode, TokenPooling, TokenPoolingConfig,
 };
-use common::{Rng, assert_close, flex_f64, tensor, values};
+use common::{Rng, assert_close, bool_mask, dot, flex_f64, tensor, values};
 use proptest::prelude::*;
 
 const B: usize = 2;
@@ -19,17 +19,6 @@ const PREFIX: usize = 1;
 
 /// Valid positions per sample (prefix included); the second sample has padding.
 const VALID: [[bool; N]; B] = [[true; N], [true, true, false, true, false, true]];
-
-fn mask(valid: &[bool], b: usize, device: &Device) -> Tensor<2, Bool> {
-    Tensor::from_bool(
-        TensorData::new(valid.to_vec(), [b, valid.len() / b]),
-        device,
-    )
-}
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
 
 /// Sample b's rows `x[n][c]` from `[B, N, C]` values.
 fn sample(x: &[f64], b: usize, n: usize) -> Vec<Vec<f64>> {
@@ -110,7 +99,7 @@ fn lse_values_and_gradients_match_the_reference() {
             let g: Vec<f64> = (0..B * C).map(|_| rng.uniform(-1.0, 1.0)).collect();
             let layer = lse_layer(rho, r_min, output, &device);
             let tokens = tensor(x.clone(), [B, N, C], &device).require_grad();
-            let y = layer.forward(PoolingInput::tokens(tokens.clone()).with_mask(mask(
+            let y = layer.forward(PoolingInput::tokens(tokens.clone()).with_mask(bool_mask(
                 &VALID.concat(),
                 B,
                 &device,
@@ -153,7 +142,8 @@ fn lse_values_and_gradients_match_the_reference() {
             let maps = tensor(x.clone(), [B, N, C], &device)
                 .swap_dims(1, 2)
                 .reshape([B, C, 1, N]);
-            let y = plain.forward(PoolingInput::maps(maps).with_mask(mask(&map_valid, B, &device)));
+            let y = plain
+                .forward(PoolingInput::maps(maps).with_mask(bool_mask(&map_valid, B, &device)));
             assert_close(
                 &values(y),
                 &expected,
@@ -212,8 +202,8 @@ fn token_modes_match_the_reference() {
         let g: Vec<f64> = (0..B * width).map(|_| rng.uniform(-1.0, 1.0)).collect();
         let expected = modes_reference(&x, N, &valid, PREFIX, &names);
         let tokens = tensor(x.clone(), [B, N, C], &device).require_grad();
-        let y =
-            layer.forward(PoolingInput::tokens(tokens.clone()).with_mask(mask(&valid, B, &device)));
+        let y = layer
+            .forward(PoolingInput::tokens(tokens.clone()).with_mask(bool_mask(&valid, B, &device)));
         assert_eq!(y.dims(), [B, width]);
         assert_close(&values(y.clone()), &expected, 1e-13, 1e-14, "modes: y");
         let grads = (y * tensor(g.clone(), [B, width], &device))
@@ -231,8 +221,8 @@ fn token_modes_match_the_reference() {
         let maps = tensor(x.clone(), [B, N, C], &device)
             .swap_dims(1, 2)
             .reshape([B, C, 1, N]);
-        let y =
-            token_pooling(0).forward(PoolingInput::maps(maps).with_mask(mask(&valid, B, &device)));
+        let y = token_pooling(0)
+            .forward(PoolingInput::maps(maps).with_mask(bool_mask(&valid, B, &device)));
         let expected = modes_reference(&x, N, &valid, 0, &names);
         assert_close(&values(y), &expected, 1e-13, 1e-14, "modes on maps: y");
     }
@@ -261,7 +251,7 @@ fn pool_masked(pool: &dyn Fn(PoolingInput) -> Tensor<2>, x: &[f64], valid: &[boo
     let device = flex_f64();
     let n = valid.len();
     let input = PoolingInput::tokens(tensor(x.to_vec(), [1, n, C], &device))
-        .with_mask(mask(valid, 1, &device));
+        .with_mask(bool_mask(valid, 1, &device));
     values(pool(input))
 }
 

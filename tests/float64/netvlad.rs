@@ -5,9 +5,9 @@
 
 use crate::{common, reference};
 use burn::module::Param;
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::Device;
 use burn_pooling::{NetVlad, NetVladConfig, NetVladVersion, PoolingInput};
-use common::{Rng, assert_close, flex_f64, max_abs_difference, tensor, values};
+use common::{Rng, assert_close, bool_mask, dot, flex_f64, max_abs_difference, tensor, values};
 
 const B: usize = 2;
 const N: usize = 6;
@@ -17,17 +17,6 @@ const PREFIX: usize = 1;
 
 /// Valid positions per sample (prefix included); the second sample has padding.
 const VALID: [[bool; N]; B] = [[true; N], [true, true, false, true, false, true]];
-
-fn mask(valid: &[bool], b: usize, device: &Device) -> Tensor<2, Bool> {
-    Tensor::from_bool(
-        TensorData::new(valid.to_vec(), [b, valid.len() / b]),
-        device,
-    )
-}
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
 
 fn rows(flat: &[f64], width: usize) -> Vec<Vec<f64>> {
     flat.chunks(width).map(|r| r.to_vec()).collect()
@@ -154,13 +143,11 @@ fn netvlad_matches_the_reference() {
             let x = inputs(&mut rng);
             let expected = reference_batch(&params, &x);
             let layer = params.layer(PREFIX, &device);
-            let y = layer.forward(
-                PoolingInput::tokens(tensor(x.clone(), [B, N, C], &device)).with_mask(mask(
-                    &VALID.concat(),
-                    B,
-                    &device,
-                )),
-            );
+            let y =
+                layer.forward(
+                    PoolingInput::tokens(tensor(x.clone(), [B, N, C], &device))
+                        .with_mask(bool_mask(&VALID.concat(), B, &device)),
+                );
             assert_eq!(y.dims(), [B, K * C]);
             let y = values(y);
             worst = worst.max(max_abs_difference(&y, &expected));
@@ -174,7 +161,7 @@ fn netvlad_matches_the_reference() {
                 .reshape([B, C, 1, N]);
             let y = params
                 .layer(0, &device)
-                .forward(PoolingInput::maps(maps).with_mask(mask(&map_valid, B, &device)));
+                .forward(PoolingInput::maps(maps).with_mask(bool_mask(&map_valid, B, &device)));
             let y = values(y);
             worst = worst.max(max_abs_difference(&y, &expected));
             assert_close(&y, &expected, 1e-12, 1e-13, &format!("{what}: maps"));
@@ -195,7 +182,7 @@ fn netvlad_gradients_match_finite_differences() {
         let g: Vec<f64> = (0..B * K * C).map(|_| rng.uniform(-1.0, 1.0)).collect();
         let layer = params.layer(PREFIX, &device);
         let tokens = tensor(x.clone(), [B, N, C], &device).require_grad();
-        let y = layer.forward(PoolingInput::tokens(tokens.clone()).with_mask(mask(
+        let y = layer.forward(PoolingInput::tokens(tokens.clone()).with_mask(bool_mask(
             &VALID.concat(),
             B,
             &device,
@@ -307,7 +294,7 @@ fn masking_equals_dropping_and_the_output_is_normalised() {
                 let y = values(
                     layer.forward(
                         PoolingInput::tokens(tensor(padded, [1, n, C], &device))
-                            .with_mask(mask(&valid, 1, &device)),
+                            .with_mask(bool_mask(&valid, 1, &device)),
                     ),
                 );
                 assert_close(&y, &dropped, 1e-13, 1e-14, &format!("{what} {name} pad"));
