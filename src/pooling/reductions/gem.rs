@@ -74,6 +74,12 @@ fn check_eps(layer: &str, eps: f64) {
     checks::at_least(layer, "eps", eps, MIN_EPS, "the smallest normal f32");
 }
 
+/// The powers pooled with: max(p, [`MIN_POWER`]) in value, with p's own gradient (straight
+/// through), so that a power trained to 0 or below pools as `MIN_POWER` and can still recover.
+pub(crate) fn floored_power(p: Tensor<1>) -> Tensor<1> {
+    p.clone().detach().clamp_min(MIN_POWER) + (p.clone() - p.detach())
+}
+
 /// GeM's and GGeM's forward: checks what may have changed since `init` (ε, the parameters'
 /// device), resolves the input, and pools with the powers `powers(p, C)` gives `[C]` for
 /// p = max(`p`, [`MIN_POWER`]) (straight through: the gradient of the clamped value reaches
@@ -98,8 +104,7 @@ pub(super) fn pool(
         ],
     );
     let (_, _, channels) = positions.dims();
-    let floored = p.clone().detach().clamp_min(MIN_POWER) + (p.clone() - p.detach());
-    let powers = powers(floored, channels);
+    let powers = powers(floored_power(p), channels);
     if positions.is_empty() {
         return positions.empty();
     }

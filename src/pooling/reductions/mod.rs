@@ -12,6 +12,7 @@ mod token;
 
 pub use gap::{Gap, GapConfig};
 pub use gap_gmp::{GapGmp, GapGmpCombine, GapGmpConfig};
+pub(crate) use gem::floored_power;
 pub use gem::{Gem, GemConfig, MIN_EPS, MIN_POWER};
 pub use gmp::{Gmp, GmpConfig};
 pub use group_gem::{GroupGem, GroupGemConfig, GroupLayout};

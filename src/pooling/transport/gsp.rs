@@ -16,6 +16,7 @@ use crate::maths::settings::{TransportSettings, TransportSolver};
 use crate::ops::routing::{transport_costs, transport_marginals};
 use crate::pooling::MIN_POWER;
 use crate::pooling::input::{PoolingInput, Positions};
+use crate::pooling::reductions::floored_power;
 
 /// The clamp of the generalized-mean read-out, `max(m_j x_jc, 1e-6)`: the authors' value (and
 /// [`GemConfig`](crate::pooling::GemConfig)'s default).
@@ -578,9 +579,7 @@ impl Gsp {
                 };
                 match power {
                     Some(p) => {
-                        // max(p, MIN_POWER), straight through (as Gem).
-                        let floored =
-                            p.clone().detach().clamp_min(MIN_POWER) + (p.clone() - p.detach());
+                        let floored = floored_power(p);
                         scaled.generalized_mean(
                             |channels| floored.expand([channels]),
                             GSP_READOUT_EPS,
