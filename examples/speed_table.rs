@@ -16,6 +16,7 @@
 //!   --quick                   3 timed runs after 1 warm-up (a dry run)
 //!   --masked                  also time each GSP row with a mask (all positions valid): the
 //!                             cost of selecting the padding away
+//!   --only TEXT               time only the rows whose op name contains TEXT
 //! ```
 //!
 //! Every timed run ends by reading one value back from the device (the output, or the input's
@@ -34,7 +35,7 @@ use burn_pooling::{NetVladConfig, NetVladVersion};
 
 const USAGE: &str = "usage: speed_table [TORCH.json] [--device flex|wgpu] \
 [--path kernels|composite|both] [--bandwidth-gbs X] [--measure-bandwidth] [--reps N] \
-[--warm N] [--quick] [--masked]";
+[--warm N] [--quick] [--masked] [--only TEXT]";
 
 /// Which of the crate's two routes runs the layers' ops.
 #[derive(Clone, Copy, PartialEq)]
@@ -72,6 +73,9 @@ struct Options {
     /// Also time GSP with a mask.
     masked: bool,
 }
+
+/// `--only`: the text an op's name must contain to be timed (set once, in `parse_args`).
+static ONLY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn fail(message: &str) -> ! {
     eprintln!("speed_table: {message}\n{USAGE}");
@@ -128,6 +132,9 @@ fn parse_args() -> Options {
             "--warm" => warm = Some(count("--warm", value("--warm"))),
             "--quick" => (reps, warm) = (Some(3), Some(1)),
             "--masked" => options.masked = true,
+            "--only" => {
+                ONLY.set(value("--only")).expect("--only is parsed once");
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0)
@@ -249,9 +256,13 @@ impl Row {
         forward: impl Fn(),
         forward_backward: impl Fn(),
     ) -> Self {
-        eprintln!("timing {op} {shape}");
+        let skipped = ONLY.get().is_some_and(|only| !op.contains(only.as_str()));
+        if !skipped {
+            eprintln!("timing {op} {shape}");
+        }
         let times = routes
             .iter()
+            .filter(|_| !skipped)
             .map(|route| {
                 route.run(|| {
                     (
@@ -522,6 +533,8 @@ fn main() {
             .unwrap_or_else(|error| fail(&format!("cannot read the torch JSON {path}: {error}")));
         parse_torch(&text)
     });
+    // Rows `--only` skipped have no times.
+    rows.retain(|row| !row.times.is_empty());
     print_table(&rows, routes, torch.as_deref());
     print_bandwidth(&rows, routes, options.bandwidth_gbs, measured_peak);
 }

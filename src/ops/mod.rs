@@ -44,6 +44,7 @@ pub use routing::with_composites;
 
 use crate::layout::Layout;
 use crate::maths::balanced::BalancedSettings;
+use crate::maths::log_sum_exp::LseOutput;
 use crate::maths::settings::TransportSettings;
 
 #[cfg(all(test, feature = "autodiff"))]
@@ -209,6 +210,35 @@ pub trait PoolingOps: TensorBridge {
         layout: Layout,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         portable::generalized_mean_backward::<Self>(x, powers, mask, output, grad, eps, layout)
+    }
+
+    /// The log-sum-exp `m + ln((1/N) Σ_n exp(r (x_n − m))) / r` (or, as `output` says, its
+    /// softmax-weighted mean) of `x` `[B, C, N]` or `[B, N, C]` (as `layout` says) over the
+    /// positions `mask` `[B, N]` marks valid (1 valid, 0 padding; every row has one), with
+    /// temperature `r` `[1]`: `[B, C]`, with the Taylor form below the crossover
+    /// (docs/maths.md §8).
+    fn log_sum_exp(
+        x: FloatTensor<Self>,
+        r: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        layout: Layout,
+        output: LseOutput,
+    ) -> FloatTensor<Self> {
+        portable::log_sum_exp::<Self>(x, r, mask, layout, output)
+    }
+
+    /// (∂L/∂x, ∂L/∂r `[1]`) of [`log_sum_exp`](Self::log_sum_exp) given its output and
+    /// ∂L/∂output `[B, C]`.
+    fn log_sum_exp_backward(
+        x: FloatTensor<Self>,
+        r: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        output: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        layout: Layout,
+        kind: LseOutput,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        portable::log_sum_exp_backward::<Self>(x, r, mask, output, grad, layout, kind)
     }
 
     /// A weighted sum of `x` `[B, C, N]` or `[B, N, C]` (as `layout` says) over one axis:

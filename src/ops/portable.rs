@@ -10,6 +10,7 @@ use crate::maths::balanced::{self, BalancedSettings};
 use crate::maths::costs::{composite_costs, costs_gradient};
 use crate::maths::generalized_mean::{composite_backward, composite_forward};
 use crate::maths::implicit_backward::implicit_cost_gradient;
+use crate::maths::log_sum_exp::{self, LseOutput};
 use crate::maths::marginals::{marginals_gradient_as_plan_gradient, marginals_of};
 use crate::maths::settings::TransportSettings;
 use crate::maths::solver::{report_tensors, solve};
@@ -130,6 +131,45 @@ pub(crate) fn generalized_mean_backward<B: TensorBridge>(
     let (output, grad) = (B::wrap(output), B::wrap(grad));
     let (dx, dp) = composite_backward(x, powers, mask, output, grad, eps, layout);
     (B::unwrap(dx), B::unwrap(dp))
+}
+
+pub(crate) fn log_sum_exp<B: TensorBridge>(
+    x: FloatTensor<B>,
+    r: FloatTensor<B>,
+    mask: FloatTensor<B>,
+    layout: Layout,
+    output: LseOutput,
+) -> FloatTensor<B> {
+    let mask = B::wrap::<2>(mask).greater_elem(0.5);
+    B::unwrap(log_sum_exp::composite_forward(
+        B::wrap(x),
+        B::wrap(r),
+        Some(mask),
+        layout,
+        output,
+    ))
+}
+
+pub(crate) fn log_sum_exp_backward<B: TensorBridge>(
+    x: FloatTensor<B>,
+    r: FloatTensor<B>,
+    mask: FloatTensor<B>,
+    output: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    layout: Layout,
+    kind: LseOutput,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let mask = B::wrap::<2>(mask).greater_elem(0.5);
+    let (dx, dr) = log_sum_exp::composite_backward(
+        B::wrap(x),
+        B::wrap(r),
+        Some(mask),
+        B::wrap(output),
+        B::wrap(grad),
+        layout,
+        kind,
+    );
+    (B::unwrap(dx), B::unwrap(dr))
 }
 
 pub(crate) fn weighted_sum<B: TensorBridge>(

@@ -16,6 +16,7 @@ use crate::layout::Layout;
 use crate::maths::balanced::{BalancedSettings, solve_with_tracked_step};
 use crate::maths::costs::composite_costs;
 use crate::maths::generalized_mean::composite_forward;
+use crate::maths::log_sum_exp::{self, LseOutput};
 use crate::maths::marginals::marginals_of;
 use crate::maths::newton_step::partial_transport_newton_step;
 use crate::maths::settings::TransportSettings;
@@ -180,6 +181,34 @@ pub(crate) fn generalized_mean(
     } else {
         composite_forward(x, powers, mask, eps, layout)
     }
+}
+
+/// LSE (or its softmax mean, as `output` says) `[B, C]` of features in `layout` with
+/// temperature `r` `[1]` over the positions where `mask` `[B, N]` is true (all when `None`).
+pub(crate) fn log_sum_exp(
+    x: Tensor<3>,
+    r: Tensor<1>,
+    mask: Option<Tensor<2, Bool>>,
+    layout: Layout,
+    output: LseOutput,
+) -> Tensor<2> {
+    if !kernels_run_on(&x.device()) {
+        return log_sum_exp::composite_forward(x, r, mask, layout, output);
+    }
+    let mask = match mask {
+        Some(mask) => mask.float(),
+        None => {
+            let (batch, positions, _) = layout.split(x.dims());
+            Tensor::ones([batch, positions], &x.device())
+        }
+    };
+    Tensor::from_dispatch(<Dispatch as PoolingOps>::log_sum_exp(
+        x.into_dispatch(),
+        r.into_dispatch(),
+        mask.into_dispatch(),
+        layout,
+        output,
+    ))
 }
 
 /// Σ_n w_bn x_bn `[B, C]` for features in `layout` and weights `[B, N]`.

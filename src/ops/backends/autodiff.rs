@@ -16,6 +16,7 @@ use burn::backend::{AutodiffBackend, Backend, DispatchKindConversion, DispatchTe
 
 use crate::layout::Layout;
 use crate::maths::balanced::BalancedSettings;
+use crate::maths::log_sum_exp::LseOutput;
 use crate::maths::settings::TransportSettings;
 use crate::ops::{PoolingOps, SumOver, TransportOutput};
 
@@ -27,6 +28,7 @@ pub(crate) mod counters {
     pub static TRANSPORT: AtomicUsize = AtomicUsize::new(0);
     pub static GENERALIZED_MEAN: AtomicUsize = AtomicUsize::new(0);
     pub static BALANCED: AtomicUsize = AtomicUsize::new(0);
+    pub static LOG_SUM_EXP: AtomicUsize = AtomicUsize::new(0);
 }
 #[cfg(test)]
 pub(crate) use counters as BACKWARD_CALLS;
@@ -132,6 +134,37 @@ impl<B: Backend + PoolingOps> Backward<B, 2> for GeneralizedMeanBackward {
         }
         if let Some(node) = powers_node {
             grads.register::<B>(node.id, dp);
+        }
+    }
+}
+
+/// The autodiff node of one log-sum-exp pooling.
+#[derive(Debug)]
+struct LogSumExpBackward;
+
+impl<B: Backend + PoolingOps> Backward<B, 2> for LogSumExpBackward {
+    /// x, r, mask, output, layout, what the output is.
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        Layout,
+        LseOutput,
+    );
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        #[cfg(test)]
+        count(&counters::LOG_SUM_EXP);
+        let (x, r, mask, output, layout, kind) = ops.state;
+        let [x_node, r_node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (dx, dr) = B::log_sum_exp_backward(x, r, mask, output, grad, layout, kind);
+        if let Some(node) = x_node {
+            grads.register::<B>(node.id, dx);
+        }
+        if let Some(node) = r_node {
+            grads.register::<B>(node.id, dr);
         }
     }
 }
@@ -259,6 +292,24 @@ where
         let output = B::generalized_mean(x.clone(), powers.clone(), mask.clone(), eps, layout);
         let state = |output: &FloatTensor<B>| (x, powers, mask, output.clone(), eps, layout);
         record::<B, C, _, 2>(GeneralizedMeanBackward, parents, output, state)
+    }
+
+    fn log_sum_exp(
+        x: Tracked<B, C>,
+        r: Tracked<B, C>,
+        mask: Tracked<B, C>,
+        layout: Layout,
+        output: LseOutput,
+    ) -> Tracked<B, C> {
+        let parents = [x.node(), r.node()];
+        let (x, r, mask) = (
+            x.into_primitive(),
+            r.into_primitive(),
+            mask.into_primitive(),
+        );
+        let pooled = B::log_sum_exp(x.clone(), r.clone(), mask.clone(), layout, output);
+        let state = |pooled: &FloatTensor<B>| (x, r, mask, pooled.clone(), layout, output);
+        record::<B, C, _, 2>(LogSumExpBackward, parents, pooled, state)
     }
 
     fn weighted_sum(

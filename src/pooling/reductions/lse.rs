@@ -4,22 +4,13 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::activation::softplus;
-use burn::tensor::{Bool, DType, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 
 use crate::checks;
 use crate::display::one_line_display;
-use crate::maths::precision::unit_roundoff;
+pub use crate::maths::log_sum_exp::LseOutput;
+use crate::ops::routing;
 use crate::pooling::input::{PoolingInput, Positions};
-
-/// What [`Lse`] outputs. Default: the log-sum-exp itself.
-#[derive(Config, Copy, Debug, PartialEq, Eq)]
-pub enum LseOutput {
-    /// `y_c = (1/r) ln((1/N) Σ_n exp(r x_{n,c}))`: the smooth maximum (timm's `LsePlus`).
-    LogSumExp,
-    /// `y_c = Σ_n softmax_n(r x_{·,c}) x_{n,c}`: the softmax-weighted mean, which is
-    /// `Σ_n (∂LSE_c/∂x_{n,c}) x_{n,c}`, the gradient of the log-sum-exp applied to `x`.
-    SoftmaxMean,
-}
 
 /// Configuration of [`Lse`]. The temperature is stored as `ρ` with `r = softplus(ρ) + r_min`,
 /// so that training keeps it above `r_min > 0` whatever the step.
@@ -140,7 +131,12 @@ impl Lse {
             // An empty `[0, C]` that a backward still reaches.
             return positions.empty();
         }
-        log_sum_exp(positions, self.temperature(), self.output)
+        let Positions {
+            features,
+            layout,
+            mask,
+        } = positions;
+        routing::log_sum_exp(features, self.temperature(), mask, layout, self.output)
     }
 
     /// [`forward`](Self::forward) for a token set `[B, N, C]`, spelled out.
@@ -149,78 +145,10 @@ impl Lse {
     }
 }
 
-/// The dtype's lowest finite value: where `x − m` is clamped, so that an overflowed difference
-/// (−∞) cannot meet a zero weight in the temperature's gradient (0 · ∞ = NaN).
-fn lowest(dtype: DType) -> f64 {
-    match dtype {
-        DType::F64 => f64::MIN,
-        DType::F16 => -65504.0,
-        DType::BF16 => -3.3895e38,
-        _ => f32::MIN as f64,
-    }
-}
-
-/// LSE or its softmax mean of the positions with temperature `r` `[1]`: docs/maths.md §8.
-fn log_sum_exp(positions: Positions, r: Tensor<1>, output: LseOutput) -> Tensor<2> {
-    let (batch, _, channels) = positions.dims();
-    let Positions {
-        features,
-        layout,
-        mask,
-    } = positions;
-    let dims = features.dims();
-    let dtype = features.dtype();
-    let axis = layout.position_axis();
-    let padding: Option<Tensor<3, Bool>> = mask.as_ref().map(|mask| {
-        mask.clone()
-            .bool_not()
-            .unsqueeze_dim::<3>(layout.channel_axis())
-            .expand(dims)
-    });
-    // Selection, never multiplication: padding values are replaced, not weighted by 0.
-    let select = |t: Tensor<3>, fill: f64| match &padding {
-        Some(padding) => t.mask_fill(padding.clone(), fill),
-        None => t,
-    };
-    let valid: Tensor<3> = match &mask {
-        Some(mask) => mask
-            .clone()
-            .float()
-            .sum_dim(1)
-            .unsqueeze_dim::<3>(layout.channel_axis()),
-        None => Tensor::full([batch, 1, 1], dims[axis] as f64, &features.device()),
-    };
-    let x = select(features, 0.0);
-    // m_c, a constant for the gradient: y does not depend on it (the shift cancels).
-    let top = select(x.clone(), f64::NEG_INFINITY).max_dim(axis).detach();
-    let d = select((x.clone() - top.clone()).clamp_min(lowest(dtype)), 0.0);
-    let r3 = r.reshape([1, 1, 1]);
-    let e = select((d.clone() * r3.clone()).exp(), 0.0);
-    let pooled = match output {
-        LseOutput::SoftmaxMean => top + (e.clone() * d).sum_dim(axis) / e.sum_dim(axis),
-        LseOutput::LogSumExp => {
-            let exact = top.clone() + (e.sum_dim(axis) / valid.clone()).log() / r3.clone();
-            // Channels whose r·(max − min) is below the crossover take the Taylor form; the
-            // others feed it zeros, so that nothing non-finite enters its unused backward.
-            let bottom = select(x, f64::INFINITY).min_dim(axis).detach();
-            let spread = (top.clone() - bottom) * r3.clone().detach();
-            let crossover = 4.0 * unit_roundoff(dtype).cbrt();
-            let taylor = spread.lower_elem(crossover);
-            let d = d.mask_fill(taylor.clone().bool_not().expand(dims), 0.0);
-            let mean = d.clone().sum_dim(axis) / valid.clone();
-            let deviation = select(d - mean.clone(), 0.0);
-            let variance = (deviation.clone() * deviation).sum_dim(axis) / valid;
-            let series = top + mean + variance * r3.div_scalar(2.0);
-            exact.mask_where(taylor, series)
-        }
-    };
-    pooled.reshape([batch, channels])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{TensorData, Tolerance};
+    use burn::tensor::{Bool, TensorData, Tolerance};
 
     fn values(t: Tensor<2>) -> Vec<f32> {
         t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()

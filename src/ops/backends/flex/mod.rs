@@ -9,6 +9,7 @@
 
 mod costs;
 mod generalized_mean;
+mod lse;
 mod product;
 mod real;
 mod simd;
@@ -23,6 +24,7 @@ use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::{DType, Element, FloatDType, TensorData};
 
 use crate::layout::Layout;
+use crate::maths::log_sum_exp::LseOutput;
 use crate::maths::settings::TransportSettings;
 use crate::ops::{PoolingOps, SumOver, TransportOutput};
 
@@ -171,6 +173,49 @@ impl PoolingOps for Flex {
             (tensor(dx, dims.clone()), tensor(dp, [shape.channels]))
         });
         (kernel_output(dx, dtype), kernel_output(dp, power_dtype))
+    }
+
+    fn log_sum_exp(x: Float, r: Float, mask: Float, layout: Layout, output: LseOutput) -> Float {
+        let shape = Shape3::of(&x, layout);
+        let dtype = x.dtype();
+        let [x, r, mask] = [x, r, mask].map(kernel_input);
+        let pooled = with_float!(x.dtype(), "log-sum-exp", T => {
+            let r = view::<T>(&r)[0];
+            tensor(
+                lse::forward::<T>(view(&x), r, view(&mask), output, shape),
+                [shape.batch, shape.channels],
+            )
+        });
+        kernel_output(pooled, dtype)
+    }
+
+    fn log_sum_exp_backward(
+        x: Float,
+        r: Float,
+        mask: Float,
+        output: Float,
+        grad: Float,
+        layout: Layout,
+        kind: LseOutput,
+    ) -> (Float, Float) {
+        let shape = Shape3::of(&x, layout);
+        let dims = x.shape().clone();
+        let (dtype, r_dtype) = (x.dtype(), r.dtype());
+        let [x, r, mask, output, grad] = [x, r, mask, output, grad].map(kernel_input);
+        let (dx, dr) = with_float!(x.dtype(), "log-sum-exp", T => {
+            let r = view::<T>(&r)[0];
+            let (dx, dr) = lse::backward::<T>(
+                view(&x),
+                r,
+                view(&mask),
+                view(&output),
+                view(&grad),
+                kind,
+                shape,
+            );
+            (tensor(dx, dims.clone()), tensor(vec![dr], [1]))
+        });
+        (kernel_output(dx, dtype), kernel_output(dr, r_dtype))
     }
 
     fn weighted_sum(x: Float, vector: Float, layout: Layout, over: SumOver) -> Float {
