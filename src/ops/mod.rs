@@ -1,7 +1,8 @@
 //! The backend-extension trait behind which every backend-specific kernel of the crate lives:
 //! GSP's cost matrix and transport solve, the balanced transport solve of the cluster
 //! aggregators, each with its analytical backward, the generalized
-//! mean of GeM/GGeM with its analytical backward, and the weighted sum of GAP and GSP.
+//! mean of GeM/GGeM and the log-sum-exp of LSE with their analytical backward, and the
+//! weighted sum of GAP and GSP.
 //!
 //! - [`PoolingOps`]: the ops. Each default body is the portable composite from the crate's
 //!   reference maths (`portable`), valid on every backend; a backend overrides what it has a

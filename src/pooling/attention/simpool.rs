@@ -87,6 +87,7 @@ impl SimPoolConfig {
                 .learnable_shift
                 .then(|| Param::from_tensor(Tensor::zeros([1], device))),
             num_prefix_tokens: self.num_prefix_tokens,
+            norm_eps: self.norm_eps,
         }
     }
 }
@@ -149,6 +150,8 @@ pub struct SimPool {
     pub beta: Option<Param<Tensor<1>>>,
     /// Leading tokens skipped by the token paths.
     pub num_prefix_tokens: usize,
+    /// The LayerNorm's ε (the plain form computes the normalisation in closed form).
+    pub norm_eps: f64,
 }
 
 one_line_display!(SimPool, |pool|
@@ -223,6 +226,10 @@ impl SimPool {
 
     /// docs/maths.md §11, on checked positions with finite padding.
     fn pool(&self, positions: Positions) -> Tensor<2> {
+        let dtype = positions.features.dtype();
+        if self.gamma.is_none() && matches!(dtype, DType::F32 | DType::F64) {
+            return self.plain(positions);
+        }
         let (batch, count, channels) = positions.dims();
         let scale = (channels as f64).powf(-0.5);
         let mean = positions.clone().weighted_sum(positions.mean_weights());
@@ -281,6 +288,52 @@ impl SimPool {
             y.cast(FloatDType::from(dtype))
         } else {
             y
+        }
+    }
+}
+
+impl SimPool {
+    /// The plain form without forming LN(x): with x̂_n = (x_n − μ_n)/σ_n the normalised
+    /// position (μ_n, σ_n² its mean and biased variance over the channels, plus ε),
+    /// `v_n = γ ⊙ x̂_n + β`, so that (docs/maths.md §11)
+    ///
+    /// ```text
+    /// q·k_n = (γ ⊙ W_kᵀq)·(x_n − μ_n) / σ_n + (a constant per sample: no effect)
+    /// y     = γ ⊙ Σ_n (a_n / σ_n) (x_n − μ_n) + β          (Σ_n a_n = 1)
+    /// ```
+    ///
+    /// Two matrix-vector products over the centred positions replace the LayerNorm's
+    /// element-wise passes and their backward (the centring is kept: E[x²] − μ² would cancel).
+    /// For f32 and f64; half-precision inputs take the LayerNorm route, which widens.
+    fn plain(&self, positions: Positions) -> Tensor<2> {
+        let (batch, count, channels) = positions.dims();
+        let scale = (channels as f64).powf(-0.5);
+        let mean = positions.clone().weighted_sum(positions.mean_weights());
+        let Positions {
+            features,
+            layout,
+            mask,
+        } = positions;
+        let x = channels_last(features, layout);
+        let centred = x.clone() - x.mean_dim(2);
+        let variance = (centred.clone() * centred.clone()).mean_dim(2);
+        let inverse_sigma = variance.add_scalar(self.norm_eps).sqrt().recip();
+        let gain = self.norm.gamma.val().reshape([1, channels]);
+        let folded = self
+            .query
+            .forward(mean)
+            .matmul(self.key.weight.val().transpose())
+            .mul_scalar(scale)
+            * gain.clone();
+        let logits = (centred.clone().matmul(folded.reshape([batch, channels, 1]))
+            * inverse_sigma.clone())
+        .reshape([batch, 1, count]);
+        let weights = softmax(mask_logits(logits, mask.as_ref()), 2);
+        let scaled = weights * inverse_sigma.reshape([batch, 1, count]);
+        let y = scaled.matmul(centred).reshape([batch, channels]) * gain;
+        match &self.norm.beta {
+            Some(beta) => y + beta.val().reshape([1, channels]),
+            None => y,
         }
     }
 }
