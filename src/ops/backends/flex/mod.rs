@@ -7,6 +7,7 @@
 //! the way in and their results narrowed back on the way out, so a Flex device configured for
 //! halves runs the same kernels, with f32 accumulation.
 
+mod balanced;
 mod costs;
 mod generalized_mean;
 mod product;
@@ -23,6 +24,8 @@ use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::{DType, Element, FloatDType, TensorData};
 
 use crate::layout::Layout;
+use crate::maths::balanced::BalancedSettings;
+use crate::maths::precision::unit_roundoff;
 use crate::maths::settings::TransportSettings;
 use crate::ops::{PoolingOps, SumOver, TransportOutput};
 
@@ -130,6 +133,31 @@ impl PoolingOps for Flex {
         output: TransportOutput,
     ) -> Float {
         transport_gradient(plan, grad, mass, epsilon, output)
+    }
+
+    fn balanced_transport(
+        costs: Float,
+        row_mass: Float,
+        column_mass: Float,
+        settings: BalancedSettings,
+    ) -> (Float, Int, Bool) {
+        let dims = dims3(&costs);
+        let dtype = costs.dtype();
+        let [costs, row_mass, column_mass] = [costs, row_mass, column_mass].map(kernel_input);
+        let (plan, report) = with_float!(costs.dtype(), "balanced transport", T => {
+            let (plan, report) = balanced::forward::<T>(
+                view(&costs),
+                view(&row_mass),
+                view(&column_mass),
+                [dims[1], dims[2]],
+                &settings,
+                unit_roundoff(dtype),
+            );
+            (tensor(plan, dims), report)
+        });
+        let iterations = tensor(vec![report.iterations as i64], [1]);
+        let converged = FlexTensor::from_data(TensorData::new(vec![report.converged], [1]));
+        (kernel_output(plan, dtype), iterations, converged)
     }
 
     fn generalized_mean(x: Float, powers: Float, mask: Float, eps: f64, layout: Layout) -> Float {

@@ -1,0 +1,290 @@
+//! The balanced transport solve (docs/maths.md §7) per sample: `maths::balanced`'s log-domain
+//! Sinkhorn on the CPU, each sample on its own thread and stopping on its own (no batch-wide
+//! stopping test), with the portable solve's masks, anchoring, bounds, stopping rule and final
+//! check. κ = −C/ε (anchored per row, bounded) is written once over the plan's storage, the
+//! iterations read it row by row (the row update) and column by column through per-column
+//! accumulators (the column update), and the last pass turns it into the plan in place.
+//!
+//! The potentials u `[K']`, v `[N]` and κ are in the kernel's float (as the portable body keeps
+//! them in the tensors' dtype); each logsumexp's sum, the marginal error and the final check
+//! are accumulated in f64. Zero masses are masks: their rows and columns of the plan are
+//! exactly 0 and their costs are never read.
+
+use rayon::prelude::*;
+
+use super::real::Real;
+use super::simd::wide_kernel;
+use crate::maths::balanced::{BalancedSettings, POTENTIAL_BOUND, STALL_PATIENCE};
+use crate::maths::solver::{SolveReport, Status, Stopping};
+
+/// The plans `[B, K', N]` of costs `[B, K', N]`, row masses `[B, K']` and column masses
+/// `[B, N]`, and the batch's report (the most iterations; converged if every sample is).
+/// `roundoff` is the unit roundoff of the caller's dtype (the final check's slack).
+pub(super) fn forward<T: Real>(
+    costs: &[T],
+    row_mass: &[T],
+    column_mass: &[T],
+    [rows, columns]: [usize; 2],
+    settings: &BalancedSettings,
+    roundoff: f64,
+) -> (Vec<T>, SolveReport) {
+    let size = rows * columns;
+    let mut plan = vec![T::default(); costs.len()];
+    if size == 0 {
+        return (plan, SolveReport::IMMEDIATE);
+    }
+    let report = plan
+        .par_chunks_mut(size)
+        .enumerate()
+        .map(|(b, plan)| {
+            let widen = |m: &[T]| m.iter().map(|m| m.to_f64()).collect::<Vec<f64>>();
+            let a = widen(&row_mass[b * rows..(b + 1) * rows]);
+            let c = widen(&column_mass[b * columns..(b + 1) * columns]);
+            let costs = &costs[b * size..(b + 1) * size];
+            solve_sample_wide(costs, &a, &c, plan, settings, roundoff)
+        })
+        .reduce(|| SolveReport::IMMEDIATE, SolveReport::merge);
+    (plan, report)
+}
+
+/// ln m, or −∞ (the mask of a zero mass) where m ≤ 0.
+fn log_mass(m: f64) -> f64 {
+    if m <= 0.0 { f64::NEG_INFINITY } else { m.ln() }
+}
+
+/// A potential within ±[`POTENTIAL_BOUND`] (NaN stays NaN).
+fn bounded(potential: f64) -> f64 {
+    potential.clamp(-POTENTIAL_BOUND, POTENTIAL_BOUND)
+}
+
+/// ln(sum) + shift for a logsumexp whose terms were shifted by `shift` (the largest term): −∞
+/// when every term is −∞ (`largest`, before the shift's floor, is −∞).
+fn finish_logsumexp(sum: f64, shift: f64, largest: f64) -> f64 {
+    if largest == f64::NEG_INFINITY {
+        f64::NEG_INFINITY
+    } else {
+        sum.ln() + shift
+    }
+}
+
+wide_kernel! {
+/// One sample's solve into `plan` `[K', N]` (κ first, then the plan); returns how it ended.
+fn solve_sample<T: Real>(
+    costs: &[T],
+    a: &[f64],
+    b: &[f64],
+    plan: &mut [T],
+    settings: &BalancedSettings,
+    roundoff: f64,
+) -> SolveReport {
+    let (k, n) = (a.len(), b.len());
+    let log_a: Vec<f64> = a.iter().map(|&m| log_mass(m)).collect();
+    let log_b: Vec<f64> = b.iter().map(|&m| log_mass(m)).collect();
+    let valid_row: Vec<bool> = a.iter().map(|&m| m > 0.0).collect();
+    let valid_column: Vec<bool> = b.iter().map(|&m| m > 0.0).collect();
+    let bound = T::from_f64(POTENTIAL_BOUND);
+    let low = T::from_f64(-POTENTIAL_BOUND);
+    let neg_epsilon = T::from_f64(-settings.epsilon);
+    let neg_infinity = T::from_f64(f64::NEG_INFINITY);
+
+    // κ_ij = −c_ij/ε − max_{j valid} (−c_ij/ε), within ±bound; 0 where a mass is zero (those
+    // costs, NaN or ∞ at padding, are never read, and κ there is never used). The maxima here
+    // and in the logsumexps may skip a NaN: it surfaces in the sums, and so in the error.
+    for (i, (kappa, costs)) in plan.chunks_exact_mut(n).zip(costs.chunks_exact(n)).enumerate() {
+        if !valid_row[i] {
+            kappa.fill(T::default());
+            continue;
+        }
+        let mut anchor = neg_infinity;
+        for j in 0..n {
+            kappa[j] = if valid_column[j] { costs[j] / neg_epsilon } else { T::default() };
+            if valid_column[j] {
+                anchor = Real::max(anchor, kappa[j]);
+            }
+        }
+        let anchor = if anchor < low { low } else { anchor };
+        for x in kappa.iter_mut() {
+            let shifted = *x - anchor;
+            *x = if shifted > bound {
+                bound
+            } else if shifted < low {
+                low
+            } else {
+                shifted
+            };
+        }
+    }
+    let kappa: &[T] = plan;
+
+    // u = 0 (−∞ on empty rows), then the columns' update.
+    let mut u: Vec<T> = valid_row
+        .iter()
+        .map(|&valid| if valid { T::default() } else { neg_infinity })
+        .collect();
+    let mut v = vec![neg_infinity; n];
+    let mut column_max = vec![T::default(); n];
+    let mut column_sum = vec![T::default(); n];
+    let floor = T::from_f64(-4.0 * POTENTIAL_BOUND);
+    // v_j ← ln b_j − logsumexp_i(u_i + κ_ij), over the non-empty rows.
+    let mut column_update = |u: &[T], v: &mut [T]| {
+        column_max.fill(neg_infinity);
+        for (i, kappa) in kappa.chunks_exact(n).enumerate() {
+            if !valid_row[i] {
+                continue;
+            }
+            let ui = u[i];
+            for (m, &x) in column_max.iter_mut().zip(kappa) {
+                *m = Real::max(*m, ui + x);
+            }
+        }
+        let shift: Vec<T> = column_max
+            .iter()
+            .map(|&m| if m < floor { floor } else { m })
+            .collect();
+        column_sum.fill(T::default());
+        for (i, kappa) in kappa.chunks_exact(n).enumerate() {
+            if !valid_row[i] {
+                continue;
+            }
+            let ui = u[i];
+            for ((s, &x), &shift) in column_sum.iter_mut().zip(kappa).zip(&shift) {
+                *s += (ui + x - shift).exp();
+            }
+        }
+        for j in 0..n {
+            v[j] = if valid_column[j] {
+                let largest = column_max[j].to_f64();
+                let lse = finish_logsumexp(column_sum[j].to_f64(), shift[j].to_f64(), largest);
+                T::from_f64(bounded(log_b[j] - lse))
+            } else {
+                neg_infinity
+            };
+        }
+    };
+    column_update(&u, &mut v);
+
+    let total: f64 = a.iter().sum();
+    let mut row_lse = vec![0.0f64; k];
+    let mut best = f64::INFINITY;
+    let mut stopping = Stopping::with_patience(
+        settings.iteration_cap(),
+        settings.tolerance,
+        STALL_PATIENCE,
+    );
+    let mut iteration = 0;
+    let report = loop {
+        // logsumexp_j(v_j + κ_ij) per non-empty row (v = −∞ at empty columns: their terms
+        // are 0, or e⁻⁸⁷ in f32's fast exp, below the rounding of a sum of at least 1).
+        for (i, kappa) in kappa.chunks_exact(n).enumerate() {
+            if !valid_row[i] {
+                row_lse[i] = f64::NEG_INFINITY;
+                continue;
+            }
+            let mut largest = neg_infinity;
+            for (&vj, &x) in v.iter().zip(kappa) {
+                largest = Real::max(largest, vj + x);
+            }
+            let shift = if largest < floor { floor } else { largest };
+            let mut sum = T::default();
+            for (&vj, &x) in v.iter().zip(kappa) {
+                sum += (vj + x - shift).exp();
+            }
+            row_lse[i] = finish_logsumexp(sum.to_f64(), shift.to_f64(), largest.to_f64());
+        }
+        // ‖P𝟙 − a‖₁ / Σa with P𝟙 = exp(u + lse) (the columns are exact after their update).
+        let mut error = 0.0;
+        for i in 0..k {
+            let sum = if valid_row[i] {
+                (u[i].to_f64() + row_lse[i]).exp()
+            } else {
+                0.0
+            };
+            error += (sum - a[i]).abs();
+        }
+        let error = error / total;
+        let progress = error < best;
+        if !error.is_nan() {
+            best = best.min(error);
+        }
+        let mut moved = false;
+        let next: Vec<T> = (0..k)
+            .map(|i| {
+                let next = if valid_row[i] {
+                    T::from_f64(bounded(log_a[i] - row_lse[i]))
+                } else {
+                    neg_infinity
+                };
+                moved |= next != u[i];
+                next
+            })
+            .collect();
+        let status = Status::of_sample(error, progress, moved);
+        if let Some(report) = stopping.check(iteration, status) {
+            break report;
+        }
+        u = next;
+        column_update(&u, &mut v);
+        iteration += 1;
+    };
+
+    // P = exp(min(u_i + v_j + κ_ij, ln b_j)), exactly 0 on zero masses.
+    let cap: Vec<T> = log_b.iter().map(|&l| T::from_f64(l)).collect();
+    let mut error = 0.0;
+    for (i, row) in plan.chunks_exact_mut(n).enumerate() {
+        if !valid_row[i] {
+            row.fill(T::default());
+            error += a[i].abs();
+            continue;
+        }
+        let ui = u[i];
+        for (((p, &vj), &cap), &valid) in row.iter_mut().zip(&v).zip(&cap).zip(&valid_column) {
+            let exponent = ui + vj + *p;
+            let exponent = if exponent < cap { exponent } else { cap };
+            *p = if valid { exponent.exp() } else { T::default() };
+        }
+        let sum: f64 = row.iter().map(|p| p.to_f64()).sum();
+        error += (sum - a[i]).abs();
+    }
+    if !report.converged {
+        return report;
+    }
+    // The portable solve's final check: the plan itself meets the tolerance (up to the
+    // rounding of its row sums).
+    let slack = (n + k) as f64 * roundoff;
+    SolveReport {
+        converged: error / total <= 2.0 * settings.tolerance.max(slack),
+        ..report
+    }
+}
+=> solve_sample_wide
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Device;
+
+    use super::*;
+    use crate::ops::backends::flex::simd::check::{agree, values};
+    use crate::test_support::balanced_kernel_matches_portable;
+
+    /// The copy chosen at run time and the baseline build solve to the same plan.
+    #[test]
+    fn wide_copy_matches_baseline() {
+        let (k, n) = (5, 11);
+        let costs = values(k * n, 6, 0.0, 2.0);
+        let (a, b) = (vec![1.0 / k as f64; k], vec![1.0 / n as f64; n]);
+        let settings = BalancedSettings::new(0.2);
+        let (mut wide, mut base) = (vec![0.0; k * n], vec![0.0; k * n]);
+        let roundoff = f32::EPSILON as f64;
+        let steps_wide = solve_sample_wide(&costs, &a, &b, &mut wide, &settings, roundoff);
+        let steps_base = solve_sample(&costs, &a, &b, &mut base, &settings, roundoff);
+        assert_eq!(steps_wide, steps_base);
+        agree("plan", &wide, &base);
+    }
+
+    /// The kernel agrees with the portable solve on every case of `balanced_cases`.
+    #[test]
+    fn kernel_matches_the_portable_solve() {
+        balanced_kernel_matches_portable(&Device::flex(), "Flex");
+    }
+}
