@@ -7,10 +7,12 @@
 //!   reference maths (`portable`), valid on every backend; a backend overrides what it has a
 //!   kernel for.
 //! - `backends`: one folder or file per backend. Flex overrides every op but the balanced
-//!   transport with fused CPU kernels; Cube (every CubeCL runtime, fused or not) overrides
-//!   every op but the balanced transport and the weighted sum's features gradient with CubeCL
-//!   kernels (the balanced transport runs its portable body everywhere, for now); NdArray keeps the defaults; `Autodiff<B, C>` runs the inner backend's forward off
-//!   the tape and records one node whose backward is the closed form.
+//!   transport's backward with fused CPU kernels; Cube (every CubeCL runtime, fused or not)
+//!   overrides every op but the balanced transport's backward and the weighted sum's features
+//!   gradient with CubeCL kernels (the balanced transport's backward, a K'×K' Cholesky solve on
+//!   the host, runs its portable body everywhere); NdArray keeps the defaults;
+//!   `Autodiff<B, C>` runs the inner backend's forward off the tape and records one node whose
+//!   backward is the closed form.
 //! - `routing`: the `Tensor`-level entry points the layers call, which take the extension on
 //!   a device it covers ([`extension_covers`]) and the composites, differentiated by ordinary
 //!   autodiff, elsewhere (or, for timing one against the other, wherever the caller asks).

@@ -1,13 +1,16 @@
 //! [`PoolingOps`] for the CubeCL backend (`Cube`: every CubeCL runtime, wgpu, CUDA, ROCm,
 //! Vulkan, Metal, WebGPU and CubeCL's CPU runtime), every op as CubeCL kernels but the
-//! weighted sum's features gradient (one broadcast product) and the balanced transport (its
-//! portable body, for now):
+//! weighted sum's features gradient (one broadcast product) and the balanced transport's
+//! backward (its portable body: the N·K'² assembly as tensor ops, the K'×K' Cholesky on the
+//! host):
 //!
 //! - GSP's costs and their backward (`costs.rs`): the φ-normalisation, the distances and the
 //!   gradient's element-wise parts as kernels, the products as matmuls;
 //! - GSP's transport solve and its implicit backward (`transport.rs`): one cube per sample,
 //!   Newton on the dual β to the tolerance with no host read (Sinkhorn and μ = 1 keep the
 //!   portable body);
+//! - the balanced transport solve (`balanced.rs`): one cube per sample, the portable
+//!   log-domain Sinkhorn with its masks, bounds and stopping rule, no host read;
 //! - the generalized mean of GeM/GGeM and its backward (`generalized_mean.rs`) and the weighted
 //!   sum of GAP and GSP and its weights' gradient (`weighted_sum.rs`): one unit per (b, c) (or
 //!   per (b, n)) looping over the other axis through the input's strides, so both layouts take
