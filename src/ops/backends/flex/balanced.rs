@@ -12,9 +12,13 @@
 
 use rayon::prelude::*;
 
+use super::product::{Strided, product};
 use super::real::Real;
 use super::simd::wide_kernel;
-use crate::maths::balanced::{BalancedSettings, POTENTIAL_BOUND, STALL_PATIENCE};
+use crate::maths::balanced::{
+    BalancedSettings, POTENTIAL_BOUND, STALL_PATIENCE, cholesky_factor, cholesky_substitute,
+    gauge_fixed,
+};
 use crate::maths::solver::{SolveReport, Status, Stopping};
 
 /// The plans `[B, K', N]` of costs `[B, K', N]`, row masses `[B, K']` and column masses
@@ -259,6 +263,156 @@ fn solve_sample<T: Real>(
 => solve_sample_wide
 }
 
+/// (∂L/∂costs `[B, K', N]`, ∂L/∂row_mass `[B, K']`, ∂L/∂column_mass `[B, N]`) from the plans
+/// and ∂L/∂plan `[B, K', N]`: `maths::balanced::implicit_gradients` per sample (one thread
+/// each). The shorter side's Schur system is assembled in the kernel's float by `gemm`, as
+/// the portable body's matmul does, and solved by the same gauge-fixed f64 Cholesky; every
+/// other sum is accumulated in f64.
+pub(super) fn backward<T: Real>(
+    plan: &[T],
+    grad: &[T],
+    [rows, columns]: [usize; 2],
+    epsilon: f64,
+    roundoff: f64,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let size = rows * columns;
+    let batch = plan.len().checked_div(size).unwrap_or(0);
+    let mut costs = vec![T::default(); plan.len()];
+    let mut row_grad = vec![T::default(); batch * rows];
+    let mut column_grad = vec![T::default(); batch * columns];
+    if size == 0 {
+        return (costs, row_grad, column_grad);
+    }
+    costs
+        .par_chunks_mut(size)
+        .zip(row_grad.par_chunks_mut(rows))
+        .zip(column_grad.par_chunks_mut(columns))
+        .enumerate()
+        .for_each(|(b, ((costs, da), db))| {
+            let plan = &plan[b * size..(b + 1) * size];
+            let grad = &grad[b * size..(b + 1) * size];
+            if rows <= columns {
+                backward_sample(plan, grad, costs, da, db, epsilon, roundoff);
+            } else {
+                // The system is symmetric in the two sides: solve the transposed sample.
+                let transpose = |m: &[T]| -> Vec<T> {
+                    (0..size)
+                        .map(|x| m[(x % rows) * columns + x / rows])
+                        .collect()
+                };
+                let (plan, grad) = (transpose(plan), transpose(grad));
+                let mut transposed = vec![T::default(); size];
+                backward_sample(&plan, &grad, &mut transposed, db, da, epsilon, roundoff);
+                for (x, &value) in transposed.iter().enumerate() {
+                    costs[(x % rows) * columns + x / rows] = value;
+                }
+            }
+        });
+    (costs, row_grad, column_grad)
+}
+
+/// One sample's implicit gradient with the rows the shorter side (K' ≤ N): `plan`, `grad` and
+/// `costs` `[K', N]`, `da` `[K']`, `db` `[N]`.
+fn backward_sample<T: Real>(
+    plan: &[T],
+    grad: &[T],
+    costs: &mut [T],
+    da: &mut [T],
+    db: &mut [T],
+    epsilon: f64,
+    roundoff: f64,
+) {
+    let (k, n) = (da.len(), db.len());
+    // r = P𝟙, c = Pᵀ𝟙, W𝟙 and Wᵀ𝟙 for W = G ⊙ P.
+    let mut r = vec![0.0f64; k];
+    let mut c = vec![0.0f64; n];
+    let mut weighted_rows = vec![0.0f64; k];
+    let mut weighted_columns = vec![0.0f64; n];
+    for (i, (p, g)) in plan.chunks_exact(n).zip(grad.chunks_exact(n)).enumerate() {
+        for j in 0..n {
+            let (p, w) = (p[j].to_f64(), (p[j] * g[j]).to_f64());
+            r[i] += p;
+            c[j] += p;
+            weighted_rows[i] += w;
+            weighted_columns[j] += w;
+        }
+    }
+    let inverse_columns: Vec<f64> = c
+        .iter()
+        .map(|&c| if c <= 0.0 { 0.0 } else { 1.0 / c })
+        .collect();
+    // diag(r) − P diag(1/c) Pᵀ, the product in the kernel's float.
+    let inverse_t: Vec<T> = inverse_columns.iter().map(|&v| T::from_f64(v)).collect();
+    let mut scaled = plan.to_vec();
+    for row in scaled.chunks_exact_mut(n) {
+        for (s, &v) in row.iter_mut().zip(&inverse_t) {
+            *s = *s * v;
+        }
+    }
+    let mut product_out = vec![T::default(); k * k];
+    product(
+        [k, k, n],
+        &mut product_out,
+        (k, 1),
+        false,
+        Strided::rows(&scaled, n),
+        Strided::transposed(plan, n),
+        T::from_f64(1.0),
+    );
+    let schur: Vec<f64> = (0..k * k)
+        .map(|x| {
+            let diagonal = if x / k == x % k { r[x / k] } else { 0.0 };
+            diagonal - product_out[x].to_f64()
+        })
+        .collect();
+    // x = S⁻¹ (W𝟙 − P((Wᵀ𝟙) ⊘ c)), x_i = 0 on the empty rows.
+    let mut x: Vec<f64> = (0..k)
+        .map(|i| {
+            if r[i] <= 0.0 {
+                return 0.0;
+            }
+            let row = &plan[i * n..(i + 1) * n];
+            let spread: f64 = (0..n)
+                .map(|j| row[j].to_f64() * inverse_columns[j] * weighted_columns[j])
+                .sum();
+            weighted_rows[i] - spread
+        })
+        .collect();
+    let mut matrix = gauge_fixed(&schur, &r);
+    cholesky_factor(&mut matrix, k, roundoff);
+    cholesky_substitute(&matrix, &mut x, k);
+    // y = (Wᵀ𝟙 − Pᵀx) ⊘ c, 0 on the empty columns.
+    let mut y = weighted_columns;
+    for (i, row) in plan.chunks_exact(n).enumerate() {
+        for (y, &p) in y.iter_mut().zip(row) {
+            *y -= x[i] * p.to_f64();
+        }
+    }
+    for (y, &inverse) in y.iter_mut().zip(&inverse_columns) {
+        *y *= inverse;
+    }
+    // ∂L/∂C_ij = P_ij (x_i + y_j − G_ij) / ε.
+    let scale = T::from_f64(1.0 / epsilon);
+    let y_t: Vec<T> = y.iter().map(|&v| T::from_f64(v)).collect();
+    for (i, ((d, p), g)) in costs
+        .chunks_exact_mut(n)
+        .zip(plan.chunks_exact(n))
+        .zip(grad.chunks_exact(n))
+        .enumerate()
+    {
+        let xi = T::from_f64(x[i]);
+        for j in 0..n {
+            d[j] = p[j] * (xi + y_t[j] - g[j]) * scale;
+        }
+    }
+    for (d, &v) in da.iter_mut().zip(&x) {
+        *d = T::from_f64(v);
+    }
+    for (d, &v) in db.iter_mut().zip(&y) {
+        *d = T::from_f64(v);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use burn::tensor::Device;
@@ -286,5 +440,68 @@ mod tests {
     #[test]
     fn kernel_matches_the_portable_solve() {
         balanced_kernel_matches_portable(&Device::flex(), "Flex");
+    }
+
+    /// The backward kernel agrees with `maths::balanced::implicit_gradients` (the portable
+    /// body) on the cases' plans, K' < N and K' > N (transposed), with zero-mass rows and
+    /// columns: ∂L/∂C within 1e-3 of its largest entry (measured: ≤ 1e-7), and ∂L/∂a_i +
+    /// ∂L/∂b_j where P_ij > 1e-6 (the masses' gradients are fixed up to the gauge (+t, −t),
+    /// which the two may fix apart).
+    #[test]
+    fn backward_matches_the_portable_body() {
+        use crate::maths::balanced::{implicit_gradients, solve};
+        use crate::ops::{PoolingOps, TensorBridge};
+        use burn::backend::Flex;
+        use burn::tensor::{Distribution, Tensor};
+        let device = Device::flex();
+        device.seed(11);
+        let read = |t: Tensor<3>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        let pairs = |a: Tensor<2>, b: Tensor<2>| read(a.unsqueeze_dim::<3>(2) + b.unsqueeze_dim(1));
+        for case in crate::test_support::balanced_cases(&device) {
+            let (plan, _) = solve(case.costs, case.rows, case.columns, &case.settings);
+            for plan in [plan.clone(), plan.swap_dims(1, 2)] {
+                let grad =
+                    Tensor::<3>::random(plan.dims(), Distribution::Uniform(-1.0, 1.0), &device);
+                let epsilon = case.settings.epsilon;
+                let (dc, da, db) = implicit_gradients(plan.clone(), grad.clone(), epsilon);
+                let (kc, ka, kb) = Flex::balanced_transport_backward(
+                    Flex::unwrap(plan.clone()),
+                    Flex::unwrap(grad),
+                    epsilon,
+                );
+                let (kc, ka, kb) = (
+                    Flex::wrap::<3>(kc),
+                    Flex::wrap::<2>(ka),
+                    Flex::wrap::<2>(kb),
+                );
+                let scale = read(dc.clone()).iter().fold(1.0f32, |m, v| m.max(v.abs()));
+                let worst = |a: Vec<f32>, b: Vec<f32>| {
+                    a.iter()
+                        .zip(&b)
+                        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+                };
+                let cost_error = worst(read(kc), read(dc)) / scale;
+                // Pairs the plan connects: where its support splits into blocks (costs of
+                // 1e30), each block has its own gauge, and only x_i + y_j inside one is fixed.
+                let support = read(plan.clone());
+                let connected = |v: Vec<f32>| -> Vec<f32> {
+                    v.iter()
+                        .zip(&support)
+                        .map(|(&v, &p)| if p > 1e-6 { v } else { 0.0 })
+                        .collect()
+                };
+                let mass_error = worst(connected(pairs(ka, kb)), connected(pairs(da, db))) / scale;
+                let name = case.name;
+                eprintln!(
+                    "{name} {:?}: dC {cost_error:e}, da + db {mass_error:e}",
+                    plan.dims()
+                );
+                assert!(
+                    cost_error < 1e-3,
+                    "{name}: dC differs by {cost_error} (relative)"
+                );
+                assert!(mass_error < 1e-3, "{name}: da + db differ by {mass_error}");
+            }
+        }
     }
 }

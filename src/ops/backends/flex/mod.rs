@@ -160,6 +160,35 @@ impl PoolingOps for Flex {
         (kernel_output(plan, dtype), iterations, converged)
     }
 
+    fn balanced_transport_backward(
+        plan: Float,
+        grad: Float,
+        epsilon: f64,
+    ) -> (Float, Float, Float) {
+        let [batch, rows, columns] = dims3(&plan);
+        let dtype = plan.dtype();
+        let [plan, grad] = [plan, grad].map(kernel_input);
+        let (costs, row_grad, column_grad) = with_float!(plan.dtype(), "balanced transport", T => {
+            let (costs, row_grad, column_grad) = balanced::backward::<T>(
+                view(&plan),
+                view(&grad),
+                [rows, columns],
+                epsilon,
+                unit_roundoff(dtype),
+            );
+            (
+                tensor(costs, [batch, rows, columns]),
+                tensor(row_grad, [batch, rows]),
+                tensor(column_grad, [batch, columns]),
+            )
+        });
+        (
+            kernel_output(costs, dtype),
+            kernel_output(row_grad, dtype),
+            kernel_output(column_grad, dtype),
+        )
+    }
+
     fn generalized_mean(x: Float, powers: Float, mask: Float, eps: f64, layout: Layout) -> Float {
         let shape = Shape3::of(&x, layout);
         let dtype = x.dtype();
