@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use super::product::{Strided, product};
-use super::real::Real;
+use super::real::{LANES, Real, lane_sum};
 use super::simd::wide_kernel;
 use crate::maths::balanced::{
     BalancedSettings, POTENTIAL_BOUND, STALL_PATIENCE, cholesky_factor, cholesky_substitute,
@@ -69,6 +69,24 @@ fn finish_logsumexp(sum: f64, shift: f64, largest: f64) -> f64 {
     } else {
         sum.ln() + shift
     }
+}
+
+/// max(start, f(0), …, f(len − 1)) in `LANES` interleaved partial maxima, so the loop
+/// vectorises (a NaN may be skipped, as in [`Real::max`]).
+#[inline(always)]
+fn lane_max<T: Real>(len: usize, start: T, mut f: impl FnMut(usize) -> T) -> T {
+    let mut acc = [start; LANES];
+    let full = len / LANES * LANES;
+    for base in (0..full).step_by(LANES) {
+        for (lane, slot) in acc.iter_mut().enumerate() {
+            *slot = Real::max(*slot, f(base + lane));
+        }
+    }
+    let mut largest = start;
+    for i in full..len {
+        largest = Real::max(largest, f(i));
+    }
+    acc.iter().fold(largest, |m, &v| Real::max(m, v))
 }
 
 wide_kernel! {
@@ -184,15 +202,9 @@ fn solve_sample<T: Real>(
                 row_lse[i] = f64::NEG_INFINITY;
                 continue;
             }
-            let mut largest = neg_infinity;
-            for (&vj, &x) in v.iter().zip(kappa) {
-                largest = Real::max(largest, vj + x);
-            }
+            let largest = lane_max(n, neg_infinity, |j| v[j] + kappa[j]);
             let shift = if largest < floor { floor } else { largest };
-            let mut sum = T::default();
-            for (&vj, &x) in v.iter().zip(kappa) {
-                sum += (vj + x - shift).exp();
-            }
+            let sum = lane_sum(n, |j| (v[j] + kappa[j] - shift).exp());
             row_lse[i] = finish_logsumexp(sum.to_f64(), shift.to_f64(), largest.to_f64());
         }
         // ‖P𝟙 − a‖₁ / Σa with P𝟙 = exp(u + lse) (the columns are exact after their update).
