@@ -76,7 +76,7 @@ pub(super) fn launch_balanced_transport(
     (plan, iterations)
 }
 
-/// How [`block_reduce`] combines the units' values.
+/// How [`block_reduce()`] combines the units' values.
 const SUM: u8 = 0;
 const MAX: u8 = 1;
 
