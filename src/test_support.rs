@@ -57,7 +57,8 @@ pub(crate) struct BalancedCase {
 /// The balanced transport problems every kernel of the solve is checked on against the portable
 /// body, on `device`: random costs with and without a dustbin row, masked columns (NaN and ∞
 /// costs there), a zero-mass row, costs near 1e30, a small ε, the iteration cap reached, B = 1,
-/// and a batch whose samples have different numbers of valid columns.
+/// both sides longer than a cube of 256 units (K' > N), and a batch whose samples have
+/// different numbers of valid columns.
 #[cfg(any(feature = "flex", feature = "cube"))]
 pub(crate) fn balanced_cases(device: &Device) -> Vec<BalancedCase> {
     use crate::maths::balanced::BalancedSettings;
@@ -173,6 +174,22 @@ pub(crate) fn balanced_cases(device: &Device) -> Vec<BalancedCase> {
             }
         })
         .collect();
+    // Both sides longer than a cube of 256 units (each unit takes several rows and columns),
+    // K' > N, and a masked column.
+    let (k_long, n_long) = (270, 260);
+    let mut long_columns = vec![1.0 / (n_long - 1) as f32; 2 * n_long];
+    long_columns[n_long + 7] = 0.0;
+    long_columns[7] = 0.0;
+    cases.push(BalancedCase {
+        name: "longer than a cube",
+        costs: tensor3(
+            values(2 * k_long * n_long, 5, 0.0, 1.0),
+            [2, k_long, n_long],
+        ),
+        rows: uniform(2, k_long),
+        columns: tensor2(long_columns, [2, n_long]),
+        settings: BalancedSettings::new(0.02),
+    });
     cases.push(BalancedCase {
         name: "different valid counts",
         costs: random,
