@@ -214,7 +214,8 @@ criterion_group!(
     gsp,
     gsp_readouts,
     attention,
-    netvlad
+    netvlad,
+    balanced
 );
 criterion_main!(benches);
 
@@ -276,6 +277,79 @@ fn gsp_readouts(c: &mut Criterion) {
                     })
                 });
             }
+        }
+        group.finish();
+    }
+}
+
+/// `transport::balanced_transport`, forward and forward+backward (waiting for the costs'
+/// gradient): SALAD's shape, K = 64 clusters and a dustbin over N = 256 positions at ε = 1 (unit
+/// column masses, the dustbin taking N − K), and OTK's, K = 16 over N = 196 at ε = 0.1
+/// (uniform masses). Throughput is the costs' bytes.
+fn balanced(c: &mut Criterion) {
+    use burn_pooling::transport::{BalancedSettings, Dustbin, balanced_transport};
+    for (name, device) in devices() {
+        let train = device.clone().autodiff();
+        let mut group = c.benchmark_group(format!("balanced transport {name}"));
+        group.sample_size(10);
+        for (b, k, n, epsilon, dustbin) in [(32, 64, 256, 1.0, true), (64, 16, 196, 0.1, false)] {
+            let label = format!(
+                "[{b}, {k}{}, {n}] eps={epsilon}",
+                if dustbin { "+1" } else { "" }
+            );
+            group.throughput(bytes(&[b, k, n]));
+            let settings = BalancedSettings::new(epsilon);
+            let problem = |device: &Device| {
+                let costs = Tensor::<3>::random([b, k, n], Distribution::Uniform(0.0, 2.0), device);
+                let (rows, columns, bin) = if dustbin {
+                    let bin = Dustbin {
+                        cost: Tensor::<2>::full([b, n], 1.0, device),
+                        mass: Tensor::<1>::full([b], (n - k) as f64, device),
+                    };
+                    let rows = Tensor::<2>::ones([b, k], device);
+                    (rows, Tensor::<2>::ones([b, n], device), Some(bin))
+                } else {
+                    let rows = Tensor::<2>::full([b, k], 1.0 / k as f64, device);
+                    (
+                        rows,
+                        Tensor::<2>::full([b, n], 1.0 / n as f64, device),
+                        None,
+                    )
+                };
+                (costs, rows, columns, bin)
+            };
+            let (costs, rows, columns, bin) = problem(&device);
+            group.bench_function(BenchmarkId::new("forward", &label), |bench| {
+                bench.iter(|| {
+                    let solved = balanced_transport(
+                        costs.clone(),
+                        rows.clone(),
+                        columns.clone(),
+                        bin.clone(),
+                        &settings,
+                    );
+                    sync(solved.plan.sum_dim(2).flatten(1, 2));
+                })
+            });
+            let (costs, rows, columns, bin) = problem(&train);
+            let weights = Tensor::<3>::random(
+                [b, k + usize::from(dustbin), n],
+                Distribution::Uniform(-1.0, 1.0),
+                &train,
+            );
+            group.bench_function(BenchmarkId::new("forward+backward", &label), |bench| {
+                bench.iter(|| {
+                    let costs = costs.clone().require_grad();
+                    let solved = balanced_transport(
+                        costs.clone(),
+                        rows.clone(),
+                        columns.clone(),
+                        bin.clone(),
+                        &settings,
+                    );
+                    backward_sync((solved.plan * weights.clone()).sum(), &costs)
+                })
+            });
         }
         group.finish();
     }

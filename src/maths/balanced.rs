@@ -444,28 +444,12 @@ fn solve_schur(schur: Tensor<3>, rhs: Tensor<3>, row_sums: Tensor<3>) -> Tensor<
     for sample in 0..batch {
         let a = &schur[sample * n * n..(sample + 1) * n * n];
         let r = &row_sums[sample * n..(sample + 1) * n];
-        let valid: Vec<bool> = r.iter().map(|&v| v > 0.0).collect();
-        let count = valid.iter().filter(|&&v| v).count().max(1) as f64;
-        let total: f64 = r.iter().filter(|v| **v > 0.0).sum();
-        let gauge = total / (count * count);
-        let mut matrix = vec![0.0f64; n * n];
-        for i in 0..n {
-            if !valid[i] {
-                matrix[i * n + i] = 1.0; // an empty row: x_i = 0
-                continue;
-            }
-            for j in 0..n {
-                if valid[j] {
-                    // Symmetrised: the assembly's rounding may differ across the diagonal.
-                    matrix[i * n + j] = 0.5 * (a[i * n + j] + a[j * n + i]) + gauge;
-                }
-            }
-        }
+        let mut matrix = gauge_fixed(a, r);
         cholesky_factor(&mut matrix, n, roundoff);
         for column in 0..m {
             let mut vector: Vec<f64> = (0..n)
                 .map(|i| {
-                    if valid[i] {
+                    if r[i] > 0.0 {
                         rhs[(sample * n + i) * m + column]
                     } else {
                         0.0
@@ -481,9 +465,34 @@ fn solve_schur(schur: Tensor<3>, rhs: Tensor<3>, row_sums: Tensor<3>) -> Tensor<
     Tensor::<3>::from_data(TensorData::new(solution, [batch, n, m]), &device).cast(dtype)
 }
 
+/// One sample's Schur matrix `[n, n]` (row major) as [`solve_schur`] factors it, from the
+/// row sums r `[n]`: symmetrised (the assembly's rounding may differ across the diagonal), the
+/// gauge s = Σr / |m|² added on the non-empty rows' pairs (m marks r_i > 0), and an identity row
+/// for each empty row (x_i = 0 there, its right-hand side is set to 0).
+pub(crate) fn gauge_fixed(a: &[f64], r: &[f64]) -> Vec<f64> {
+    let n = r.len();
+    let valid: Vec<bool> = r.iter().map(|&v| v > 0.0).collect();
+    let count = valid.iter().filter(|&&v| v).count().max(1) as f64;
+    let total: f64 = r.iter().filter(|v| **v > 0.0).sum();
+    let gauge = total / (count * count);
+    let mut matrix = vec![0.0f64; n * n];
+    for i in 0..n {
+        if !valid[i] {
+            matrix[i * n + i] = 1.0;
+            continue;
+        }
+        for j in 0..n {
+            if valid[j] {
+                matrix[i * n + j] = 0.5 * (a[i * n + j] + a[j * n + i]) + gauge;
+            }
+        }
+    }
+    matrix
+}
+
 /// The Cholesky factor L (A = L Lᵀ) of a symmetric positive (semi)definite A `[n, n]`, row
 /// major, in place (lower triangle); squared pivots floored at n·u·max_i A_ii.
-fn cholesky_factor(a: &mut [f64], n: usize, roundoff: f64) {
+pub(crate) fn cholesky_factor(a: &mut [f64], n: usize, roundoff: f64) {
     let largest = (0..n).map(|i| a[i * n + i]).fold(0.0f64, f64::max);
     let floor = (n as f64 * roundoff * largest).max(f64::MIN_POSITIVE);
     for j in 0..n {
@@ -509,7 +518,7 @@ fn cholesky_factor(a: &mut [f64], n: usize, roundoff: f64) {
 }
 
 /// Solves L Lᵀ x = b in place (x into `b`) from the factor of [`cholesky_factor`].
-fn cholesky_substitute(l: &[f64], b: &mut [f64], n: usize) {
+pub(crate) fn cholesky_substitute(l: &[f64], b: &mut [f64], n: usize) {
     for i in 0..n {
         let mut value = b[i];
         for k in 0..i {

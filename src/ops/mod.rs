@@ -7,11 +7,14 @@
 //! - [`PoolingOps`]: the ops. Each default body is the portable composite from the crate's
 //!   reference maths (`portable`), valid on every backend; a backend overrides what it has a
 //!   kernel for.
-//! - `backends`: one folder or file per backend. Flex overrides every op but the balanced
-//!   transport with fused CPU kernels; Cube (every CubeCL runtime, fused or not) overrides
-//!   every op but the balanced transport and the weighted sum's features gradient with CubeCL
-//!   kernels (the balanced transport runs its portable body everywhere, for now); NdArray keeps the defaults; `Autodiff<B, C>` runs the inner backend's forward off
-//!   the tape and records one node whose backward is the closed form.
+//! - `backends`: one folder or file per backend. Flex overrides every op with fused CPU
+//!   kernels; Cube (every CubeCL runtime, fused or not) overrides every op but the balanced
+//!   transport's backward (its portable body: the assembly as tensor ops, a K'×K' Cholesky
+//!   on the host), the log-sum-exp and the weighted sum's features gradient with CubeCL
+//!   kernels; NdArray keeps
+//!   the defaults;
+//!   `Autodiff<B, C>` runs the inner backend's forward off the tape and records one node whose
+//!   backward is the closed form.
 //! - `routing`: the `Tensor`-level entry points the layers call, which take the extension on
 //!   a device it covers ([`extension_covers`]) and the composites, differentiated by ordinary
 //!   autodiff, elsewhere (or, for timing one against the other, wherever the caller asks).

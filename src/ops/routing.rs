@@ -126,7 +126,7 @@ fn solve<const D: usize>(
 }
 
 /// The balanced plan `[B, K', N]` of costs `[B, K', N]` and masses `[B, K']`, `[B, N]`, and how
-/// the solve ended: the op with its implicit backward where the extension covers the device,
+/// the solve ended: the op with its implicit backward where the kernels run on the device,
 /// else the solved plan rebuilt with tracked ops whose derivative is the implicit one.
 pub(crate) fn balanced_transport(
     costs: Tensor<3>,
@@ -134,7 +134,7 @@ pub(crate) fn balanced_transport(
     column_mass: Tensor<2>,
     settings: &BalancedSettings,
 ) -> (Tensor<3>, SolveStatus) {
-    if extension_covers(&costs.device()) {
+    if kernels_run_on(&costs.device()) {
         let (plan, iterations, converged) = <Dispatch as PoolingOps>::balanced_transport(
             costs.into_dispatch(),
             row_mass.into_dispatch(),

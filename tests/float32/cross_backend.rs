@@ -972,3 +972,93 @@ fn attention_layers_agree_across_backends() {
         );
     }
 }
+
+/// `balanced_transport`'s kernels (Flex's, wgpu's fused or not) against the composite route on
+/// the same device (the portable solve, differentiated through its tracked implicit step) and
+/// against Flex, on a batch whose samples have 9, 6 and 3 valid columns (NaN costs at the
+/// masked ones), a zero-mass row and ε = 0.1: the plans, the gradients of the costs and of a
+/// balanced change of the masses, the iteration counts (within one: the marginal error is
+/// rounded differently) and the convergence flags.
+#[test]
+fn balanced_transport_kernels_agree_with_the_composites() {
+    use burn_pooling::ops::with_composites;
+    use burn_pooling::transport::{BalancedSettings, balanced_transport};
+    let (b, k, n) = (3, 4, 9);
+    let mut rng = Rng::new(37);
+    let mut costs: Vec<f64> = (0..b * k * n).map(|_| rng.uniform(0.0, 2.0)).collect();
+    let upstream: Vec<f64> = (0..b * k * n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let mut columns = vec![0.0; b * n];
+    for s in 0..b {
+        let valid = n - 3 * s;
+        for j in 0..n {
+            if j < valid {
+                columns[s * n + j] = 1.0 / valid as f64;
+            } else {
+                for i in 0..k {
+                    costs[(s * k + i) * n + j] = f64::NAN;
+                }
+            }
+        }
+    }
+    let mut rows = vec![0.25; b * k];
+    rows[2 * k..3 * k].copy_from_slice(&[1.0 / 3.0, 0.0, 1.0 / 3.0, 1.0 / 3.0]);
+    let settings = BalancedSettings::new(0.1);
+    let run = |device: &Device| {
+        let c = floats(&costs, [b, k, n], device).require_grad();
+        let a = floats(&rows, [b, k], device).require_grad();
+        let m = floats(&columns, [b, n], device).require_grad();
+        let solved = balanced_transport(c.clone(), a.clone(), m.clone(), None, &settings);
+        let iterations = solved.iterations.into_scalar::<i64>();
+        let converged = solved.converged.into_scalar::<bool>();
+        let grads = (solved.plan.clone() * floats(&upstream, [b, k, n], device))
+            .sum()
+            .backward();
+        // ∂/∂a_i + ∂/∂b_j: what a balanced change of the masses sees (the gauge drops out),
+        // over the valid pairs.
+        let (da, db) = (
+            values(a.grad(&grads).unwrap()),
+            values(m.grad(&grads).unwrap()),
+        );
+        let pairs: Vec<f64> = (0..b * k * n)
+            .filter(|&x| rows[x / n] > 0.0 && columns[(x / (k * n)) * n + x % n] > 0.0)
+            .map(|x| da[x / n] + db[(x / (k * n)) * n + x % n])
+            .collect();
+        let outcome = vec![values(solved.plan), values(c.grad(&grads).unwrap()), pairs];
+        (outcome, iterations, converged)
+    };
+    let labels = ["plan", "dC", "da + db"];
+    let mut flex: Option<(Vec<Vec<f64>>, i64)> = None;
+    for (name, device) in devices() {
+        let device = device.autodiff();
+        let (kernel, iterations, converged) = run(&device);
+        let (composite, composite_iterations, composite_converged) =
+            with_composites(|| run(&device));
+        assert!(converged && composite_converged, "{name}");
+        assert!(
+            (iterations - composite_iterations).abs() <= 1,
+            "{name}: {iterations} iterations, the composites {composite_iterations}"
+        );
+        for ((label, a), e) in labels.iter().zip(&kernel).zip(&composite) {
+            assert!(a.iter().all(|v| v.is_finite()), "{name} {label}: {a:?}");
+            assert_close(
+                a,
+                e,
+                1e-3,
+                1e-5,
+                &format!("{name} vs its composites: {label}"),
+            );
+        }
+        match &flex {
+            None => flex = Some((kernel, iterations)),
+            Some((expected, flex_iterations)) => {
+                assert!(
+                    (iterations - flex_iterations).abs() <= 1,
+                    "{name}: iterations"
+                );
+                for ((label, a), e) in labels.iter().zip(&kernel).zip(expected) {
+                    assert_close(a, e, 1e-3, 1e-5, &format!("{name} vs flex: {label}"));
+                }
+            }
+        }
+    }
+}

@@ -1,10 +1,11 @@
 //! [`PoolingOps`](super::PoolingOps) for each covered backend, one module per backend: what
 //! it overrides is what it has kernels for; the rest are the trait's portable defaults.
 //!
-//! - `flex/`: fused CPU kernels for every op but the balanced transport, one file per op;
+//! - `flex/`: fused CPU kernels for every op, one file per op;
 //! - `cube/`: CubeCL kernels (every CubeCL runtime; custom ops of the fusion stream under the
-//!   `fusion` feature) for GSP's costs and transport solve, the generalized mean and the
-//!   weighted sum, with their backwards but the weighted sum's features gradient;
+//!   `fusion` feature) for GSP's costs and transport solve, the balanced transport solve, the
+//!   generalized mean and the weighted sum, with their backwards but the balanced transport's
+//!   and the weighted sum's features gradient (the log-sum-exp keeps its portable body);
 //! - `ndarray`: the defaults only;
 //! - `autodiff`: one node per op whose backward is the op's closed-form backward.
 

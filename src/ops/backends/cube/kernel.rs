@@ -9,11 +9,13 @@ use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::tensor::CubeTensor;
 
+use super::balanced::launch_balanced_transport;
 use super::costs::{launch_costs, launch_costs_backward};
 use super::generalized_mean::{launch_generalized_mean, launch_generalized_mean_backward};
 use super::transport::{launch_partial_transport, launch_partial_transport_backward};
 use super::weighted_sum::launch_contraction;
 use crate::layout::Layout;
+use crate::maths::balanced::BalancedSettings;
 use crate::maths::settings::TransportSettings;
 use crate::ops::SumOver;
 
@@ -35,6 +37,8 @@ pub(super) enum Kernel {
     PartialTransport { settings: TransportSettings },
     /// inputs `[plan, grad, mass]` → `[∂L/∂costs]`, `grad` of the plan or of its marginals.
     PartialTransportBackward { epsilon: f64, marginals: bool },
+    /// inputs `[costs, row_mass, column_mass]` → `[plan, iterations per sample]`.
+    BalancedTransport { settings: BalancedSettings },
 }
 
 /// Whether the kernels take tensors of `dtype`, the float types they are compiled for: a launch
@@ -58,6 +62,7 @@ impl Kernel {
             Self::TransportCostsBackward { .. } => "burn_pooling::transport_costs_backward",
             Self::PartialTransport { .. } => "burn_pooling::partial_transport",
             Self::PartialTransportBackward { .. } => "burn_pooling::partial_transport_backward",
+            Self::BalancedTransport { .. } => "burn_pooling::balanced_transport",
         }
     }
 
@@ -87,6 +92,11 @@ impl Kernel {
             Self::PartialTransportBackward { epsilon, marginals } => {
                 vec![Float(epsilon), Bool(marginals)]
             }
+            Self::BalancedTransport { settings } => vec![
+                Float(settings.epsilon),
+                UInt(settings.max_iterations as u64),
+                Float(settings.tolerance),
+            ],
         }
     }
 
@@ -114,6 +124,7 @@ impl Kernel {
             Self::PartialTransportBackward { .. } => {
                 vec![Shape::new([first[0], first[1] - 1, first[2]])]
             }
+            Self::BalancedTransport { .. } => vec![first.clone(), Shape::new([first[0]])],
         }
     }
 
@@ -161,6 +172,12 @@ impl Kernel {
                 vec![launch_partial_transport_backward(
                     plan, grad, mass, epsilon, marginals,
                 )]
+            }
+            Self::BalancedTransport { settings } => {
+                let (costs, row_mass, column_mass) = (next(), next(), next());
+                let (plan, iterations) =
+                    launch_balanced_transport(costs, row_mass, column_mass, settings);
+                vec![plan, iterations]
             }
         }
     }

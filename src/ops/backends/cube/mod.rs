@@ -1,13 +1,17 @@
 //! [`PoolingOps`] for the CubeCL backend (`Cube`: every CubeCL runtime, wgpu, CUDA, ROCm,
 //! Vulkan, Metal, WebGPU and CubeCL's CPU runtime), every op as CubeCL kernels but the
-//! weighted sum's features gradient (one broadcast product) and the balanced transport (its
-//! portable body, for now):
+//! weighted sum's features gradient (one broadcast product), the log-sum-exp (its portable
+//! body: the composite of `maths::log_sum_exp` and its closed-form backward) and the balanced
+//! transport's backward (its portable body: the N·K'² assembly as tensor ops, the K'×K'
+//! Cholesky on the host):
 //!
 //! - GSP's costs and their backward (`costs.rs`): the φ-normalisation, the distances and the
 //!   gradient's element-wise parts as kernels, the products as matmuls;
 //! - GSP's transport solve and its implicit backward (`transport.rs`): one cube per sample,
 //!   Newton on the dual β to the tolerance with no host read (Sinkhorn and μ = 1 keep the
 //!   portable body);
+//! - the balanced transport solve (`balanced.rs`): one cube per sample, the portable
+//!   log-domain Sinkhorn with its masks, bounds and stopping rule, no host read;
 //! - the generalized mean of GeM/GGeM and its backward (`generalized_mean.rs`) and the weighted
 //!   sum of GAP and GSP and its weights' gradient (`weighted_sum.rs`): one unit per (b, c) (or
 //!   per (b, n)) looping over the other axis through the input's strides, so both layouts take
@@ -25,6 +29,7 @@
 //! once (`unfused.rs`). The kernels themselves are one table on CubeCL tensors (`kernel.rs`),
 //! and the impl below is written once for both.
 
+mod balanced;
 mod costs;
 #[cfg(feature = "fusion")]
 mod fusion;
@@ -49,6 +54,7 @@ use kernel::Kernel;
 use unfused::launch;
 
 use crate::layout::Layout;
+use crate::maths::balanced::BalancedSettings;
 use crate::maths::marginals::marginals_of;
 use crate::maths::settings::{TransportSettings, TransportSolver};
 use crate::ops::{PoolingOps, SumOver, TensorBridge, TransportOutput, portable};
@@ -100,22 +106,8 @@ impl PoolingOps for Cube {
                                 Self::unwrap(marginals_of(Self::wrap(plan.clone())))
                             }
                         };
-                        // Each sample's count c, or −(c + 1) where it did not converge: the
-                        // largest count over the samples, as the portable solver's `[1]`, and
-                        // whether all converged.
-                        let encoded = Self::wrap::<1>(iterations);
-                        let failed = encoded.clone().lower_elem(0.0);
-                        let counts = encoded
-                            .clone()
-                            .mask_where(failed, encoded.clone().neg().sub_scalar(1.0));
-                        let iterations = counts.max().int();
-                        let converged = encoded.greater_equal_elem(0.0).all();
-                        return (
-                            first,
-                            plan,
-                            Self::unwrap_int(iterations),
-                            Self::unwrap_bool(converged),
-                        );
+                        let (iterations, converged) = batch_report(iterations);
+                        return (first, plan, iterations, converged);
                     }
                     Err([costs, mass]) => (costs, mass),
                 }
@@ -138,6 +130,24 @@ impl PoolingOps for Cube {
             Ok([costs_gradient]) => costs_gradient,
             Err([plan, grad, mass]) => {
                 portable::partial_transport_backward::<Self>(plan, grad, mass, epsilon, output)
+            }
+        }
+    }
+
+    fn balanced_transport(
+        costs: Float,
+        row_mass: Float,
+        column_mass: Float,
+        settings: BalancedSettings,
+    ) -> (Float, IntTensor<Self>, BoolTensor<Self>) {
+        let kernel = Kernel::BalancedTransport { settings };
+        match launch(kernel, [costs, row_mass, column_mass]) {
+            Ok([plan, iterations]) => {
+                let (iterations, converged) = batch_report(iterations);
+                (plan, iterations, converged)
+            }
+            Err([costs, row_mass, column_mass]) => {
+                portable::balanced_transport::<Self>(costs, row_mass, column_mass, settings)
             }
         }
     }
@@ -175,4 +185,18 @@ impl PoolingOps for Cube {
             Err([x, vector]) => portable::weighted_sum::<Self>(x, vector, layout, over),
         }
     }
+}
+
+/// The batch's report from a solve kernel's per-sample counts `[B]` (each sample's count c, or
+/// −(c + 1) where it did not converge): the largest count over the samples `[1]`, as the
+/// portable solvers report it, and whether all converged `[1]`.
+fn batch_report(encoded: Float) -> (IntTensor<Cube>, BoolTensor<Cube>) {
+    let encoded = Cube::wrap::<1>(encoded);
+    let failed = encoded.clone().lower_elem(0.0);
+    let counts = encoded
+        .clone()
+        .mask_where(failed, encoded.clone().neg().sub_scalar(1.0));
+    let iterations = counts.max().int();
+    let converged = encoded.greater_equal_elem(0.0).all();
+    (Cube::unwrap_int(iterations), Cube::unwrap_bool(converged))
 }

@@ -720,3 +720,13 @@ fn an_empty_map_panics_by_name_on_the_device() {
         .init(&device)
         .forward(Tensor::<4>::zeros([2, 4, 3, 0], &device));
 }
+
+/// The balanced transport kernel against the portable solve on every case of
+/// `test_support::balanced_cases`: plans within 2e-5, exact zeros on the zero masses, the
+/// iteration count within one and the same convergence flag.
+#[test]
+fn balanced_transport_kernel_matches_portable() {
+    kernel_runs("burn_pooling::balanced_transport", || {
+        crate::test_support::balanced_kernel_matches_portable(&device(), "wgpu")
+    });
+}

@@ -7,6 +7,7 @@
 //! the way in and their results narrowed back on the way out, so a Flex device configured for
 //! halves runs the same kernels, with f32 accumulation.
 
+mod balanced;
 mod costs;
 mod generalized_mean;
 mod lse;
@@ -24,7 +25,9 @@ use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::{DType, Element, FloatDType, TensorData};
 
 use crate::layout::Layout;
+use crate::maths::balanced::BalancedSettings;
 use crate::maths::log_sum_exp::LseOutput;
+use crate::maths::precision::unit_roundoff;
 use crate::maths::settings::TransportSettings;
 use crate::ops::{PoolingOps, SumOver, TransportOutput};
 
@@ -132,6 +135,60 @@ impl PoolingOps for Flex {
         output: TransportOutput,
     ) -> Float {
         transport_gradient(plan, grad, mass, epsilon, output)
+    }
+
+    fn balanced_transport(
+        costs: Float,
+        row_mass: Float,
+        column_mass: Float,
+        settings: BalancedSettings,
+    ) -> (Float, Int, Bool) {
+        let dims = dims3(&costs);
+        let dtype = costs.dtype();
+        let [costs, row_mass, column_mass] = [costs, row_mass, column_mass].map(kernel_input);
+        let (plan, report) = with_float!(costs.dtype(), "balanced transport", T => {
+            let (plan, report) = balanced::forward::<T>(
+                view(&costs),
+                view(&row_mass),
+                view(&column_mass),
+                [dims[1], dims[2]],
+                &settings,
+                unit_roundoff(dtype),
+            );
+            (tensor(plan, dims), report)
+        });
+        let iterations = tensor(vec![report.iterations as i64], [1]);
+        let converged = FlexTensor::from_data(TensorData::new(vec![report.converged], [1]));
+        (kernel_output(plan, dtype), iterations, converged)
+    }
+
+    fn balanced_transport_backward(
+        plan: Float,
+        grad: Float,
+        epsilon: f64,
+    ) -> (Float, Float, Float) {
+        let [batch, rows, columns] = dims3(&plan);
+        let dtype = plan.dtype();
+        let [plan, grad] = [plan, grad].map(kernel_input);
+        let (costs, row_grad, column_grad) = with_float!(plan.dtype(), "balanced transport", T => {
+            let (costs, row_grad, column_grad) = balanced::backward::<T>(
+                view(&plan),
+                view(&grad),
+                [rows, columns],
+                epsilon,
+                unit_roundoff(dtype),
+            );
+            (
+                tensor(costs, [batch, rows, columns]),
+                tensor(row_grad, [batch, rows]),
+                tensor(column_grad, [batch, columns]),
+            )
+        });
+        (
+            kernel_output(costs, dtype),
+            kernel_output(row_grad, dtype),
+            kernel_output(column_grad, dtype),
+        )
     }
 
     fn generalized_mean(x: Float, powers: Float, mask: Float, eps: f64, layout: Layout) -> Float {
