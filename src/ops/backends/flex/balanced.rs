@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use super::product::{Strided, product};
-use super::real::{LANES, Real, lane_sum};
+use super::real::{Real, lane_max, lane_sum};
 use super::simd::wide_kernel;
 use crate::maths::balanced::{
     BalancedSettings, POTENTIAL_BOUND, STALL_PATIENCE, cholesky_factor, cholesky_substitute,
@@ -69,24 +69,6 @@ fn finish_logsumexp(sum: f64, shift: f64, largest: f64) -> f64 {
     } else {
         sum.ln() + shift
     }
-}
-
-/// max(start, f(0), …, f(len − 1)) in `LANES` interleaved partial maxima, so the loop
-/// vectorises (a NaN may be skipped, as in [`Real::max`]).
-#[inline(always)]
-fn lane_max<T: Real>(len: usize, start: T, mut f: impl FnMut(usize) -> T) -> T {
-    let mut acc = [start; LANES];
-    let full = len / LANES * LANES;
-    for base in (0..full).step_by(LANES) {
-        for (lane, slot) in acc.iter_mut().enumerate() {
-            *slot = Real::max(*slot, f(base + lane));
-        }
-    }
-    let mut largest = start;
-    for i in full..len {
-        largest = Real::max(largest, f(i));
-    }
-    acc.iter().fold(largest, |m, &v| Real::max(m, v))
 }
 
 wide_kernel! {

@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::Shape3;
-use super::real::{Real, lane_sum};
+use super::real::{Real, lane_max, lane_sum};
 use super::simd::wide_kernel;
 use crate::maths::log_sum_exp::LseOutput;
 
@@ -66,13 +66,18 @@ fn channel<T: Real>(
     e: &mut [T],
 ) -> Channel<T> {
     let zero = T::default();
-    let mut top = T::from_f64(f64::NEG_INFINITY);
-    let mut bottom = T::from_f64(f64::INFINITY);
-    for (&v, &valid) in row.iter().zip(mask) {
-        let valid = valid > zero;
-        top = if valid && v > top { v } else { top };
-        bottom = if valid && v < bottom { v } else { bottom };
-    }
+    let n = row.len();
+    // One length for every slice, so that the indexed loops below need no bounds checks.
+    let (mask, d, e) = (&mask[..n], &mut d[..n], &mut e[..n]);
+    // Padding reads as −∞ in both (so the loops vectorise, with interleaved partial maxima).
+    let below = T::from_f64(f64::NEG_INFINITY);
+    let top = lane_max(n, below, |i| if mask[i] > zero { row[i] } else { below });
+    let bottom = zero
+        - lane_max(
+            n,
+            below,
+            |i| if mask[i] > zero { zero - row[i] } else { below },
+        );
     for ((d, &v), &valid) in d.iter_mut().zip(row).zip(mask) {
         *d = if valid > zero {
             (v - top).at_least(limits.lowest)
@@ -88,7 +93,6 @@ fn channel<T: Real>(
         let underflow = t < limits.exp_floor;
         *e = if valid > zero && !underflow { v } else { zero };
     }
-    let n = row.len();
     let sum = lane_sum(n, |i| e[i]);
     let weighted = lane_sum(n, |i| e[i] * d[i]);
     let taylor = kind == LseOutput::LogSumExp && r * (top - bottom) < limits.crossover;

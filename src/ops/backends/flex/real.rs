@@ -139,6 +139,24 @@ pub(super) fn lane_sum<T: Real>(len: usize, mut f: impl FnMut(usize) -> T) -> T 
 }
 
 /// ⟨a, b⟩ in `LANES` independent partial sums, so the loop vectorises.
+/// max(start, f(0), …, f(len − 1)) in `LANES` interleaved partial maxima, so the loop
+/// vectorises (a NaN may be skipped, as in [`Real::max`]).
+#[inline(always)]
+pub(super) fn lane_max<T: Real>(len: usize, start: T, mut f: impl FnMut(usize) -> T) -> T {
+    let mut acc = [start; LANES];
+    let full = len / LANES * LANES;
+    for base in (0..full).step_by(LANES) {
+        for (lane, slot) in acc.iter_mut().enumerate() {
+            *slot = Real::max(*slot, f(base + lane));
+        }
+    }
+    let mut largest = start;
+    for i in full..len {
+        largest = Real::max(largest, f(i));
+    }
+    acc.iter().fold(largest, |m, &v| Real::max(m, v))
+}
+
 #[inline(always)]
 pub(super) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     let mut acc = [T::default(); LANES];
