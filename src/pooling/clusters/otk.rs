@@ -22,7 +22,7 @@ use crate::transport::{BalancedSettings, balanced_transport};
 
 /// Configuration of [`Otk`]. Defaults are the authors' `OTKernel` where it has one (one head,
 /// ε = 0.1, references uniform on ±1/√p); p = 16 references (the reference code has no
-/// default; its models use 1 to 100s), and the solver's stopping rule (the reference runs a
+/// default; its `SeqAttention` model's is 1), and the solver's stopping rule (the reference runs a
 /// fixed 100 iterations, see [`max_iterations`](Self::max_iterations)).
 #[derive(Config, Debug)]
 pub struct OtkConfig {
@@ -156,8 +156,8 @@ pub struct OtkOutput {
 /// **Against the reference code.** The authors' `OTKernel` computes the same plan in the
 /// kernel domain, K = exp(⟨x, z⟩/ε), unrolling a fixed 100 Sinkhorn iterations through
 /// autograd (memory ∝ iterations); exp overflows f32 once ⟨x, z⟩/ε > 88.7 (inf/inf = NaN), which
-/// the log domain does not. Their loop's last update fixes the references' masses (1), ours
-/// the positions' (p/N): converged, both are the same plan. Their output has no other scaling:
+/// the log domain does not. Their loop's last update fixes the references' masses (1), and so
+/// does this layer's renormalisation of the rows: converged, both are the same plan. Their output has no other scaling:
 /// `bmm(P, X)` reshaped to `[B, p, heads·C]` (reference-major, then head, then channel), as
 /// here, and their classifiers flatten it to `[B, p·heads·C]` in that order, as
 /// [`forward`](Otk::forward) does. The paper writes the embedding with plan marginals 1/N and
