@@ -1143,14 +1143,17 @@ pub fn netvlad(
 /// The balanced entropic plan `[k][n]` for costs `c[k][n]`, row masses `a` and column masses
 /// `b` (Σa = Σb, all positive), by Sinkhorn on the log-domain potentials: u_i = ln a_i −
 /// lse_j(v_j − c_ij/ε), v_j = ln b_j − lse_i(u_i − c_ij/ε), alternated until the relative row
-/// error Σ_i |Σ_j P_ij − a_i| / Σa is below 1e-14 (or 2 000 000 sweeps). No exp of a cost is
-/// ever formed, so any finite c/ε works (unlike [`balanced_plan`], which needs c/ε ≲ 700).
+/// error Σ_i |Σ_j P_ij − a_i| / Σa is below 1e-14, or has not reached a new minimum in 1000
+/// sweeps (f64's rounding floor, for potentials of large magnitude), or 2 000 000 sweeps. No
+/// exp of a cost is ever formed, so any finite c/ε works (unlike [`balanced_plan`], which
+/// needs c/ε ≲ 700).
 pub fn log_balanced_plan(c: &[Vec<f64>], a: &[f64], b: &[f64], eps: f64) -> Vec<Vec<f64>> {
     let (k, n) = (a.len(), b.len());
     let total: f64 = a.iter().sum();
     let mut u = vec![0.0; k];
     let mut v = vec![0.0; n];
     let entry = |u: &[f64], v: &[f64], i: usize, j: usize| u[i] + v[j] - c[i][j] / eps;
+    let (mut best, mut since_best) = (f64::INFINITY, 0);
     for _ in 0..2_000_000 {
         for i in 0..k {
             let terms: Vec<f64> = (0..n).map(|j| v[j] - c[i][j] / eps).collect();
@@ -1168,6 +1171,14 @@ pub fn log_balanced_plan(c: &[Vec<f64>], a: &[f64], b: &[f64], eps: f64) -> Vec<
             .sum();
         if error <= 1e-14 * total {
             break;
+        }
+        if error < best {
+            (best, since_best) = (error, 0);
+        } else {
+            since_best += 1;
+            if since_best >= 1000 {
+                break;
+            }
         }
     }
     (0..k)
