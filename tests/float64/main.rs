@@ -15,7 +15,6 @@ mod gsp;
 mod gsp_authors;
 mod lse_tokens;
 mod netvlad;
-
 mod otk;
 mod properties;
 mod reference_selfcheck;
