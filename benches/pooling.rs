@@ -9,6 +9,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 
 use burn::tensor::{Device, Distribution, Tensor};
 use burn_pooling::GspReadout;
+use burn_pooling::OtkConfig;
 use burn_pooling::PoolingInput;
 use burn_pooling::{AttentionPoolConfig, SimPoolConfig};
 use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, GspConfig, LseConfig};
@@ -208,6 +209,33 @@ fn netvlad(c: &mut Criterion) {
     }
 }
 
+/// OTK on 14×14 tokens of width 256, `[64, 196, 256]`, one head, p = 16, ε = 0.1 (the
+/// default stopping rule): forward, and forward+backward to the input.
+fn otk(c: &mut Criterion) {
+    for (name, device) in devices() {
+        let train = device.clone().autodiff();
+        let (b, n, ch, p) = (64, 196, 256, 16);
+        let tokens = Tensor::<3>::random([b, n, ch], Distribution::Uniform(0.0, 1.0), &device);
+        let tokens_t = Tensor::<3>::from_data(tokens.to_data(), &train);
+        let config = OtkConfig::new(ch).with_num_references(p);
+        let mut group = c.benchmark_group(format!("OTK [64, 196, 256] p=16 {name}"));
+        group.throughput(bytes(&[b, n, ch]));
+        group.sample_size(10);
+        let layer = config.init(&device);
+        group.bench_function("forward", |bench| {
+            bench.iter(|| sync(layer.forward_tokens(tokens.clone())))
+        });
+        let layer_t = config.init(&train);
+        group.bench_function("forward+backward", |bench| {
+            bench.iter(|| {
+                let x = tokens_t.clone().require_grad();
+                backward_sync(layer_t.forward_tokens(x.clone()).sum(), &x)
+            })
+        });
+        group.finish();
+    }
+}
+
 criterion_group!(
     benches,
     maps_and_tokens,
@@ -215,7 +243,8 @@ criterion_group!(
     gsp_readouts,
     attention,
     netvlad,
-    balanced
+    balanced,
+    otk
 );
 criterion_main!(benches);
 

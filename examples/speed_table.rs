@@ -27,6 +27,7 @@ use std::time::Instant;
 
 use burn::module::Param;
 use burn::tensor::{Bool, Device, Distribution, Tensor};
+use burn_pooling::OtkConfig;
 use burn_pooling::PoolingInput;
 use burn_pooling::ops::with_composites;
 use burn_pooling::{AttentionPoolConfig, LseConfig, SimPoolConfig};
@@ -524,6 +525,40 @@ fn main() {
             || {
                 let input = maps_t.clone().require_grad();
                 backward_sync(vlad_t.forward(input.clone()).sum(), &input);
+            },
+        ));
+    }
+
+    // OTK (one head, p = 16, ε = 0.1, the default stopping rule) on 14×14 tokens of width 256:
+    // [64, 196, 256], uniform [0, 1) tokens (PyTorch's side runs the authors' 100 unrolled
+    // kernel-domain iterations; the inputs keep their kernel finite).
+    {
+        let (b, n, c, p) = (64, 196, 256, 16);
+        let x = Tensor::<3>::random([b, n, c], Distribution::Uniform(0.0, 1.0), &device);
+        let x_t = Tensor::<3>::from_data(x.to_data(), &train);
+        let config = OtkConfig::new(c).with_num_references(p);
+        device.seed(1);
+        let otk = config.init(&device);
+        train.seed(1);
+        let otk_t = config.init(&train);
+        let solved = otk.forward_detailed(x.clone());
+        eprintln!(
+            "OTK [{b}, {n}, {c}], p = {p}: {} Sinkhorn iterations, converged {}",
+            solved.iterations.into_scalar::<i64>(),
+            solved.converged.into_scalar::<bool>()
+        );
+        rows.push(Row::timed(
+            (
+                "OTK (p = 16)",
+                "otk_tokens(p=16 100 iterations)",
+                format!("[{b}, {n}, {c}]"),
+            ),
+            routes,
+            runs,
+            || sync(otk.forward_tokens(x.clone())),
+            || {
+                let input = x_t.clone().require_grad();
+                backward_sync(otk_t.forward_tokens(input.clone()).sum(), &input);
             },
         ));
     }

@@ -2,6 +2,7 @@
 """PyTorch versions of burn-pooling's layers, timed the way examples/speed_table.rs times ours.
 
     THREADS=2 python3 scripts/torch_reference.py bench [OUT.json] [--device cpu|cuda] [--quick]
+    python3 scripts/torch_reference.py memory-otk [--device cpu|cuda]   (OTK's saved tensors)
 
 Writes {"torch": version, "threads": n, "device": ..., "results": [{"op", "shape", "fwd_ms",
 "fwd_bwd_ms"}, ...]}, the layout speed_table reads. Each time is the median of 20 runs after 3
@@ -191,6 +192,47 @@ def netvlad_maps(x, centroids, weights, bias=None, normalize_input=True):
     return normalize(v.flatten(1), p=2, dim=1)
 
 
+# --------------------------------------------------------------------------- OTK
+def otk_tokens(x, weight, eps=0.1, iterations=100):
+    """OTK of tokens [B, N, C] with references [heads, p, C] -> [B, p, heads·C], the way the
+    authors' OTKernel runs it (claying/OTK, log_domain=False, the default), written from
+    docs/maths.md §14: the kernel exp(⟨x, z⟩/ε) (inf past ⟨x, z⟩/ε ≈ 88.7 in f32), a fixed
+    number of Sinkhorn scalings (position masses p/N, reference masses 1, the reference update
+    last) unrolled through autograd, then the plan times the tokens as one batched matmul."""
+    b, n, c = x.shape
+    heads, p, _ = weight.shape
+    dots = torch.einsum("bnc,hpc->bhnp", x, weight).reshape(b * heads, n, p)
+    kernel = torch.exp(dots / eps)
+    v = kernel.new_ones(b * heads, p, 1)
+    for _ in range(iterations):
+        u = (p / n) / torch.bmm(kernel, v)  # [B·heads, N, 1]
+        v = 1.0 / torch.bmm(kernel.transpose(1, 2), u)  # [B·heads, p, 1]
+    plan = u * kernel * v.transpose(1, 2)  # [B·heads, N, p]
+    plan = plan.reshape(b, heads, n, p).permute(0, 3, 1, 2).reshape(b, p * heads, n)
+    return torch.bmm(plan, x).reshape(b, p, heads * c)
+
+
+def otk_saved_bytes(b=64, n=196, c=256, p=16, heads=1, iterations=100, device="cpu"):
+    """Bytes autograd keeps for the backward of otk_tokens (every tensor saved by a node,
+    each storage counted once): the memory that the unrolled iterations cost, whatever the
+    device's allocator does. Used by `torch_reference.py memory-otk`."""
+    seen, total = set(), [0]
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total[0] += key[1]
+        return t
+
+    x = torch.rand(b, n, c, device=device, requires_grad=True)
+    weight = ((torch.rand(heads, p, c, device=device) * 2 - 1) / math.sqrt(p)).requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = otk_tokens(x, weight, iterations=iterations)
+    out.sum().backward()
+    return total[0]
+
+
 # --------------------------------------------------------------------------- timing
 def median_ms(fn, reps, warm, sync):
     for _ in range(warm):
@@ -335,6 +377,19 @@ def bench(device, quick):
         no_grad(lambda: netvlad_maps(maps, centroids, weights)),
         lambda: netvlad_maps(maps_g, centroids, weights).sum().backward(),
     )
+    # OTK (one head, p = 16, ε = 0.1) on 14×14 tokens of width 256, as the authors run it: 100
+    # kernel-domain iterations unrolled through autograd. Uniform [0, 1) tokens keep
+    # ⟨x, z⟩/ε below the kernel's f32 overflow.
+    b, n, c, p = 64, 196, 256, 16
+    x = torch.rand(b, n, c, device=device)
+    x_g = x.clone().requires_grad_(True)
+    weight = ((torch.rand(1, p, c, device=device) * 2 - 1) / math.sqrt(p)).requires_grad_(True)
+    record(
+        "otk_tokens(p=16 100 iterations)",
+        [b, n, c],
+        no_grad(lambda: otk_tokens(x, weight)),
+        lambda: otk_tokens(x_g, weight).sum().backward(),
+    )
     return out
 
 
@@ -350,6 +405,12 @@ def main(argv):
             sys.exit("torch_reference.py: --device expects cpu or cuda")
         device = args[at + 1]
         del args[at : at + 2]
+    if args[:1] == ["memory-otk"]:
+        # The bytes autograd saves for OTK's backward, per iteration count (no timing).
+        for iterations in (10, 100):
+            saved = otk_saved_bytes(iterations=iterations, device=device)
+            print(f"otk_tokens [64, 196, 256] p=16: {iterations} iterations: {saved / 2**20:.1f} MiB saved for backward")
+        return
     if not args or args[0] != "bench" or len(args) > 2:
         sys.exit("usage: torch_reference.py bench [OUT.json] [--device cpu|cuda] [--quick]")
     if device == "cuda" and not torch.cuda.is_available():

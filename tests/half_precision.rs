@@ -426,3 +426,60 @@ fn netvlad_in_half_precision() {
         assert_close(&got, &expected, RTOL, 2e-3, &format!("NetVLAD {version:?}"));
     }
 }
+
+/// OTK (two heads of three references, ε = 0.1) in f16 on masked tokens with a padded token
+/// far above the valid ones: an f16 output and gradients, finite, zero gradient at the
+/// padding, and the f64 reference on the f16-rounded inputs and references (the solve to a
+/// 1e-3 tolerance, which f16 reaches).
+#[test]
+fn otk_in_half_precision() {
+    use burn_pooling::{Otk, OtkConfig};
+    let device = flex_f16().autodiff();
+    let (p, heads) = (3, 2);
+    let mut rng = Rng::new(73);
+    let mut raw: Vec<f64> = (0..B * N * C).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    raw[(N + 3) * C..(N + 4) * C].fill(60000.0); // sample 1, token 3: padding
+    let x = tensor(raw, [B, N, C], &device).require_grad();
+    let xs = values(x.clone());
+    let keep: Vec<bool> = (0..B * N).map(|i| i != N + 3).collect();
+    let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep.clone(), [B, N]), &device);
+    let z = tensor(
+        (0..heads * p * C).map(|_| rng.uniform(-0.5, 0.5)).collect(),
+        [heads, p, C],
+        &device,
+    );
+    let layer = OtkConfig::new(C)
+        .with_num_references(p)
+        .with_heads(heads)
+        .with_tolerance(1e-3)
+        .init(&device);
+    let layer = Otk {
+        references: Param::from_tensor(z.clone()),
+        ..layer
+    };
+    let y = layer.forward(PoolingInput::tokens(x.clone()).with_mask(mask));
+    assert_eq!(y.dtype(), DType::F16);
+    let grads = y.clone().sum().backward();
+    let dx = half_gradient(x.grad(&grads).unwrap(), "OTK dx");
+    half_gradient(layer.references.val().grad(&grads).unwrap(), "OTK dz");
+    assert!(dx[(N + 3) * C..(N + 4) * C].iter().all(|&g| g == 0.0));
+    let nested: Vec<Vec<Vec<f64>>> = values(z)
+        .chunks(p * C)
+        .map(|head| head.chunks(C).map(|r| r.to_vec()).collect())
+        .collect();
+    let expected: Vec<f64> = (0..B)
+        .flat_map(|s| {
+            let valid: Vec<Vec<f64>> = rows(&xs, s)
+                .into_iter()
+                .enumerate()
+                .filter(|(n, _)| keep[s * N + n])
+                .map(|(_, r)| r)
+                .collect();
+            reference::otk(&valid, &nested, 0.1)
+        })
+        .collect();
+    let got = values(y);
+    let error = common::max_abs_difference(&got, &expected);
+    println!("OTK f16: max |y − f64 reference| = {error:.2e}");
+    assert_close(&got, &expected, RTOL, 5e-3, "OTK");
+}

@@ -12,6 +12,7 @@ use super::{
     GroupGemConfig, Gsp, GspConfig, Lse, LseConfig, TokenPooling, TokenPoolingConfig,
 };
 use super::{NetVlad, NetVladConfig};
+use super::{Otk, OtkConfig};
 
 /// The configuration of any pooling layer of this crate: one variant per layer, holding that
 /// layer's config. Serialises as `{"<Variant>": {<the layer's config>}}`.
@@ -54,6 +55,8 @@ pub enum PoolingConfig {
     SimPool(SimPoolConfig),
     /// NetVLAD, [`NetVlad`]: output K·C.
     NetVlad(NetVladConfig),
+    /// The optimal-transport kernel embedding, [`Otk`]: output p·heads·C.
+    Otk(OtkConfig),
 }
 
 impl PoolingConfig {
@@ -75,13 +78,15 @@ impl PoolingConfig {
             Self::AttentionPool(config) => Pooling::AttentionPool(config.init(device)),
             Self::SimPool(config) => Pooling::SimPool(config.init(device)),
             Self::NetVlad(config) => Pooling::NetVlad(config.init(device)),
+            Self::Otk(config) => Pooling::Otk(config.init(device)),
         }
     }
 
     /// The width of the pooled output for inputs of `channels` channels: `channels`, except
     /// for the concatenating [`GapGmp`] (2 · `channels`), [`TokenPooling`] (one block of
     /// `channels` per mode), a projecting [`Gsp`] (its `projection` width D) and [`NetVlad`]
-    /// (K · `channels`, whatever its config's `channels` says). Size the
+    /// (K · `channels`, whatever its config's `channels` says), and [`Otk`] (p · heads ·
+    /// `channels`, likewise). Size the
     /// next layer with it.
     pub fn output_channels(&self, channels: usize) -> usize {
         match self {
@@ -89,6 +94,7 @@ impl PoolingConfig {
             Self::TokenPooling(config) => config.output_channels(channels),
             Self::Gsp(config) => config.projection.unwrap_or(channels),
             Self::NetVlad(config) => config.num_clusters * channels,
+            Self::Otk(config) => config.num_references * config.heads * channels,
             _ => channels,
         }
     }
@@ -104,7 +110,7 @@ impl PoolingConfig {
 /// - input: maps `[B, C, H, W]`, tokens `[B, N, C]`, or a [`PoolingInput`] with a `[B, N]`
 ///   mask
 /// - output: `[B, C]`, `[B, 2C]` for a concatenating [`GapGmp`], `[B, modes·C]` for
-///   [`TokenPooling`], `[B, D]` for a [`Gsp`] projecting to D
+///   [`TokenPooling`], `[B, D]` for a [`Gsp`] projecting to D, `[B, p·heads·C]` for [`Otk`]
 // AttentionPool's seven linear layers make its variant the largest; a model holds one `Pooling`,
 // so the size is not worth a Box (which the Module derive would have to see through).
 #[allow(clippy::large_enum_variant)]
@@ -132,6 +138,8 @@ pub enum Pooling {
     SimPool(SimPool),
     /// [`NetVlad`].
     NetVlad(NetVlad),
+    /// [`Otk`].
+    Otk(Otk),
 }
 
 impl Pooling {
@@ -156,6 +164,7 @@ impl Pooling {
             Self::AttentionPool(layer) => layer.forward(input),
             Self::SimPool(layer) => layer.forward(input),
             Self::NetVlad(layer) => layer.forward(input),
+            Self::Otk(layer) => layer.forward(input),
         }
     }
 
@@ -175,8 +184,8 @@ impl Pooling {
     }
 
     /// The layer's name, as in its `Display`: `"Gap"`, `"Gmp"`, `"GapGmp"`, `"Gem"`,
-    /// `"GroupGem"`, `"Gsp"`, `"Lse"`, `"TokenPooling"`, `"AttentionPool"`, `"SimPool"` or
-    /// `"NetVlad"`.
+    /// `"GroupGem"`, `"Gsp"`, `"Lse"`, `"TokenPooling"`, `"AttentionPool"`, `"SimPool"`,
+    /// `"NetVlad"` or `"Otk"`.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Gap(_) => "Gap",
@@ -190,6 +199,7 @@ impl Pooling {
             Self::AttentionPool(_) => "AttentionPool",
             Self::SimPool(_) => "SimPool",
             Self::NetVlad(_) => "NetVlad",
+            Self::Otk(_) => "Otk",
         }
     }
 }
@@ -246,6 +256,13 @@ mod tests {
                     .with_alpha(2.0)
                     .with_num_prefix_tokens(1),
             ),
+            PoolingConfig::Otk(
+                OtkConfig::new(4)
+                    .with_num_references(3)
+                    .with_heads(2)
+                    .with_epsilon(0.5)
+                    .with_num_prefix_tokens(1),
+            ),
         ]
     }
 
@@ -284,6 +301,7 @@ mod tests {
             PoolingConfig::AttentionPool(c) => with_parameters!(c, AttentionPool),
             PoolingConfig::SimPool(c) => with_parameters!(c, SimPool),
             PoolingConfig::NetVlad(c) => with_parameters!(c, NetVlad),
+            PoolingConfig::Otk(c) => with_parameters!(c, Otk),
         }
     }
 
@@ -304,6 +322,7 @@ mod tests {
             "AttentionPool",
             "SimPool",
             "NetVlad",
+            "Otk",
         ];
         for (config, name) in every_config().into_iter().zip(names) {
             let json = config.to_string();
@@ -348,7 +367,20 @@ mod tests {
         // SimPool: LN 8, two linears of 16. NetVlad (K = 3, C = 4): centroids, assignment, bias.
         assert_eq!(
             counts,
-            [0, 0, 0, 1, 2, 12, 1, 0, 244, 40, 3 * 4 + 3 * 4 + 3]
+            [
+                0,
+                0,
+                0,
+                1,
+                2,
+                12,
+                1,
+                0,
+                244,
+                40,
+                3 * 4 + 3 * 4 + 3,
+                2 * 3 * 4
+            ]
         );
         let gsp = PoolingConfig::Gsp(GspConfig::new(4).with_num_prototypes(3)).init(&device);
         assert!(gsp.as_gsp().is_some());
@@ -472,6 +504,7 @@ mod tests {
                     | PoolingConfig::AttentionPool(_)
                     | PoolingConfig::SimPool(_)
                     | PoolingConfig::NetVlad(_)
+                    | PoolingConfig::Otk(_)
             ) {
                 let tokens = Tensor::<3>::ones([2, 5, 4], &ndarray);
                 let message = panic_message(|| {

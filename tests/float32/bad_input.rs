@@ -35,6 +35,7 @@ use burn_pooling::{
     MIN_POWER, Pooling, PoolingConfig, PoolingInput, TokenMode, TokenPoolingConfig,
 };
 use burn_pooling::{NetVlad, NetVladConfig, NetVladVersion};
+use burn_pooling::{Otk, OtkConfig};
 
 use crate::common::Rng;
 
@@ -82,7 +83,7 @@ fn backends() -> Vec<(String, Device)> {
 }
 
 /// The layers under test, by the name their panics use.
-const LAYERS: [&str; 11] = [
+const LAYERS: [&str; 12] = [
     "Gap",
     "Gmp",
     "GapGmp",
@@ -94,6 +95,7 @@ const LAYERS: [&str; 11] = [
     "AttentionPool",
     "SimPool",
     "NetVlad",
+    "Otk",
 ];
 
 /// TokenPooling's modes here: every mode, `Cls` first (its block reads the prefix token, by
@@ -129,6 +131,8 @@ fn config(name: &str) -> PoolingConfig {
                 .with_learnable_shift(true),
         ),
         "NetVlad" => PoolingConfig::NetVlad(NetVladConfig::new(C).with_num_clusters(3)),
+        // 2 heads of 3 references (random ±1/√3): the identity oracle is in `otk_cases`.
+        "Otk" => PoolingConfig::Otk(OtkConfig::new(C).with_num_references(3).with_heads(2)),
         other => panic!("bad_input: unknown layer {other}"),
     }
 }
@@ -436,7 +440,7 @@ fn shape_cases(name: &'static str, (backend, device): &(String, Device), cases: 
     ));
     if matches!(
         name,
-        "Gsp" | "GroupGem" | "AttentionPool" | "SimPool" | "NetVlad"
+        "Gsp" | "GroupGem" | "AttentionPool" | "SimPool" | "NetVlad" | "Otk"
     ) {
         let d = device.clone();
         let what = if name == "GroupGem" { "groups" } else { "C" };
@@ -1438,6 +1442,7 @@ fn device_cases(devices: &[(String, Device)], cases: &mut Vec<Case>) {
             "AttentionPool",
             "SimPool",
             "NetVlad",
+            "Otk",
         ] {
             let (da, db) = (da.clone(), db.clone());
             cases.push(Case::panics(
@@ -1465,6 +1470,7 @@ fn all_cases() -> Vec<Case> {
         gsp_cases(backend, &mut cases);
         api_cases(backend, &mut cases);
         netvlad_cases(backend, &mut cases);
+        otk_cases(backend, &mut cases);
     }
     device_cases(&devices, &mut cases);
     cases
@@ -1964,5 +1970,164 @@ fn netvlad_cases((backend, device): &(String, Device), cases: &mut Vec<Case>) {
                 },
             ));
         }
+    }
+}
+
+/// OTK's own cases: configs `init` refuses, values changed after `init`, and its identity
+/// oracle at the float limits: equal references see equal costs, so every plan row is uniform
+/// (1/N per valid position) and every output block is the mean of the valid positions.
+fn otk_cases((backend, device): &(String, Device), cases: &mut Vec<Case>) {
+    let tag = |what: &str| format!("Otk/{backend}/{what}");
+    let tokens = |d: &Device| Tensor::<3>::ones([2, 3, C], d);
+    let small = || OtkConfig::new(C).with_num_references(3);
+    let mut refuses = |what: &str, fragment: &'static str, config: OtkConfig| {
+        let d = device.clone();
+        cases.push(Case::panics(tag(what), &["Otk", fragment], move || {
+            let _ = read(config.init(&d).forward_tokens(tokens(&d)));
+        }));
+    };
+    refuses("channels = 0", "channels", OtkConfig::new(0));
+    refuses(
+        "num_references = 0",
+        "num_references",
+        small().with_num_references(0),
+    );
+    refuses("heads = 0", "heads", small().with_heads(0));
+    for epsilon in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e-40] {
+        refuses(
+            &format!("epsilon = {epsilon}"),
+            "epsilon",
+            small().with_epsilon(epsilon),
+        );
+    }
+    refuses(
+        "max_iterations = 0",
+        "max_iterations",
+        small().with_max_iterations(0),
+    );
+    for tolerance in [0.0, f64::NAN] {
+        refuses(
+            &format!("tolerance = {tolerance}"),
+            "tolerance",
+            small().with_tolerance(tolerance),
+        );
+    }
+    let d = device.clone();
+    cases.push(
+        Case::panics(
+            tag("heads·p·C = 2^62"),
+            &["Otk", "num_references"],
+            move || {
+                let _ = OtkConfig::new(1 << 31)
+                    .with_num_references(1 << 31)
+                    .init(&d);
+            },
+        )
+        .isolated(),
+    );
+    // Values changed after `init`.
+    let changed = |what: &str, fragments: &[&str], edit: fn(Otk, &Device) -> Otk| {
+        let d = device.clone();
+        Case::panics(tag(what), fragments, move || {
+            let layer = edit(small().init(&d), &d);
+            let _ = read(layer.forward_tokens(tokens(&d)));
+        })
+    };
+    cases.push(changed(
+        "references set to [1, 0, C]",
+        &["Otk", "p = 0"],
+        |layer, d| Otk {
+            references: Param::from_tensor(Tensor::<3>::zeros([1, 0, C], d)),
+            ..layer
+        },
+    ));
+    cases.push(changed(
+        "references set to [1, 3, C + 1]",
+        &["Otk", "channel mismatch", "C = 5"],
+        |layer, d| Otk {
+            references: Param::from_tensor(Tensor::<3>::zeros([1, 3, C + 1], d)),
+            ..layer
+        },
+    ));
+    cases.push(changed(
+        "epsilon set to NaN",
+        &["Otk", "epsilon"],
+        |layer, _| Otk {
+            settings: BalancedSettings {
+                epsilon: f64::NAN,
+                ..layer.settings
+            },
+            ..layer
+        },
+    ));
+    // Equal references: the output is p copies of the mean of the valid positions, masked
+    // garbage included, at the float limits too.
+    let (b, n) = (2, 5);
+    let keep = [
+        true, false, true, true, false, true, true, true, true, false,
+    ];
+    let equal = move |d: &Device| {
+        Pooling::Otk(
+            small()
+                .with_heads(2)
+                .with_initializer(Some(burn::nn::Initializer::Constant { value: 0.3 }))
+                .init(d),
+        )
+    };
+    let means = |rows: &[Vec<Vec<f64>>]| -> Vec<f64> {
+        rows.iter()
+            .flat_map(|set| {
+                let mean: Vec<f64> = (0..C)
+                    .map(|c| set.iter().map(|x| x[c]).sum::<f64>() / set.len() as f64)
+                    .collect();
+                mean.repeat(3 * 2)
+            })
+            .collect()
+    };
+    for (range_name, range, seed, garbage) in [
+        ("values in (0.1, 1), NaN padding", (0.1, 1.0), 3, f64::NAN),
+        (
+            "values near f32::MAX, +Inf padding",
+            (1e37, 3.0e38),
+            7,
+            f64::INFINITY,
+        ),
+        (
+            "values of mixed sign near f32::MAX",
+            (-3.0e38, 3.0e38),
+            9,
+            f64::NAN,
+        ),
+        (
+            "values near f32's smallest normal",
+            (1e-38, 1e-37),
+            8,
+            f64::NAN,
+        ),
+    ] {
+        let d = device.clone();
+        cases.push(Case::returns(
+            tag(&format!("equal references = the mean: {range_name}")),
+            move || {
+                let values = tokens_values(seed, (b, n), range);
+                let mut values: Vec<f64> = values.iter().map(|&v| v as f32 as f64).collect();
+                let rows = valid_rows(&values, n, &keep);
+                for (i, v) in values.iter_mut().enumerate() {
+                    if !keep[i / C] {
+                        *v = garbage;
+                    }
+                }
+                let pooling = equal(&d);
+                let (out, grad) = forward_tokens(&pooling, &values, (b, n), Some(&keep), &d);
+                close("output vs the mean", &out, &means(&rows), 1e-4)?;
+                if let Some(grad) = grad {
+                    all_finite("input gradient", &grad)?;
+                    if let Some(i) = (0..grad.len()).find(|&i| !keep[i / C] && grad[i] != 0.0) {
+                        return Err(format!("input gradient at masked element {i}"));
+                    }
+                }
+                Ok(())
+            },
+        ));
     }
 }

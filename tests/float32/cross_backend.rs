@@ -17,6 +17,7 @@ use burn_pooling::{
     LseOutput, TokenMode, TokenPoolingConfig,
 };
 use burn_pooling::{NetVlad, NetVladConfig, NetVladVersion};
+use burn_pooling::{Otk, OtkConfig};
 use common::{Rng, assert_close, values};
 
 fn devices() -> Vec<(&'static str, Device)> {
@@ -1060,5 +1061,61 @@ fn balanced_transport_kernels_agree_with_the_composites() {
                 }
             }
         }
+    }
+}
+
+/// OTK (two heads of three references, ε = 0.1, the default stopping rule), built once on Flex
+/// and forked to each backend, on masked tokens with a prefix and on maps: the outputs and the
+/// gradients of the input and of the references agree with Flex (on wgpu with and without
+/// fusion, as the build has it).
+#[test]
+fn otk_agrees_across_backends() {
+    let flex = Device::flex().autodiff();
+    let (b, n, c, p, heads) = (2, 6, 8, 3, 2);
+    let mut rng = Rng::new(23);
+    let x: Vec<f64> = (0..b * n * c).map(|_| rng.uniform(-0.5, 1.5)).collect();
+    let width = p * heads * c;
+    let upstream: Vec<f64> = (0..b * width).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let valid = vec![
+        true, true, true, false, true, true, true, true, false, true, true, false,
+    ];
+    let otk = OtkConfig::new(c)
+        .with_num_references(p)
+        .with_heads(heads)
+        .with_num_prefix_tokens(1)
+        .init(&flex);
+    let run = |device: &Device| -> Vec<(&'static str, Vec<f64>)> {
+        let device = device.clone().autodiff();
+        let layer: Otk = otk.clone().fork(&device);
+        let tokens = floats(&x, [b, n, c], &device).require_grad();
+        let mask = Tensor::<2, Bool>::from_bool(TensorData::new(valid.clone(), [b, n]), &device);
+        let maps = floats(&x, [b, c, 2, 3], &device).require_grad();
+        let g = floats(&upstream, [b, width], &device);
+        let y = layer.forward(PoolingInput::tokens(tokens.clone()).with_mask(mask));
+        let y_maps = layer.forward(maps.clone());
+        let grads = ((y.clone() + y_maps.clone()) * g).sum().backward();
+        vec![
+            ("otk y", values(y)),
+            ("otk y maps", values(y_maps)),
+            ("otk dx", values(tokens.grad(&grads).unwrap())),
+            ("otk dx maps", values(maps.grad(&grads).unwrap())),
+            (
+                "otk dreferences",
+                values(layer.references.val().grad(&grads).unwrap()),
+            ),
+        ]
+    };
+    let devices = devices();
+    let expected = run(&devices[0].1);
+    for (name, device) in &devices[1..] {
+        let actual = run(device);
+        for ((label, a), (_, e)) in actual.iter().zip(&expected) {
+            assert!(a.iter().all(|v| v.is_finite()), "{name} {label}: {a:?}");
+            assert_close(a, e, 1e-4, 1e-5, &format!("{name} vs flex: {label}"));
+        }
+        println!(
+            "{name}: {} OTK outputs and gradients agree with flex",
+            actual.len()
+        );
     }
 }

@@ -1135,3 +1135,87 @@ pub fn netvlad(
     let flat: Vec<f64> = v.iter().flat_map(|vk| netvlad_unit(vk)).collect();
     netvlad_unit(&flat)
 }
+
+// ---------------------------------------------------------------------------------------------
+// OTK (docs/maths.md §14)
+// ---------------------------------------------------------------------------------------------
+
+/// The balanced entropic plan `[k][n]` for costs `c[k][n]`, row masses `a` and column masses
+/// `b` (Σa = Σb, all positive), by Sinkhorn on the log-domain potentials: u_i = ln a_i −
+/// lse_j(v_j − c_ij/ε), v_j = ln b_j − lse_i(u_i − c_ij/ε), alternated until the relative row
+/// error Σ_i |Σ_j P_ij − a_i| / Σa is below 1e-14, or has not reached a new minimum in 1000
+/// sweeps (f64's rounding floor, for potentials of large magnitude), or 2 000 000 sweeps. No
+/// exp of a cost is ever formed, so any finite c/ε works (unlike [`balanced_plan`], which
+/// needs c/ε ≲ 700).
+pub fn log_balanced_plan(c: &[Vec<f64>], a: &[f64], b: &[f64], eps: f64) -> Vec<Vec<f64>> {
+    let (k, n) = (a.len(), b.len());
+    let total: f64 = a.iter().sum();
+    let mut u = vec![0.0; k];
+    let mut v = vec![0.0; n];
+    let entry = |u: &[f64], v: &[f64], i: usize, j: usize| u[i] + v[j] - c[i][j] / eps;
+    let (mut best, mut since_best) = (f64::INFINITY, 0);
+    for _ in 0..2_000_000 {
+        for i in 0..k {
+            let terms: Vec<f64> = (0..n).map(|j| v[j] - c[i][j] / eps).collect();
+            u[i] = a[i].ln() - logsumexp(&terms);
+        }
+        for j in 0..n {
+            let terms: Vec<f64> = (0..k).map(|i| u[i] - c[i][j] / eps).collect();
+            v[j] = b[j].ln() - logsumexp(&terms);
+        }
+        let error: f64 = (0..k)
+            .map(|i| {
+                let row: f64 = (0..n).map(|j| entry(&u, &v, i, j).exp()).sum();
+                (row - a[i]).abs()
+            })
+            .sum();
+        if error <= 1e-14 * total {
+            break;
+        }
+        if error < best {
+            (best, since_best) = (error, 0);
+        } else {
+            since_best += 1;
+            if since_best >= 1000 {
+                break;
+            }
+        }
+    }
+    (0..k)
+        .map(|i| (0..n).map(|j| entry(&u, &v, i, j).exp()).collect())
+        .collect()
+}
+
+/// OTK's plan for one head: references `z[k][c]` (p of them) against one sample's valid
+/// positions `x[n][c]`: costs −⟨x_j, z_k⟩, reference masses 1, position masses p/N.
+pub fn otk_plan(x: &[Vec<f64>], z: &[Vec<f64>], eps: f64) -> Vec<Vec<f64>> {
+    let (p, n) = (z.len(), x.len());
+    let costs: Vec<Vec<f64>> = z
+        .iter()
+        .map(|zk| {
+            x.iter()
+                .map(|xj| -xj.iter().zip(zk).map(|(a, b)| a * b).sum::<f64>())
+                .collect()
+        })
+        .collect();
+    log_balanced_plan(&costs, &vec![1.0; p], &vec![p as f64 / n as f64; n], eps)
+}
+
+/// OTK of one sample's valid positions `x[n][c]` with references `z[h][k][c]`: per head the
+/// plan of [`otk_plan`] and out_hk = Σ_j P_kj x_j; flattened reference-major, then head, then
+/// channel (index k·H·C + h·C + c), the authors' `[p, heads·C]` embedding row by row.
+pub fn otk(x: &[Vec<f64>], z: &[Vec<Vec<f64>>], eps: f64) -> Vec<f64> {
+    let (heads, p, channels) = (z.len(), z[0].len(), x[0].len());
+    let mut out = vec![0.0; p * heads * channels];
+    for (h, zh) in z.iter().enumerate() {
+        let plan = otk_plan(x, zh, eps);
+        for k in 0..p {
+            for (j, xj) in x.iter().enumerate() {
+                for c in 0..channels {
+                    out[k * heads * channels + h * channels + c] += plan[k][j] * xj[c];
+                }
+            }
+        }
+    }
+    out
+}

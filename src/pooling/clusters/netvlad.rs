@@ -9,12 +9,14 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::activation::softmax;
-use burn::tensor::{DType, Device, Int, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 use crate::checks;
 use crate::display::one_line_display;
 use crate::layout::Layout;
 use crate::pooling::input::{PoolingInput, Positions};
+
+use super::kmeans::{kmeans, squared_distances};
 
 /// The clamp of every L2 normalisation of [`NetVlad`]: `v / max(‖v‖, 1e-12)` (PyTorch's
 /// `F.normalize` default, the PyTorch port's).
@@ -202,7 +204,7 @@ one_line_display!(NetVlad, |vlad|
 
 /// `v / max(‖v‖, eps)` along `axis`, computed on `v / max(1, max_i |v_i|)` (a detached scale
 /// the result does not depend on) so that ‖v‖² cannot overflow.
-fn unit<const D: usize>(v: Tensor<D>, axis: usize) -> Tensor<D> {
+pub(super) fn unit<const D: usize>(v: Tensor<D>, axis: usize) -> Tensor<D> {
     let scale = v.clone().abs().max_dim(axis).clamp_min(1.0).detach();
     let v = v / scale;
     let floor = squared_floor(v.dtype());
@@ -339,7 +341,7 @@ impl NetVlad {
             NetVladVersion::V1 => unit(descriptors, 1),
             NetVladVersion::V2 => descriptors,
         };
-        let centres = kmeans(data.clone(), clusters, iterations);
+        let centres = kmeans(data.clone(), clusters, iterations, false);
         let alpha = if clusters < 2 {
             self.alpha
         } else {
@@ -513,59 +515,6 @@ impl NetVlad {
         let flat = residuals.reshape([batch, clusters * channels]);
         unit(flat, 1)
     }
-}
-
-/// Squared Euclidean distances `[M, K]` between rows `[M, C]` and centres `[K, C]`, ≥ 0.
-fn squared_distances(rows: Tensor<2>, centres: Tensor<2>) -> Tensor<2> {
-    let row_norms = rows.clone().square().sum_dim(1);
-    let centre_norms = centres.clone().square().sum_dim(1).transpose();
-    (row_norms + centre_norms - rows.matmul(centres.transpose()).mul_scalar(2.0)).clamp_min(0.0)
-}
-
-/// k-means of `rows` `[M, C]` into `clusters` centres `[K, C]`: greedy farthest-point seeding
-/// from row 0, then at most `iterations` Lloyd rounds, stopped when no assignment changes.
-fn kmeans(rows: Tensor<2>, clusters: usize, iterations: usize) -> Tensor<2> {
-    let [count, channels] = rows.dims();
-    let device = rows.device();
-    let distance_to = |row: usize| {
-        let centre = rows.clone().slice([row..row + 1, 0..channels]);
-        (rows.clone() - centre)
-            .square()
-            .sum_dim(1)
-            .squeeze_dim::<1>(1)
-    };
-    let mut chosen = vec![0i64];
-    let mut nearest = distance_to(0);
-    while chosen.len() < clusters {
-        let next = nearest.clone().argmax(0).into_scalar::<i64>();
-        chosen.push(next);
-        nearest = nearest.min_pair(distance_to(next as usize));
-    }
-    let indices = Tensor::<1, Int>::from_data(chosen.as_slice(), &device);
-    let mut centres = rows.clone().select(0, indices);
-    let mut previous: Option<Tensor<1, Int>> = None;
-    for _ in 0..iterations {
-        let labels = squared_distances(rows.clone(), centres.clone())
-            .argmin(1)
-            .reshape([count]);
-        if let Some(previous) = &previous
-            && previous
-                .clone()
-                .equal(labels.clone())
-                .all()
-                .into_scalar::<bool>()
-        {
-            break;
-        }
-        let members: Tensor<2> = labels.clone().float().one_hot(clusters); // [M, K]
-        let sizes = members.clone().sum_dim(0).transpose(); // [K, 1]
-        let sums = members.transpose().matmul(rows.clone()); // [K, C]
-        let means = sums / sizes.clone().clamp_min(1.0);
-        let empty = sizes.lower_equal_elem(0.0).expand([clusters, channels]);
-        centres = means.mask_where(empty, centres);
-        previous = Some(labels);
-    }
-    centres
 }
 
 #[cfg(test)]
