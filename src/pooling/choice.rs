@@ -12,6 +12,7 @@ use super::{
     GroupGemConfig, Gsp, GspConfig, Lse, LseConfig, TokenPooling, TokenPoolingConfig,
 };
 use super::{NetVlad, NetVladConfig};
+use super::{OtAggregation, OtAggregationConfig};
 
 /// The configuration of any pooling layer of this crate: one variant per layer, holding that
 /// layer's config. Serialises as `{"<Variant>": {<the layer's config>}}`.
@@ -54,6 +55,9 @@ pub enum PoolingConfig {
     SimPool(SimPoolConfig),
     /// NetVLAD, [`NetVlad`]: output K·C.
     NetVlad(NetVladConfig),
+    /// SALAD's optimal-transport aggregation, [`OtAggregation`]: output m·l (+ the global
+    /// token's width).
+    OtAggregation(OtAggregationConfig),
 }
 
 impl PoolingConfig {
@@ -75,20 +79,22 @@ impl PoolingConfig {
             Self::AttentionPool(config) => Pooling::AttentionPool(config.init(device)),
             Self::SimPool(config) => Pooling::SimPool(config.init(device)),
             Self::NetVlad(config) => Pooling::NetVlad(config.init(device)),
+            Self::OtAggregation(config) => Pooling::OtAggregation(config.init(device)),
         }
     }
 
     /// The width of the pooled output for inputs of `channels` channels: `channels`, except
     /// for the concatenating [`GapGmp`] (2 · `channels`), [`TokenPooling`] (one block of
     /// `channels` per mode), a projecting [`Gsp`] (its `projection` width D) and [`NetVlad`]
-    /// (K · `channels`, whatever its config's `channels` says). Size the
-    /// next layer with it.
+    /// (K · `channels`, whatever its config's `channels` says), and [`OtAggregation`] (m·l,
+    /// plus its global token's width, whatever `channels` is). Size the next layer with it.
     pub fn output_channels(&self, channels: usize) -> usize {
         match self {
             Self::GapGmp(config) if config.combine == GapGmpCombine::Concat => 2 * channels,
             Self::TokenPooling(config) => config.output_channels(channels),
             Self::Gsp(config) => config.projection.unwrap_or(channels),
             Self::NetVlad(config) => config.num_clusters * channels,
+            Self::OtAggregation(config) => config.output_channels(),
             _ => channels,
         }
     }
@@ -132,6 +138,8 @@ pub enum Pooling {
     SimPool(SimPool),
     /// [`NetVlad`].
     NetVlad(NetVlad),
+    /// [`OtAggregation`].
+    OtAggregation(OtAggregation),
 }
 
 impl Pooling {
@@ -156,6 +164,7 @@ impl Pooling {
             Self::AttentionPool(layer) => layer.forward(input),
             Self::SimPool(layer) => layer.forward(input),
             Self::NetVlad(layer) => layer.forward(input),
+            Self::OtAggregation(layer) => layer.forward(input),
         }
     }
 
@@ -175,8 +184,8 @@ impl Pooling {
     }
 
     /// The layer's name, as in its `Display`: `"Gap"`, `"Gmp"`, `"GapGmp"`, `"Gem"`,
-    /// `"GroupGem"`, `"Gsp"`, `"Lse"`, `"TokenPooling"`, `"AttentionPool"`, `"SimPool"` or
-    /// `"NetVlad"`.
+    /// `"GroupGem"`, `"Gsp"`, `"Lse"`, `"TokenPooling"`, `"AttentionPool"`, `"SimPool"`,
+    /// `"NetVlad"` or `"OtAggregation"`.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Gap(_) => "Gap",
@@ -190,6 +199,7 @@ impl Pooling {
             Self::AttentionPool(_) => "AttentionPool",
             Self::SimPool(_) => "SimPool",
             Self::NetVlad(_) => "NetVlad",
+            Self::OtAggregation(_) => "OtAggregation",
         }
     }
 }
@@ -246,6 +256,15 @@ mod tests {
                     .with_alpha(2.0)
                     .with_num_prefix_tokens(1),
             ),
+            // m = 1: the test's masked sample keeps 2 tokens after the prefix (N > m).
+            PoolingConfig::OtAggregation(
+                OtAggregationConfig::new(4)
+                    .with_num_clusters(1)
+                    .with_cluster_dim(3)
+                    .with_hidden_dim(5)
+                    .with_token_dim(None)
+                    .with_sinkhorn(crate::pooling::OtSinkhorn::Fixed { iterations: 3 }),
+            ),
         ]
     }
 
@@ -284,6 +303,7 @@ mod tests {
             PoolingConfig::AttentionPool(c) => with_parameters!(c, AttentionPool),
             PoolingConfig::SimPool(c) => with_parameters!(c, SimPool),
             PoolingConfig::NetVlad(c) => with_parameters!(c, NetVlad),
+            PoolingConfig::OtAggregation(c) => with_parameters!(c, OtAggregation),
         }
     }
 
@@ -304,6 +324,7 @@ mod tests {
             "AttentionPool",
             "SimPool",
             "NetVlad",
+            "OtAggregation",
         ];
         for (config, name) in every_config().into_iter().zip(names) {
             let json = config.to_string();
@@ -348,7 +369,21 @@ mod tests {
         // SimPool: LN 8, two linears of 16. NetVlad (K = 3, C = 4): centroids, assignment, bias.
         assert_eq!(
             counts,
-            [0, 0, 0, 1, 2, 12, 1, 0, 244, 40, 3 * 4 + 3 * 4 + 3]
+            [
+                0,
+                0,
+                0,
+                1,
+                2,
+                12,
+                1,
+                0,
+                244,
+                40,
+                3 * 4 + 3 * 4 + 3,
+                // OtAggregation (C = 4, hidden 5, l = 3, m = 1): 2·(4·5 + 5) + (5·3 + 3) + (5 + 1) + z.
+                50 + 18 + 6 + 1
+            ]
         );
         let gsp = PoolingConfig::Gsp(GspConfig::new(4).with_num_prototypes(3)).init(&device);
         assert!(gsp.as_gsp().is_some());
@@ -472,6 +507,7 @@ mod tests {
                     | PoolingConfig::AttentionPool(_)
                     | PoolingConfig::SimPool(_)
                     | PoolingConfig::NetVlad(_)
+                    | PoolingConfig::OtAggregation(_)
             ) {
                 let tokens = Tensor::<3>::ones([2, 5, 4], &ndarray);
                 let message = panic_message(|| {

@@ -14,6 +14,7 @@
 //! | [`AttentionPool`] | multi-head attention from learned latents, then an MLP (MAP) | latents, projections, MLP |
 //! | [`SimPool`] | attention from the mean as query, optional power γ | LayerNorm, `W_q`, `W_k`, β |
 //! | [`NetVlad`] | soft-assigned residuals to K centroids, intra- and globally L2-normalised | centroids, assignment `[K, C]`, bias `[K]` |
+//! | [`OtAggregation`] | SALAD: MLP features transported onto m clusters and a dustbin (balanced Sinkhorn), per-cluster and global L2, optional global token | three MLPs, dustbin score |
 //!
 //! Every layer has `forward(maps)`, `forward_tokens(tokens)` and `forward(input)` for a
 //! [`PoolingInput`] (maps or tokens, with a mask, with prefix tokens). [`PoolingConfig`] and
@@ -38,6 +39,7 @@ pub use attention::{
 };
 pub use choice::{Pooling, PoolingConfig};
 pub use clusters::{NETVLAD_EPS, NetVlad, NetVladConfig, NetVladVersion};
+pub use clusters::{OtAggregation, OtAggregationConfig, OtSinkhorn};
 pub use input::PoolingInput;
 pub use reductions::{
     Gap, GapConfig, GapGmp, GapGmpCombine, GapGmpConfig, Gem, GemConfig, Gmp, GmpConfig, GroupGem,

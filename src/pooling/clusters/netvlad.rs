@@ -202,7 +202,7 @@ one_line_display!(NetVlad, |vlad|
 
 /// `v / max(‖v‖, eps)` along `axis`, computed on `v / max(1, max_i |v_i|)` (a detached scale
 /// the result does not depend on) so that ‖v‖² cannot overflow.
-fn unit<const D: usize>(v: Tensor<D>, axis: usize) -> Tensor<D> {
+pub(super) fn unit<const D: usize>(v: Tensor<D>, axis: usize) -> Tensor<D> {
     let scale = v.clone().abs().max_dim(axis).clamp_min(1.0).detach();
     let v = v / scale;
     let floor = squared_floor(v.dtype());
