@@ -39,7 +39,7 @@ pub use attention::{
 };
 pub use choice::{Pooling, PoolingConfig};
 pub use clusters::{NETVLAD_EPS, NetVlad, NetVladConfig, NetVladVersion};
-pub use clusters::{OtAggregation, OtAggregationConfig, OtSinkhorn};
+pub use clusters::{OtAggregation, OtAggregationConfig, OtAggregationOutput, OtSinkhorn};
 pub use input::PoolingInput;
 pub use reductions::{
     Gap, GapConfig, GapGmp, GapGmpCombine, GapGmpConfig, Gem, GemConfig, Gmp, GmpConfig, GroupGem,

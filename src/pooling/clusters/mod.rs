@@ -5,4 +5,4 @@ mod netvlad;
 mod ot_aggregation;
 
 pub use netvlad::{NETVLAD_EPS, NetVlad, NetVladConfig, NetVladVersion};
-pub use ot_aggregation::{OtAggregation, OtAggregationConfig, OtSinkhorn};
+pub use ot_aggregation::{OtAggregation, OtAggregationConfig, OtAggregationOutput, OtSinkhorn};

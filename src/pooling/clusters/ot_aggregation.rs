@@ -10,14 +10,14 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::activation::relu;
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 
 use super::netvlad::unit;
 use crate::checks;
 use crate::display::one_line_display;
 use crate::layout::Layout;
 use crate::pooling::input::{PoolingInput, Positions};
-use crate::transport::{BalancedSettings, Dustbin, balanced_transport};
+use crate::transport::{BalancedPlan, BalancedSettings, Dustbin, balanced_transport};
 
 /// How [`OtAggregation`] runs Sinkhorn's iterations. Default: `Converged` with at most 1000
 /// iterations and a tolerance of 1e-6.
@@ -208,6 +208,22 @@ fn check_dropout(prob: f64) {
     );
 }
 
+/// Everything [`OtAggregation`] computes for a batch.
+#[derive(Debug, Clone)]
+pub struct OtAggregationOutput {
+    /// `[B, m·l]` or `[B, T + m·l]`: the descriptor ([`OtAggregation::forward`]).
+    pub pooled: Tensor<2>,
+    /// `[B, m+1, N]`: the transport plan P as solved (unscaled; the dustbin row last): row
+    /// sums 1/(N+m) per cluster and (N−m)/(N+m) for the dustbin at convergence, column sums
+    /// 1/(N+m) (0 at masked positions). For maps, N runs over H·W in row-major order.
+    pub plan: Tensor<3>,
+    /// `[1]`: solver iterations run (the most over the batch).
+    pub iterations: Tensor<1, Int>,
+    /// `[1]`: whether every sample's row error met the tolerance (always false for
+    /// [`OtSinkhorn::Fixed`] unless the plan is exact).
+    pub converged: Tensor<1, Bool>,
+}
+
 /// SALAD's optimal-transport aggregation (Izquierdo & Civera, CVPR 2024) over the valid
 /// tokens x_j (j = 1..N, N the sample's valid count) and an optional global token g₀:
 ///
@@ -347,6 +363,16 @@ impl OtAggregation {
     /// changed after `init` is invalid, or the input (or its mask) is on another device than
     /// the parameters.
     pub fn forward(&self, input: impl Into<PoolingInput>) -> Tensor<2> {
+        self.forward_detailed(input).pooled
+    }
+
+    /// [`forward`](Self::forward) with the transport plan and the solver's iteration count.
+    ///
+    /// # Shapes
+    ///
+    /// - output: pooled `[B, width]`, plan `[B, m+1, N]` (N the positions after the prefix,
+    ///   H·W for maps), iterations and converged `[1]`
+    pub fn forward_detailed(&self, input: impl Into<PoolingInput>) -> OtAggregationOutput {
         let input = input.into();
         let whole = (self.token_dim().is_some() && input.layout().is_channels_last())
             .then(|| input.clone().with_prefix_tokens(0));
@@ -395,6 +421,16 @@ impl OtAggregation {
         input: impl Into<PoolingInput>,
         global: Tensor<2>,
     ) -> Tensor<2> {
+        self.forward_detailed_with_global(input, global).pooled
+    }
+
+    /// [`forward_with_global`](Self::forward_with_global) with the plan, as
+    /// [`forward_detailed`](Self::forward_detailed).
+    pub fn forward_detailed_with_global(
+        &self,
+        input: impl Into<PoolingInput>,
+        global: Tensor<2>,
+    ) -> OtAggregationOutput {
         assert!(
             self.token_dim().is_some(),
             "OtAggregation: `forward_with_global` needs the global token MLP: expected token_dim = Some(width), got None"
@@ -464,7 +500,7 @@ impl OtAggregation {
         self.sinkhorn.validate(self.epsilon);
     }
 
-    fn pool(&self, positions: Positions, global: Option<Tensor<2>>) -> Tensor<2> {
+    fn pool(&self, positions: Positions, global: Option<Tensor<2>>) -> OtAggregationOutput {
         let (batch, count, channels) = positions.dims();
         self.check(channels);
         let device = positions.features.device();
@@ -477,8 +513,14 @@ impl OtAggregation {
         );
         let width = self.output_width();
         if positions.is_empty() {
-            // An empty `[0, width]` that a backward still reaches.
-            return positions.empty().sum_dim(1).repeat_dim(1, width);
+            let clusters = self.num_clusters();
+            return OtAggregationOutput {
+                plan: Tensor::empty([0, clusters + 1, count], &device),
+                // An empty `[0, width]` that a backward still reaches.
+                pooled: positions.empty().sum_dim(1).repeat_dim(1, width),
+                iterations: Tensor::zeros([1], &device),
+                converged: Tensor::from_data([true], &device),
+            };
         }
         let clusters = self.num_clusters();
         let valid = self.valid_counts(&positions);
@@ -524,7 +566,7 @@ impl OtAggregation {
             .scores_out
             .forward(hidden.slice([0..rows, hidden_width..2 * hidden_width]))
             .reshape([batch, count, clusters]);
-        let plan = self.transport(scores, valid, mask);
+        let (plan, solved) = self.transport(scores, valid, mask);
         // V [B, m, l]: one batched matmul; each cluster's vector normalised, then l-major.
         let aggregated = unit(plan.matmul(cluster_features), 2);
         let flat = aggregated
@@ -537,7 +579,12 @@ impl OtAggregation {
             }
             _ => flat,
         };
-        unit(whole, 1)
+        OtAggregationOutput {
+            pooled: unit(whole, 1),
+            plan: solved.plan,
+            iterations: solved.iterations,
+            converged: solved.converged,
+        }
     }
 
     /// Each sample's valid count N `[B, 1]` (on the device), checked N > m on the host (one
@@ -572,13 +619,13 @@ impl OtAggregation {
     }
 
     /// The scaled plan P̃ = (N+m)·P without the dustbin row, `[B, m, N]`, from the scores
-    /// `[B, N, m]`.
+    /// `[B, N, m]`, and the solve.
     fn transport(
         &self,
         scores: Tensor<3>,
         valid: Tensor<2>,
         mask: Option<Tensor<2, Bool>>,
-    ) -> Tensor<3> {
+    ) -> (Tensor<3>, BalancedPlan) {
         let [batch, count, clusters] = scores.dims();
         let total = valid.clone() + clusters as f64; // N + m, [B, 1]
         let share = total.clone().recip(); // 1/(N+m)
@@ -604,7 +651,9 @@ impl OtAggregation {
             Some(dustbin),
             &self.sinkhorn.settings(self.epsilon),
         );
-        solved.plan.slice([0..batch, 0..clusters, 0..count]) * total.unsqueeze_dim::<3>(2)
+        let scaled = solved.plan.clone().slice([0..batch, 0..clusters, 0..count])
+            * total.unsqueeze_dim::<3>(2);
+        (scaled, solved)
     }
 }
 
