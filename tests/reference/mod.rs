@@ -1140,15 +1140,18 @@ pub fn netvlad(
 // SALAD's optimal-transport aggregation (docs/maths.md §13)
 // ---------------------------------------------------------------------------------------------
 
-/// The weights of one SALAD layer, each linear layer as `(w[in][out], b[out])` (y = xᵀw + b).
+/// One linear layer `(w[in][out], b[out])`: y = xᵀw + b.
+pub type SaladLinear = (Vec<Vec<f64>>, Vec<f64>);
+
+/// The weights of one SALAD layer.
 #[derive(Clone, Debug)]
 pub struct SaladParams {
-    pub features_hidden: (Vec<Vec<f64>>, Vec<f64>),
-    pub features_out: (Vec<Vec<f64>>, Vec<f64>),
-    pub scores_hidden: (Vec<Vec<f64>>, Vec<f64>),
-    pub scores_out: (Vec<Vec<f64>>, Vec<f64>),
+    pub features_hidden: SaladLinear,
+    pub features_out: SaladLinear,
+    pub scores_hidden: SaladLinear,
+    pub scores_out: SaladLinear,
     /// The global token's two layers, or `None`.
-    pub token: Option<((Vec<Vec<f64>>, Vec<f64>), (Vec<Vec<f64>>, Vec<f64>))>,
+    pub token: Option<(SaladLinear, SaladLinear)>,
     /// The dustbin score z.
     pub dustbin: f64,
     /// ε.
