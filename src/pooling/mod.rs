@@ -1,5 +1,5 @@
 //! Learnable global pooling layers: `[B, C, H, W]` maps or `[B, N, C]` token sets to `[B, C]`
-//! (`[B, D]` for a projecting GSP, `[B, K·C]` for NetVLAD).
+//! (`[B, D]` for a projecting GSP, `[B, K·C]` for NetVLAD, `[B, m·l (+256)]` for OtAggregation).
 //!
 //! | layer | pools with | parameters |
 //! |---|---|---|
