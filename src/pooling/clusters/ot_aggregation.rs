@@ -42,8 +42,9 @@ pub enum OtSinkhorn {
     /// with a column update (on costs anchored per row), then alternates row and column
     /// updates, so it runs one column update more than the reference, which starts from v = 0
     /// with a row update. Its plan is therefore a half-step further along the same iteration,
-    /// not the reference's plan bit for bit (docs/maths.md §13 quantifies it). The solve may
-    /// stop before the budget if the plan is exact already (uniform scores) or stalls.
+    /// not the reference's plan bit for bit (docs/maths.md §13 quantifies it; for that, see
+    /// [`Reference`](Self::Reference)). The solve may stop before the budget if the plan is
+    /// exact already (uniform scores) or stalls.
     ///
     /// **Gradient.** The implicit gradient at this unconverged plan P, computed from P and its
     /// actual sums r = P𝟙, c = Pᵀ𝟙 (the gradient of the entropic problem whose marginals are
@@ -52,6 +53,18 @@ pub enum OtSinkhorn {
     /// closer to the converged gradient, and its memory does not grow with the iterations.
     Fixed {
         /// The number of row updates (at least 1). The reference: 3.
+        iterations: usize,
+    },
+    /// The reference's forward bit for bit: its `iterations` sweeps (3 there) from v = 0, row
+    /// update first (SuperGlue's `log_sinkhorn_iterations`), run detached with tensor ops, so
+    /// that a ported checkpoint gives the reference's descriptor. For the gradient, the crate's
+    /// solver then solves, to a tolerance of 1e-6 (at most 1000 iterations), the problem whose
+    /// marginals are that plan's own row and column sums: its solution is that plan, and its
+    /// backward is the implicit gradient at it (docs/maths.md §7, §13), the same as
+    /// [`Fixed`](Self::Fixed)'s at its own plan. The output's value is the reference's plan
+    /// exactly; the converged solve costs what [`Converged`](Self::Converged) costs.
+    Reference {
+        /// The reference's sweeps (at least 1). The reference: 3.
         iterations: usize,
     },
 }
@@ -74,6 +87,12 @@ impl OtSinkhorn {
                 max_iterations: iterations,
                 tolerance: f64::MIN_POSITIVE,
             },
+            // The gradient's solve, of the reference plan's own marginals.
+            Self::Reference { .. } => BalancedSettings {
+                epsilon,
+                max_iterations: 1000,
+                tolerance: 1e-6,
+            },
         }
     }
 
@@ -87,7 +106,7 @@ impl OtSinkhorn {
                 checks::at_least_one("OtAggregation", "sinkhorn.max_iterations", max_iterations);
                 checks::positive("OtAggregation", "sinkhorn.tolerance", tolerance);
             }
-            Self::Fixed { iterations } => {
+            Self::Fixed { iterations } | Self::Reference { iterations } => {
                 checks::at_least_one("OtAggregation", "sinkhorn.iterations", iterations)
             }
         }
@@ -220,7 +239,8 @@ pub struct OtAggregationOutput {
     /// `[1]`: solver iterations run (the most over the batch).
     pub iterations: Tensor<1, Int>,
     /// `[1]`: whether every sample's row error met the tolerance (always false for
-    /// [`OtSinkhorn::Fixed`] unless the plan is exact).
+    /// [`OtSinkhorn::Fixed`] unless the plan is exact; for [`OtSinkhorn::Reference`], whether
+    /// the gradient's solve of the plan's own marginals converged).
     pub converged: Tensor<1, Bool>,
 }
 
@@ -644,16 +664,88 @@ impl OtAggregation {
             mass: ((valid - clusters as f64) * share).reshape([batch]),
         };
         let costs = scores.neg().swap_dims(1, 2);
-        let solved = balanced_transport(
-            costs,
-            row_mass,
-            column_mass,
-            Some(dustbin),
-            &self.sinkhorn.settings(self.epsilon),
-        );
+        let solved = match self.sinkhorn {
+            OtSinkhorn::Reference { iterations } => {
+                let [rows, columns] = [row_mass.clone(), column_mass.clone()];
+                let bin = dustbin.clone();
+                let exact = self.reference_sweeps(costs.clone(), rows, columns, bin, iterations);
+                // Its own marginals: the plan the converged solve below returns (to the
+                // tolerance), whose backward is the implicit gradient at it.
+                let sums = exact.clone().sum_dim(2).reshape([batch, clusters + 1]);
+                let own = Dustbin {
+                    mass: sums
+                        .clone()
+                        .slice([0..batch, clusters..clusters + 1])
+                        .reshape([batch]),
+                    ..dustbin
+                };
+                let solved = balanced_transport(
+                    costs,
+                    sums.slice([0..batch, 0..clusters]),
+                    column_mass,
+                    Some(own),
+                    &self.sinkhorn.settings(self.epsilon),
+                );
+                let tracked = solved.plan.clone();
+                BalancedPlan {
+                    plan: exact + (tracked.clone() - tracked.detach()),
+                    ..solved
+                }
+            }
+            _ => balanced_transport(
+                costs,
+                row_mass,
+                column_mass,
+                Some(dustbin),
+                &self.sinkhorn.settings(self.epsilon),
+            ),
+        };
         let scaled = solved.plan.clone().slice([0..batch, 0..clusters, 0..count])
             * total.unsqueeze_dim::<3>(2);
         (scaled, solved)
+    }
+
+    /// The reference's `iterations` sweeps (SuperGlue's `log_sinkhorn_iterations`), detached:
+    /// κ = −C/ε, v = 0 (−∞ at masked columns), then u ← ln a − logsumexp_j(κ + v),
+    /// v ← ln b − logsumexp_i(κ + u), and the plan exp(κ + u + v) `[B, m+1, N]`.
+    fn reference_sweeps(
+        &self,
+        costs: Tensor<3>,
+        row_mass: Tensor<2>,
+        column_mass: Tensor<2>,
+        dustbin: Dustbin,
+        iterations: usize,
+    ) -> Tensor<3> {
+        let [batch, _, count] = costs.dims();
+        let costs = Tensor::cat(vec![costs, dustbin.cost.unsqueeze_dim(1)], 1).detach();
+        let dims = costs.dims();
+        let rows = Tensor::cat(vec![row_mass, dustbin.mass.unsqueeze_dim(1)], 1)
+            .detach()
+            .unsqueeze_dim::<3>(2);
+        let columns = column_mass.detach().unsqueeze_dim::<3>(1);
+        let masked = columns.clone().lower_equal_elem(0.0);
+        let kernel = costs
+            .mask_fill(masked.clone().expand(dims), 0.0)
+            .div_scalar(-self.epsilon);
+        let log_rows = rows.log();
+        let log_columns = columns
+            .clamp_min(0.0)
+            .log()
+            .mask_fill(masked.clone(), f64::NEG_INFINITY);
+        // logsumexp over `dim` of lines that hold at least one finite entry.
+        let logsumexp = |x: Tensor<3>, dim: usize| {
+            let shift = x.clone().max_dim(dim);
+            (x - shift.clone()).exp().sum_dim(dim).log() + shift
+        };
+        let mut v = Tensor::<3>::zeros([batch, 1, count], &kernel.device())
+            .mask_fill(masked.clone(), f64::NEG_INFINITY);
+        let mut u = log_rows.clone();
+        for _ in 0..iterations {
+            u = log_rows.clone() - logsumexp(kernel.clone() + v.clone(), 2);
+            v = (log_columns.clone() - logsumexp(kernel.clone() + u.clone(), 1))
+                .mask_fill(masked.clone(), f64::NEG_INFINITY);
+        }
+        (kernel + u + v).exp()
     }
 }
 
