@@ -2067,6 +2067,11 @@ fn ot_aggregation_cases((backend, device): &(String, Device), cases: &mut Vec<Ca
         small().with_sinkhorn(OtSinkhorn::Fixed { iterations: 0 }),
     );
     refuses(
+        "reference iterations = 0",
+        "iterations",
+        small().with_sinkhorn(OtSinkhorn::Reference { iterations: 0 }),
+    );
+    refuses(
         "tolerance = 0",
         "tolerance",
         small().with_sinkhorn(OtSinkhorn::Converged {
@@ -2165,7 +2170,20 @@ fn ot_aggregation_cases((backend, device): &(String, Device), cases: &mut Vec<Ca
     // forward equals the padding-free one, with finite gradients that miss the padding.
     let (b, n) = (2, 5);
     let keep = [true, true, true, true, false, true, true, false, true, true];
-    for (what, global) in [("fixed 3 iterations", false), ("global token", true)] {
+    let converged = small().sinkhorn;
+    for (what, global, sinkhorn) in [
+        (
+            "fixed 3 iterations",
+            false,
+            OtSinkhorn::Fixed { iterations: 3 },
+        ),
+        (
+            "the reference's 3 sweeps",
+            false,
+            OtSinkhorn::Reference { iterations: 3 },
+        ),
+        ("global token", true, converged),
+    ] {
         for (garbage_name, garbage) in [("NaN", f64::NAN), ("f32::MAX", f32::MAX as f64)] {
             let d = device.clone();
             cases.push(Case::returns(
@@ -2181,7 +2199,7 @@ fn ot_aggregation_cases((backend, device): &(String, Device), cases: &mut Vec<Ca
                     let config = if global {
                         small().with_token_dim(Some(3)).with_num_prefix_tokens(1)
                     } else {
-                        small().with_sinkhorn(OtSinkhorn::Fixed { iterations: 3 })
+                        small().with_sinkhorn(sinkhorn)
                     };
                     let pooling = Pooling::OtAggregation(config.init(&d));
                     let (out, grad) = forward_tokens(&pooling, &values, (b, n), Some(&keep), &d);

@@ -974,7 +974,7 @@ fn attention_layers_agree_across_backends() {
     }
 }
 
-/// SALAD's OtAggregation (converged, and the fixed 3 iterations), built once on Flex and forked
+/// SALAD's OtAggregation (converged, the fixed 3 iterations, the reference's 3 sweeps), built once on Flex and forked
 /// to each backend, dropout off: on masked tokens with the global token (the prefix) and on
 /// maps with the global token given apart, the outputs and the gradients of the input and of
 /// the parameters agree with Flex.
@@ -992,6 +992,7 @@ fn ot_aggregation_agrees_across_backends() {
         true,
     ];
     let layers = [
+        OtSinkhorn::Reference { iterations: 3 },
         OtSinkhorn::Fixed { iterations: 3 },
         OtSinkhorn::Converged {
             max_iterations: 1000,
