@@ -276,7 +276,7 @@ pub struct OtAggregationOutput {
 ///
 /// **Gradients.** The transport's gradient is implicit (docs/maths.md §7): backward memory is a
 /// few `[B, m+1, N]` plans whatever the iteration count; see [`OtSinkhorn`] for the fixed
-/// setting. The dustbin score z and the last score layer's bias b_s2 each add a constant to a
+/// settings ([`OtSinkhorn::Reference`] reproduces the reference's 3-sweep forward exactly). The dustbin score z and the last score layer's bias b_s2 each add a constant to a
 /// whole row of the costs, which the row potential absorbs: the plan does not depend on them
 /// and their gradients are 0 (up to rounding), as in the reference. They are kept as
 /// parameters so that the reference's checkpoints load.
