@@ -598,3 +598,85 @@ fn reference_iterations_are_the_reference_bit_for_bit() {
     }
     println!("OtAggregation Reference sweeps vs the f64 reference's: max |error| = {worst:.2e}");
 }
+
+/// `OtSinkhorn::Reference`'s gradient is the implicit gradient at the reference's plan P_T:
+/// central differences of the oracle whose plan is the converged balanced plan of P_T's own
+/// row sums r (held fixed) and the column masses (`reference::balanced_plan`, kernel domain).
+#[test]
+fn reference_iterations_get_the_implicit_gradient_at_their_plan() {
+    let device = flex_f64().autodiff();
+    let mut rng = Rng::new(79);
+    let params = random_params(&mut rng, true);
+    let x = inputs(&mut rng);
+    let steps = 3;
+    let width = M * L + T;
+    let g: Vec<f64> = (0..B * width).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let layer = layer(
+        &params,
+        OtSinkhorn::Reference { iterations: steps },
+        PREFIX,
+        &device,
+    );
+    let tokens = tensor(x.clone(), [B, N, C], &device).require_grad();
+    let y = layer.forward(PoolingInput::tokens(tokens.clone()).with_mask(bool_mask(
+        &VALID.concat(),
+        B,
+        &device,
+    )));
+    let grads = (y * tensor(g.clone(), [B, width], &device))
+        .sum()
+        .backward();
+    let dx = values(tokens.grad(&grads).unwrap());
+    // Each sample's valid rows and global token.
+    let sample = |x: &[f64], b: usize| -> (Vec<Vec<f64>>, Vec<f64>) {
+        let rows = (PREFIX..N)
+            .filter(|&n| VALID[b][n])
+            .map(|n| token(x, b, n))
+            .collect();
+        (rows, token(x, b, 0))
+    };
+    // r of P_T at the unperturbed input, per sample.
+    let row_sums: Vec<Vec<f64>> = (0..B)
+        .map(|b| {
+            let (rows, _) = sample(&x, b);
+            let scores: Vec<Vec<f64>> = rows
+                .iter()
+                .map(|t| reference::salad_mlp(t, &params.scores_hidden, &params.scores_out))
+                .collect();
+            let s: Vec<Vec<f64>> = (0..M)
+                .map(|k| scores.iter().map(|row| row[k]).collect())
+                .collect();
+            let plan = reference::salad_plan(
+                &s,
+                params.dustbin,
+                params.epsilon,
+                SaladIterations::Reference(steps),
+            );
+            plan.iter().map(|row| row.iter().sum()).collect()
+        })
+        .collect();
+    let loss = |v: &[f64]| -> f64 {
+        let y: Vec<f64> = (0..B)
+            .flat_map(|b| {
+                let (rows, global) = sample(v, b);
+                let n = rows.len();
+                let a = row_sums[b].clone();
+                let plan_of = |s: &[Vec<f64>]| -> Vec<Vec<f64>> {
+                    let mut costs: Vec<Vec<f64>> =
+                        s.iter().map(|r| r.iter().map(|v| -v).collect()).collect();
+                    costs.push(vec![-params.dustbin; n]);
+                    let columns = vec![1.0 / (n + M) as f64; n];
+                    reference::balanced_plan(&costs, &a, &columns, params.epsilon)
+                };
+                reference::salad_with(&rows, Some(&global), &params, &plan_of)
+            })
+            .collect();
+        dot(&y, &g)
+    };
+    let fd = reference::central_difference(&loss, &x, 1e-6);
+    let error = max_abs_difference(&dx, &fd);
+    println!(
+        "OtAggregation Reference: dx vs FD at the plan's own marginals: max |error| = {error:.2e}"
+    );
+    assert_close(&dx, &fd, 1e-4, 1e-6, "dx");
+}

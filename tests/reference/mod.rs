@@ -1279,6 +1279,19 @@ pub fn salad(
     params: &SaladParams,
     iterations: SaladIterations,
 ) -> Vec<f64> {
+    salad_with(x, global, params, &|s: &[Vec<f64>]| {
+        salad_plan(s, params.dustbin, params.epsilon, iterations)
+    })
+}
+
+/// [`salad`] with the plan `[m+1][n]` (unscaled, the dustbin row last) given by `plan_of` from
+/// the scores `s[k][j]`.
+pub fn salad_with(
+    x: &[Vec<f64>],
+    global: Option<&[f64]>,
+    params: &SaladParams,
+    plan_of: &dyn Fn(&[Vec<f64>]) -> Vec<Vec<f64>>,
+) -> Vec<f64> {
     let features: Vec<Vec<f64>> = x
         .iter()
         .map(|t| salad_mlp(t, &params.features_hidden, &params.features_out))
@@ -1292,7 +1305,7 @@ pub fn salad(
     let s: Vec<Vec<f64>> = (0..m)
         .map(|k| (0..n).map(|j| scores[j][k]).collect())
         .collect();
-    let plan = salad_plan(&s, params.dustbin, params.epsilon, iterations);
+    let plan = plan_of(&s);
     let scale = (n + m) as f64;
     let clusters: Vec<Vec<f64>> = (0..m)
         .map(|k| {
