@@ -284,8 +284,8 @@ fn gsp_readouts(c: &mut Criterion) {
 }
 
 /// SALAD's OtAggregation on DINOv2 ViT-B/14 tokens of a 224 image, `[32, 1 + 256, 768]` (the
-/// class token is the global token), m = 64, l = 128: the reference's fixed 3 iterations and
-/// the converged setting; forward+backward in training (dropout on), waiting for the input's
+/// class token is the global token), m = 64, l = 128: the fixed 3 iterations, the reference's
+/// own 3 sweeps and the converged setting; forward+backward in training (dropout on), waiting for the input's
 /// gradient.
 fn ot_aggregation(c: &mut Criterion) {
     for (name, device) in devices() {
@@ -298,6 +298,10 @@ fn ot_aggregation(c: &mut Criterion) {
         group.sample_size(10);
         for (label, sinkhorn) in [
             ("3 iterations", OtSinkhorn::Fixed { iterations: 3 }),
+            (
+                "the reference's 3 sweeps",
+                OtSinkhorn::Reference { iterations: 3 },
+            ),
             (
                 "converged",
                 OtSinkhorn::Converged {

@@ -1284,13 +1284,16 @@ pub fn salad(
     })
 }
 
+/// A plan `[m+1][n]` from the scores `s[k][j]`.
+pub type SaladPlanOf<'a> = dyn Fn(&[Vec<f64>]) -> Vec<Vec<f64>> + 'a;
+
 /// [`salad`] with the plan `[m+1][n]` (unscaled, the dustbin row last) given by `plan_of` from
 /// the scores `s[k][j]`.
 pub fn salad_with(
     x: &[Vec<f64>],
     global: Option<&[f64]>,
     params: &SaladParams,
-    plan_of: &dyn Fn(&[Vec<f64>]) -> Vec<Vec<f64>>,
+    plan_of: &SaladPlanOf<'_>,
 ) -> Vec<f64> {
     let features: Vec<Vec<f64>> = x
         .iter()
