@@ -14,6 +14,7 @@ use burn_pooling::PoolingInput;
 use burn_pooling::{AttentionPoolConfig, SimPoolConfig};
 use burn_pooling::{GapConfig, GemConfig, GroupGemConfig, GspConfig, LseConfig};
 use burn_pooling::{NetVladConfig, NetVladVersion};
+use burn_pooling::{OtAggregationConfig, OtSinkhorn};
 
 fn devices() -> Vec<(&'static str, Device)> {
     #[allow(unused_mut)]
@@ -244,7 +245,8 @@ criterion_group!(
     attention,
     netvlad,
     balanced,
-    otk
+    otk,
+    ot_aggregation
 );
 criterion_main!(benches);
 
@@ -377,6 +379,50 @@ fn balanced(c: &mut Criterion) {
                         &settings,
                     );
                     backward_sync((solved.plan * weights.clone()).sum(), &costs)
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
+/// SALAD's OtAggregation on DINOv2 ViT-B/14 tokens of a 224 image, `[32, 1 + 256, 768]` (the
+/// class token is the global token), m = 64, l = 128: the fixed 3 iterations, the reference's
+/// own 3 sweeps and the converged setting; forward+backward in training (dropout on), waiting for the input's
+/// gradient.
+fn ot_aggregation(c: &mut Criterion) {
+    for (name, device) in devices() {
+        let train = device.clone().autodiff();
+        let (b, n, ch) = (32, 257, 768);
+        let tokens = Tensor::<3>::random([b, n, ch], Distribution::Normal(0.0, 1.0), &device);
+        let tokens_t = Tensor::<3>::from_data(tokens.to_data(), &train);
+        let mut group = c.benchmark_group(format!("SALAD [32, 257, 768] m=64 {name}"));
+        group.throughput(bytes(&[b, n, ch]));
+        group.sample_size(10);
+        for (label, sinkhorn) in [
+            ("3 iterations", OtSinkhorn::Fixed { iterations: 3 }),
+            (
+                "the reference's 3 sweeps",
+                OtSinkhorn::Reference { iterations: 3 },
+            ),
+            (
+                "converged",
+                OtSinkhorn::Converged {
+                    max_iterations: 1000,
+                    tolerance: 1e-6,
+                },
+            ),
+        ] {
+            let config = OtAggregationConfig::new(ch).with_sinkhorn(sinkhorn);
+            let layer = config.init(&device);
+            group.bench_function(BenchmarkId::new("forward", label), |bench| {
+                bench.iter(|| sync(layer.forward_tokens(tokens.clone())))
+            });
+            let layer_t = config.init(&train);
+            group.bench_function(BenchmarkId::new("forward+backward", label), |bench| {
+                bench.iter(|| {
+                    let x = tokens_t.clone().require_grad();
+                    backward_sync(layer_t.forward_tokens(x.clone()).sum(), &x)
                 })
             });
         }

@@ -17,6 +17,8 @@
 //!   --masked                  also time each GSP row with a mask (all positions valid): the
 //!                             cost of selecting the padding away
 //!   --only TEXT               time only the rows whose op name contains TEXT
+//!   --memory                  only print the peak resident memory (VmHWM) that one SALAD
+//!                             forward+backward adds (compare `torch_reference.py memory`)
 //! ```
 //!
 //! Every timed run ends by reading one value back from the device (the output, or the input's
@@ -33,10 +35,11 @@ use burn_pooling::ops::with_composites;
 use burn_pooling::{AttentionPoolConfig, LseConfig, SimPoolConfig};
 use burn_pooling::{GapConfig, GapGmpConfig, GemConfig, GmpConfig, GroupGemConfig, Gsp, GspConfig};
 use burn_pooling::{NetVladConfig, NetVladVersion};
+use burn_pooling::{OtAggregationConfig, OtSinkhorn};
 
 const USAGE: &str = "usage: speed_table [TORCH.json] [--device flex|wgpu] \
 [--path kernels|composite|both] [--bandwidth-gbs X] [--measure-bandwidth] [--reps N] \
-[--warm N] [--quick] [--masked] [--only TEXT]";
+[--warm N] [--quick] [--masked] [--only TEXT] [--memory]";
 
 /// Which of the crate's two routes runs the layers' ops.
 #[derive(Clone, Copy, PartialEq)]
@@ -73,6 +76,8 @@ struct Options {
     runs: [(usize, usize); 2],
     /// Also time GSP with a mask.
     masked: bool,
+    /// Only measure SALAD's peak memory.
+    memory: bool,
 }
 
 /// `--only`: the text an op's name must contain to be timed (set once, in `parse_args`).
@@ -92,6 +97,7 @@ fn parse_args() -> Options {
         measure_bandwidth: false,
         runs: [(20, 3), (10, 2)],
         masked: false,
+        memory: false,
     };
     let (mut reps, mut warm) = (None, None);
     let mut args = std::env::args().skip(1);
@@ -136,6 +142,7 @@ fn parse_args() -> Options {
             "--only" => {
                 ONLY.set(value("--only")).expect("--only is parsed once");
             }
+            "--memory" => options.memory = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0)
@@ -283,9 +290,48 @@ impl Row {
     }
 }
 
+/// SALAD's input, DINOv2 ViT-B/14 tokens of a 224 image with the class token (the global
+/// token): `[32, 1 + 256, 768]`, and its layer (m = 64, l = 128, the reference's 3 iterations).
+const SALAD_TOKENS: [usize; 3] = [32, 257, 768];
+
+fn salad_config() -> OtAggregationConfig {
+    OtAggregationConfig::new(SALAD_TOKENS[2]).with_sinkhorn(OtSinkhorn::Fixed { iterations: 3 })
+}
+
+/// The process's peak resident memory (VmHWM) in kB, from /proc/self/status (Linux).
+fn peak_rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `--memory`: the peak resident memory that one SALAD forward+backward (training, dropout
+/// on) adds to the peak before it (the layer and its input allocated), as
+/// `torch_reference.py memory` measures PyTorch's. Only meaningful on a CPU device.
+fn salad_memory(device: &Device) {
+    let train = device.clone().autodiff();
+    let layer = salad_config().init(&train);
+    let tokens = Tensor::<3>::random(SALAD_TOKENS, Distribution::Normal(0.0, 1.0), &train);
+    sync(tokens.clone());
+    let before = peak_rss_kb();
+    let x = tokens.require_grad();
+    backward_sync(layer.forward_tokens(x.clone()).sum(), &x);
+    let after = peak_rss_kb();
+    match (before, after) {
+        (Some(before), Some(after)) => println!(
+            "OtAggregation (3 iterations, implicit backward) {SALAD_TOKENS:?} m=64 l=128: one forward+backward adds {:.1} MB (VmHWM over the peak before)",
+            (after - before) as f64 * 1024.0 / 1e6
+        ),
+        _ => println!("OtAggregation: no /proc/self/status VmHWM on this system"),
+    }
+}
+
 fn main() {
     let options = parse_args();
     let device = device(&options.device);
+    if options.memory {
+        return salad_memory(&device);
+    }
     let measured_peak = describe(&device, options.measure_bandwidth);
     let routes = &options.routes;
     let [runs, gsp_runs] = options.runs;
@@ -559,6 +605,32 @@ fn main() {
             || {
                 let input = x_t.clone().require_grad();
                 backward_sync(otk_t.forward_tokens(input.clone()).sum(), &input);
+            },
+        ));
+    }
+
+    // SALAD (OtAggregation, the reference's 3 iterations) on DINOv2 ViT-B/14 tokens with the
+    // class token, m = 64, l = 128; forward+backward in training (dropout on).
+    {
+        let tokens = Tensor::<3>::random(SALAD_TOKENS, Distribution::Normal(0.0, 1.0), &device);
+        let tokens_t = Tensor::<3>::from_data(tokens.to_data(), &train);
+        device.seed(2);
+        let layer = salad_config().init(&device);
+        train.seed(2);
+        let layer_t = salad_config().init(&train);
+        let [b, n, c] = SALAD_TOKENS;
+        rows.push(Row::timed(
+            (
+                "SALAD (m = 64 l = 128 3 iterations)",
+                "salad_maps(3 iters unrolled)",
+                format!("[{b}, {n}, {c}]"),
+            ),
+            routes,
+            gsp_runs,
+            || sync(layer.forward_tokens(tokens.clone())),
+            || {
+                let input = tokens_t.clone().require_grad();
+                backward_sync(layer_t.forward_tokens(input.clone()).sum(), &input);
             },
         ));
     }

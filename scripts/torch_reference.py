@@ -3,6 +3,7 @@
 
     THREADS=2 python3 scripts/torch_reference.py bench [OUT.json] [--device cpu|cuda] [--quick]
     python3 scripts/torch_reference.py memory-otk [--device cpu|cuda]   (OTK's saved tensors)
+    THREADS=2 python3 scripts/torch_reference.py memory [--device cpu|cuda]
 
 Writes {"torch": version, "threads": n, "device": ..., "results": [{"op", "shape", "fwd_ms",
 "fwd_bwd_ms"}, ...]}, the layout speed_table reads. Each time is the median of 20 runs after 3
@@ -12,12 +13,19 @@ torch.cuda.synchronize(), so the queued kernels are inside the time.
 The maths is docs/maths.md's. GSP is written the way a PyTorch user of the paper's code runs
 it: the reference's Sinkhorn-style scaling in the linear domain for a fixed 100 iterations,
 then the implicit backward of docs/maths.md §4 (and, as a second row, autograd through the
-unrolled iterations). Needs only torch (pip install torch, in a virtualenv outside the
-repository).
+unrolled iterations). SALAD (docs/maths.md §13) is written the way its authors run it: 1×1
+convolutions on the maps, 3 log-domain Sinkhorn sweeps unrolled through autograd, and the
+aggregation as the broadcast [B, l, m, N] product of repeated tensors. `memory` prints the peak
+resident memory that one SALAD forward+backward adds (CPU: getrusage's high-water mark; CUDA:
+torch.cuda.max_memory_allocated), for examples/speed_table.rs --memory to compare with; OTK is
+written as its authors run it too (kernel domain, 100 iterations unrolled through autograd),
+and `memory-otk` prints the bytes autograd saves for its backward. Needs only torch (pip
+install torch, in a virtualenv outside the repository).
 """
 import json
 import math
 import os
+import resource
 import sys
 import time
 
@@ -233,6 +241,87 @@ def otk_saved_bytes(b=64, n=196, c=256, p=16, heads=1, iterations=100, device="c
     return total[0]
 
 
+# --------------------------------------------------------------------------- SALAD (maths.md §13)
+SALAD_SHAPE = (32, 256, 768, 64, 128)  # B, N (a 16×16 map of DINOv2 ViT-B/14 tokens), C, m, l
+
+
+class SaladAsItsAuthorsRunIt(torch.nn.Module):
+    """SALAD (Izquierdo & Civera, CVPR 2024) written from docs/maths.md §13 in the authors'
+    style: the feature and score MLPs as 1×1 convolutions on the maps [B, C, H, W] (dropout
+    after the first), the global token's MLP as linear layers, the dustbin score z, 3 log-domain
+    Sinkhorn sweeps from v = 0 (row update first) unrolled through autograd, the plan times N+m
+    without its dustbin row, and V = Σ_j P_kj f_j as the sum over N of the product of the
+    features and the plan, each repeated to [B, l, m, N]; the global vector first, then V
+    l-major, each L2-normalised, then the whole."""
+
+    def __init__(self, c, m=64, l=128, g=256, hidden=512, dropout=0.3):
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.features = torch.nn.Sequential(
+            conv(c, hidden, 1), torch.nn.Dropout(dropout), torch.nn.ReLU(), conv(hidden, l, 1))
+        self.scores = torch.nn.Sequential(
+            conv(c, hidden, 1), torch.nn.Dropout(dropout), torch.nn.ReLU(), conv(hidden, m, 1))
+        self.token = torch.nn.Sequential(
+            torch.nn.Linear(c, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, g))
+        self.dustbin = torch.nn.Parameter(torch.tensor(1.0))
+        self.m, self.l = m, l
+
+    def forward(self, maps, token, iterations=3):
+        normalize = torch.nn.functional.normalize
+        f = self.features(maps).flatten(2)  # [B, l, N]
+        s = self.scores(maps).flatten(2)  # [B, m, N]
+        b, m, n = s.shape
+        kappa = torch.cat([s, self.dustbin.expand(b, 1, n)], 1)  # −C/ε with ε = 1
+        log_total = math.log(n + m)
+        log_a = torch.full((m + 1,), -log_total, device=s.device)
+        log_a[m] += math.log(n - m)
+        log_b = torch.full((n,), -log_total, device=s.device)
+        u = torch.zeros(b, m + 1, device=s.device)
+        v = torch.zeros(b, n, device=s.device)
+        for _ in range(iterations):
+            u = log_a - torch.logsumexp(kappa + v.unsqueeze(1), 2)
+            v = log_b - torch.logsumexp(kappa + u.unsqueeze(2), 1)
+        plan = torch.exp(kappa + u.unsqueeze(2) + v.unsqueeze(1) + log_total)[:, :m]
+        product = f.unsqueeze(2).repeat(1, 1, m, 1) * plan.unsqueeze(1).repeat(1, self.l, 1, 1)
+        clusters = normalize(product.sum(-1), p=2, dim=1).flatten(1)  # [B, l·m], l-major
+        glob = normalize(self.token(token), p=2, dim=-1)
+        return normalize(torch.cat([glob, clusters], -1), p=2, dim=-1)
+
+
+def salad_inputs(device, requires_grad):
+    b, n, c, m, l = SALAD_SHAPE
+    side = math.isqrt(n)
+    maps = torch.randn(b, c, side, side, device=device).requires_grad_(requires_grad)
+    token = torch.randn(b, c, device=device).requires_grad_(requires_grad)
+    return maps, token
+
+
+def memory(device):
+    """Peak memory that one SALAD forward+backward adds, in MB (training mode, dropout on)."""
+    torch.manual_seed(0)
+    b, n, c, m, l = SALAD_SHAPE
+    layer = SaladAsItsAuthorsRunIt(c, m, l).to(device).train()
+    maps, token = salad_inputs(device, True)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    layer(maps, token).sum().backward()
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        what = "torch.cuda.max_memory_allocated over what was allocated before"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        what = "peak RSS (getrusage) over the peak before"
+    print(f"salad_maps(3 iters unrolled) B={b} N={n} C={c} m={m} l={l}: one forward+backward "
+          f"adds {peak / 1e6:.1f} MB ({what}); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+
+
 # --------------------------------------------------------------------------- timing
 def median_ms(fn, reps, warm, sync):
     for _ in range(warm):
@@ -390,6 +479,26 @@ def bench(device, quick):
         no_grad(lambda: otk_tokens(x, weight)),
         lambda: otk_tokens(x_g, weight).sum().backward(),
     )
+
+    # SALAD as its authors run it on DINOv2 ViT-B/14 tokens of a 224×224 image (16×16 patches)
+    # and its class token: B = 32 (the authors train with 240 images of 322×322, N = 529:
+    # too much for a CPU table), m = 64, l = 128; forward in eval mode, forward+backward in
+    # training mode (dropout on), the backward reaching the input and every parameter.
+    b, n, c, m, l = SALAD_SHAPE
+    salad = SaladAsItsAuthorsRunIt(c, m, l).to(device)
+    maps, token = salad_inputs(device, False)
+    maps_g, token_g = salad_inputs(device, True)
+
+    def salad_forward():
+        salad.eval()
+        with torch.no_grad():
+            salad(maps, token)
+
+    def salad_train():
+        salad.train()
+        salad(maps_g, token_g).sum().backward()
+
+    record("salad_maps(3 iters unrolled)", [b, n, c], salad_forward, salad_train, gsp_runs)
     return out
 
 
@@ -411,11 +520,18 @@ def main(argv):
             saved = otk_saved_bytes(iterations=iterations, device=device)
             print(f"otk_tokens [64, 196, 256] p=16: {iterations} iterations: {saved / 2**20:.1f} MiB saved for backward")
         return
-    if not args or args[0] != "bench" or len(args) > 2:
-        sys.exit("usage: torch_reference.py bench [OUT.json] [--device cpu|cuda] [--quick]")
+    usage = ("usage: torch_reference.py bench [OUT.json] [--device cpu|cuda] [--quick]\n"
+             "       torch_reference.py memory [--device cpu|cuda]\n"
+             "       torch_reference.py memory-otk [--device cpu|cuda]")
+    if not args or args[0] not in ("bench", "memory") or len(args) > 2:
+        sys.exit(usage)
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("torch_reference.py: --device cuda, but torch.cuda.is_available() is False")
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    if args[0] == "memory":
+        if len(args) != 1:
+            sys.exit(usage)
+        return memory(torch.device(device))
     result = bench(torch.device(device), quick)
     if len(args) == 2:
         with open(args[1], "w") as f:

@@ -483,3 +483,103 @@ fn otk_in_half_precision() {
     println!("OTK f16: max |y − f64 reference| = {error:.2e}");
     assert_close(&got, &expected, RTOL, 5e-3, "OTK");
 }
+
+/// SALAD's OtAggregation in f16 (m = 3, l = 4, no global token, dropout off) on masked tokens
+/// with a padded token far above the valid ones: f16 outputs and gradients, finite, zero
+/// gradient at the padding, and the f64 reference on the f16-rounded inputs and parameters.
+#[test]
+fn ot_aggregation_in_half_precision() {
+    use burn::nn::Linear;
+    use burn_pooling::{OtAggregation, OtAggregationConfig, OtSinkhorn};
+    use reference::{SaladIterations, SaladParams};
+    let device = flex_f16().autodiff();
+    let (m, l, hidden) = (3, 4, 6);
+    let mut rng = Rng::new(73);
+    let mut raw: Vec<f64> = (0..B * N * C).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    raw[(N + 3) * C..(N + 4) * C].fill(60000.0); // sample 1, token 3: padding
+    let x = tensor(raw, [B, N, C], &device).require_grad();
+    let xs = values(x.clone());
+    let keep: Vec<bool> = (0..B * N).map(|i| i != N + 3).collect();
+    let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep.clone(), [B, N]), &device);
+    // Each layer as f16 tensors and as their f16-rounded values for the reference.
+    let mut linear = |d_in: usize, d_out: usize| {
+        let w = tensor(
+            (0..d_in * d_out).map(|_| rng.uniform(-0.8, 0.8)).collect(),
+            [d_in, d_out],
+            &device,
+        );
+        let b = tensor(
+            (0..d_out).map(|_| rng.uniform(-0.3, 0.3)).collect(),
+            [d_out],
+            &device,
+        );
+        let rounded = (
+            values(w.clone())
+                .chunks(d_out)
+                .map(|r| r.to_vec())
+                .collect::<Vec<_>>(),
+            values(b.clone()),
+        );
+        let layer = Linear {
+            weight: Param::from_tensor(w),
+            bias: Some(Param::from_tensor(b)),
+        };
+        (layer, rounded)
+    };
+    let (fh, fh_r) = linear(C, hidden);
+    let (fo, fo_r) = linear(hidden, l);
+    let (sh, sh_r) = linear(C, hidden);
+    let (so, so_r) = linear(hidden, m);
+    let layer = OtAggregationConfig::new(C)
+        .with_num_clusters(m)
+        .with_cluster_dim(l)
+        .with_hidden_dim(hidden)
+        .with_token_dim(None)
+        .with_dropout(0.0)
+        .with_num_prefix_tokens(0)
+        .with_sinkhorn(OtSinkhorn::Converged {
+            max_iterations: 200,
+            tolerance: 1e-3,
+        })
+        .init(&device);
+    let layer = OtAggregation {
+        features_hidden: fh,
+        features_out: fo,
+        scores_hidden: sh,
+        scores_out: so,
+        ..layer
+    };
+    let y = layer.forward(PoolingInput::tokens(x.clone()).with_mask(mask));
+    assert_eq!(y.dtype(), DType::F16);
+    let grads = y.clone().sum().backward();
+    let dx = half_gradient(x.grad(&grads).unwrap(), "OtAggregation dx");
+    half_gradient(
+        layer.scores_hidden.weight.val().grad(&grads).unwrap(),
+        "OtAggregation dW_s1",
+    );
+    assert!(dx[(N + 3) * C..(N + 4) * C].iter().all(|&g| g == 0.0));
+    let params = SaladParams {
+        features_hidden: fh_r,
+        features_out: fo_r,
+        scores_hidden: sh_r,
+        scores_out: so_r,
+        token: None,
+        dustbin: 1.0,
+        epsilon: 1.0,
+    };
+    let expected: Vec<f64> = (0..B)
+        .flat_map(|s| {
+            let valid: Vec<Vec<f64>> = rows(&xs, s)
+                .into_iter()
+                .enumerate()
+                .filter(|(n, _)| keep[s * N + n])
+                .map(|(_, r)| r)
+                .collect();
+            reference::salad(&valid, None, &params, SaladIterations::Converged)
+        })
+        .collect();
+    let got = values(y);
+    let error = common::max_abs_difference(&got, &expected);
+    println!("OtAggregation f16: max |y − f64 reference| = {error:.2e}");
+    assert_close(&got, &expected, RTOL, 2e-3, "OtAggregation");
+}

@@ -12,6 +12,7 @@ use super::{
     GroupGemConfig, Gsp, GspConfig, Lse, LseConfig, TokenPooling, TokenPoolingConfig,
 };
 use super::{NetVlad, NetVladConfig};
+use super::{OtAggregation, OtAggregationConfig};
 use super::{Otk, OtkConfig};
 
 /// The configuration of any pooling layer of this crate: one variant per layer, holding that
@@ -57,6 +58,9 @@ pub enum PoolingConfig {
     NetVlad(NetVladConfig),
     /// The optimal-transport kernel embedding, [`Otk`]: output p·heads·C.
     Otk(OtkConfig),
+    /// SALAD's optimal-transport aggregation, [`OtAggregation`]: output m·l (+ the global
+    /// token's width).
+    OtAggregation(OtAggregationConfig),
 }
 
 impl PoolingConfig {
@@ -79,13 +83,15 @@ impl PoolingConfig {
             Self::SimPool(config) => Pooling::SimPool(config.init(device)),
             Self::NetVlad(config) => Pooling::NetVlad(config.init(device)),
             Self::Otk(config) => Pooling::Otk(config.init(device)),
+            Self::OtAggregation(config) => Pooling::OtAggregation(config.init(device)),
         }
     }
 
     /// The width of the pooled output for inputs of `channels` channels: `channels`, except
     /// for the concatenating [`GapGmp`] (2 · `channels`), [`TokenPooling`] (one block of
     /// `channels` per mode), a projecting [`Gsp`] (its `projection` width D) and [`NetVlad`]
-    /// (K · `channels`, whatever its config's `channels` says), and [`Otk`] (p · heads ·
+    /// (K · `channels`, whatever its config's `channels` says), [`OtAggregation`] (m·l, plus
+    /// its global token's width, whatever `channels` is), and [`Otk`] (p · heads ·
     /// `channels`, likewise). Size the
     /// next layer with it.
     pub fn output_channels(&self, channels: usize) -> usize {
@@ -95,6 +101,7 @@ impl PoolingConfig {
             Self::Gsp(config) => config.projection.unwrap_or(channels),
             Self::NetVlad(config) => config.num_clusters * channels,
             Self::Otk(config) => config.num_references * config.heads * channels,
+            Self::OtAggregation(config) => config.output_channels(),
             _ => channels,
         }
     }
@@ -140,6 +147,8 @@ pub enum Pooling {
     NetVlad(NetVlad),
     /// [`Otk`].
     Otk(Otk),
+    /// [`OtAggregation`].
+    OtAggregation(OtAggregation),
 }
 
 impl Pooling {
@@ -165,6 +174,7 @@ impl Pooling {
             Self::SimPool(layer) => layer.forward(input),
             Self::NetVlad(layer) => layer.forward(input),
             Self::Otk(layer) => layer.forward(input),
+            Self::OtAggregation(layer) => layer.forward(input),
         }
     }
 
@@ -185,7 +195,7 @@ impl Pooling {
 
     /// The layer's name, as in its `Display`: `"Gap"`, `"Gmp"`, `"GapGmp"`, `"Gem"`,
     /// `"GroupGem"`, `"Gsp"`, `"Lse"`, `"TokenPooling"`, `"AttentionPool"`, `"SimPool"`,
-    /// `"NetVlad"` or `"Otk"`.
+    /// `"NetVlad"`, `"Otk"` or `"OtAggregation"`.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Gap(_) => "Gap",
@@ -200,6 +210,7 @@ impl Pooling {
             Self::SimPool(_) => "SimPool",
             Self::NetVlad(_) => "NetVlad",
             Self::Otk(_) => "Otk",
+            Self::OtAggregation(_) => "OtAggregation",
         }
     }
 }
@@ -263,6 +274,15 @@ mod tests {
                     .with_epsilon(0.5)
                     .with_num_prefix_tokens(1),
             ),
+            // m = 1: the test's masked sample keeps 2 tokens after the prefix (N > m).
+            PoolingConfig::OtAggregation(
+                OtAggregationConfig::new(4)
+                    .with_num_clusters(1)
+                    .with_cluster_dim(3)
+                    .with_hidden_dim(5)
+                    .with_token_dim(None)
+                    .with_sinkhorn(crate::pooling::OtSinkhorn::Fixed { iterations: 3 }),
+            ),
         ]
     }
 
@@ -302,6 +322,7 @@ mod tests {
             PoolingConfig::SimPool(c) => with_parameters!(c, SimPool),
             PoolingConfig::NetVlad(c) => with_parameters!(c, NetVlad),
             PoolingConfig::Otk(c) => with_parameters!(c, Otk),
+            PoolingConfig::OtAggregation(c) => with_parameters!(c, OtAggregation),
         }
     }
 
@@ -323,6 +344,7 @@ mod tests {
             "SimPool",
             "NetVlad",
             "Otk",
+            "OtAggregation",
         ];
         for (config, name) in every_config().into_iter().zip(names) {
             let json = config.to_string();
@@ -379,7 +401,9 @@ mod tests {
                 244,
                 40,
                 3 * 4 + 3 * 4 + 3,
-                2 * 3 * 4
+                2 * 3 * 4,
+                // OtAggregation (C = 4, hidden 5, l = 3, m = 1): 2·(4·5 + 5) + (5·3 + 3) + (5 + 1) + z.
+                50 + 18 + 6 + 1
             ]
         );
         let gsp = PoolingConfig::Gsp(GspConfig::new(4).with_num_prototypes(3)).init(&device);
@@ -505,6 +529,7 @@ mod tests {
                     | PoolingConfig::SimPool(_)
                     | PoolingConfig::NetVlad(_)
                     | PoolingConfig::Otk(_)
+                    | PoolingConfig::OtAggregation(_)
             ) {
                 let tokens = Tensor::<3>::ones([2, 5, 4], &ndarray);
                 let message = panic_message(|| {

@@ -1,5 +1,6 @@
 //! Learnable global pooling layers: `[B, C, H, W]` maps or `[B, N, C]` token sets to `[B, C]`
-//! (`[B, D]` for a projecting GSP, `[B, K·C]` for NetVLAD).
+//! (`[B, D]` for a projecting GSP, `[B, K·C]` for NetVLAD, `[B, p·heads·C]` for OTK, `[B, m·l (+256)]`
+//! for OtAggregation).
 //!
 //! | layer | pools with | parameters |
 //! |---|---|---|
@@ -15,6 +16,7 @@
 //! | [`SimPool`] | attention from the mean as query, optional power γ | LayerNorm, `W_q`, `W_k`, β |
 //! | [`NetVlad`] | soft-assigned residuals to K centroids, intra- and globally L2-normalised | centroids, assignment `[K, C]`, bias `[K]` |
 //! | [`Otk`] | p references per head each take unit mass from the positions by balanced entropic transport and pool what they took | references `[heads, p, C]` |
+//! | [`OtAggregation`] | SALAD: MLP features transported onto m clusters and a dustbin (balanced Sinkhorn), per-cluster and global L2, optional global token | three MLPs, dustbin score |
 //!
 //! Every layer has `forward(maps)`, `forward_tokens(tokens)` and `forward(input)` for a
 //! [`PoolingInput`] (maps or tokens, with a mask, with prefix tokens). [`PoolingConfig`] and
@@ -39,6 +41,7 @@ pub use attention::{
 };
 pub use choice::{Pooling, PoolingConfig};
 pub use clusters::{NETVLAD_EPS, NetVlad, NetVladConfig, NetVladVersion};
+pub use clusters::{OtAggregation, OtAggregationConfig, OtAggregationOutput, OtSinkhorn};
 pub use clusters::{Otk, OtkConfig, OtkOutput};
 pub use input::PoolingInput;
 pub use reductions::{

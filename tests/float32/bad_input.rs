@@ -35,6 +35,7 @@ use burn_pooling::{
     MIN_POWER, Pooling, PoolingConfig, PoolingInput, TokenMode, TokenPoolingConfig,
 };
 use burn_pooling::{NetVlad, NetVladConfig, NetVladVersion};
+use burn_pooling::{OtAggregation, OtAggregationConfig, OtSinkhorn};
 use burn_pooling::{Otk, OtkConfig};
 
 use crate::common::Rng;
@@ -83,7 +84,7 @@ fn backends() -> Vec<(String, Device)> {
 }
 
 /// The layers under test, by the name their panics use.
-const LAYERS: [&str; 12] = [
+const LAYERS: [&str; 13] = [
     "Gap",
     "Gmp",
     "GapGmp",
@@ -96,6 +97,7 @@ const LAYERS: [&str; 12] = [
     "SimPool",
     "NetVlad",
     "Otk",
+    "OtAggregation",
 ];
 
 /// TokenPooling's modes here: every mode, `Cls` first (its block reads the prefix token, by
@@ -133,6 +135,10 @@ fn config(name: &str) -> PoolingConfig {
         "NetVlad" => PoolingConfig::NetVlad(NetVladConfig::new(C).with_num_clusters(3)),
         // 2 heads of 3 references (random ±1/√3): the identity oracle is in `otk_cases`.
         "Otk" => PoolingConfig::Otk(OtkConfig::new(C).with_num_references(3).with_heads(2)),
+        // m = 2 < the 3 valid tokens of the padding cases; no global token and no prefix (the
+        // matrix's inputs have none); dropout off, so that a masked forward and its
+        // padding-free reference draw no different masks on autodiff devices.
+        "OtAggregation" => PoolingConfig::OtAggregation(ot_aggregation_config()),
         other => panic!("bad_input: unknown layer {other}"),
     }
 }
@@ -613,7 +619,7 @@ fn value_cases(name: &'static str, (backend, device): &(String, Device), cases: 
                 let values: Vec<f64> = values.iter().map(|&v| v as f32 as f64).collect();
                 let pooling = layer(name, &d);
                 let (out, grad) = forward_tokens(&pooling, &values, (b, n), None, &d);
-                if matches!(name, "AttentionPool" | "SimPool") && range.1 > 1e30 {
+                if matches!(name, "AttentionPool" | "SimPool" | "OtAggregation") && range.1 > 1e30 {
                     // Their linear projections (and SimPool's LayerNorm) overflow f32 at these
                     // values, as any linear layer does (their rustdoc says so): what is checked
                     // here is that they return, without a panic or a hang. "One sample huge,
@@ -646,6 +652,13 @@ fn value_cases(name: &'static str, (backend, device): &(String, Device), cases: 
             let pooling = layer(name, &d);
             let (out, _) = forward_tokens(&pooling, &values, (b, n), None, &d);
             let rows = valid_rows(&values, n, &[true; 10]);
+            if name == "OtAggregation" {
+                // Its MLPs overflow f32 on the huge sample, as any linear layer does: the tiny
+                // sample must not see it.
+                let width = out.len() / b;
+                let alone = dropped_reference(&pooling, &rows[1..], &d);
+                return close("the tiny sample vs alone", &out[width..], &alone, 2e-4);
+            }
             match oracle(name, &rows) {
                 Some(reference) => close("output vs the f64 oracle", &out, &reference, 1e-4),
                 None => close(
@@ -1443,6 +1456,7 @@ fn device_cases(devices: &[(String, Device)], cases: &mut Vec<Case>) {
             "SimPool",
             "NetVlad",
             "Otk",
+            "OtAggregation",
         ] {
             let (da, db) = (da.clone(), db.clone());
             cases.push(Case::panics(
@@ -1471,6 +1485,7 @@ fn all_cases() -> Vec<Case> {
         api_cases(backend, &mut cases);
         netvlad_cases(backend, &mut cases);
         otk_cases(backend, &mut cases);
+        ot_aggregation_cases(backend, &mut cases);
     }
     device_cases(&devices, &mut cases);
     cases
@@ -1635,7 +1650,12 @@ fn bad_input_matrix() {
     if let Ok(name) = std::env::var(ISOLATED) {
         return run_isolated(&name);
     }
-    let cases = all_cases();
+    // `BURN_POOLING_BAD_INPUT_FILTER=OtAggregation` runs only the cases whose name contains it.
+    let filter = std::env::var("BURN_POOLING_BAD_INPUT_FILTER").unwrap_or_default();
+    let cases: Vec<Case> = all_cases()
+        .into_iter()
+        .filter(|case| case.name.contains(&filter))
+        .collect();
     let total = cases.len();
     let mut results: Vec<(String, Outcome, String)> = Vec::with_capacity(total);
     for case in cases {
@@ -2129,5 +2149,240 @@ fn otk_cases((backend, device): &(String, Device), cases: &mut Vec<Case>) {
                 Ok(())
             },
         ));
+    }
+}
+
+/// The matrix's OtAggregation: C = 4, m = 2, l = 3, hidden 8, no global token, no prefix,
+/// dropout off.
+fn ot_aggregation_config() -> OtAggregationConfig {
+    OtAggregationConfig::new(C)
+        .with_num_clusters(2)
+        .with_cluster_dim(3)
+        .with_hidden_dim(8)
+        .with_token_dim(None)
+        .with_dropout(0.0)
+        .with_num_prefix_tokens(0)
+}
+
+/// OtAggregation's own cases: configs `init` refuses, values changed after `init`, too few
+/// valid tokens for the clusters, the global token's inputs, and the fixed setting and the
+/// global token on padding garbage.
+fn ot_aggregation_cases((backend, device): &(String, Device), cases: &mut Vec<Case>) {
+    let tag = |what: &str| format!("OtAggregation/{backend}/{what}");
+    let tokens = |d: &Device| Tensor::<3>::ones([2, 5, C], d);
+    let small = ot_aggregation_config;
+    let mut refuses = |what: &str, fragment: &'static str, config: OtAggregationConfig| {
+        let d = device.clone();
+        cases.push(Case::panics(
+            tag(what),
+            &["OtAggregation", fragment],
+            move || {
+                let _ = read(config.init(&d).forward_tokens(tokens(&d)));
+            },
+        ));
+    };
+    refuses(
+        "channels = 0",
+        "channels",
+        OtAggregationConfig {
+            channels: 0,
+            ..small()
+        },
+    );
+    refuses(
+        "num_clusters = 0",
+        "num_clusters",
+        small().with_num_clusters(0),
+    );
+    refuses(
+        "cluster_dim = 0",
+        "cluster_dim",
+        small().with_cluster_dim(0),
+    );
+    refuses("hidden_dim = 0", "hidden_dim", small().with_hidden_dim(0));
+    refuses(
+        "token_dim = 0",
+        "token_dim",
+        small().with_token_dim(Some(0)),
+    );
+    for p in [1.0, -0.1, f64::NAN] {
+        refuses(
+            &format!("dropout = {p}"),
+            "dropout",
+            small().with_dropout(p),
+        );
+    }
+    for z in [f64::NAN, f64::INFINITY] {
+        refuses(
+            &format!("dustbin_score = {z}"),
+            "dustbin_score",
+            small().with_dustbin_score(z),
+        );
+    }
+    for eps in [0.0, -1.0, f64::NAN] {
+        refuses(
+            &format!("epsilon = {eps}"),
+            "epsilon",
+            small().with_epsilon(eps),
+        );
+    }
+    refuses(
+        "fixed iterations = 0",
+        "iterations",
+        small().with_sinkhorn(OtSinkhorn::Fixed { iterations: 0 }),
+    );
+    refuses(
+        "reference iterations = 0",
+        "iterations",
+        small().with_sinkhorn(OtSinkhorn::Reference { iterations: 0 }),
+    );
+    refuses(
+        "tolerance = 0",
+        "tolerance",
+        small().with_sinkhorn(OtSinkhorn::Converged {
+            max_iterations: 10,
+            tolerance: 0.0,
+        }),
+    );
+    refuses(
+        "5 tokens for 5 clusters",
+        "N > m = 5",
+        small().with_num_clusters(5),
+    );
+    let d = device.clone();
+    cases.push(
+        Case::panics(
+            tag("C·hidden = 2^62"),
+            &["OtAggregation", "hidden_dim"],
+            move || {
+                let config = OtAggregationConfig {
+                    channels: 1 << 31,
+                    ..small()
+                };
+                let _ = config.with_hidden_dim(1 << 31).init(&d);
+            },
+        )
+        .isolated(),
+    );
+    let d = device.clone();
+    cases.push(Case::panics(
+        tag("a masked sample with N = m valid tokens"),
+        &["OtAggregation", "N = 2 in sample 1"],
+        move || {
+            let mask = bools(
+                &[
+                    true, true, true, true, true, true, false, true, false, false,
+                ],
+                [2, 5],
+                &d,
+            );
+            let input = PoolingInput::tokens(tokens(&d)).with_mask(mask);
+            let _ = read(small().init(&d).forward(input));
+        },
+    ));
+    let d = device.clone();
+    cases.push(Case::panics(
+        tag("maps with a global token"),
+        &["OtAggregation", "global token", "feature maps"],
+        move || {
+            let layer = small().with_token_dim(Some(3)).init(&d);
+            let _ = read(layer.forward(Tensor::<4>::ones([2, C, 2, 3], &d)));
+        },
+    ));
+    let d = device.clone();
+    cases.push(Case::panics(
+        tag("a global token of the wrong shape"),
+        &["OtAggregation", "global token", "[2, 4]"],
+        move || {
+            let layer = small().with_token_dim(Some(3)).init(&d);
+            let global = Tensor::<2>::ones([2, C + 1], &d);
+            let _ = read(layer.forward_with_global(tokens(&d), global));
+        },
+    ));
+    // Values changed after `init`.
+    let changed = |what: &str, fragments: &[&str], edit: fn(OtAggregation) -> OtAggregation| {
+        let d = device.clone();
+        Case::panics(tag(what), fragments, move || {
+            let layer = edit(small().init(&d));
+            let _ = read(layer.forward_tokens(tokens(&d)));
+        })
+    };
+    cases.push(changed(
+        "scores_out swapped for features_out",
+        &["OtAggregation", "scores_out"],
+        |layer| OtAggregation {
+            scores_out: layer.features_hidden.clone(),
+            ..layer
+        },
+    ));
+    cases.push(changed(
+        "epsilon set to NaN",
+        &["OtAggregation", "epsilon"],
+        |layer| OtAggregation {
+            epsilon: f64::NAN,
+            ..layer
+        },
+    ));
+    cases.push(changed(
+        "sinkhorn set to 0 iterations",
+        &["OtAggregation", "iterations"],
+        |layer| OtAggregation {
+            sinkhorn: OtSinkhorn::Fixed { iterations: 0 },
+            ..layer
+        },
+    ));
+    // The fixed setting, and the global token (the prefix), on padding garbage: the masked
+    // forward equals the padding-free one, with finite gradients that miss the padding.
+    let (b, n) = (2, 5);
+    let keep = [true, true, true, true, false, true, true, false, true, true];
+    let converged = small().sinkhorn;
+    for (what, global, sinkhorn) in [
+        (
+            "fixed 3 iterations",
+            false,
+            OtSinkhorn::Fixed { iterations: 3 },
+        ),
+        (
+            "the reference's 3 sweeps",
+            false,
+            OtSinkhorn::Reference { iterations: 3 },
+        ),
+        ("global token", true, converged),
+    ] {
+        for (garbage_name, garbage) in [("NaN", f64::NAN), ("f32::MAX", f32::MAX as f64)] {
+            let d = device.clone();
+            cases.push(Case::returns(
+                tag(&format!("{what}: {garbage_name} at masked positions")),
+                move || {
+                    let mut values = tokens_values(3, (b, n), (0.1, 1.0));
+                    let rows = valid_rows(&values, n, &keep);
+                    for (i, v) in values.iter_mut().enumerate() {
+                        if !keep[i / C] {
+                            *v = garbage;
+                        }
+                    }
+                    let config = if global {
+                        small().with_token_dim(Some(3)).with_num_prefix_tokens(1)
+                    } else {
+                        small().with_sinkhorn(sinkhorn)
+                    };
+                    let pooling = Pooling::OtAggregation(config.init(&d));
+                    let (out, grad) = forward_tokens(&pooling, &values, (b, n), Some(&keep), &d);
+                    close(
+                        "output vs the padding-free input",
+                        &out,
+                        &dropped_reference(&pooling, &rows, &d),
+                        2e-4,
+                    )?;
+                    if let Some(grad) = grad {
+                        all_finite("input gradient", &grad)?;
+                        if let Some(i) = (0..grad.len()).find(|&i| !keep[i / C] && grad[i] != 0.0) {
+                            return Err(format!("input gradient at masked element {i}"));
+                        }
+                    }
+                    Ok(())
+                },
+            ));
+        }
     }
 }

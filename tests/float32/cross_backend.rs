@@ -17,6 +17,7 @@ use burn_pooling::{
     LseOutput, TokenMode, TokenPoolingConfig,
 };
 use burn_pooling::{NetVlad, NetVladConfig, NetVladVersion};
+use burn_pooling::{OtAggregation, OtAggregationConfig, OtSinkhorn};
 use burn_pooling::{Otk, OtkConfig};
 use common::{Rng, assert_close, values};
 
@@ -1115,6 +1116,95 @@ fn otk_agrees_across_backends() {
         }
         println!(
             "{name}: {} OTK outputs and gradients agree with flex",
+            actual.len()
+        );
+    }
+}
+
+/// SALAD's OtAggregation (converged, the fixed 3 iterations, the reference's 3 sweeps), built once on Flex and forked
+/// to each backend, dropout off: on masked tokens with the global token (the prefix) and on
+/// maps with the global token given apart, the outputs and the gradients of the input and of
+/// the parameters agree with Flex.
+#[test]
+fn ot_aggregation_agrees_across_backends() {
+    let flex = Device::flex().autodiff();
+    let (b, n, c, m, l, t) = (2, 8, 8, 3, 4, 5);
+    let mut rng = Rng::new(23);
+    let x: Vec<f64> = (0..b * n * c).map(|_| rng.uniform(-0.5, 1.5)).collect();
+    let width = m * l + t;
+    let upstream: Vec<f64> = (0..b * width).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    // Sample 1 keeps 5 of its 7 tokens after the prefix (> m).
+    let valid = vec![
+        true, true, true, true, true, true, true, true, true, true, false, true, true, false, true,
+        true,
+    ];
+    let layers = [
+        OtSinkhorn::Reference { iterations: 3 },
+        OtSinkhorn::Fixed { iterations: 3 },
+        OtSinkhorn::Converged {
+            max_iterations: 1000,
+            tolerance: 1e-6,
+        },
+    ]
+    .map(|sinkhorn| {
+        OtAggregationConfig::new(c)
+            .with_num_clusters(m)
+            .with_cluster_dim(l)
+            .with_hidden_dim(6)
+            .with_token_dim(Some(t))
+            .with_dropout(0.0)
+            .with_sinkhorn(sinkhorn)
+            .init(&flex)
+    });
+    let run = |device: &Device| -> Vec<(String, Vec<f64>)> {
+        let device = device.clone().autodiff();
+        let mut out = Vec::new();
+        let g = floats(&upstream, [b, width], &device);
+        for layer in &layers {
+            let label = format!("{:?}", layer.sinkhorn);
+            let layer: OtAggregation = layer.clone().fork(&device);
+            let tokens = floats(&x, [b, n, c], &device).require_grad();
+            let mask =
+                Tensor::<2, Bool>::from_bool(TensorData::new(valid.clone(), [b, n]), &device);
+            let y = layer.forward(PoolingInput::tokens(tokens.clone()).with_mask(mask));
+            // Maps of the 8 tokens' values (no prefix), the global token given apart.
+            let maps = floats(&x, [b, c, 2, 4], &device).require_grad();
+            let global = floats(&x[..b * c], [b, c], &device);
+            let y_maps = layer.forward_with_global(maps.clone(), global);
+            out.push((format!("{label} y"), values(y.clone())));
+            out.push((format!("{label} y maps"), values(y_maps.clone())));
+            let grads = ((y + y_maps) * g.clone()).sum().backward();
+            out.push((format!("{label} dx"), values(tokens.grad(&grads).unwrap())));
+            out.push((
+                format!("{label} dx maps"),
+                values(maps.grad(&grads).unwrap()),
+            ));
+            for (name, linear) in [
+                ("features_hidden", &layer.features_hidden),
+                ("features_out", &layer.features_out),
+                ("scores_hidden", &layer.scores_hidden),
+                ("scores_out", &layer.scores_out),
+                ("token_hidden", layer.token_hidden.as_ref().unwrap()),
+            ] {
+                out.push((
+                    format!("{label} d{name}"),
+                    values(linear.weight.val().grad(&grads).unwrap()),
+                ));
+            }
+        }
+        out
+    };
+    let devices = devices();
+    let expected = run(&devices[0].1);
+    for (name, device) in &devices[1..] {
+        let actual = run(device);
+        assert_eq!(actual.len(), expected.len());
+        for ((label, a), (_, e)) in actual.iter().zip(&expected) {
+            assert!(a.iter().all(|v| v.is_finite()), "{name} {label}: {a:?}");
+            assert_close(a, e, 1e-4, 1e-5, &format!("{name} vs flex: {label}"));
+        }
+        println!(
+            "{name}: {} OtAggregation outputs and gradients agree with flex",
             actual.len()
         );
     }

@@ -15,6 +15,7 @@ mod gsp;
 mod gsp_authors;
 mod lse_tokens;
 mod netvlad;
+mod ot_aggregation;
 mod otk;
 mod properties;
 mod reference_selfcheck;

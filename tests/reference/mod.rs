@@ -1219,3 +1219,197 @@ pub fn otk(x: &[Vec<f64>], z: &[Vec<Vec<f64>>], eps: f64) -> Vec<f64> {
     }
     out
 }
+
+// ---------------------------------------------------------------------------------------------
+// SALAD's optimal-transport aggregation (docs/maths.md §13)
+// ---------------------------------------------------------------------------------------------
+
+/// One linear layer `(w[in][out], b[out])`: y = xᵀw + b.
+pub type SaladLinear = (Vec<Vec<f64>>, Vec<f64>);
+
+/// The weights of one SALAD layer.
+#[derive(Clone, Debug)]
+pub struct SaladParams {
+    pub features_hidden: SaladLinear,
+    pub features_out: SaladLinear,
+    pub scores_hidden: SaladLinear,
+    pub scores_out: SaladLinear,
+    /// The global token's two layers, or `None`.
+    pub token: Option<(SaladLinear, SaladLinear)>,
+    /// The dustbin score z.
+    pub dustbin: f64,
+    /// ε.
+    pub epsilon: f64,
+}
+
+/// How the SALAD oracle runs Sinkhorn.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SaladIterations {
+    /// From v = 0, row update first, until the row error is below 1e-15 (or 100 000 sweeps).
+    Converged,
+    /// The reference's T sweeps (row then column update) from v = 0 (SuperGlue's
+    /// `log_sinkhorn_iterations`).
+    Reference(usize),
+    /// The crate's T iterations (docs/maths.md §7, §13): −C/ε anchored per row (its largest
+    /// entry subtracted), u = 0, one column update, then T sweeps (row then column update).
+    Crate(usize),
+}
+
+/// `xᵀ w + b` for `w[in][out]`.
+fn affine(x: &[f64], (w, b): &(Vec<Vec<f64>>, Vec<f64>)) -> Vec<f64> {
+    (0..b.len())
+        .map(|o| b[o] + (0..x.len()).map(|i| x[i] * w[i][o]).sum::<f64>())
+        .collect()
+}
+
+/// Two linear layers with a ReLU between them.
+pub fn salad_mlp(
+    x: &[f64],
+    first: &(Vec<Vec<f64>>, Vec<f64>),
+    second: &(Vec<Vec<f64>>, Vec<f64>),
+) -> Vec<f64> {
+    let hidden: Vec<f64> = affine(x, first).into_iter().map(|h| h.max(0.0)).collect();
+    affine(&hidden, second)
+}
+
+/// `v / max(‖v‖, 1e-12)`.
+pub fn salad_unit(v: &[f64]) -> Vec<f64> {
+    let n = norm(v).max(1e-12);
+    v.iter().map(|a| a / n).collect()
+}
+
+/// The balanced plan `[m+1][n]` (unscaled, the dustbin row last) of scores `s[k][j]` (m×n)
+/// and dustbin score z: log-domain Sinkhorn on κ = s/ε (κ_{m+1,j} = z/ε) with row masses
+/// 1/(n+m) (clusters) and (n−m)/(n+m) (dustbin), column masses 1/(n+m).
+pub fn salad_plan(s: &[Vec<f64>], z: f64, eps: f64, iterations: SaladIterations) -> Vec<Vec<f64>> {
+    let (m, n) = (s.len(), s[0].len());
+    let total = (n + m) as f64;
+    let mut kappa: Vec<Vec<f64>> = s
+        .iter()
+        .map(|row| row.iter().map(|v| v / eps).collect())
+        .collect();
+    kappa.push(vec![z / eps; n]);
+    let mut log_a = vec![-total.ln(); m + 1];
+    log_a[m] = ((n - m) as f64).ln() - total.ln();
+    let log_b = -total.ln();
+    let row = |v: &[f64], kappa: &[Vec<f64>]| -> Vec<f64> {
+        (0..=m)
+            .map(|i| {
+                let t: Vec<f64> = (0..n).map(|j| kappa[i][j] + v[j]).collect();
+                log_a[i] - logsumexp(&t)
+            })
+            .collect()
+    };
+    let column = |u: &[f64], kappa: &[Vec<f64>]| -> Vec<f64> {
+        (0..n)
+            .map(|j| {
+                let t: Vec<f64> = (0..=m).map(|i| kappa[i][j] + u[i]).collect();
+                log_b - logsumexp(&t)
+            })
+            .collect()
+    };
+    let plan = |u: &[f64], v: &[f64], kappa: &[Vec<f64>]| -> Vec<Vec<f64>> {
+        (0..=m)
+            .map(|i| (0..n).map(|j| (kappa[i][j] + u[i] + v[j]).exp()).collect())
+            .collect()
+    };
+    match iterations {
+        SaladIterations::Reference(steps) => {
+            let mut v = vec![0.0; n];
+            let mut u = vec![0.0; m + 1];
+            for _ in 0..steps {
+                u = row(&v, &kappa);
+                v = column(&u, &kappa);
+            }
+            plan(&u, &v, &kappa)
+        }
+        SaladIterations::Crate(steps) => {
+            for r in kappa.iter_mut() {
+                let top = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                r.iter_mut().for_each(|v| *v -= top);
+            }
+            let mut u = vec![0.0; m + 1];
+            let mut v = column(&u, &kappa);
+            for _ in 0..steps {
+                u = row(&v, &kappa);
+                v = column(&u, &kappa);
+            }
+            plan(&u, &v, &kappa)
+        }
+        SaladIterations::Converged => {
+            let mut v = vec![0.0; n];
+            for _ in 0..100_000 {
+                let u = row(&v, &kappa);
+                v = column(&u, &kappa);
+                let p = plan(&u, &v, &kappa);
+                let error: f64 = (0..=m)
+                    .map(|i| (p[i].iter().sum::<f64>() - log_a[i].exp()).abs())
+                    .sum();
+                if error < 1e-15 {
+                    return p;
+                }
+            }
+            plan(&row(&v, &kappa), &v, &kappa)
+        }
+    }
+}
+
+/// SALAD for one sample: `x` its valid tokens `[n][C]`, `global` its global token `[C]`
+/// (with `params.token`). The output: the normalised global vector first (if any), then the
+/// cluster vectors l-major (index i·m + k), the whole L2-normalised.
+pub fn salad(
+    x: &[Vec<f64>],
+    global: Option<&[f64]>,
+    params: &SaladParams,
+    iterations: SaladIterations,
+) -> Vec<f64> {
+    salad_with(x, global, params, &|s: &[Vec<f64>]| {
+        salad_plan(s, params.dustbin, params.epsilon, iterations)
+    })
+}
+
+/// A plan `[m+1][n]` from the scores `s[k][j]`.
+pub type SaladPlanOf<'a> = dyn Fn(&[Vec<f64>]) -> Vec<Vec<f64>> + 'a;
+
+/// [`salad`] with the plan `[m+1][n]` (unscaled, the dustbin row last) given by `plan_of` from
+/// the scores `s[k][j]`.
+pub fn salad_with(
+    x: &[Vec<f64>],
+    global: Option<&[f64]>,
+    params: &SaladParams,
+    plan_of: &SaladPlanOf<'_>,
+) -> Vec<f64> {
+    let features: Vec<Vec<f64>> = x
+        .iter()
+        .map(|t| salad_mlp(t, &params.features_hidden, &params.features_out))
+        .collect();
+    let scores: Vec<Vec<f64>> = x
+        .iter()
+        .map(|t| salad_mlp(t, &params.scores_hidden, &params.scores_out))
+        .collect();
+    let (n, m, l) = (x.len(), scores[0].len(), features[0].len());
+    // s[k][j]
+    let s: Vec<Vec<f64>> = (0..m)
+        .map(|k| (0..n).map(|j| scores[j][k]).collect())
+        .collect();
+    let plan = plan_of(&s);
+    let scale = (n + m) as f64;
+    let clusters: Vec<Vec<f64>> = (0..m)
+        .map(|k| {
+            let v: Vec<f64> = (0..l)
+                .map(|i| (0..n).map(|j| scale * plan[k][j] * features[j][i]).sum())
+                .collect();
+            salad_unit(&v)
+        })
+        .collect();
+    let mut out = Vec::new();
+    if let (Some(g), Some((first, second))) = (global, &params.token) {
+        out.extend(salad_unit(&salad_mlp(g, first, second)));
+    }
+    for i in 0..l {
+        for k in 0..m {
+            out.push(clusters[k][i]);
+        }
+    }
+    salad_unit(&out)
+}
