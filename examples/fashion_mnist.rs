@@ -417,7 +417,7 @@ usage: fashion_mnist [options]
   --data DIR             the IDX files (default /usr/share/datasets/fashion-mnist)
   --heads LIST           among gap,gmp,gapgmp,gem,ggem,gsp,gsp-gem,gsp-max,gsp-mean-max
                          (GSP with the mean, GeM or max read-out, or the mean and the max
-                         branch; default: all)
+                         branch; default: these nine), salad, otk (the cluster aggregators)
   --map-side S           the backbone's map side: the canvas side / 2, / 4 (default) or / 8
 Clutter (cluttered MNIST, Mnih et al. 2014; defaults: the plain images):
   --canvas S             each garment at a random place on an S×S black canvas (28)

@@ -20,7 +20,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_pooling::loss::{ZeroShotLoss, ZeroShotLossConfig, ZeroShotSplit};
 use burn_pooling::{
     GapConfig, GapGmp, GapGmpConfig, Gem, GemConfig, Gmp, GmpConfig, GroupGem, GroupGemConfig, Gsp,
-    GspConfig, GspReadout,
+    GspConfig, GspReadout, OtAggregation, OtAggregationConfig, Otk, OtkConfig,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use retrieval::{RetrievalMetrics, evaluate_tensor};
@@ -219,6 +219,11 @@ pub enum Pooling {
         readout: GspReadout,
         max_branch: bool,
     },
+    /// SALAD-style optimal-transport aggregation ([`OtAggregation`]) at this example's scale:
+    /// [`SALAD_CLUSTERS`] clusters of [`SALAD_CLUSTER_DIM`] channels, no global token.
+    Salad,
+    /// The optimal-transport kernel embedding ([`Otk`]) with [`OTK_REFERENCES`] references.
+    Otk,
 }
 
 impl Pooling {
@@ -259,6 +264,8 @@ impl Pooling {
             Self::GapGmp => "GAP+GMP",
             Self::Gem => "GeM",
             Self::Ggem => "GGeM",
+            Self::Salad => "SALAD (OT aggregation)",
+            Self::Otk => "OTK",
             Self::Gsp {
                 readout,
                 max_branch,
@@ -274,8 +281,7 @@ impl Pooling {
     }
 
     /// The option's spelling of each head, for `--heads`.
-    pub const NAMES: &'static str =
-        "gap, gmp, gapgmp, gem, ggem, gsp, gsp-gem, gsp-max, gsp-mean-max (the max branch)";
+    pub const NAMES: &'static str = "gap, gmp, gapgmp, gem, ggem, gsp, gsp-gem, gsp-max, gsp-mean-max (the max branch), salad, otk";
 
     pub fn parse(text: &str) -> Result<Self, String> {
         let gsp = |readout, max_branch| Self::Gsp {
@@ -288,6 +294,8 @@ impl Pooling {
             "gapgmp" | "gap+gmp" => Ok(Self::GapGmp),
             "gem" => Ok(Self::Gem),
             "ggem" => Ok(Self::Ggem),
+            "salad" | "ot-aggregation" => Ok(Self::Salad),
+            "otk" => Ok(Self::Otk),
             "gsp" | "gsp-mean" => Ok(Self::GSP),
             "gsp-gem" => Ok(gsp(GspReadout::GeneralizedMean, false)),
             "gsp-max" => Ok(gsp(GspReadout::Max, false)),
@@ -330,6 +338,32 @@ pub const EMBEDDING: usize = 64;
 pub const MAP_SIDE: usize = SIDE / 4;
 /// Channel groups of GGeM (8 channels each).
 pub const GGEM_GROUPS: usize = 8;
+/// SALAD's clusters m at this scale (the paper: 64 over 256+ tokens; here 49 positions, and
+/// SALAD needs m < N).
+pub const SALAD_CLUSTERS: usize = 16;
+/// SALAD's channels l per cluster (the paper: 128 from 768 or 1536 channels; here 64).
+pub const SALAD_CLUSTER_DIM: usize = 16;
+/// SALAD's hidden width (the paper: 512 from 768+ channels; here 64 channels).
+pub const SALAD_HIDDEN: usize = 128;
+/// OTK's references p (the paper's default is also small: p of a few to 64).
+pub const OTK_REFERENCES: usize = 4;
+
+/// The SALAD head's config: [`SALAD_CLUSTERS`] × [`SALAD_CLUSTER_DIM`] out of [`FEATURES`]
+/// channels, no global token, the reference's dropout, dustbin and ε.
+pub fn salad_config() -> OtAggregationConfig {
+    OtAggregationConfig::new(FEATURES)
+        .with_num_clusters(SALAD_CLUSTERS)
+        .with_cluster_dim(SALAD_CLUSTER_DIM)
+        .with_hidden_dim(SALAD_HIDDEN)
+        .with_token_dim(None)
+        .with_num_prefix_tokens(0)
+}
+
+/// The OTK head's config: [`OTK_REFERENCES`] references over [`FEATURES`] channels, one head,
+/// the paper's ε = 0.1, flattened.
+pub fn otk_config() -> OtkConfig {
+    OtkConfig::new(FEATURES).with_num_references(OTK_REFERENCES)
+}
 
 /// What the backbone is fed and how much it downsamples.
 #[derive(Clone, Copy, Debug)]
@@ -421,6 +455,8 @@ pub struct Net {
     pub gem: Option<Gem>,
     pub ggem: Option<GroupGem>,
     pub gsp: Option<Gsp>,
+    pub salad: Option<OtAggregation>,
+    pub otk: Option<Otk>,
 }
 
 /// What a forward pass returns.
@@ -449,6 +485,19 @@ impl Net {
         let embed = LinearConfig::new(FEATURES, EMBEDDING)
             .with_bias(false)
             .init(device);
+        // The cluster aggregators output m·l or p·C channels: their embedding is wider (and
+        // drawn after the shared one, so that the backbone's initialisation stays the same).
+        let wide_embed = |width: usize| {
+            LinearConfig::new(width, EMBEDDING)
+                .with_bias(false)
+                .init(device)
+        };
+        let (salad, otk) = (salad_config(), otk_config());
+        let embed = match pooling {
+            Pooling::Salad => wide_embed(salad.output_channels()),
+            Pooling::Otk => wide_embed(otk.output_channels()),
+            _ => embed,
+        };
         let gsp = pooling.gsp_config(gsp).map(|config| {
             let mut layer = config.init(device);
             // GSP's projection starts as the other heads' embedding ([C, D] both).
@@ -463,6 +512,8 @@ impl Net {
             gem: (pooling == Pooling::Gem).then(|| GemConfig::new().init(device)),
             ggem: (pooling == Pooling::Ggem).then(|| GroupGemConfig::new(GGEM_GROUPS).init(device)),
             gsp,
+            salad: (pooling == Pooling::Salad).then(|| salad.init(device)),
+            otk: (pooling == Pooling::Otk).then(|| otk.init(device)),
         }
     }
 
@@ -488,6 +539,10 @@ impl Net {
             (gem.forward(maps.clone()), None)
         } else if let Some(ggem) = &self.ggem {
             (ggem.forward(maps.clone()), None)
+        } else if let Some(salad) = &self.salad {
+            (salad.forward(maps.clone()), None)
+        } else if let Some(otk) = &self.otk {
+            (otk.forward(maps.clone()), None)
         } else {
             (gap(), None)
         };
