@@ -17,8 +17,9 @@
 //!   --masked                  also time each GSP row with a mask (all positions valid): the
 //!                             cost of selecting the padding away
 //!   --only TEXT               time only the rows whose op name contains TEXT
-//!   --memory                  only print the peak resident memory (VmHWM) that one SALAD
-//!                             forward+backward adds (compare `torch_reference.py memory`)
+//!   --memory                  only print the peak resident memory (VmHWM) that one OTK and
+//!                             one SALAD forward+backward add (compare `torch_reference.py
+//!                             memory`)
 //! ```
 //!
 //! Every timed run ends by reading one value back from the device (the output, or the input's
@@ -305,11 +306,27 @@ fn peak_rss_kb() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// `--memory`: the peak resident memory that one SALAD forward+backward (training, dropout
-/// on) adds to the peak before it (the layer and its input allocated), as
-/// `torch_reference.py memory` measures PyTorch's. Only meaningful on a CPU device.
+/// `--memory`: the peak resident memory that one OTK forward+backward, then one SALAD
+/// forward+backward (training, dropout on), adds to the peak before it (the layer and its
+/// input allocated), as `torch_reference.py memory` measures PyTorch's. OTK first: the peak
+/// only rises. Only meaningful on a CPU device.
 fn salad_memory(device: &Device) {
     let train = device.clone().autodiff();
+    {
+        let (b, n, c, p) = (64, 196, 256, 16);
+        let otk = OtkConfig::new(c).with_num_references(p).init(&train);
+        let x = Tensor::<3>::random([b, n, c], Distribution::Uniform(0.0, 1.0), &train);
+        sync(x.clone());
+        let before = peak_rss_kb();
+        let x = x.require_grad();
+        backward_sync(otk.forward_tokens(x.clone()).sum(), &x);
+        if let (Some(before), Some(after)) = (before, peak_rss_kb()) {
+            println!(
+                "Otk (p = 16, implicit backward) [{b}, {n}, {c}]: one forward+backward adds {:.1} MB (VmHWM over the peak before)",
+                (after - before) as f64 * 1024.0 / 1e6
+            );
+        }
+    }
     let layer = salad_config().init(&train);
     let tokens = Tensor::<3>::random(SALAD_TOKENS, Distribution::Normal(0.0, 1.0), &train);
     sync(tokens.clone());

@@ -296,8 +296,34 @@ def salad_inputs(device, requires_grad):
     return maps, token
 
 
+def peak_bytes(device):
+    """The process's peak memory so far: CUDA's allocator peak, or the CPU's peak RSS."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def otk_memory(device):
+    """Peak memory that one OTK forward+backward (100 unrolled kernel-domain iterations) adds,
+    in MB. Run before SALAD's: the peak only rises."""
+    torch.manual_seed(0)
+    b, n, c, p = 64, 196, 256, 16
+    x = torch.rand(b, n, c, device=device).requires_grad_(True)
+    weight = ((torch.rand(1, p, c, device=device) * 2 - 1) / math.sqrt(p)).requires_grad_(True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before = peak_bytes(device)
+    otk_tokens(x, weight).sum().backward()
+    peak = peak_bytes(device) - before
+    print(f"otk_tokens(p=16 100 iterations) [{b}, {n}, {c}]: one forward+backward adds "
+          f"{peak / 1e6:.1f} MB (peak over the peak before)")
+
+
 def memory(device):
-    """Peak memory that one SALAD forward+backward adds, in MB (training mode, dropout on)."""
+    """Peak memory that one forward+backward of OTK, then of SALAD (training mode, dropout
+    on), adds, in MB."""
+    otk_memory(device)
     torch.manual_seed(0)
     b, n, c, m, l = SALAD_SHAPE
     layer = SaladAsItsAuthorsRunIt(c, m, l).to(device).train()
