@@ -258,9 +258,14 @@ pub(crate) fn balanced_kernel_matches_portable(device: &Device, label: &str) {
         );
         assert!(worst <= 2e-5, "{label}, {name}: plans differ by {worst}");
         // The marginal error is rounded differently (the kernels accumulate in f64): where it
-        // meets the tolerance within that rounding, the two may stop one iteration apart.
+        // meets the tolerance within that rounding, the two may stop one iteration apart. A
+        // solve that ends unconverged before its cap (stalled, or its potentials unmoved)
+        // ends where rounding decides, and the kernels' samples stop on their own, not with
+        // the batch: there only the outcome is compared.
+        let stalled =
+            !converged && !report.converged && report.iterations < case.settings.iteration_cap();
         assert!(
-            iterations.abs_diff(report.iterations) <= 1,
+            stalled || iterations.abs_diff(report.iterations) <= 1,
             "{label}, {name}: {iterations} iterations, the portable solve {}",
             report.iterations
         );
