@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use super::product::{Strided, product};
-use super::real::{Real, lane_max, lane_sum};
+use super::real::{Real, dot, lane_max, lane_sum};
 use super::simd::wide_kernel;
 use crate::maths::balanced::{
     BalancedSettings, POTENTIAL_BOUND, STALL_PATIENCE, cholesky_factor, cholesky_substitute,
@@ -72,6 +72,179 @@ fn finish_logsumexp(sum: f64, shift: f64, largest: f64) -> f64 {
         f64::NEG_INFINITY
     } else {
         sum.ln() + shift
+    }
+}
+
+/// How the scaling iterations ended.
+enum Handover {
+    /// The stopping rule ended the solve (u, v hold the final potentials).
+    Done(SolveReport),
+    /// The log-domain iterations take over from u, v (after a column update of u when
+    /// `needs_column_update` says so).
+    Log { needs_column_update: bool },
+}
+
+/// The log-domain iterations' updates in the scaling (kernel) domain (docs/maths.md §7): on
+/// K = exp(κ + u₀ + v₀), formed once, with the scalings α = e^(u − u₀), β = e^(v − v₀), the row
+/// update is α_i = a_i / Σ_j K_ij β_j and the column update β_j = b_j / Σ_i α_i K_ij: two
+/// matrix-vector products per iteration instead of 2·K'·N exponentials, the same iterates up to
+/// rounding, and the same stopping rule. A scaling that leaves [1/SCALING_LIMIT, SCALING_LIMIT]
+/// is absorbed into u₀, v₀ (and K formed again); a row or column sum that is 0, ∞ or NaN (an
+/// underflowed kernel, a NaN cost) hands the solve to the log domain, which resolves it.
+struct Scaling<'a, T> {
+    kappa: &'a [T],
+    a: &'a [f64],
+    b: &'a [f64],
+    valid_row: &'a [bool],
+    valid_column: &'a [bool],
+}
+
+/// The largest factor a scaling may reach before it is absorbed into the potentials: far from
+/// f32's range once multiplied by K ≤ 1 and summed over N.
+const SCALING_LIMIT: f64 = 1e12;
+
+impl<T: Real> Scaling<'_, T> {
+    /// K_ij = exp(u_i + v_j + κ_ij), exactly 0 where a mass is zero.
+    #[inline(always)]
+    fn fill(&self, kernel: &mut [T], u: &[T], v: &[T]) {
+        let n = v.len();
+        let zero = T::default();
+        for (i, (row, kappa)) in kernel
+            .chunks_exact_mut(n)
+            .zip(self.kappa.chunks_exact(n))
+            .enumerate()
+        {
+            if !self.valid_row[i] {
+                row.fill(zero);
+                continue;
+            }
+            let (row, kappa, valid) = (&mut row[..n], &kappa[..n], &self.valid_column[..n]);
+            let ui = u[i];
+            for j in 0..n {
+                let x = (ui + v[j] + kappa[j]).exp();
+                row[j] = if valid[j] { x } else { zero };
+            }
+        }
+    }
+
+    /// u ← u + ln α, v ← v + ln β (bounded, on the non-empty rows and columns); α = β = 1.
+    #[inline(always)]
+    fn absorb(&self, u: &mut [T], v: &mut [T], alpha: &mut [T], beta: &mut [T]) {
+        let one = T::from_f64(1.0);
+        for ((u, s), &valid) in u.iter_mut().zip(alpha.iter_mut()).zip(self.valid_row) {
+            if valid {
+                *u = T::from_f64(bounded(u.to_f64() + s.to_f64().ln()));
+            }
+            *s = one;
+        }
+        for ((v, s), &valid) in v.iter_mut().zip(beta.iter_mut()).zip(self.valid_column) {
+            if valid {
+                *v = T::from_f64(bounded(v.to_f64() + s.to_f64().ln()));
+            }
+            *s = one;
+        }
+    }
+
+    /// Iterates from u, v right after a column update, as the log-domain loop would.
+    #[inline(always)]
+    fn iterate(
+        &self,
+        u: &mut [T],
+        v: &mut [T],
+        stopping: &mut Stopping,
+        best: &mut f64,
+        iteration: &mut usize,
+        stall_floor: f64,
+    ) -> Handover {
+        let (k, n) = (u.len(), v.len());
+        let zero = T::default();
+        let one = T::from_f64(1.0);
+        let total: f64 = self.a.iter().sum();
+        let in_range = |s: f64| (1.0 / SCALING_LIMIT..=SCALING_LIMIT).contains(&s);
+        let mut kernel = vec![zero; k * n];
+        self.fill(&mut kernel, u, v);
+        let (mut alpha, mut beta) = (vec![one; k], vec![one; n]);
+        let mut next = vec![one; k];
+        let mut next_beta = vec![one; n];
+        let mut column_sum = vec![zero; n];
+        loop {
+            // Rows: Σ_j K_ij β_j, the error ‖P𝟙 − a‖₁ / Σa with P𝟙 = α_i Σ_j K_ij β_j, and the
+            // row update α_i = a_i / Σ_j K_ij β_j.
+            let mut error = 0.0;
+            let mut moved = false;
+            for i in 0..k {
+                if !self.valid_row[i] {
+                    next[i] = alpha[i];
+                    continue;
+                }
+                let sum = dot(&kernel[i * n..(i + 1) * n], &beta).to_f64();
+                if !(sum.is_finite() && sum > 0.0) {
+                    self.absorb(u, v, &mut alpha, &mut beta);
+                    return Handover::Log {
+                        needs_column_update: false,
+                    };
+                }
+                error += (alpha[i].to_f64() * sum - self.a[i]).abs();
+                next[i] = T::from_f64(self.a[i] / sum);
+                moved |= next[i] != alpha[i];
+            }
+            let error = error / total;
+            let progress = error < *best || error > stall_floor;
+            if !error.is_nan() {
+                *best = best.min(error);
+            }
+            if let Some(report) =
+                stopping.check(*iteration, Status::of_sample(error, progress, moved))
+            {
+                self.absorb(u, v, &mut alpha, &mut beta);
+                return Handover::Done(report);
+            }
+            std::mem::swap(&mut alpha, &mut next);
+            // Columns: β_j = b_j / Σ_i α_i K_ij.
+            column_sum.fill(zero);
+            for i in 0..k {
+                if !self.valid_row[i] {
+                    continue;
+                }
+                let ai = alpha[i];
+                let row = &kernel[i * n..(i + 1) * n];
+                for (c, &x) in column_sum.iter_mut().zip(row) {
+                    *c += ai * x;
+                }
+            }
+            *iteration += 1;
+            let mut healthy = true;
+            for j in 0..n {
+                if self.valid_column[j] {
+                    let sum = column_sum[j].to_f64();
+                    healthy &= sum.is_finite() && sum > 0.0;
+                    next_beta[j] = T::from_f64(self.b[j] / sum);
+                } else {
+                    next_beta[j] = beta[j];
+                }
+            }
+            if !healthy {
+                // u from the new α, v from the previous β: the log domain redoes the column
+                // update from u.
+                self.absorb(u, v, &mut alpha, &mut beta);
+                return Handover::Log {
+                    needs_column_update: true,
+                };
+            }
+            std::mem::swap(&mut beta, &mut next_beta);
+            let extreme = alpha
+                .iter()
+                .zip(self.valid_row)
+                .any(|(s, &valid)| valid && !in_range(s.to_f64()))
+                || beta
+                    .iter()
+                    .zip(self.valid_column)
+                    .any(|(s, &valid)| valid && !in_range(s.to_f64()));
+            if extreme {
+                self.absorb(u, v, &mut alpha, &mut beta);
+                self.fill(&mut kernel, u, v);
+            }
+        }
     }
 }
 
@@ -181,7 +354,33 @@ fn solve_sample<T: Real>(
     );
     let mut iteration = 0;
     let stall_floor = STALL_FLOOR_FACTOR * (n + k) as f64 * roundoff;
-    let report = loop {
+    let scaling = Scaling {
+        kappa,
+        a,
+        b,
+        valid_row: &valid_row,
+        valid_column: &valid_column,
+    };
+    let handover = scaling.iterate(
+        &mut u,
+        &mut v,
+        &mut stopping,
+        &mut best,
+        &mut iteration,
+        stall_floor,
+    );
+    let done = match handover {
+        Handover::Done(report) => Some(report),
+        Handover::Log {
+            needs_column_update,
+        } => {
+            if needs_column_update {
+                column_update(&u, &mut v);
+            }
+            None
+        }
+    };
+    let report = if let Some(report) = done { report } else { loop {
         // logsumexp_j(v_j + κ_ij) per non-empty row (v = −∞ at empty columns: their terms
         // are 0, or e⁻⁸⁷ in f32's fast exp, below the rounding of a sum of at least 1).
         for (i, kappa) in kappa.chunks_exact(n).enumerate() {
@@ -233,7 +432,7 @@ fn solve_sample<T: Real>(
         u = next;
         column_update(&u, &mut v);
         iteration += 1;
-    };
+    } };
 
     // P = exp(min(u_i + v_j + κ_ij, ln b_j)), exactly 0 on zero masses.
     let cap: Vec<T> = log_b.iter().map(|&l| T::from_f64(l)).collect();
