@@ -3,7 +3,10 @@
 //! stopping test), with the portable solve's masks, anchoring, bounds, stopping rule and final
 //! check. κ = −C/ε (anchored per row, bounded) is written once over the plan's storage, the
 //! iterations read it row by row (the row update) and column by column through per-column
-//! accumulators (the column update), and the last pass turns it into the plan in place.
+//! accumulators (the column update), and the last pass turns it into the plan in place. The
+//! iterations run in the scaling domain first ([`Scaling`]: two matrix-vector products on
+//! K = exp(κ + u₀ + v₀) per iteration, no exp), and in the log domain from wherever that
+//! cannot go on (an underflowed row or column sum, a NaN).
 //!
 //! The potentials u `[K']`, v `[N]` and κ are in the kernel's float (as the portable body keeps
 //! them in the tensors' dtype); each logsumexp's sum, the marginal error and the final check
