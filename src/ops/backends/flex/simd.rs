@@ -85,6 +85,59 @@ pub(super) mod check {
         (y, x.grad(&grads).unwrap(), second.grad(&grads))
     }
 
+    /// Panics unless the value at padded position 2 of every sample does not matter to `run`
+    /// (x `[2, 6, 3]` in `layout`, as the kernel reads it, to (output, ∂L/∂x, the other
+    /// gradient)): 50, NaN or ±∞ there leave the output and the other gradient unchanged and
+    /// get exactly zero ∂L/∂x. The kernels select padding away, they never multiply it by 0.
+    pub fn padded_values_do_not_matter(
+        what: &str,
+        layout: crate::layout::Layout,
+        run: impl Fn(&[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>),
+    ) {
+        let (batch, n, c) = PADDED_SHAPE;
+        let position = |i: usize| {
+            if layout.is_channels_last() {
+                i / c % n
+            } else {
+                i % n
+            }
+        };
+        let plain: Vec<f64> = (0..batch * n * c)
+            .map(|i| 0.5 + (i % 5) as f64 * 0.3)
+            .collect();
+        let (y, dx, other) = run(&plain);
+        for garbage in [50.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let outlier: Vec<f64> = plain
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| if position(i) == PADDED { garbage } else { v })
+                .collect();
+            let (y_outlier, dx_outlier, other_outlier) = run(&outlier);
+            assert_eq!(y, y_outlier, "{what} {layout:?}, {garbage}: y");
+            assert_eq!(
+                other, other_outlier,
+                "{what} {layout:?}, {garbage}: the other gradient"
+            );
+            for (i, (&d, &d_outlier)) in dx.iter().zip(&dx_outlier).enumerate() {
+                let expected = if position(i) == PADDED { 0.0 } else { d };
+                assert_eq!(d_outlier, expected, "{what} {layout:?}, {garbage}: dx[{i}]");
+            }
+        }
+    }
+
+    /// (B, N, C) of [`padded_values_do_not_matter`]'s input.
+    pub const PADDED_SHAPE: (usize, usize, usize) = (2, 6, 3);
+    /// Its padded position.
+    pub const PADDED: usize = 2;
+
+    /// The mask `[B, N]` of [`padded_values_do_not_matter`]'s input.
+    pub fn padded_mask() -> Vec<f64> {
+        let (batch, n, _) = PADDED_SHAPE;
+        (0..batch * n)
+            .map(|i| if i % n == PADDED { 0.0 } else { 1.0 })
+            .collect()
+    }
+
     /// `len` values in [lo, hi) from a fixed linear congruential sequence.
     pub fn values(len: usize, seed: u32, lo: f32, hi: f32) -> Vec<f32> {
         let mut state = seed.wrapping_mul(747_796_405).wrapping_add(1);
