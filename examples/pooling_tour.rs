@@ -2,13 +2,18 @@
 //!
 //! Each image is a 6×6 map with 8 channels: a few "object" positions carry a class-specific
 //! pattern, the others clutter. We pool with GAP, GeM and GSP and report how well a nearest
-//! class-mean classifier separates the pooled vectors, then train GeM's p and GSP's
-//! prototypes for a few steps with plain SGD to show the gradients flow.
+//! class-mean classifier separates the pooled vectors; then every other layer of the crate,
+//! built from its `PoolingConfig` at its initial parameters (untrained: this shows the API and
+//! the output widths, not what training would give); then a gradient reaching GeM's p.
 //!
 //! Run: `cargo run --release --example pooling_tour`
 
 use burn::tensor::{Device, Distribution, Tensor};
-use burn_pooling::{GapConfig, GemConfig, GspConfig};
+use burn_pooling::{
+    AttentionPoolConfig, GapConfig, GapGmpCombine, GapGmpConfig, GemConfig, GmpConfig,
+    GroupGemConfig, GspConfig, LseConfig, NetVladConfig, OtAggregationConfig, OtkConfig,
+    PoolingConfig, SimPoolConfig, TokenMode, TokenPoolingConfig,
+};
 
 const CLASSES: usize = 4;
 const PER_CLASS: usize = 16;
@@ -41,16 +46,17 @@ fn make_data(device: &Device) -> (Tensor<4>, Vec<usize>) {
 
 /// Fraction of samples whose nearest class mean (cosine) is their own class.
 fn nearest_mean_accuracy(pooled: Tensor<2>, labels: &[usize]) -> f64 {
+    let [_, width] = pooled.dims();
     let norms = pooled.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
     let unit = pooled / norms;
     let rows: Vec<Vec<f32>> = unit
         .into_data()
         .try_to_vec::<f32>()
         .unwrap()
-        .chunks(CHANNELS)
+        .chunks(width)
         .map(|r| r.to_vec())
         .collect();
-    let mut means = vec![vec![0.0f32; CHANNELS]; CLASSES];
+    let mut means = vec![vec![0.0f32; width]; CLASSES];
     for (row, &label) in rows.iter().zip(labels) {
         for (m, v) in means[label].iter_mut().zip(row) {
             *m += v;
@@ -102,7 +108,7 @@ fn main() {
     println!(
         "GSP    {:.3}   ({} solver iterations)",
         nearest_mean_accuracy(detailed.pooled, &labels),
-        detailed.iterations
+        detailed.iterations.into_scalar::<i64>()
     );
     let object_weight: f32 = detailed
         .weights
@@ -116,6 +122,42 @@ fn main() {
         SIDE,
         SIDE * SIDE
     );
+
+    // Every other layer from its `PoolingConfig` (as a model would read it from JSON), at its
+    // initial parameters.
+    let others = [
+        PoolingConfig::Gmp(GmpConfig::new()),
+        PoolingConfig::GapGmp(GapGmpConfig::new().with_combine(GapGmpCombine::Concat)),
+        PoolingConfig::GroupGem(GroupGemConfig::new(2)),
+        PoolingConfig::Lse(LseConfig::new()),
+        PoolingConfig::TokenPooling(TokenPoolingConfig::new(vec![
+            TokenMode::Mean,
+            TokenMode::Max,
+        ])),
+        PoolingConfig::AttentionPool(AttentionPoolConfig::new(CHANNELS).with_num_heads(2)),
+        PoolingConfig::SimPool(SimPoolConfig::new(CHANNELS)),
+        PoolingConfig::NetVlad(NetVladConfig::new(CHANNELS).with_num_clusters(4)),
+        PoolingConfig::Otk(OtkConfig::new(CHANNELS).with_num_references(4)),
+        PoolingConfig::OtAggregation(
+            OtAggregationConfig::new(CHANNELS)
+                .with_num_clusters(4)
+                .with_cluster_dim(4)
+                .with_hidden_dim(16)
+                .with_token_dim(None)
+                .with_num_prefix_tokens(0),
+        ),
+    ];
+    println!("\nevery other layer, untrained (output width, accuracy):");
+    for config in others {
+        let pooling = config.init(&device);
+        let pooled = pooling.forward(maps.clone());
+        println!(
+            "{:<14} [B, {:>2}]  {:.3}",
+            pooling.name(),
+            config.output_channels(CHANNELS),
+            nearest_mean_accuracy(pooled, &labels)
+        );
+    }
 
     // Gradients reach every learnable parameter on an autodiff device.
     let train = device.clone().autodiff();
