@@ -129,3 +129,29 @@ pub fn bool_mask(valid: &[bool], b: usize, device: &Device) -> Tensor<2, Bool> {
 pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
+
+/// `x`, `len` tokens of `channels` values, padded with `fill` to `n` tokens on the right and
+/// on the left: `[("right", values, valid), ("left", values, valid)]`, the `[1, n, channels]`
+/// inputs and `[1, n]` masks of the masking-equals-dropping tests.
+pub fn padded_both_sides(
+    x: &[f64],
+    len: usize,
+    n: usize,
+    channels: usize,
+    fill: f64,
+) -> [(&'static str, Vec<f64>, Vec<bool>); 2] {
+    let pad = vec![fill; (n - len) * channels];
+    let x = &x[..len * channels];
+    [
+        (
+            "right",
+            [x, &pad[..]].concat(),
+            (0..n).map(|j| j < len).collect(),
+        ),
+        (
+            "left",
+            [&pad[..], x].concat(),
+            (0..n).map(|j| j >= n - len).collect(),
+        ),
+    ]
+}

@@ -11,7 +11,10 @@ use burn::tensor::{Device, Tensor};
 use burn_pooling::{
     AttentionPool, AttentionPoolConfig, AttentionPoolOutput, PoolingInput, SimPool, SimPoolConfig,
 };
-use common::{Rng, assert_close, bool_mask, dot, flex_f64, max_abs_difference, tensor, values};
+use common::{
+    Rng, assert_close, bool_mask, dot, flex_f64, max_abs_difference, padded_both_sides, tensor,
+    values,
+};
 use proptest::prelude::*;
 use reference::{MAP_FIELDS, MapParams, SIMPOOL_FIELDS, SimPoolParams};
 
@@ -453,18 +456,6 @@ fn simpool_gamma_one_is_the_plain_form_shifted() {
 // Properties
 // ---------------------------------------------------------------------------------------------
 
-/// Right-padded `[1, n, C]` tokens of `len` valid values, and the same left-padded, with
-/// `fill` in the padding.
-fn padded(x: &[f64], len: usize, n: usize, fill: f64) -> [(Vec<f64>, Vec<bool>); 2] {
-    let pad = vec![fill; (n - len) * C];
-    let right = [&x[..len * C], &pad[..]].concat();
-    let left = [&pad[..], &x[..len * C]].concat();
-    [
-        (right, (0..n).map(|j| j < len).collect()),
-        (left, (0..n).map(|j| j >= n - len).collect()),
-    ]
-}
-
 /// A pooling layer's forward, boxed.
 type Pool<'a> = Box<dyn Fn(PoolingInput) -> Tensor<2> + 'a>;
 
@@ -498,7 +489,7 @@ proptest! {
         ];
         for (name, pool) in &pools {
             let dropped = values(pool(PoolingInput::tokens(tensor(x.clone(), [1, len, C], &device))));
-            for (side, (values_padded, valid)) in ["right", "left"].iter().zip(padded(&x, len, n, f64::NAN)) {
+            for (side, values_padded, valid) in padded_both_sides(&x, len, n, C, f64::NAN) {
                 let input = PoolingInput::tokens(tensor(values_padded, [1, n, C], &device))
                     .with_mask(bool_mask(&valid, 1, &device));
                 let y = values(pool(input));

@@ -9,7 +9,7 @@ use burn::tensor::{Device, Tensor};
 use burn_pooling::{
     Lse, LseConfig, LseOutput, PoolingInput, TokenMode, TokenPooling, TokenPoolingConfig,
 };
-use common::{Rng, assert_close, bool_mask, dot, flex_f64, tensor, values};
+use common::{Rng, assert_close, bool_mask, dot, flex_f64, padded_both_sides, tensor, values};
 use proptest::prelude::*;
 
 const B: usize = 2;
@@ -228,22 +228,6 @@ fn token_modes_match_the_reference() {
     }
 }
 
-/// Right-padded `[1, n, C]` tokens of `len` valid values, and the same left-padded, with
-/// `fill` in the padding.
-fn padded(
-    x: &[f64],
-    len: usize,
-    n: usize,
-    fill: f64,
-) -> (Vec<f64>, Vec<bool>, Vec<f64>, Vec<bool>) {
-    let pad = vec![fill; (n - len) * C];
-    let right = [&x[..len * C], &pad[..]].concat();
-    let left = [&pad[..], &x[..len * C]].concat();
-    let right_valid = (0..n).map(|j| j < len).collect();
-    let left_valid = (0..n).map(|j| j >= n - len).collect();
-    (right, right_valid, left, left_valid)
-}
-
 /// A pooling layer's forward, boxed.
 type Pool<'a> = Box<dyn Fn(PoolingInput) -> Tensor<2> + 'a>;
 
@@ -270,7 +254,7 @@ proptest! {
         let n = len + extra;
         let mut rng = Rng::new(seed);
         let x: Vec<f64> = (0..len * C).map(|_| rng.uniform(-2.0, 2.0)).collect();
-        let (right, right_valid, left, left_valid) = padded(&x, len, n, f64::NAN);
+        let sides = padded_both_sides(&x, len, n, C, f64::NAN);
         let lse = |output| {
             let layer = LseConfig::new().with_output(output).init(&device);
             Lse { rho: Param::from_tensor(tensor(vec![rho], [1], &device)), ..layer }
@@ -284,10 +268,10 @@ proptest! {
         ];
         for (name, pool) in &pools {
             let dropped = values(pool(PoolingInput::tokens(tensor(x.clone(), [1, len, C], &device))));
-            let from_right = pool_masked(pool.as_ref(), &right, &right_valid);
-            let from_left = pool_masked(pool.as_ref(), &left, &left_valid);
-            assert_close(&from_right, &dropped, 1e-12, 1e-12, &format!("{name}: right = dropped"));
-            assert_close(&from_left, &dropped, 1e-12, 1e-12, &format!("{name}: left = dropped"));
+            for (side, padded, valid) in &sides {
+                let pooled = pool_masked(pool.as_ref(), padded, valid);
+                assert_close(&pooled, &dropped, 1e-12, 1e-12, &format!("{name}: {side} = dropped"));
+            }
         }
     }
 

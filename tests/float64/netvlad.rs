@@ -7,7 +7,10 @@ use crate::{common, reference};
 use burn::module::Param;
 use burn::tensor::Device;
 use burn_pooling::{NetVlad, NetVladConfig, NetVladVersion, PoolingInput};
-use common::{Rng, assert_close, bool_mask, dot, flex_f64, max_abs_difference, tensor, values};
+use common::{
+    Rng, assert_close, bool_mask, dot, flex_f64, max_abs_difference, padded_both_sides, tensor,
+    values,
+};
 
 const B: usize = 2;
 const N: usize = 6;
@@ -278,19 +281,7 @@ fn masking_equals_dropping_and_the_output_is_normalised() {
             let x: Vec<f64> = (0..len * C).map(|_| rng.uniform(-2.0, 2.0)).collect();
             let dropped = values(layer.forward_tokens(tensor(x.clone(), [1, len, C], &device)));
             let n = len + 2;
-            let pad = [f64::NAN; 2 * C];
-            for (name, padded, valid) in [
-                (
-                    "right",
-                    [&x[..], &pad[..]].concat(),
-                    (0..n).map(|j| j < len).collect::<Vec<_>>(),
-                ),
-                (
-                    "left",
-                    [&pad[..], &x[..]].concat(),
-                    (0..n).map(|j| j >= 2).collect::<Vec<_>>(),
-                ),
-            ] {
+            for (name, padded, valid) in padded_both_sides(&x, len, n, C, f64::NAN) {
                 let y = values(
                     layer.forward(
                         PoolingInput::tokens(tensor(padded, [1, n, C], &device))
