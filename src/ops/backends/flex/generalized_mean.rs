@@ -338,9 +338,11 @@ mod tests {
 /// The fused kernel and its backward against the reference composites.
 #[cfg(all(test, feature = "autodiff"))]
 mod against_composite {
-    use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData, Tolerance};
+    use burn::tensor::{Device, Tensor, Tolerance};
 
-    use super::super::simd::check::{assert_same, output_and_gradients, seeded_autodiff};
+    use super::super::simd::check::{
+        assert_same, masked_batch, output_and_gradients, seeded_autodiff,
+    };
     use crate::layout::Layout;
     use crate::maths::generalized_mean::{composite_backward, composite_forward};
     use crate::ops::routing::generalized_mean;
@@ -352,23 +354,13 @@ mod against_composite {
     #[test]
     fn fused_kernel_matches_composite_paths() {
         let device = seeded_autodiff(1);
-        let (b, n, c) = (3, 7, 5);
         for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
-            let shape = layout.dims(b, n, c);
-            let x = Tensor::<3>::random(shape, Distribution::Uniform(-0.5, 3.0), &device);
+            // The padded outlier of `masked_batch`: at p = 40 and 200 its power overflows f32,
+            // which must not reach any output or gradient.
+            let (x, mask, weights) = masked_batch(&device, layout, (-0.5, 3.0));
             // Channel 0 at the first position of each sample below the clamp.
-            let x = x.slice_fill([0..b, 0..1, 0..1], -1.0);
-            // A padded position (sample 0, position 3) far above every valid value: at p = 40
-            // and 200 its power overflows f32, which must not reach any output or gradient.
-            let x = if layout.is_channels_last() {
-                x.slice_fill([0..1, 3..4, 0..c], 50.0)
-            } else {
-                x.slice_fill([0..1, 0..c, 3..4], 50.0)
-            };
+            let x = x.slice_fill([0..3, 0..1, 0..1], -1.0);
             let powers = Tensor::<1>::from_floats([1.0, 2.5, 3.0, 40.0, 200.0], &device);
-            let keep: Vec<bool> = (0..b * n).map(|i| i % 4 != 3).collect();
-            let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep, [b, n]), &device);
-            let weights = Tensor::<2>::random([b, c], Distribution::Uniform(-1.0, 1.0), &device);
             // y, ∂L/∂x and ∂L/∂p of L = Σ weights ⊙ y, for y the kernel's or the composite's.
             let run = |pool: &dyn Fn(Tensor<3>, Tensor<1>) -> Tensor<2>| {
                 let (y, dx, dp) = output_and_gradients(pool, &x, &powers, true, &weights);

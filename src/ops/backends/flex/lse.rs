@@ -327,9 +327,11 @@ mod tests {
 /// The fused kernel and its backward against the reference composites.
 #[cfg(all(test, feature = "autodiff"))]
 mod against_composite {
-    use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData, Tolerance};
+    use burn::tensor::{Device, Tensor, Tolerance};
 
-    use super::super::simd::check::{assert_same, output_and_gradients, seeded_autodiff};
+    use super::super::simd::check::{
+        assert_same, masked_batch, output_and_gradients, seeded_autodiff,
+    };
     use crate::layout::Layout;
     use crate::maths::log_sum_exp::{LseOutput, composite_backward, composite_forward};
     use crate::ops::routing::log_sum_exp;
@@ -341,18 +343,8 @@ mod against_composite {
     #[test]
     fn fused_kernel_matches_composite_paths() {
         let device = seeded_autodiff(3);
-        let (b, n, c) = (3, 7, 5);
         for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
-            let shape = layout.dims(b, n, c);
-            let x = Tensor::<3>::random(shape, Distribution::Uniform(-1.0, 2.0), &device);
-            let x = if layout.is_channels_last() {
-                x.slice_fill([0..1, 3..4, 0..c], 50.0)
-            } else {
-                x.slice_fill([0..1, 0..c, 3..4], 50.0)
-            };
-            let keep: Vec<bool> = (0..b * n).map(|i| i % 4 != 3).collect();
-            let mask = Tensor::<2, Bool>::from_bool(TensorData::new(keep, [b, n]), &device);
-            let weights = Tensor::<2>::random([b, c], Distribution::Uniform(-1.0, 1.0), &device);
+            let (x, mask, weights) = masked_batch(&device, layout, (-1.0, 2.0));
             for kind in [LseOutput::LogSumExp, LseOutput::SoftmaxMean] {
                 for r in [1e-4, 0.5, 10.0, 200.0] {
                     let r = Tensor::<1>::from_floats([r], &device);

@@ -138,6 +138,31 @@ pub(super) mod check {
             .collect()
     }
 
+    /// The masked batch the kernels are checked against their composites on: x `[3, 7, 5]`
+    /// in `layout`, uniform in [lo, hi), with 50 at sample 0's position 3 (padded: far above
+    /// every valid value, where an unselected exp or power would overflow); the mask `[3, 7]`
+    /// (every fourth position padded); and upstream weights `[3, 5]` for L = Σ weights ⊙ y.
+    #[cfg(feature = "autodiff")]
+    pub fn masked_batch(
+        device: &Device,
+        layout: crate::layout::Layout,
+        (lo, hi): (f64, f64),
+    ) -> (Tensor<3>, Tensor<2, burn::tensor::Bool>, Tensor<2>) {
+        use burn::tensor::{Distribution, TensorData};
+        let (b, n, c) = (3, 7, 5);
+        let x = Tensor::<3>::random(layout.dims(b, n, c), Distribution::Uniform(lo, hi), device);
+        let x = if layout.is_channels_last() {
+            x.slice_fill([0..1, 3..4, 0..c], 50.0)
+        } else {
+            x.slice_fill([0..1, 0..c, 3..4], 50.0)
+        };
+        let keep: Vec<bool> = (0..b * n).map(|i| i % 4 != 3).collect();
+        let mask =
+            Tensor::<2, burn::tensor::Bool>::from_bool(TensorData::new(keep, [b, n]), device);
+        let weights = Tensor::<2>::random([b, c], Distribution::Uniform(-1.0, 1.0), device);
+        (x, mask, weights)
+    }
+
     /// `len` values in [lo, hi) from a fixed linear congruential sequence.
     pub fn values(len: usize, seed: u32, lo: f32, hi: f32) -> Vec<f32> {
         let mut state = seed.wrapping_mul(747_796_405).wrapping_add(1);
