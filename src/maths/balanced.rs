@@ -35,6 +35,16 @@ use crate::checks;
 /// rounding floor it jitters: a new record then comes ever more rarely, so the solve stops.
 pub(crate) const STALL_PATIENCE: usize = 20;
 
+/// The marginal error below which a sample solved on its own (the Flex and CubeCL kernels)
+/// counts an iteration without a new smallest error as a stall: 10³ · (K' + N) · u, the
+/// rounding floor of the error with room to spare. Above it the error can sit on a plateau
+/// (small ε, large costs: one row's mass creeping to a far column) that the iterations do
+/// leave; the portable solve rides it out on its batch mates' progress (its stall test counts
+/// any open sample's progress), and a sample alone must too.
+pub(crate) fn stall_floor(rows: usize, columns: usize, roundoff: f64) -> f64 {
+    1e3 * (rows + columns) as f64 * roundoff
+}
+
 /// The largest magnitude of a finite scaled potential or of an anchored −C/ε: a quarter of
 /// f32's largest value, so that u + v + κ never overflows (and stays finite in f64 too).
 pub(crate) const POTENTIAL_BOUND: f64 = f32::MAX as f64 / 4.0;

@@ -24,7 +24,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::tensors::{Launch, empty_like};
-use crate::maths::balanced::{BalancedSettings, POTENTIAL_BOUND, STALL_PATIENCE};
+use crate::maths::balanced::{BalancedSettings, POTENTIAL_BOUND, STALL_PATIENCE, stall_floor};
 use crate::maths::precision::unit_roundoff;
 
 /// The cube's units: a power of two (the reductions halve it), at least a warp, at most what
@@ -52,7 +52,8 @@ pub(super) fn launch_balanced_transport(
     }
     let block = block(rows, columns);
     let launch = Launch::per_sample(&costs, batch, block);
-    let slack = (rows + columns) as f64 * unit_roundoff(costs.dtype);
+    let costs_dtype = costs.dtype;
+    let slack = (rows + columns) as f64 * unit_roundoff(costs_dtype);
     balanced_transport_kernel::launch(
         &launch.client,
         launch.count,
@@ -67,6 +68,10 @@ pub(super) fn launch_balanced_transport(
         InputScalar::new(settings.tolerance, launch.dtype),
         InputScalar::new(2.0 * settings.tolerance.max(slack), launch.dtype),
         InputScalar::new(POTENTIAL_BOUND, launch.dtype),
+        InputScalar::new(
+            stall_floor(rows, columns, unit_roundoff(costs_dtype)),
+            launch.dtype,
+        ),
         // The cap fits: `MAX_SOLVER_ITERATIONS` < u32::MAX.
         settings.iteration_cap() as u32,
         STALL_PATIENCE as u32,
@@ -146,6 +151,7 @@ fn balanced_transport_kernel<F: Float>(
     tolerance: InputScalar,
     plan_tolerance: InputScalar,
     bound: InputScalar,
+    stall_floor: InputScalar,
     max_iterations: u32,
     patience: u32,
     #[comptime] block: usize,
@@ -158,6 +164,7 @@ fn balanced_transport_kernel<F: Float>(
     let neg_epsilon = neg_epsilon.get::<F>();
     let tolerance = tolerance.get::<F>();
     let plan_tolerance = plan_tolerance.get::<F>();
+    let stall_floor = stall_floor.get::<F>();
     let bound = bound.get::<F>();
     let zero = F::new(0.0);
     let one = F::new(1.0);
@@ -255,7 +262,8 @@ fn balanced_transport_kernel<F: Float>(
         if nan {
             open = zero;
         }
-        let progress = error < best;
+        // A stall only near the rounding floor (`maths::balanced::stall_floor`).
+        let progress = error < best || error > stall_floor;
         if !nan {
             best = best.min(error);
         }

@@ -20,7 +20,7 @@ use super::real::{Real, dot, lane_max, lane_sum};
 use super::simd::wide_kernel;
 use crate::maths::balanced::{
     BalancedSettings, POTENTIAL_BOUND, STALL_PATIENCE, cholesky_factor, cholesky_substitute,
-    gauge_fixed,
+    gauge_fixed, stall_floor,
 };
 use crate::maths::solver::{SolveReport, Status, Stopping};
 
@@ -53,10 +53,6 @@ pub(super) fn forward<T: Real>(
         .reduce(|| SolveReport::IMMEDIATE, SolveReport::merge);
     (plan, report)
 }
-
-/// Above this many times (K' + N) · u (the rounding of a marginal error), an iteration without a
-/// new smallest error is a plateau, not a stall (see the row loop).
-const STALL_FLOOR_FACTOR: f64 = 1e3;
 
 /// ln m, or −∞ (the mask of a zero mass) where m ≤ 0.
 fn log_mass(m: f64) -> f64 {
@@ -356,7 +352,7 @@ fn solve_sample<T: Real>(
         STALL_PATIENCE,
     );
     let mut iteration = 0;
-    let stall_floor = STALL_FLOOR_FACTOR * (n + k) as f64 * roundoff;
+    let stall_floor = stall_floor(k, n, roundoff);
     let scaling = Scaling {
         kappa,
         a,
@@ -407,11 +403,7 @@ fn solve_sample<T: Real>(
             error += (sum - a[i]).abs();
         }
         let error = error / total;
-        // A sample solved on its own counts an iteration without a new smallest error as a
-        // stall only near the float's rounding floor. Far above it the error can sit on a
-        // plateau (small ε, large costs: one row's mass creeping to a far column) that the
-        // iterations do leave; the portable solve rides it out because the batch's other
-        // samples keep making progress, and so must a sample here.
+        // A stall only near the rounding floor (`maths::balanced::stall_floor`).
         let progress = error < best || error > stall_floor;
         if !error.is_nan() {
             best = best.min(error);
