@@ -18,6 +18,7 @@ pub(crate) mod log_sum_exp;
 pub(crate) mod marginals;
 pub(crate) mod newton_step;
 pub(crate) mod precision;
+pub(crate) mod relu_dropout;
 pub(crate) mod settings;
 pub(crate) mod solver;
 pub(crate) mod weighted_sum;

@@ -245,6 +245,29 @@ pub trait PoolingOps: TensorBridge {
         portable::log_sum_exp_backward::<Self>(x, r, mask, output, grad, layout, kind)
     }
 
+    /// A perceptron's hidden activation with inverted dropout, `relu(hidden + bias) ⊙ k /
+    /// (1 − p)` for `hidden` `[R, H]` (the layer's product x·w), `bias` `[H]` and drop
+    /// probability `drop` = p ∈ [0, 1), each k ~ Bernoulli(1 − p) from the device's random
+    /// numbers (p = 0: no dropout): `[R, H]`.
+    fn bias_relu_dropout(
+        hidden: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        drop: f64,
+    ) -> FloatTensor<Self> {
+        portable::bias_relu_dropout::<Self>(hidden, bias, drop)
+    }
+
+    /// (∂L/∂hidden `[R, H]`, ∂L/∂bias `[H]`) of
+    /// [`bias_relu_dropout`](Self::bias_relu_dropout) from its output and ∂L/∂output: the
+    /// output is positive exactly where the gradient passes, so no mask is kept.
+    fn bias_relu_dropout_backward(
+        output: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        drop: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        portable::bias_relu_dropout_backward::<Self>(output, grad, drop)
+    }
+
     /// A weighted sum of `x` `[B, C, N]` or `[B, N, C]` (as `layout` says) over one axis:
     /// over the positions, y_bc = Σ_n v_bn x_bnc with `vector` `[B, N]` gives `[B, C]` (GAP's
     /// masked mean and GSP's pooling); over the channels, z_bn = Σ_c v_bc x_bnc with `vector`

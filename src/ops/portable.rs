@@ -12,6 +12,7 @@ use crate::maths::generalized_mean::{composite_backward, composite_forward};
 use crate::maths::implicit_backward::implicit_cost_gradient;
 use crate::maths::log_sum_exp::{self, LseOutput};
 use crate::maths::marginals::{marginals_gradient_as_plan_gradient, marginals_of};
+use crate::maths::relu_dropout;
 use crate::maths::settings::TransportSettings;
 use crate::maths::solver::{report_tensors, solve};
 use crate::maths::weighted_sum;
@@ -195,4 +196,26 @@ pub(crate) fn weighted_sum_features_backward<B: TensorBridge>(
         B::wrap(grad),
         layout,
     ))
+}
+
+pub(crate) fn bias_relu_dropout<B: TensorBridge>(
+    hidden: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    drop: f64,
+) -> FloatTensor<B> {
+    B::unwrap(relu_dropout::composite_forward(
+        B::wrap(hidden),
+        B::wrap(bias),
+        drop,
+    ))
+}
+
+pub(crate) fn bias_relu_dropout_backward<B: TensorBridge>(
+    output: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    drop: f64,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (d_hidden, d_bias) =
+        relu_dropout::closed_form_backward(B::wrap(output), B::wrap(grad), drop);
+    (B::unwrap(d_hidden), B::unwrap(d_bias))
 }

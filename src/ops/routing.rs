@@ -19,6 +19,7 @@ use crate::maths::generalized_mean::composite_forward;
 use crate::maths::log_sum_exp::{self, LseOutput};
 use crate::maths::marginals::marginals_of;
 use crate::maths::newton_step::partial_transport_newton_step;
+use crate::maths::relu_dropout;
 use crate::maths::settings::TransportSettings;
 use crate::maths::weighted_sum;
 
@@ -208,6 +209,19 @@ pub(crate) fn log_sum_exp(
         mask.into_dispatch(),
         layout,
         output,
+    ))
+}
+
+/// `relu(hidden + bias)` with inverted dropout at probability `drop` (0: none), for the
+/// product `hidden` `[R, H]` of a perceptron's first layer and its `bias` `[H]`.
+pub(crate) fn bias_relu_dropout(hidden: Tensor<2>, bias: Tensor<1>, drop: f64) -> Tensor<2> {
+    if !kernels_run_on(&hidden.device()) {
+        return relu_dropout::composite_forward(hidden, bias, drop);
+    }
+    Tensor::from_dispatch(<Dispatch as PoolingOps>::bias_relu_dropout(
+        hidden.into_dispatch(),
+        bias.into_dispatch(),
+        drop,
     ))
 }
 

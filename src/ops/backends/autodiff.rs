@@ -169,6 +169,29 @@ impl<B: Backend + PoolingOps> Backward<B, 2> for LogSumExpBackward {
     }
 }
 
+/// The autodiff node of one hidden activation with dropout: its backward reads the output
+/// only (the positive outputs are where the gradient passes).
+#[derive(Debug)]
+struct BiasReluDropoutBackward;
+
+impl<B: Backend + PoolingOps> Backward<B, 2> for BiasReluDropoutBackward {
+    /// The output, the drop probability.
+    type State = (FloatTensor<B>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (output, drop) = ops.state;
+        let [hidden_node, bias_node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (d_hidden, d_bias) = B::bias_relu_dropout_backward(output, grad, drop);
+        if let Some(node) = hidden_node {
+            grads.register::<B>(node.id, d_hidden);
+        }
+        if let Some(node) = bias_node {
+            grads.register::<B>(node.id, d_bias);
+        }
+    }
+}
+
 /// The autodiff node of one weighted sum: each gradient is computed only if its input is
 /// tracked (GAP's weights never are). The two sums are each other's transpose: the vector's
 /// gradient is the sum over the other axis, the features' one the outer product of the
@@ -310,6 +333,13 @@ where
         let pooled = B::log_sum_exp(x.clone(), r.clone(), mask.clone(), layout, output);
         let state = |pooled: &FloatTensor<B>| (x, r, mask, pooled.clone(), layout, output);
         record::<B, C, _, 2>(LogSumExpBackward, parents, pooled, state)
+    }
+
+    fn bias_relu_dropout(hidden: Tracked<B, C>, bias: Tracked<B, C>, drop: f64) -> Tracked<B, C> {
+        let parents = [hidden.node(), bias.node()];
+        let output = B::bias_relu_dropout(hidden.into_primitive(), bias.into_primitive(), drop);
+        let state = |output: &FloatTensor<B>| (output.clone(), drop);
+        record::<B, C, _, 2>(BiasReluDropoutBackward, parents, output, state)
     }
 
     fn weighted_sum(

@@ -16,6 +16,7 @@ use super::netvlad::unit;
 use crate::checks;
 use crate::display::one_line_display;
 use crate::layout::Layout;
+use crate::ops::routing;
 use crate::pooling::input::{PoolingInput, Positions};
 use crate::transport::{BalancedPlan, BalancedSettings, Dustbin, balanced_transport};
 
@@ -259,8 +260,10 @@ pub struct OtAggregationOutput {
 /// y   = v / max(‖v‖, eps),   v = (t, V flattened l-major)              eps = 1e-12
 /// ```
 ///
-/// The first layers of the feature and score MLPs run as one `[B·N, C]·[C, 2·512]` product
-/// (their weights concatenated at each forward), channels last; `V` is one batched matmul
+/// Each first layer of the feature and score MLPs is one `[B·N, C]·[C, 512]` product,
+/// channels last, followed by one pass that adds the bias and applies ReLU and dropout (in
+/// place on Flex, the keep decisions hashed from the element's index, no mask stored: the
+/// backward reads the output; docs/maths.md §13). `V` is one batched matmul
 /// `[m, N]·[N, l]` per sample, never the reference's broadcast `[l, m, N]` product.
 ///
 /// **Output order** (the reference's, so that a ported checkpoint gives the same
@@ -316,7 +319,9 @@ pub struct OtAggregation {
     pub token_out: Option<Linear>,
     /// The dustbin score z, `[1]` (`dust_bin`). Its gradient is 0.
     pub dustbin: Param<Tensor<1>>,
-    /// The dropout of the feature and score MLPs.
+    /// The dropout of the feature and score MLPs: its probability and training flag, which
+    /// the fused activation follows as Burn's `Dropout` would (active only in training on an
+    /// autodiff device).
     pub dropout: Dropout,
     /// The entropy weight ε.
     pub epsilon: f64,
@@ -550,41 +555,30 @@ impl OtAggregation {
             layout,
             mask,
         } = positions;
-        // Channels last [B·N, C]: one product for both first layers.
+        // Channels last [B·N, C].
         let tokens = match layout {
             Layout::ChannelsLast => features,
             Layout::ChannelsFirst => features.swap_dims(1, 2),
         }
         .reshape([batch * count, channels]);
-        let hidden_width = dims(&self.features_hidden)[1];
-        let first = Tensor::cat(
-            vec![
-                self.features_hidden.weight.val(),
-                self.scores_hidden.weight.val(),
-            ],
-            1,
-        );
-        let hidden = tokens.matmul(first);
-        let hidden = match (&self.features_hidden.bias, &self.scores_hidden.bias) {
-            (Some(a), Some(b)) => hidden + Tensor::cat(vec![a.val(), b.val()], 0).unsqueeze(),
-            (a, b) => {
-                let bias = |bias: &Option<Param<Tensor<1>>>| {
-                    bias.as_ref()
-                        .map(|b| b.val())
-                        .unwrap_or_else(|| Tensor::zeros([hidden_width], &device))
-                };
-                hidden + Tensor::cat(vec![bias(a), bias(b)], 0).unsqueeze()
-            }
+        let drop = self.active_dropout(&device);
+        // Each MLP's first layer: Burn's product, then bias, ReLU and dropout in one pass
+        // (`routing::bias_relu_dropout`: on Flex in place, with no stored mask).
+        let hidden = |layer: &Linear| {
+            let product = tokens.clone().matmul(layer.weight.val());
+            let bias = match &layer.bias {
+                Some(bias) => bias.val(),
+                None => Tensor::zeros([dims(layer)[1]], &device),
+            };
+            routing::bias_relu_dropout(product, bias, drop)
         };
-        let hidden = self.dropout.forward(relu(hidden));
-        let rows = batch * count;
         let cluster_features = self
             .features_out
-            .forward(hidden.clone().slice([0..rows, 0..hidden_width]))
+            .forward(hidden(&self.features_hidden))
             .reshape([batch, count, self.cluster_dim()]);
         let scores = self
             .scores_out
-            .forward(hidden.slice([0..rows, hidden_width..2 * hidden_width]))
+            .forward(hidden(&self.scores_hidden))
             .reshape([batch, count, clusters]);
         let (plan, solved) = self.transport(scores, valid, mask);
         // V [B, m, l]: one batched matmul; each cluster's vector normalised, then l-major.
@@ -604,6 +598,17 @@ impl OtAggregation {
             plan: solved.plan,
             iterations: solved.iterations,
             converged: solved.converged,
+        }
+    }
+
+    /// The drop probability this forward applies: the configured one where Burn's `Dropout`
+    /// would apply it (training flag set, on an autodiff device), else 0.
+    fn active_dropout(&self, device: &Device) -> f64 {
+        let dropout = &self.dropout;
+        if dropout.training.is_enabled() && device.is_autodiff() {
+            dropout.prob
+        } else {
+            0.0
         }
     }
 

@@ -13,6 +13,7 @@ mod generalized_mean;
 mod lse;
 mod product;
 mod real;
+mod relu_dropout;
 mod simd;
 mod transport;
 mod weighted_sum;
@@ -275,6 +276,27 @@ impl PoolingOps for Flex {
         (kernel_output(dx, dtype), kernel_output(dr, r_dtype))
     }
 
+    fn bias_relu_dropout(hidden: Float, bias: Float, drop: f64) -> Float {
+        let dtype = hidden.dtype();
+        let dropout = (drop > 0.0).then(|| (relu_dropout::Dropout::new(drop, dropout_key()), drop));
+        let [mut hidden, bias] = [hidden, bias].map(kernel_input);
+        with_float!(hidden.dtype(), "bias, relu and dropout", T => {
+            relu_dropout::forward::<T>(values_mut(&mut hidden), view(&bias), dropout)
+        });
+        kernel_output(hidden, dtype)
+    }
+
+    fn bias_relu_dropout_backward(output: Float, grad: Float, drop: f64) -> (Float, Float) {
+        let [_, width] = dims2(&output);
+        let dtype = grad.dtype();
+        let [output, mut grad] = [output, grad].map(kernel_input);
+        let d_bias = with_float!(grad.dtype(), "bias, relu and dropout", T => {
+            let sums = relu_dropout::backward::<T>(values_mut(&mut grad), view(&output), width, drop);
+            tensor(sums, [width])
+        });
+        (kernel_output(grad, dtype), kernel_output(d_bias, dtype))
+    }
+
     fn weighted_sum(x: Float, vector: Float, layout: Layout, over: SumOver) -> Float {
         let shape = Shape3::of(&x, layout);
         let dtype = x.dtype();
@@ -355,6 +377,31 @@ fn solve(
     let iterations = tensor(vec![report.iterations as i64], [1]);
     let converged = FlexTensor::from_data(TensorData::new(vec![report.converged], [1]));
     (plan, iterations, converged)
+}
+
+/// A 64-bit key for [`relu_dropout::Dropout`], drawn from Flex's random numbers (so
+/// `Device::seed` makes a run repeat).
+fn dropout_key() -> [u32; 2] {
+    let draw = Flex::float_random(
+        [2].into(),
+        burn::tensor::Distribution::Uniform(0.0, 1.0),
+        &Default::default(),
+        FloatDType::F64,
+    );
+    let draw = view::<f64>(&draw);
+    [0, 1].map(|i| (draw[i] * 4_294_967_296.0) as u32)
+}
+
+/// The elements of a contiguous tensor for writing in place: its own storage when it is the
+/// tensor's whole buffer (copied first if shared), else a fresh copy that replaces it.
+fn values_mut<T: Element + bytemuck::Pod>(tensor: &mut FlexTensor) -> &mut [T] {
+    let whole =
+        tensor.layout().contiguous_offsets() == Some((0, tensor.bytes().len() / size_of::<T>()));
+    if !whole {
+        let copy = view::<T>(tensor).to_vec();
+        *tensor = self::tensor(copy, tensor.shape().clone());
+    }
+    tensor.storage_mut::<T>()
 }
 
 /// A contiguous input in a dtype the kernels take: halves are widened to f32.
@@ -514,6 +561,9 @@ mod tests {
             let costs_grad = input(values(b * k * n, 7, -1.0, 1.0), &[b, k, n]);
             let plan_grad = input(values(b * (k + 1) * n, 8, -1.0, 1.0), &[b, k + 1, n]);
             let marginals_grad = input(values(b * (n + k), 9, -1.0, 1.0), &[b, n + k]);
+            let hidden = input(values(n * c, 10, -1.0, 1.0), &[n, c]);
+            let bias = input(values(c, 11, -0.5, 0.5), &[c]);
+            let hidden_grad = input(values(n * c, 12, -1.0, 1.0), &[n, c]);
 
             let run = |half: bool| {
                 let pick = |pair: &(FlexTensor, FlexTensor)| {
@@ -579,6 +629,20 @@ mod tests {
                 );
                 let d_weights =
                     Flex::weighted_sum(pick(&x), pick(&pooled_grad), layout, SumOver::Channels);
+                let activated = Flex::bias_relu_dropout(pick(&hidden), pick(&bias), 0.0);
+                let (d_hidden, d_bias) = Flex::bias_relu_dropout_backward(
+                    pick(&pair(&activated)),
+                    pick(&hidden_grad),
+                    0.0,
+                );
+                outputs.extend([
+                    ("bias, relu and dropout".to_string(), activated),
+                    (
+                        "bias, relu and dropout backward: hidden".to_string(),
+                        d_hidden,
+                    ),
+                    ("bias, relu and dropout backward: bias".to_string(), d_bias),
+                ]);
                 outputs.extend([
                     ("generalized mean".to_string(), mean),
                     ("generalized mean backward: x".to_string(), d_positive),
