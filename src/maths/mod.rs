@@ -14,6 +14,7 @@ pub(crate) mod balanced;
 pub(crate) mod costs;
 pub(crate) mod generalized_mean;
 pub(crate) mod implicit_backward;
+pub(crate) mod l2_normalize;
 pub(crate) mod log_sum_exp;
 pub(crate) mod marginals;
 pub(crate) mod newton_step;

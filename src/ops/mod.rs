@@ -245,6 +245,25 @@ pub trait PoolingOps: TensorBridge {
         portable::log_sum_exp_backward::<Self>(x, r, mask, output, grad, layout, kind)
     }
 
+    /// `x / max(‖x‖, eps)` along `axis` of `x` (any rank, contiguous or not), eps = 1e-12
+    /// (f16: 2.4e-4), with ‖x‖ computed on x / max(1, max |x|) so that it cannot overflow.
+    /// Returns the output, then the denominators max(‖x‖, eps) with `axis` kept at size 1
+    /// (never tracked: what the backward reads).
+    fn l2_normalize(x: FloatTensor<Self>, axis: usize) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        portable::l2_normalize::<Self>(x, axis)
+    }
+
+    /// ∂L/∂x of [`l2_normalize`](Self::l2_normalize) from its output, denominators and
+    /// ∂L/∂output.
+    fn l2_normalize_backward(
+        output: FloatTensor<Self>,
+        denominator: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        axis: usize,
+    ) -> FloatTensor<Self> {
+        portable::l2_normalize_backward::<Self>(output, denominator, grad, axis)
+    }
+
     /// A perceptron's hidden activation with inverted dropout, `relu(hidden + bias) ⊙ k /
     /// (1 − p)` for `hidden` `[R, H]` (the layer's product x·w), `bias` `[H]` and drop
     /// probability `drop` = p ∈ [0, 1), each k ~ Bernoulli(1 − p) from the device's random

@@ -2,7 +2,9 @@
 //! [`crate::maths`] on the backend's primitives, through its [`TensorBridge`]. Cube's kernels
 //! also fall back to them when Burn's fusion wraps the backend.
 
+use burn::backend::TensorMetadata;
 use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
+use burn::tensor::Shape;
 
 use super::{SumOver, TensorBridge, TransportOutput};
 use crate::layout::Layout;
@@ -10,6 +12,7 @@ use crate::maths::balanced::{self, BalancedSettings};
 use crate::maths::costs::{composite_costs, costs_gradient};
 use crate::maths::generalized_mean::{composite_backward, composite_forward};
 use crate::maths::implicit_backward::implicit_cost_gradient;
+use crate::maths::l2_normalize;
 use crate::maths::log_sum_exp::{self, LseOutput};
 use crate::maths::marginals::{marginals_gradient_as_plan_gradient, marginals_of};
 use crate::maths::relu_dropout;
@@ -218,4 +221,47 @@ pub(crate) fn bias_relu_dropout_backward<B: TensorBridge>(
     let (d_hidden, d_bias) =
         relu_dropout::closed_form_backward(B::wrap(output), B::wrap(grad), drop);
     (B::unwrap(d_hidden), B::unwrap(d_bias))
+}
+
+/// The bridge only speaks fixed ranks: the normalisation runs on the rank-3 view
+/// `[outer, len, inner]` of `x` with `axis` in the middle, and returns to `x`'s shape (the
+/// denominators with `axis` at size 1).
+fn around_axis<B: TensorBridge>(x: &FloatTensor<B>, axis: usize) -> (Shape, Shape, Shape) {
+    let dims = x.shape();
+    let outer = dims[..axis].iter().product();
+    let inner = dims[axis + 1..].iter().product();
+    let mut kept = dims.clone();
+    kept[axis] = 1;
+    (Shape::new([outer, dims[axis], inner]), dims, kept)
+}
+
+pub(crate) fn l2_normalize<B: TensorBridge>(
+    x: FloatTensor<B>,
+    axis: usize,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (view, dims, kept) = around_axis::<B>(&x, axis);
+    let x = B::wrap::<3>(B::float_reshape(x, view));
+    let (y, d) = l2_normalize::composite_forward(x, 1);
+    (
+        B::float_reshape(B::unwrap(y), dims),
+        B::float_reshape(B::unwrap(d), kept),
+    )
+}
+
+pub(crate) fn l2_normalize_backward<B: TensorBridge>(
+    output: FloatTensor<B>,
+    denominator: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    axis: usize,
+) -> FloatTensor<B> {
+    let (view, dims, _) = around_axis::<B>(&output, axis);
+    let [outer, _, inner] = [view[0], view[1], view[2]];
+    let wrap = |t: FloatTensor<B>, shape: Shape| B::wrap::<3>(B::float_reshape(t, shape));
+    let dx = l2_normalize::closed_form_backward(
+        wrap(output, view.clone()),
+        wrap(denominator, Shape::new([outer, 1, inner])),
+        wrap(grad, view),
+        1,
+    );
+    B::float_reshape(B::unwrap(dx), dims)
 }

@@ -16,6 +16,7 @@ use crate::layout::Layout;
 use crate::maths::balanced::{BalancedSettings, solve_with_tracked_step};
 use crate::maths::costs::composite_costs;
 use crate::maths::generalized_mean::composite_forward;
+use crate::maths::l2_normalize;
 use crate::maths::log_sum_exp::{self, LseOutput};
 use crate::maths::marginals::marginals_of;
 use crate::maths::newton_step::partial_transport_newton_step;
@@ -210,6 +211,16 @@ pub(crate) fn log_sum_exp(
         layout,
         output,
     ))
+}
+
+/// `v / max(‖v‖, eps)` along `axis` (eps = 1e-12; f16: 2.4e-4), overflow-safe: see
+/// [`PoolingOps::l2_normalize`].
+pub(crate) fn l2_normalize<const D: usize>(v: Tensor<D>, axis: usize) -> Tensor<D> {
+    if !kernels_run_on(&v.device()) {
+        return l2_normalize::composite_forward(v, axis).0;
+    }
+    let (output, _) = <Dispatch as PoolingOps>::l2_normalize(v.into_dispatch(), axis);
+    Tensor::from_dispatch(output)
 }
 
 /// `relu(hidden + bias)` with inverted dropout at probability `drop` (0: none), for the

@@ -169,6 +169,26 @@ impl<B: Backend + PoolingOps> Backward<B, 2> for LogSumExpBackward {
     }
 }
 
+/// The autodiff node of one L2 normalisation: its backward reads the output and the
+/// denominators.
+#[derive(Debug)]
+struct L2NormalizeBackward;
+
+impl<B: Backend + PoolingOps> Backward<B, 1> for L2NormalizeBackward {
+    /// The output, the denominators, the axis.
+    type State = (FloatTensor<B>, FloatTensor<B>, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (output, denominator, axis) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let [node] = ops.parents;
+        if let Some(node) = node {
+            let dx = B::l2_normalize_backward(output, denominator, grad, axis);
+            grads.register::<B>(node.id, dx);
+        }
+    }
+}
+
 /// The autodiff node of one hidden activation with dropout: its backward reads the output
 /// only (the positive outputs are where the gradient passes).
 #[derive(Debug)]
@@ -333,6 +353,14 @@ where
         let pooled = B::log_sum_exp(x.clone(), r.clone(), mask.clone(), layout, output);
         let state = |pooled: &FloatTensor<B>| (x, r, mask, pooled.clone(), layout, output);
         record::<B, C, _, 2>(LogSumExpBackward, parents, pooled, state)
+    }
+
+    fn l2_normalize(x: Tracked<B, C>, axis: usize) -> (Tracked<B, C>, Tracked<B, C>) {
+        let parents = [x.node()];
+        let (output, denominator) = B::l2_normalize(x.into_primitive(), axis);
+        let state = |output: &FloatTensor<B>| (output.clone(), denominator.clone(), axis);
+        let output = record::<B, C, _, 1>(L2NormalizeBackward, parents, output, state);
+        (output, <Self as AutodiffBackend>::from_inner(denominator))
     }
 
     fn bias_relu_dropout(hidden: Tracked<B, C>, bias: Tracked<B, C>, drop: f64) -> Tracked<B, C> {

@@ -14,13 +14,14 @@ use burn::tensor::{DType, Device, Tensor};
 use crate::checks;
 use crate::display::one_line_display;
 use crate::layout::Layout;
+use crate::ops::routing::l2_normalize;
 use crate::pooling::input::{PoolingInput, Positions};
 
 use super::kmeans::{kmeans, squared_distances};
 
 /// The clamp of every L2 normalisation of [`NetVlad`]: `v / max(‖v‖, 1e-12)` (PyTorch's
 /// `F.normalize` default, the PyTorch port's).
-pub const NETVLAD_EPS: f64 = 1e-12;
+pub const NETVLAD_EPS: f64 = crate::maths::l2_normalize::L2_EPS;
 
 /// Which NetVLAD [`NetVlad`] computes. Default: [`V1`](Self::V1).
 ///
@@ -202,25 +203,6 @@ one_line_display!(NetVlad, |vlad|
     "num_prefix_tokens" => vlad.num_prefix_tokens,
 );
 
-/// `v / max(‖v‖, eps)` along `axis`, computed on `v / max(1, max_i |v_i|)` (a detached scale
-/// the result does not depend on) so that ‖v‖² cannot overflow.
-pub(super) fn unit<const D: usize>(v: Tensor<D>, axis: usize) -> Tensor<D> {
-    let scale = v.clone().abs().max_dim(axis).clamp_min(1.0).detach();
-    let v = v / scale;
-    let floor = squared_floor(v.dtype());
-    let norm = v.clone().square().sum_dim(axis).clamp_min(floor).sqrt();
-    v / norm
-}
-
-/// The clamp of ‖v‖² in [`unit`]: eps² = 1e-24, except in f16, where 1e-24 rounds to 0: there
-/// it is the smallest subnormal, 6e-8 (eps ≈ 2.4e-4), so that a zero vector gives 0, not 0/0.
-fn squared_floor(dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => 6.0e-8,
-        _ => NETVLAD_EPS * NETVLAD_EPS,
-    }
-}
-
 /// The dtype's largest finite value: where V2's logits are clamped.
 fn largest(dtype: DType) -> f64 {
     match dtype {
@@ -239,7 +221,7 @@ fn tied_assignment(
     version: NetVladVersion,
 ) -> (Tensor<2>, Option<Tensor<1>>) {
     match version {
-        NetVladVersion::V1 => (unit(centroids, 1).mul_scalar(alpha), None),
+        NetVladVersion::V1 => (l2_normalize(centroids, 1).mul_scalar(alpha), None),
         NetVladVersion::V2 => {
             let bias = centroids.clone().square().sum_dim(1).mul_scalar(-alpha);
             (centroids.mul_scalar(2.0 * alpha), Some(bias.squeeze_dim(1)))
@@ -338,7 +320,7 @@ impl NetVlad {
         );
         let descriptors = descriptors.detach();
         let data = match self.version {
-            NetVladVersion::V1 => unit(descriptors, 1),
+            NetVladVersion::V1 => l2_normalize(descriptors, 1),
             NetVladVersion::V2 => descriptors,
         };
         let centres = kmeans(data.clone(), clusters, iterations, false);
@@ -348,7 +330,7 @@ impl NetVlad {
             let scores = match self.version {
                 // −d² (larger is nearer): the gap of the two largest is d₂² − d₁².
                 NetVladVersion::V2 => squared_distances(data, centres.clone()).neg(),
-                NetVladVersion::V1 => data.matmul(unit(centres.clone(), 1).transpose()),
+                NetVladVersion::V1 => data.matmul(l2_normalize(centres.clone(), 1).transpose()),
             };
             let top = scores.topk(2, 1);
             let [_, two] = top.dims();
@@ -446,7 +428,7 @@ impl NetVlad {
         } = positions;
         let dtype = features.dtype();
         let (features, scale) = match self.version {
-            NetVladVersion::V1 => (unit(features, layout.channel_axis()), None),
+            NetVladVersion::V1 => (l2_normalize(features, layout.channel_axis()), None),
             NetVladVersion::V2 => {
                 // s = max(1, max_j |x_j|) per sample: V / s is intra-normalised to the same
                 // blocks, and cannot overflow.
@@ -511,9 +493,9 @@ impl NetVlad {
             None => mass * centroids,
         };
         // Both normalisations scale first, so that ‖V_k‖² cannot overflow (up to N², f16).
-        let residuals = unit(weighted - shifted, 2);
+        let residuals = l2_normalize(weighted - shifted, 2);
         let flat = residuals.reshape([batch, clusters * channels]);
-        unit(flat, 1)
+        l2_normalize(flat, 1)
     }
 }
 

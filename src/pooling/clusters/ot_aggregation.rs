@@ -12,11 +12,11 @@ use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Bool, Device, Int, Tensor};
 
-use super::netvlad::unit;
 use crate::checks;
 use crate::display::one_line_display;
 use crate::layout::Layout;
 use crate::ops::routing;
+use crate::ops::routing::l2_normalize;
 use crate::pooling::input::{PoolingInput, Positions};
 use crate::transport::{BalancedPlan, BalancedSettings, Dustbin, balanced_transport};
 
@@ -582,19 +582,19 @@ impl OtAggregation {
             .reshape([batch, count, clusters]);
         let (plan, solved) = self.transport(scores, valid, mask);
         // V [B, m, l]: one batched matmul; each cluster's vector normalised, then l-major.
-        let aggregated = unit(plan.matmul(cluster_features), 2);
+        let aggregated = l2_normalize(plan.matmul(cluster_features), 2);
         let flat = aggregated
             .swap_dims(1, 2)
             .reshape([batch, self.cluster_dim() * clusters]);
         let whole = match (global, &self.token_hidden, &self.token_out) {
             (Some(global), Some(first), Some(second)) => {
                 let token = second.forward(relu(first.forward(global)));
-                Tensor::cat(vec![unit(token, 1), flat], 1)
+                Tensor::cat(vec![l2_normalize(token, 1), flat], 1)
             }
             _ => flat,
         };
         OtAggregationOutput {
-            pooled: unit(whole, 1),
+            pooled: l2_normalize(whole, 1),
             plan: solved.plan,
             iterations: solved.iterations,
             converged: solved.converged,

@@ -12,11 +12,11 @@ use burn::nn::Initializer;
 use burn::tensor::{Bool, DType, Device, Int, Tensor};
 
 use super::kmeans::kmeans;
-use super::netvlad::unit;
 use crate::checks;
 use crate::display::one_line_display;
 use crate::layout::Layout;
 use crate::maths::balanced::POTENTIAL_BOUND;
+use crate::ops::routing::l2_normalize;
 use crate::pooling::input::{PoolingInput, Positions};
 use crate::transport::{BalancedSettings, balanced_transport};
 
@@ -279,7 +279,7 @@ impl Otk {
             "Otk::init_from_tokens: need at least heads·p = {} tokens, got {count}",
             heads * references
         );
-        let data = unit(tokens.detach(), 1);
+        let data = l2_normalize(tokens.detach(), 1);
         let share = count / heads;
         let centres = (0..heads)
             .map(|head| {

@@ -10,6 +10,7 @@
 mod balanced;
 mod costs;
 mod generalized_mean;
+mod l2_normalize;
 mod lse;
 mod product;
 mod real;
@@ -27,6 +28,7 @@ use burn::tensor::{DType, Element, FloatDType, TensorData};
 
 use crate::layout::Layout;
 use crate::maths::balanced::BalancedSettings;
+use crate::maths::l2_normalize as maths_l2;
 use crate::maths::log_sum_exp::LseOutput;
 use crate::maths::precision::unit_roundoff;
 use crate::maths::settings::TransportSettings;
@@ -276,6 +278,30 @@ impl PoolingOps for Flex {
         (kernel_output(dx, dtype), kernel_output(dr, r_dtype))
     }
 
+    fn l2_normalize(x: Float, axis: usize) -> (Float, Float) {
+        let dtype = x.dtype();
+        let (shape, dims, kept) = around_axis(&x, axis);
+        let eps = maths_l2::eps_for(dtype);
+        let x = kernel_input(x);
+        let (y, d) = with_float!(x.dtype(), "L2 normalisation", T => {
+            let (y, d) = l2_normalize::forward::<T>(view(&x), shape, eps);
+            (tensor(y, dims), tensor(d, kept))
+        });
+        (kernel_output(y, dtype), kernel_output(d, dtype))
+    }
+
+    fn l2_normalize_backward(output: Float, denominator: Float, grad: Float, axis: usize) -> Float {
+        let dtype = output.dtype();
+        let (shape, dims, _) = around_axis(&output, axis);
+        let eps = maths_l2::eps_for(dtype);
+        let [output, denominator, grad] = [output, denominator, grad].map(kernel_input);
+        let dx = with_float!(output.dtype(), "L2 normalisation", T => {
+            let dx = l2_normalize::backward::<T>(view(&output), view(&denominator), view(&grad), shape, eps);
+            tensor(dx, dims)
+        });
+        kernel_output(dx, dtype)
+    }
+
     fn bias_relu_dropout(hidden: Float, bias: Float, drop: f64) -> Float {
         let dtype = hidden.dtype();
         let dropout = (drop > 0.0).then(|| (relu_dropout::Dropout::new(drop, dropout_key()), drop));
@@ -377,6 +403,26 @@ fn solve(
     let iterations = tensor(vec![report.iterations as i64], [1]);
     let converged = FlexTensor::from_data(TensorData::new(vec![report.converged], [1]));
     (plan, iterations, converged)
+}
+
+/// `x` as `[outer, len, inner]` around `axis`, its shape, and its shape with `axis` at 1.
+fn around_axis(
+    x: &FlexTensor,
+    axis: usize,
+) -> (
+    l2_normalize::AroundAxis,
+    burn::tensor::Shape,
+    burn::tensor::Shape,
+) {
+    let dims = x.shape().clone();
+    let mut kept = dims.clone();
+    kept[axis] = 1;
+    let shape = l2_normalize::AroundAxis {
+        outer: dims[..axis].iter().product(),
+        len: dims[axis],
+        inner: dims[axis + 1..].iter().product(),
+    };
+    (shape, dims, kept)
 }
 
 /// A 64-bit key for [`relu_dropout::Dropout`], drawn from Flex's random numbers (so
@@ -642,6 +688,18 @@ mod tests {
                         d_hidden,
                     ),
                     ("bias, relu and dropout backward: bias".to_string(), d_bias),
+                ]);
+                let (normalised, denominators) = Flex::l2_normalize(pick(&x), 1);
+                let d_normalised = Flex::l2_normalize_backward(
+                    pick(&pair(&normalised)),
+                    pick(&pair(&denominators)),
+                    pick(&x),
+                    1,
+                );
+                outputs.extend([
+                    ("L2 normalisation".to_string(), normalised),
+                    ("L2 normalisation: denominators".to_string(), denominators),
+                    ("L2 normalisation backward".to_string(), d_normalised),
                 ]);
                 outputs.extend([
                     ("generalized mean".to_string(), mean),

@@ -1,0 +1,183 @@
+//! L2 normalisation along one axis (`maths::l2_normalize`): x seen as `[outer, len, inner]`
+//! with the axis in the middle; per outer slab one pass for max |x|, one for the scaled sum of
+//! squares and one for the output (the backward: one for ⟨y, g⟩, one for ∂L/∂x), the inner
+//! positions side by side so the loops vectorise whichever axis it is. Threads split the slabs.
+//! Burn's composite of the same maths takes about eight passes and their autodiff nodes.
+
+use rayon::prelude::*;
+
+use super::real::Real;
+use super::simd::wide_kernel;
+
+/// `[outer, len, inner]`: the axis of length `len` in the middle.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct AroundAxis {
+    pub outer: usize,
+    pub len: usize,
+    pub inner: usize,
+}
+
+/// (y, d): the normalised `x` and its denominators `[outer, inner]`.
+pub(super) fn forward<T: Real>(x: &[T], shape: AroundAxis, eps: f64) -> (Vec<T>, Vec<T>) {
+    let AroundAxis { outer, len, inner } = shape;
+    let mut y = vec![T::default(); outer * len * inner];
+    let mut d = vec![T::default(); outer * inner];
+    if y.is_empty() || d.is_empty() {
+        return (y, vec![T::from_f64(eps); outer * inner]);
+    }
+    y.par_chunks_mut(len * inner)
+        .zip(d.par_chunks_mut(inner))
+        .zip(x.par_chunks(len * inner))
+        .for_each(|((y, d), x)| forward_slab(x, y, d, inner, T::from_f64(eps)));
+    (y, d)
+}
+
+wide_kernel! {
+    /// One slab `[len, inner]`: the per-column scale s = max(1, max |x|), ‖x / s‖ clamped at
+    /// eps, y = (x / s) / ‖x / s‖ and d = s·‖x / s‖ (∞ where that overflows, as in the
+    /// composite; a NaN anywhere in a column makes the column's output NaN).
+    fn forward_slab_body<T: Real>(x: &[T], y: &mut [T], d: &mut [T], inner: usize, eps: T) {
+        let zero = T::default();
+        let one = T::from_f64(1.0);
+        let mut scale = vec![one; inner];
+        for row in x.chunks_exact(inner) {
+            for (s, &v) in scale.iter_mut().zip(row) {
+                let a = if v < zero { zero - v } else { v };
+                *s = Real::max(*s, a);
+            }
+        }
+        let mut sums = vec![zero; inner];
+        for row in x.chunks_exact(inner) {
+            for ((sum, &v), &s) in sums.iter_mut().zip(row).zip(&scale) {
+                let w = v / s;
+                *sum += w * w;
+            }
+        }
+        let floor = eps * eps;
+        let mut inverse_norm = vec![zero; inner];
+        for (((n, d), &s), &sum) in inverse_norm.iter_mut().zip(d.iter_mut()).zip(&scale).zip(&sums) {
+            let norm = (if sum < floor { floor } else { sum }).sqrt();
+            *n = one / norm;
+            *d = s * norm;
+        }
+        for (out, row) in y.chunks_exact_mut(inner).zip(x.chunks_exact(inner)) {
+            for (((o, &v), &s), &n) in out.iter_mut().zip(row).zip(&scale).zip(&inverse_norm) {
+                *o = v / s * n;
+            }
+        }
+    }
+    => forward_slab
+}
+
+/// ∂L/∂x from y, d `[outer, inner]` and ∂L/∂y.
+pub(super) fn backward<T: Real>(
+    y: &[T],
+    d: &[T],
+    grad: &[T],
+    shape: AroundAxis,
+    eps: f64,
+) -> Vec<T> {
+    let AroundAxis { outer, len, inner } = shape;
+    let mut dx = vec![T::default(); outer * len * inner];
+    if dx.is_empty() {
+        return dx;
+    }
+    // Unclamped, d = ‖x‖ ≥ eps; clamped, d = eps up to the rounding of its square root.
+    let clamp = T::from_f64(eps * (1.0 + 1e-3));
+    dx.par_chunks_mut(len * inner)
+        .zip(y.par_chunks(len * inner))
+        .zip(grad.par_chunks(len * inner))
+        .zip(d.par_chunks(inner))
+        .for_each(|(((dx, y), g), d)| backward_slab(y, g, d, dx, inner, clamp));
+    dx
+}
+
+wide_kernel! {
+    /// One slab: ∂L/∂x = (g − y ⟨y, g⟩) / d, without the projection where d is the clamp.
+    fn backward_slab_body<T: Real>(y: &[T], g: &[T], d: &[T], dx: &mut [T], inner: usize, clamp: T) {
+        let zero = T::default();
+        let mut projection = vec![zero; inner];
+        for (y_row, g_row) in y.chunks_exact(inner).zip(g.chunks_exact(inner)) {
+            for ((p, &y), &g) in projection.iter_mut().zip(y_row).zip(g_row) {
+                *p += y * g;
+            }
+        }
+        for (p, &d) in projection.iter_mut().zip(d) {
+            if d <= clamp {
+                *p = zero;
+            }
+        }
+        for ((out, y_row), g_row) in dx.chunks_exact_mut(inner).zip(y.chunks_exact(inner)).zip(g.chunks_exact(inner)) {
+            for ((((o, &y), &g), &p), &d) in out.iter_mut().zip(y_row).zip(g_row).zip(&projection).zip(d) {
+                *o = (g - y * p) / d;
+            }
+        }
+    }
+    => backward_slab
+}
+
+/// The kernel and its backward against the reference composite under autodiff.
+#[cfg(all(test, feature = "autodiff"))]
+mod against_composite {
+    use burn::tensor::{Distribution, Tensor, TensorData, Tolerance};
+
+    use super::super::simd::check::{assert_same, seeded_autodiff};
+    use crate::maths::l2_normalize::{closed_form_backward, composite_forward};
+    use crate::ops::routing::l2_normalize;
+
+    /// Every axis of a rank-3 tensor and the last of a rank-2 one, with a zero vector (the
+    /// clamp), a vector at f32's largest values and one at 1e30 (overflow-safe norms), and a
+    /// small one: the outputs, the gradients through autodiff and the closed form agree.
+    #[test]
+    fn fused_kernel_matches_composite_paths() {
+        let device = seeded_autodiff(5);
+        let normal = Distribution::Normal(0.0, 1.0);
+        let base = Tensor::<3>::random([3, 5, 4], normal, &device);
+        // Column (0, ·, 1) zero, (1, ·, 2) near f32::MAX, (2, ·, 0) at 1e30, (2, ·, 3) tiny.
+        let mut values = base.to_data().to_vec::<f32>().unwrap();
+        for l in 0..5 {
+            values[l * 4 + 1] = 0.0;
+            values[20 + l * 4 + 2] = f32::MAX * if l % 2 == 0 { 0.9 } else { -0.5 };
+            values[40 + l * 4] = 1e30 * (l as f32 - 2.0);
+            values[40 + l * 4 + 3] = 1e-20 * (l as f32 + 1.0);
+        }
+        let x = Tensor::<3>::from_data(TensorData::new(values, [3, 5, 4]), &device);
+        let upstream = Tensor::<3>::random([3, 5, 4], normal, &device);
+        let tolerance = Tolerance::rel_abs(1e-5, 1e-6);
+        for axis in 0..3 {
+            let run = |f: &dyn Fn(Tensor<3>) -> Tensor<3>| {
+                let x = x.clone().detach().require_grad();
+                let y = f(x.clone());
+                let grads = (y.clone() * upstream.clone()).sum().backward();
+                (y, x.grad(&grads).unwrap())
+            };
+            let (y, dx) = run(&|x| l2_normalize(x, axis));
+            let (y_c, dx_c) = run(&|x| composite_forward(x, axis).0);
+            assert!(
+                y.clone().is_finite().all().into_scalar::<bool>(),
+                "axis {axis}"
+            );
+            assert_same(y.clone(), y_c, tolerance);
+            assert_same(dx.clone(), dx_c, tolerance);
+            let (_, d) = composite_forward(x.clone().inner(), axis);
+            let closed = closed_form_backward(y.inner(), d, upstream.clone().inner(), axis);
+            assert_same(dx.inner(), closed, tolerance);
+        }
+        let flat = x.clone().reshape([3, 20]);
+        assert_same(
+            l2_normalize(flat.clone(), 1),
+            composite_forward(flat, 1).0,
+            tolerance,
+        );
+    }
+
+    /// A NaN poisons its own vector only.
+    #[test]
+    fn nan_stays_in_its_vector() {
+        let device = seeded_autodiff(6);
+        let x = Tensor::<2>::from_floats([[1.0, f32::NAN, 2.0], [3.0, 4.0, 0.0]], &device);
+        let y = l2_normalize(x, 1).to_data().to_vec::<f32>().unwrap();
+        assert!(y[..3].iter().all(|v| v.is_nan()), "{y:?}");
+        assert_eq!(&y[3..], &[0.6, 0.8, 0.0]);
+    }
+}
