@@ -1,18 +1,19 @@
 //! The backend-extension trait behind which every backend-specific kernel of the crate lives:
 //! GSP's cost matrix and transport solve, the balanced transport solve of the cluster
 //! aggregators, each with its analytical backward, the generalized
-//! mean of GeM/GGeM and the log-sum-exp of LSE with their analytical backward, and the
-//! weighted sum of GAP and GSP.
+//! mean of GeM/GGeM and the log-sum-exp of LSE with their analytical backward, the
+//! weighted sum of GAP and GSP, the L2 normalisation of the cluster aggregators, and SALAD's
+//! hidden activation (bias, ReLU and dropout in one pass).
 //!
 //! - [`PoolingOps`]: the ops. Each default body is the portable composite from the crate's
 //!   reference maths (`portable`), valid on every backend; a backend overrides what it has a
 //!   kernel for.
 //! - `backends`: one folder or file per backend. Flex overrides every op with fused CPU
-//!   kernels; Cube (every CubeCL runtime, fused or not) overrides every op but the balanced
-//!   transport's backward (its portable body: the assembly as tensor ops, a K'×K' Cholesky
-//!   on the host), the log-sum-exp and the weighted sum's features gradient with CubeCL
-//!   kernels; NdArray keeps
-//!   the defaults;
+//!   kernels; Cube (every CubeCL runtime, fused or not) overrides with CubeCL kernels every op
+//!   but the balanced transport's backward (its portable body: the assembly as tensor ops, a
+//!   K'×K' Cholesky in f64 on the host), the log-sum-exp, the weighted sum's features
+//!   gradient, the L2 normalisation and the hidden activation (Burn's element-wise ops and
+//!   random numbers, already fast on a GPU); NdArray keeps the defaults;
 //!   `Autodiff<B, C>` runs the inner backend's forward off the tape and records one node whose
 //!   backward is the closed form.
 //! - `routing`: the `Tensor`-level entry points the layers call, which take the extension on

@@ -5,7 +5,8 @@
 //! - `cube/`: CubeCL kernels (every CubeCL runtime; custom ops of the fusion stream under the
 //!   `fusion` feature) for GSP's costs and transport solve, the balanced transport solve, the
 //!   generalized mean and the weighted sum, with their backwards but the balanced transport's
-//!   and the weighted sum's features gradient (the log-sum-exp keeps its portable body);
+//!   and the weighted sum's features gradient (the log-sum-exp, the L2 normalisation and the
+//!   hidden activation keep their portable bodies);
 //! - `ndarray`: the defaults only;
 //! - `autodiff`: one node per op whose backward is the op's closed-form backward.
 

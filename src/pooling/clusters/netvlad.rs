@@ -155,8 +155,9 @@ impl NetVladConfig {
 /// crate's costs op (`ops::routing::transport_costs`, `maths::costs`) only has GSP's cost and
 /// feeds the partial-transport solve, not a plain softmax, so sharing it would take a new
 /// squared-distance cost op (its composite, autodiff node and Flex/Cube kernels) and a softmax
-/// read-out of it; this layer uses Burn tensor ops instead (portable: every backend, with
-/// autodiff), which cost one `[B, K, N]` logits tensor.
+/// read-out of it; the assignment uses Burn tensor ops instead (portable: every backend, with
+/// autodiff), which cost one `[B, K, N]` logits tensor. The three L2 normalisations are the
+/// crate's `l2_normalize` op (a Flex kernel with a closed-form backward; docs/maths.md §12).
 ///
 /// **Robustness.** Padding is read as 0 and gets a_kj = 0, so its content reaches no output
 /// and no gradient. V2 divides each sample by s = max(1, max_j |x_j|) (detached) before the
