@@ -15,8 +15,7 @@ use burn::tensor::{Bool, Device, Int, Tensor};
 use crate::checks;
 use crate::display::one_line_display;
 use crate::layout::Layout;
-use crate::ops::routing;
-use crate::ops::routing::l2_normalize;
+use crate::ops::routing::{self, l2_normalize};
 use crate::pooling::input::{PoolingInput, Positions};
 use crate::transport::{BalancedPlan, BalancedSettings, Dustbin, balanced_transport};
 
