@@ -1,12 +1,14 @@
 //! L2 normalisation along one axis (`maths::l2_normalize`): x seen as `[outer, len, inner]`
-//! with the axis in the middle; per outer slab one pass for max |x|, one for the scaled sum of
-//! squares and one for the output (the backward: one for ⟨y, g⟩, one for ∂L/∂x), the inner
-//! positions side by side so the loops vectorise whichever axis it is. Threads split the slabs.
+//! with the axis in the middle; per outer slab one pass for the sum of squares and one for the
+//! output (a third, for max |x|, only where a sum overflowed), and in the backward one for
+//! ⟨y, g⟩ and one for ∂L/∂x; the inner positions side by side, or for a contiguous vector
+//! interleaved partial sums, so the loops vectorise whichever axis it is. Threads split the
+//! slabs.
 //! Burn's composite of the same maths takes about eight passes and their autodiff nodes.
 
 use rayon::prelude::*;
 
-use super::real::Real;
+use super::real::{Real, dot, lane_max, lane_sum};
 use super::simd::wide_kernel;
 
 /// `[outer, len, inner]`: the axis of length `len` in the middle.
@@ -32,13 +34,75 @@ pub(super) fn forward<T: Real>(x: &[T], shape: AroundAxis, eps: f64) -> (Vec<T>,
     (y, d)
 }
 
+/// Whether `v` is finite (neither ±∞ nor NaN).
+#[inline(always)]
+fn finite<T: Real>(v: T) -> bool {
+    #[allow(clippy::eq_op)]
+    let zero_difference = v - v == T::default();
+    zero_difference
+}
+
 wide_kernel! {
-    /// One slab `[len, inner]`: the per-column scale s = max(1, max |x|), ‖x / s‖ clamped at
-    /// eps, y = (x / s) / ‖x / s‖ and d = s·‖x / s‖ (∞ where that overflows, as in the
-    /// composite; a NaN anywhere in a column makes the column's output NaN).
+    /// One slab `[len, inner]`: d = max(‖x‖, eps) and y = x / d per column. The plain sum of
+    /// squares first (one read); only a column whose sum overflowed (or is NaN) takes the scaled
+    /// path of the composite: s = max(1, max |x|), ‖x / s‖ clamped at eps, y = (x / s) / ‖x / s‖
+    /// and d = s·‖x / s‖ (∞ where that overflows, as in the composite). Where the plain sum is
+    /// finite, the scaled one differs from it by rounding only (s ≥ 1 cannot underflow it).
     fn forward_slab_body<T: Real>(x: &[T], y: &mut [T], d: &mut [T], inner: usize, eps: T) {
         let zero = T::default();
         let one = T::from_f64(1.0);
+        let floor = eps * eps;
+        let len = x.len() / inner;
+        let clamped_root = |sum: T| (if sum < floor { floor } else { sum }).sqrt();
+        if inner == 1 {
+            // One contiguous vector: sums in interleaved lanes, so the loops vectorise.
+            let sum = lane_sum(len, |i| x[i] * x[i]);
+            if finite(sum) {
+                let norm = clamped_root(sum);
+                d[0] = norm;
+                let inverse = one / norm;
+                for (o, &v) in y.iter_mut().zip(x) {
+                    *o = v * inverse;
+                }
+            } else {
+                let largest = lane_max(len, one, |i| {
+                    let v = x[i];
+                    if v < zero { zero - v } else { v }
+                });
+                let scaled = lane_sum(len, |i| {
+                    let w = x[i] / largest;
+                    w * w
+                });
+                let norm = clamped_root(scaled);
+                d[0] = largest * norm;
+                let inverse = one / norm;
+                for (o, &v) in y.iter_mut().zip(x) {
+                    *o = v / largest * inverse;
+                }
+            }
+            return;
+        }
+        let mut sums = vec![zero; inner];
+        for row in x.chunks_exact(inner) {
+            for (sum, &v) in sums.iter_mut().zip(row) {
+                *sum += v * v;
+            }
+        }
+        if sums.iter().all(|&sum| finite(sum)) {
+            let mut inverse = vec![zero; inner];
+            for ((n, d), &sum) in inverse.iter_mut().zip(d.iter_mut()).zip(&sums) {
+                let norm = clamped_root(sum);
+                *d = norm;
+                *n = one / norm;
+            }
+            for (out, row) in y.chunks_exact_mut(inner).zip(x.chunks_exact(inner)) {
+                for ((o, &v), &n) in out.iter_mut().zip(row).zip(&inverse) {
+                    *o = v * n;
+                }
+            }
+            return;
+        }
+        // Some column overflowed: the scaled path for every column of the slab.
         let mut scale = vec![one; inner];
         for row in x.chunks_exact(inner) {
             for (s, &v) in scale.iter_mut().zip(row) {
@@ -46,17 +110,16 @@ wide_kernel! {
                 *s = Real::max(*s, a);
             }
         }
-        let mut sums = vec![zero; inner];
+        sums.fill(zero);
         for row in x.chunks_exact(inner) {
             for ((sum, &v), &s) in sums.iter_mut().zip(row).zip(&scale) {
                 let w = v / s;
                 *sum += w * w;
             }
         }
-        let floor = eps * eps;
         let mut inverse_norm = vec![zero; inner];
         for (((n, d), &s), &sum) in inverse_norm.iter_mut().zip(d.iter_mut()).zip(&scale).zip(&sums) {
-            let norm = (if sum < floor { floor } else { sum }).sqrt();
+            let norm = clamped_root(sum);
             *n = one / norm;
             *d = s * norm;
         }
@@ -96,20 +159,31 @@ wide_kernel! {
     /// One slab: ∂L/∂x = (g − y ⟨y, g⟩) / d, without the projection where d is the clamp.
     fn backward_slab_body<T: Real>(y: &[T], g: &[T], d: &[T], dx: &mut [T], inner: usize, clamp: T) {
         let zero = T::default();
+        let one = T::from_f64(1.0);
+        if inner == 1 {
+            let projection = if d[0] <= clamp { zero } else { dot(y, g) };
+            let inverse = one / d[0];
+            for ((o, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                *o = (g - y * projection) * inverse;
+            }
+            return;
+        }
         let mut projection = vec![zero; inner];
         for (y_row, g_row) in y.chunks_exact(inner).zip(g.chunks_exact(inner)) {
             for ((p, &y), &g) in projection.iter_mut().zip(y_row).zip(g_row) {
                 *p += y * g;
             }
         }
-        for (p, &d) in projection.iter_mut().zip(d) {
+        let mut inverse = vec![zero; inner];
+        for ((p, n), &d) in projection.iter_mut().zip(inverse.iter_mut()).zip(d) {
             if d <= clamp {
                 *p = zero;
             }
+            *n = one / d;
         }
         for ((out, y_row), g_row) in dx.chunks_exact_mut(inner).zip(y.chunks_exact(inner)).zip(g.chunks_exact(inner)) {
-            for ((((o, &y), &g), &p), &d) in out.iter_mut().zip(y_row).zip(g_row).zip(&projection).zip(d) {
-                *o = (g - y * p) / d;
+            for ((((o, &y), &g), &p), &n) in out.iter_mut().zip(y_row).zip(g_row).zip(&projection).zip(&inverse) {
+                *o = (g - y * p) * n;
             }
         }
     }
