@@ -272,3 +272,68 @@ pub(crate) fn balanced_kernel_matches_portable(device: &Device, label: &str) {
         assert_eq!(converged, report.converged, "{label}, {name}: converged");
     }
 }
+
+/// Panics unless the balanced transport's backward op on `device` (its kernel) agrees with
+/// `maths::balanced::implicit_gradients` (the portable body) on the plans of every case of
+/// [`balanced_cases`], as solved (K' < N) and transposed (K' > N), with zero-mass rows and
+/// columns: ∂L/∂C within 1e-3 of its largest entry, and ∂L/∂a_i + ∂L/∂b_j where P_ij > 1e-6
+/// (the masses' gradients are fixed up to the gauge (+t, −t), which the two may fix apart).
+/// Prints the measured errors.
+#[cfg(any(feature = "flex", feature = "cube"))]
+pub(crate) fn balanced_backward_matches_portable(device: &Device, label: &str) {
+    use crate::maths::balanced::{implicit_gradients, solve};
+    use crate::ops::PoolingOps;
+    use burn::backend::Dispatch;
+    use burn::tensor::{Distribution, Tensor};
+    device.seed(11);
+    let read = |t: Tensor<3>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let pairs = |a: Tensor<2>, b: Tensor<2>| read(a.unsqueeze_dim::<3>(2) + b.unsqueeze_dim(1));
+    for case in balanced_cases(device) {
+        let (plan, _) = solve(case.costs, case.rows, case.columns, &case.settings);
+        for plan in [plan.clone(), plan.swap_dims(1, 2)] {
+            let grad = Tensor::<3>::random(plan.dims(), Distribution::Uniform(-1.0, 1.0), device);
+            let epsilon = case.settings.epsilon;
+            let (dc, da, db) = implicit_gradients(plan.clone(), grad.clone(), epsilon);
+            let (kc, ka, kb) = <Dispatch as PoolingOps>::balanced_transport_backward(
+                plan.clone().into_dispatch(),
+                grad.into_dispatch(),
+                epsilon,
+            );
+            let (kc, ka, kb) = (
+                Tensor::<3>::from_dispatch(kc),
+                Tensor::<2>::from_dispatch(ka),
+                Tensor::<2>::from_dispatch(kb),
+            );
+            let scale = read(dc.clone()).iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let worst = |a: Vec<f32>, b: Vec<f32>| {
+                a.iter()
+                    .zip(&b)
+                    .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+            };
+            let cost_error = worst(read(kc), read(dc)) / scale;
+            // Pairs the plan connects: where its support splits into blocks (costs of 1e30),
+            // each block has its own gauge, and only x_i + y_j inside one is fixed.
+            let support = read(plan.clone());
+            let connected = |v: Vec<f32>| -> Vec<f32> {
+                v.iter()
+                    .zip(&support)
+                    .map(|(&v, &p)| if p > 1e-6 { v } else { 0.0 })
+                    .collect()
+            };
+            let mass_error = worst(connected(pairs(ka, kb)), connected(pairs(da, db))) / scale;
+            let name = case.name;
+            eprintln!(
+                "{label}, {name} {:?}: dC {cost_error:e}, da + db {mass_error:e}",
+                plan.dims()
+            );
+            assert!(
+                cost_error < 1e-3,
+                "{label}, {name}: dC differs by {cost_error} (relative)"
+            );
+            assert!(
+                mass_error < 1e-3,
+                "{label}, {name}: da + db differ by {mass_error}"
+            );
+        }
+    }
+}

@@ -617,7 +617,9 @@ mod tests {
 
     use super::*;
     use crate::ops::backends::flex::simd::check::{agree, values};
-    use crate::test_support::balanced_kernel_matches_portable;
+    use crate::test_support::{
+        balanced_backward_matches_portable, balanced_kernel_matches_portable,
+    };
 
     /// The copy chosen at run time and the baseline build solve to the same plan.
     #[test]
@@ -641,65 +643,9 @@ mod tests {
     }
 
     /// The backward kernel agrees with `maths::balanced::implicit_gradients` (the portable
-    /// body) on the cases' plans, K' < N and K' > N (transposed), with zero-mass rows and
-    /// columns: ∂L/∂C within 1e-3 of its largest entry (measured: ≤ 1e-7), and ∂L/∂a_i +
-    /// ∂L/∂b_j where P_ij > 1e-6 (the masses' gradients are fixed up to the gauge (+t, −t),
-    /// which the two may fix apart).
+    /// body): see `test_support::balanced_backward_matches_portable`.
     #[test]
     fn backward_matches_the_portable_body() {
-        use crate::maths::balanced::{implicit_gradients, solve};
-        use crate::ops::{PoolingOps, TensorBridge};
-        use burn::backend::Flex;
-        use burn::tensor::{Distribution, Tensor};
-        let device = Device::flex();
-        device.seed(11);
-        let read = |t: Tensor<3>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
-        let pairs = |a: Tensor<2>, b: Tensor<2>| read(a.unsqueeze_dim::<3>(2) + b.unsqueeze_dim(1));
-        for case in crate::test_support::balanced_cases(&device) {
-            let (plan, _) = solve(case.costs, case.rows, case.columns, &case.settings);
-            for plan in [plan.clone(), plan.swap_dims(1, 2)] {
-                let grad =
-                    Tensor::<3>::random(plan.dims(), Distribution::Uniform(-1.0, 1.0), &device);
-                let epsilon = case.settings.epsilon;
-                let (dc, da, db) = implicit_gradients(plan.clone(), grad.clone(), epsilon);
-                let (kc, ka, kb) = Flex::balanced_transport_backward(
-                    Flex::unwrap(plan.clone()),
-                    Flex::unwrap(grad),
-                    epsilon,
-                );
-                let (kc, ka, kb) = (
-                    Flex::wrap::<3>(kc),
-                    Flex::wrap::<2>(ka),
-                    Flex::wrap::<2>(kb),
-                );
-                let scale = read(dc.clone()).iter().fold(1.0f32, |m, v| m.max(v.abs()));
-                let worst = |a: Vec<f32>, b: Vec<f32>| {
-                    a.iter()
-                        .zip(&b)
-                        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
-                };
-                let cost_error = worst(read(kc), read(dc)) / scale;
-                // Pairs the plan connects: where its support splits into blocks (costs of
-                // 1e30), each block has its own gauge, and only x_i + y_j inside one is fixed.
-                let support = read(plan.clone());
-                let connected = |v: Vec<f32>| -> Vec<f32> {
-                    v.iter()
-                        .zip(&support)
-                        .map(|(&v, &p)| if p > 1e-6 { v } else { 0.0 })
-                        .collect()
-                };
-                let mass_error = worst(connected(pairs(ka, kb)), connected(pairs(da, db))) / scale;
-                let name = case.name;
-                eprintln!(
-                    "{name} {:?}: dC {cost_error:e}, da + db {mass_error:e}",
-                    plan.dims()
-                );
-                assert!(
-                    cost_error < 1e-3,
-                    "{name}: dC differs by {cost_error} (relative)"
-                );
-                assert!(mass_error < 1e-3, "{name}: da + db differ by {mass_error}");
-            }
-        }
+        balanced_backward_matches_portable(&Device::flex(), "Flex");
     }
 }
