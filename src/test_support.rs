@@ -286,7 +286,7 @@ pub(crate) fn balanced_backward_matches_portable(device: &Device, label: &str) {
     use burn::backend::Dispatch;
     use burn::tensor::{Distribution, Tensor};
     device.seed(11);
-    let read = |t: Tensor<3>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let read = |t: Tensor<3>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
     let pairs = |a: Tensor<2>, b: Tensor<2>| read(a.unsqueeze_dim::<3>(2) + b.unsqueeze_dim(1));
     for case in balanced_cases(device) {
         let (plan, _) = solve(case.costs, case.rows, case.columns, &case.settings);
