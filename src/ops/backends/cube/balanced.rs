@@ -23,15 +23,10 @@ use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
+use super::cube_block::{MAX, SUM, block, block_reduce};
 use super::tensors::{Launch, empty_like};
 use crate::maths::balanced::{BalancedSettings, POTENTIAL_BOUND, STALL_PATIENCE, stall_floor};
 use crate::maths::precision::unit_roundoff;
-
-/// The cube's units: a power of two (the reductions halve it), at least a warp, at most what
-/// every runtime launches, and no more than the longer side needs.
-fn block(rows: usize, columns: usize) -> usize {
-    rows.max(columns).next_power_of_two().clamp(32, 256)
-}
 
 /// (the plan `[B, K', N]`, each sample's iteration count `[B]` in the plan's dtype, negative
 /// when the sample did not converge) for costs `[B, K', N]` and masses `[B, K']`, `[B, N]`.
@@ -50,7 +45,7 @@ pub(super) fn launch_balanced_transport(
     if batch == 0 {
         return (plan, iterations);
     }
-    let block = block(rows, columns);
+    let block = block(rows.max(columns));
     let launch = Launch::per_sample(&costs, batch, block);
     let costs_dtype = costs.dtype;
     let slack = (rows + columns) as f64 * unit_roundoff(costs_dtype);
@@ -79,35 +74,6 @@ pub(super) fn launch_balanced_transport(
         launch.dtype,
     );
     (plan, iterations)
-}
-
-/// How [`block_reduce()`] combines the units' values.
-const SUM: u8 = 0;
-const MAX: u8 = 1;
-
-/// Every unit's `value` combined over the cube ([`SUM`] or [`MAX`]), seen by every unit.
-#[cube]
-fn block_reduce<F: Float>(value: F, #[comptime] op: u8, #[comptime] block: usize) -> F {
-    let unit = UNIT_POS_X as usize;
-    let mut shared = Shared::<[F]>::new_slice(block);
-    shared[unit] = value;
-    sync_cube();
-    let mut stride = (CUBE_DIM_X / 2) as usize;
-    while stride > 0 {
-        if unit < stride {
-            let (mine, other) = (shared[unit], shared[unit + stride]);
-            if comptime![op == SUM] {
-                shared[unit] = mine + other;
-            } else {
-                shared[unit] = mine.max(other);
-            }
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let combined = shared[0];
-    sync_cube();
-    combined
 }
 
 /// `x` within ±`bound`; a NaN stays NaN (selects, not `clamp`).

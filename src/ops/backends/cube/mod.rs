@@ -31,6 +31,7 @@
 
 mod balanced;
 mod costs;
+mod cube_block;
 #[cfg(feature = "fusion")]
 mod fusion;
 mod generalized_mean;

@@ -25,16 +25,11 @@ use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
+use super::cube_block::{MAX, MIN, SUM, block, block_reduce};
 use super::strided::Strided;
 use super::tensors::{Launch, empty_like};
 use crate::maths::implicit_backward::MIN_DENOMINATOR;
 use crate::maths::settings::{STALL_PATIENCE, TransportSettings};
-
-/// The cube's units: a power of two (the reductions halve it), at least a warp, at most what
-/// every runtime launches, and no more than the positions need.
-fn block(positions: usize) -> usize {
-    positions.next_power_of_two().clamp(32, 256)
-}
 
 /// (the plan `[B, K+1, N]`, each sample's iteration count `[B]` in the plan's dtype, negative
 /// when the sample did not converge) for costs `[B, K, N]`, masses
@@ -103,40 +98,6 @@ pub(super) fn launch_partial_transport_backward(
         launch.dtype,
     );
     costs_gradient
-}
-
-/// How [`block_reduce`] combines the units' values.
-const SUM: u8 = 0;
-const MAX: u8 = 1;
-const MIN: u8 = 2;
-
-/// Every unit's `value` combined over the cube ([`SUM`], [`MAX`] or [`MIN`]), seen by every
-/// unit.
-#[cube]
-fn block_reduce<F: Float>(value: F, #[comptime] op: u8, #[comptime] block: usize) -> F {
-    let unit = UNIT_POS_X as usize;
-    let mut shared = Shared::<[F]>::new_slice(block);
-    shared[unit] = value;
-    sync_cube();
-    // A runtime value (the cube's size is `block`): a comptime one cannot change in a loop.
-    let mut stride = (CUBE_DIM_X / 2) as usize;
-    while stride > 0 {
-        if unit < stride {
-            let (mine, other) = (shared[unit], shared[unit + stride]);
-            if comptime![op == SUM] {
-                shared[unit] = mine + other;
-            } else if comptime![op == MAX] {
-                shared[unit] = mine.max(other);
-            } else {
-                shared[unit] = mine.min(other);
-            }
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let combined = shared[0];
-    sync_cube();
-    combined
 }
 
 /// Over the valid positions (a_j > 0), the cube's largest ln a_j + ℓ_j and ln a_j − ℓ_j (ℓ in
