@@ -13,7 +13,7 @@
 //! d ≤ eps (to the rounding of its square root). The composites are the portable bodies of the op and the reference its kernels are
 //! tested against.
 
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Shape, Tensor};
 
 /// The eps of every L2 normalisation in the crate (NetVLAD's, SALAD's and PyTorch's
 /// `F.normalize` default): 1e-12.
@@ -27,6 +27,16 @@ pub(crate) fn eps_for(dtype: DType) -> f64 {
         DType::F16 => 6.0e-8f64.sqrt(),
         _ => L2_EPS,
     }
+}
+
+/// `dims` seen around `axis` as `[outer, len, inner]` (the axis in the middle), and `dims` with
+/// `axis` at size 1 (the denominators' shape): how the op's bodies and kernels view any rank.
+pub(crate) fn around_axis(dims: &Shape, axis: usize) -> ([usize; 3], Shape) {
+    let outer = dims[..axis].iter().product();
+    let inner = dims[axis + 1..].iter().product();
+    let mut kept = dims.clone();
+    kept[axis] = 1;
+    ([outer, dims[axis], inner], kept)
 }
 
 /// (y, d): `v / max(‖v‖, eps)` along `axis` and its denominators (the axis kept with size 1),

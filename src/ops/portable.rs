@@ -223,24 +223,14 @@ pub(crate) fn bias_relu_dropout_backward<B: TensorBridge>(
     (B::unwrap(d_hidden), B::unwrap(d_bias))
 }
 
-/// The bridge only speaks fixed ranks: the normalisation runs on the rank-3 view
-/// `[outer, len, inner]` of `x` with `axis` in the middle, and returns to `x`'s shape (the
-/// denominators with `axis` at size 1).
-fn around_axis<B: TensorBridge>(x: &FloatTensor<B>, axis: usize) -> (Shape, Shape, Shape) {
-    let dims = x.shape();
-    let outer = dims[..axis].iter().product();
-    let inner = dims[axis + 1..].iter().product();
-    let mut kept = dims.clone();
-    kept[axis] = 1;
-    (Shape::new([outer, dims[axis], inner]), dims, kept)
-}
-
 pub(crate) fn l2_normalize<B: TensorBridge>(
     x: FloatTensor<B>,
     axis: usize,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
-    let (view, dims, kept) = around_axis::<B>(&x, axis);
-    let x = B::wrap::<3>(B::float_reshape(x, view));
+    // The bridge only speaks fixed ranks: the rank-3 view with `axis` in the middle.
+    let dims = x.shape();
+    let (view, kept) = l2_normalize::around_axis(&dims, axis);
+    let x = B::wrap::<3>(B::float_reshape(x, Shape::new(view)));
     let (y, d) = l2_normalize::composite_forward(x, 1);
     (
         B::float_reshape(B::unwrap(y), dims),
@@ -254,13 +244,14 @@ pub(crate) fn l2_normalize_backward<B: TensorBridge>(
     grad: FloatTensor<B>,
     axis: usize,
 ) -> FloatTensor<B> {
-    let (view, dims, _) = around_axis::<B>(&output, axis);
-    let [outer, _, inner] = [view[0], view[1], view[2]];
+    let dims = output.shape();
+    let (view, _) = l2_normalize::around_axis(&dims, axis);
+    let [outer, _, inner] = view;
     let wrap = |t: FloatTensor<B>, shape: Shape| B::wrap::<3>(B::float_reshape(t, shape));
     let dx = l2_normalize::closed_form_backward(
-        wrap(output, view.clone()),
+        wrap(output, Shape::new(view)),
         wrap(denominator, Shape::new([outer, 1, inner])),
-        wrap(grad, view),
+        wrap(grad, Shape::new(view)),
         1,
     );
     B::float_reshape(B::unwrap(dx), dims)

@@ -11,17 +11,13 @@ use rayon::prelude::*;
 use super::real::{Real, dot, lane_max, lane_sum};
 use super::simd::wide_kernel;
 
-/// `[outer, len, inner]`: the axis of length `len` in the middle.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct AroundAxis {
-    pub outer: usize,
-    pub len: usize,
-    pub inner: usize,
-}
-
-/// (y, d): the normalised `x` and its denominators `[outer, inner]`.
-pub(super) fn forward<T: Real>(x: &[T], shape: AroundAxis, eps: f64) -> (Vec<T>, Vec<T>) {
-    let AroundAxis { outer, len, inner } = shape;
+/// (y, d): the normalised `x` `[outer, len, inner]` (the axis in the middle) and its
+/// denominators `[outer, inner]`.
+pub(super) fn forward<T: Real>(
+    x: &[T],
+    [outer, len, inner]: [usize; 3],
+    eps: f64,
+) -> (Vec<T>, Vec<T>) {
     let mut y = vec![T::default(); outer * len * inner];
     let mut d = vec![T::default(); outer * inner];
     if y.is_empty() || d.is_empty() {
@@ -137,10 +133,9 @@ pub(super) fn backward<T: Real>(
     y: &[T],
     d: &[T],
     grad: &[T],
-    shape: AroundAxis,
+    [outer, len, inner]: [usize; 3],
     eps: f64,
 ) -> Vec<T> {
-    let AroundAxis { outer, len, inner } = shape;
     let mut dx = vec![T::default(); outer * len * inner];
     if dx.is_empty() {
         return dx;

@@ -280,7 +280,8 @@ impl PoolingOps for Flex {
 
     fn l2_normalize(x: Float, axis: usize) -> (Float, Float) {
         let dtype = x.dtype();
-        let (shape, dims, kept) = around_axis(&x, axis);
+        let dims = x.shape().clone();
+        let (shape, kept) = maths_l2::around_axis(&dims, axis);
         let eps = maths_l2::eps_for(dtype);
         let x = kernel_input(x);
         let (y, d) = with_float!(x.dtype(), "L2 normalisation", T => {
@@ -292,7 +293,8 @@ impl PoolingOps for Flex {
 
     fn l2_normalize_backward(output: Float, denominator: Float, grad: Float, axis: usize) -> Float {
         let dtype = output.dtype();
-        let (shape, dims, _) = around_axis(&output, axis);
+        let dims = output.shape().clone();
+        let (shape, _) = maths_l2::around_axis(&dims, axis);
         let eps = maths_l2::eps_for(dtype);
         let [output, denominator, grad] = [output, denominator, grad].map(kernel_input);
         let dx = with_float!(output.dtype(), "L2 normalisation", T => {
@@ -304,7 +306,7 @@ impl PoolingOps for Flex {
 
     fn bias_relu_dropout(hidden: Float, bias: Float, drop: f64) -> Float {
         let dtype = hidden.dtype();
-        let dropout = (drop > 0.0).then(|| (relu_dropout::Dropout::new(drop, dropout_key()), drop));
+        let dropout = (drop > 0.0).then(|| relu_dropout::Dropout::new(drop, dropout_key()));
         let [mut hidden, bias] = [hidden, bias].map(kernel_input);
         with_float!(hidden.dtype(), "bias, relu and dropout", T => {
             relu_dropout::forward::<T>(values_mut(&mut hidden), view(&bias), dropout)
@@ -403,26 +405,6 @@ fn solve(
     let iterations = tensor(vec![report.iterations as i64], [1]);
     let converged = FlexTensor::from_data(TensorData::new(vec![report.converged], [1]));
     (plan, iterations, converged)
-}
-
-/// `x` as `[outer, len, inner]` around `axis`, its shape, and its shape with `axis` at 1.
-fn around_axis(
-    x: &FlexTensor,
-    axis: usize,
-) -> (
-    l2_normalize::AroundAxis,
-    burn::tensor::Shape,
-    burn::tensor::Shape,
-) {
-    let dims = x.shape().clone();
-    let mut kept = dims.clone();
-    kept[axis] = 1;
-    let shape = l2_normalize::AroundAxis {
-        outer: dims[..axis].iter().product(),
-        len: dims[axis],
-        inner: dims[axis + 1..].iter().product(),
-    };
-    (shape, dims, kept)
 }
 
 /// A 64-bit key for [`relu_dropout::Dropout`], drawn from Flex's random numbers (so

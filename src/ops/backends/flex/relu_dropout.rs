@@ -24,6 +24,8 @@ const TASK_ELEMENTS: usize = 1 << 16;
 pub(super) struct Dropout {
     pub key: [u32; 2],
     pub threshold: u32,
+    /// The drop probability p.
+    pub drop: f64,
 }
 
 impl Dropout {
@@ -33,6 +35,7 @@ impl Dropout {
         Self {
             key,
             threshold: threshold.min(u32::MAX as f64) as u32,
+            drop,
         }
     }
 
@@ -63,7 +66,7 @@ fn rows_per_task(width: usize) -> usize {
 
 /// `hidden` `[R, H]` ← `relu(hidden + bias) ⊙ k / (1 − p)` (no dropout when `dropout` is
 /// `None`). A NaN stays NaN, dropped or not, as it does through Burn's ReLU and `Dropout`.
-pub(super) fn forward<T: Real>(hidden: &mut [T], bias: &[T], dropout: Option<(Dropout, f64)>) {
+pub(super) fn forward<T: Real>(hidden: &mut [T], bias: &[T], dropout: Option<Dropout>) {
     let width = bias.len();
     if width == 0 {
         return;
@@ -76,8 +79,8 @@ pub(super) fn forward<T: Real>(hidden: &mut [T], bias: &[T], dropout: Option<(Dr
             let first = (task * rows * width) as u64;
             match dropout {
                 None => activate_rows(block, bias),
-                Some((dropout, drop)) => {
-                    let scale = T::from_f64(1.0 / (1.0 - drop));
+                Some(dropout) => {
+                    let scale = T::from_f64(1.0 / (1.0 - dropout.drop));
                     drop_rows(block, bias, dropout, scale, first)
                 }
             }
@@ -238,19 +241,19 @@ mod tests {
             .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.5)
             .collect();
         let dropout = Dropout::new(0.3, [3, 5]);
-        for with in [None, Some((dropout, 0.3))] {
+        for with in [None, Some(dropout)] {
             let mut y = hidden.clone();
             forward(&mut y, &bias, with);
-            let scale = with.map_or(1.0, |(_, p)| 1.0 / (1.0 - p)) as f32;
+            let scale = with.map_or(1.0, |d| 1.0 / (1.0 - d.drop)) as f32;
             for (i, (&y, &h)) in y.iter().zip(&hidden).enumerate() {
                 let v = h + bias[i % width];
-                let kept = with.is_none_or(|(d, _)| d.keeps(i as u64));
+                let kept = with.is_none_or(|d| d.keeps(i as u64));
                 let expected = if v > 0.0 && kept { v * scale } else { 0.0 };
                 assert_eq!(y, expected, "element {i}");
             }
             let grad: Vec<f32> = (0..rows * width).map(|i| (i % 7) as f32 - 3.0).collect();
             let mut d = grad.clone();
-            let drop = with.map_or(0.0, |(_, p)| p);
+            let drop = with.map_or(0.0, |d| d.drop);
             let sums = backward(&mut d, &y, width, drop);
             let mut expected_sums = [0.0f32; 3];
             for (i, (&d, (&g, &y))) in d.iter().zip(grad.iter().zip(&y)).enumerate() {
@@ -265,7 +268,7 @@ mod tests {
             let mut baseline = hidden.clone();
             match with {
                 None => activate_rows_body(&mut baseline, &bias),
-                Some((d, p)) => drop_rows_body(&mut baseline, &bias, d, 1.0 / (1.0 - p as f32), 0),
+                Some(d) => drop_rows_body(&mut baseline, &bias, d, 1.0 / (1.0 - d.drop as f32), 0),
             }
             assert_eq!(baseline, y);
         }
@@ -277,7 +280,7 @@ mod tests {
         let bias = [0.0f64; 4];
         let dropout = Dropout::new(0.5, [1, 2]);
         let mut y: Vec<f64> = [f64::NAN, f64::NEG_INFINITY, 0.0, f64::INFINITY].repeat(64);
-        forward(&mut y, &bias, Some((dropout, 0.5)));
+        forward(&mut y, &bias, Some(dropout));
         for (i, y) in y.iter().enumerate() {
             match i % 4 {
                 0 => assert!(y.is_nan()),
